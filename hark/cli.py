@@ -1,0 +1,282 @@
+"""The ``hark`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from . import kafka, serde, stack
+from .audio import AudioError
+from .config import Settings
+
+
+def _settings(a) -> Settings:
+    return Settings.load(data_dir=getattr(a, "data_dir", None), partitions=getattr(a, "partitions", None))
+
+
+def _connect(a, settings: Settings) -> Settings:
+    """--bootstrap, else HARK_BOOTSTRAP, else the running default stack."""
+    if getattr(a, "bootstrap", None):
+        settings.bootstrap = a.bootstrap
+        return settings
+    if os.environ.get("HARK_BOOTSTRAP"):
+        return settings
+    state = stack.status(stack.stack_dir(settings))
+    if not state or not state.get("supervisor_alive") or state.get("status") != "ready":
+        raise SystemExit("hark: no stack is running; start one with `hark up` or pass --bootstrap HOST:PORT")
+    settings.bootstrap = state["bootstrap"]
+    return settings
+
+
+# ---- stack -------------------------------------------------------------------------------------
+def cmd_up(a) -> int:
+    s = _settings(a)
+    state = stack.launch(s, replicas=a.replicas, broker_storage=a.broker_storage)
+    print(f"hark stack up: broker {state['bootstrap']}, ingest {state.get('ingest_url')}, archive {state['archive']}")
+    print(f"state and logs in {stack.stack_dir(s)}; `hark status`, `hark down`")
+    return 0
+
+
+def cmd_down(a) -> int:
+    d = stack.stack_dir(_settings(a))
+    print("hark stack stopped" if stack.stop(d) else "hark: no stack was running")
+    return 0
+
+
+def cmd_status(a) -> int:
+    state = stack.status(stack.stack_dir(_settings(a)))
+    if a.json:
+        print(json.dumps(state, indent=1))
+        return 0 if state and state.get("supervisor_alive") else 1
+    if not state or not state.get("supervisor_alive"):
+        print("hark: no stack is running")
+        return 1
+    print(f"stack {state['status']}  broker {state['bootstrap']}  archive {state['archive']}")
+    print(f"{'service':<12} {'replica':>7} {'pid':>8} {'health':>10} {'partitions':>10} {'restarts':>8}")
+    b = state["broker"]
+    print(f"{'broker':<12} {0:>7} {b['pid']:>8} {b['health']:>10} {'-':>10} {0:>8}")
+    for svc in state["services"]:
+        parts = svc.get("partitions_assigned")
+        print(f"{svc['name']:<12} {svc['replica']:>7} {svc['pid']:>8} {svc['health']:>10} "
+              f"{'-' if parts is None or svc['name'] == 'ingest' else parts:>10} {svc['restarts']:>8}")
+    for topic, n in (state.get("topics") or {}).items():
+        print(f"topic {topic}: {n} partitions")
+    return 0
+
+
+# ---- producing and following ---------------------------------------------------------------------
+def cmd_publish(a) -> int:
+    from services.ingest.publisher import Ingest
+
+    s = _connect(a, _settings(a))
+    if a.stream_id and len(a.files) > 1:
+        raise SystemExit("hark: --stream-id needs exactly one file")
+    ingest, failed = Ingest(s), 0
+    for f in a.files:
+        try:
+            summary = ingest.publish_file(f, stream_id=a.stream_id, tenant=a.tenant, realtime=a.realtime,
+                                          language=a.language)
+            print(f"{summary.stream_id}\t{summary.chunks} chunks\t{summary.duration_s:.2f} s\t{f}")
+        except AudioError as e:
+            print(f"hark: {f}: {e.reason}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def cmd_tail(a) -> int:
+    from .session import Display
+
+    s = _connect(a, _settings(a))
+    c = kafka.tail_consumer(s, s.results_topic, from_beginning=a.from_beginning)
+    display = Display(sys.stdout)
+    partial: dict[str, str] = {}
+    try:
+        while True:
+            for msg in c.consume(200, 0.2):
+                if msg.error():
+                    continue
+                try:
+                    rtype, rec = serde.decode(msg.value())
+                except serde.SerdeError:
+                    continue
+                if a.stream and rec["stream_id"] != a.stream:
+                    continue
+                kind, prefix = str(rec["kind"]), "" if a.stream else f"[{rec['stream_id']}] "
+                if kind == "PARTIAL" and display.tty:
+                    partial[rec["stream_id"]] = rec["text"]
+                    sys.stdout.write(f"\r\x1b[2K{prefix}{rec['text']}")
+                    sys.stdout.flush()
+                elif kind == "FINAL":
+                    display.commit(f"{prefix}{_speaker_text(rec)}")
+                elif kind == "STREAM_COMPLETE":
+                    display.commit(f"{prefix}-- stream complete ({rec['status']}) --")
+                    if a.stream and a.exit_on_complete:
+                        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        c.close()
+
+
+def _speaker_text(rec: dict) -> str:
+    speakers = {w["speaker"] for w in rec["words"] if w.get("speaker")}
+    return (f"{'/'.join(sorted(speakers))}: " if speakers else "") + rec["text"]
+
+
+def _run_session(a, make_runs) -> int:
+    from services.ingest.publisher import Ingest
+
+    from .session import Display, follow
+
+    s = _settings(a)
+    started = None
+    if a.bootstrap:
+        s.bootstrap = a.bootstrap
+        kafka.ensure_topics(s)
+    else:
+        name = f"run-{os.getpid()}"
+        state = stack.launch(s, name=name, parent_pid=os.getpid())
+        s.bootstrap, started = state["bootstrap"], stack.stack_dir(s, name)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        ingest = Ingest(s)
+        runs = make_runs(ingest, s)
+        follow(s, runs, Display(quiet=a.quiet))
+    except KeyboardInterrupt:
+        print("hark: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if started:
+            stack.stop(started)
+    results = [r.summary() for r in runs]
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(a.json, "w") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    failed = 0
+    for r in results:
+        if r["status"] == "FAILED":
+            failed += 1
+            print(f"hark: {r['source']}: {r['error']}", file=sys.stderr)
+            continue
+        lat = r["latency"]
+        print(f"== {r['source']} ({r['stream_id']}, {r['duration_s']:.1f} s, {r['status']})")
+        print(r["final_text"] or "(no speech recognised)")
+        print(f"   partial latency p50 {lat['partial_p50_ms']} ms, p95 {lat['partial_p95_ms']} ms; "
+              f"final {lat['final_after_close_ms']} ms after close")
+        if r["status"] not in ("COMPLETE",):
+            failed += 1
+            print(f"hark: {r['source']}: stream ended {r['status']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_run(a) -> int:
+    from .session import file_runs
+
+    return _run_session(a, lambda ingest, s: file_runs(ingest, a.files, not a.fast, s, tenant=a.tenant))
+
+
+def cmd_replay(a) -> int:
+    from services.ingest.publisher import new_stream_id
+
+    from .session import StreamRun
+
+    def make(ingest, s):
+        new_id = a.as_id or new_stream_id(f"{a.stream_id}-replay")
+
+        def publish(run):
+            return ingest.replay(a.stream_id, new_id=new_id, realtime=not a.fast, on_chunk=run.on_chunk)
+        return [StreamRun(f"replay:{a.stream_id}", new_id, publish, s.chunk_ms)]
+    return _run_session(a, make)
+
+
+def cmd_models(a) -> int:
+    from . import models
+
+    problems = models.verify()
+    for p in problems:
+        print(f"hark: model check failed: {p}", file=sys.stderr)
+    if not problems:
+        n = sum(len(v) for v in models.MANIFEST.values())
+        print(f"models ok: {n} files verified by sha256 ({', '.join(models.MANIFEST)})")
+    return 1 if problems else 0
+
+
+def cmd_service(a) -> int:
+    import importlib
+
+    importlib.import_module(stack.SERVICES[a.name][0]).main(a.args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="hark", description="Kafka-native speech recognition")
+    p.add_argument("--data-dir", help="data folder (default $HARK_DATA_DIR or ~/.local/share/hark)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="start the embedded stack (broker, archive, services) in the background")
+    up.add_argument("--replicas", default="", help="e.g. online_asr=2")
+    up.add_argument("--partitions", type=int, help="partitions per topic (default 8)")
+    up.add_argument("--broker-storage", default="memory://tansu/", help="Tansu storage engine URL")
+    up.set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop what `hark up` started").set_defaults(fn=cmd_down)
+    st = sub.add_parser("status", help="services, pids, health and topic partitions")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
+
+    def conn(sp):
+        sp.add_argument("--bootstrap", help="Kafka bootstrap host:port (default: the running stack)")
+
+    pub = sub.add_parser("publish", help="publish audio files as streams")
+    pub.add_argument("files", nargs="+")
+    pub.add_argument("--stream-id")
+    pub.add_argument("--tenant", default="default")
+    pub.add_argument("--language", default="en-US")
+    pub.add_argument("--realtime", action="store_true", help="pace chunks at real time")
+    conn(pub)
+    pub.set_defaults(fn=cmd_publish)
+
+    tail = sub.add_parser("tail", help="live captions from the results topic")
+    tail.add_argument("--stream")
+    tail.add_argument("--from-beginning", action="store_true")
+    tail.add_argument("--exit-on-complete", action="store_true", help="with --stream: stop when it completes")
+    conn(tail)
+    tail.set_defaults(fn=cmd_tail)
+
+    def session_opts(sp):
+        sp.add_argument("--json", metavar="OUT", help="write one JSON object per stream per line")
+        sp.add_argument("--fast", action="store_true", help="publish as fast as possible, not at real time")
+        sp.add_argument("--quiet", action="store_true", help="no live captions/progress")
+        sp.add_argument("--tenant", default="default")
+        conn(sp)
+
+    run = sub.add_parser("run", help="transcribe files end to end (starts the embedded stack unless --bootstrap)")
+    run.add_argument("files", nargs="+")
+    session_opts(run)
+    run.set_defaults(fn=cmd_run)
+
+    rp = sub.add_parser("replay", help="re-publish an archived stream through the pipeline")
+    rp.add_argument("stream_id")
+    rp.add_argument("--as", dest="as_id", help="stream id for the replay")
+    session_opts(rp)
+    rp.set_defaults(fn=cmd_replay)
+
+    md = sub.add_parser("models", help="model weights")
+    md.add_argument("action", choices=["verify"])
+    md.set_defaults(fn=cmd_models)
+
+    sv = sub.add_parser("service", help="run one service in the foreground (docker-compose)")
+    sv.add_argument("name", choices=list(stack.SERVICES))
+    sv.add_argument("args", nargs=argparse.REMAINDER)
+    sv.set_defaults(fn=cmd_service)
+
+    a = p.parse_args(argv)
+    try:
+        sys.exit(a.fn(a))
+    except (RuntimeError, TimeoutError) as e:
+        print(f"hark: {e}", file=sys.stderr)
+        sys.exit(1)

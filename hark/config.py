@@ -1,0 +1,140 @@
+"""Settings shared by every service and the CLI.
+
+One flat dataclass, filled from defaults, then ``HARK_*`` environment variables, then
+explicit overrides (CLI flags). The same variables configure a service under
+docker-compose, so every field here has an env name: ``HARK_<FIELD>`` upper-cased.
+Extra librdkafka properties (SASL/TLS in production) pass through as
+``HARK_KAFKA_<PROPERTY>`` with dots written as underscores, e.g.
+``HARK_KAFKA_SECURITY_PROTOCOL=SASL_SSL``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "hark"
+
+
+@dataclass
+class Settings:
+    bootstrap: str = "127.0.0.1:9092"
+    data_dir: Path = field(default_factory=default_data_dir)
+    # file:///abs/path (default: <data_dir>/archive) or s3://bucket/prefix (MinIO/S3)
+    archive_uri: str = ""
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+
+    topic_prefix: str = "hark."
+    partitions: int = 8
+    replication_factor: int = 1
+
+    # ingest
+    chunk_ms: int = 100
+    max_upload_bytes: int = 256 * 1024 * 1024
+    max_stream_seconds: float = 4 * 3600.0
+    max_ws_message_bytes: int = 1024 * 1024
+    ingest_host: str = "127.0.0.1"
+    ingest_port: int = 0
+    archive_segment_seconds: float = 30.0
+
+    # online_asr
+    partial_interval_ms: int = 100
+    idle_timeout_s: float = 30.0
+    max_streams: int = 32
+    nbest: int = 5
+    keep_lattices: bool = True
+
+    # results
+    max_transcript_words: int = 20000
+
+    # consumers: Tansu does not wake a waiting fetch when data arrives, so the fetch wait
+    # bounds per-hop latency (~wait/2) and costs broker CPU when short (STACK.md).
+    fetch_wait_ms: int = 50
+    health_host: str = "127.0.0.1"
+    health_port: int = 0
+    log_level: str = "INFO"
+
+    kafka_extra: dict[str, str] = field(default_factory=dict)
+
+    # ---- derived -------------------------------------------------------------------
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def audio_topic(self) -> str:
+        return self.topic("audio")
+
+    @property
+    def online_topic(self) -> str:
+        return self.topic("transcripts.online")
+
+    @property
+    def results_topic(self) -> str:
+        return self.topic("results")
+
+    @property
+    def deadletter_topic(self) -> str:
+        return self.topic("deadletter")
+
+    @property
+    def all_topics(self) -> list[str]:
+        return [self.audio_topic, self.online_topic, self.results_topic, self.deadletter_topic]
+
+    @property
+    def archive(self) -> str:
+        return self.archive_uri or (self.data_dir / "archive").resolve().as_uri()
+
+    # ---- construction ----------------------------------------------------------------
+    @classmethod
+    def load(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
+        env = os.environ if environ is None else environ
+        s = cls()
+        for f in dataclasses.fields(cls):
+            if f.name == "kafka_extra":
+                continue
+            raw = env.get("HARK_" + f.name.upper())
+            if raw is not None and raw != "":
+                setattr(s, f.name, _coerce(f, raw, getattr(s, f.name)))
+        s.kafka_extra = {
+            k[len("HARK_KAFKA_"):].lower().replace("_", "."): v
+            for k, v in env.items()
+            if k.startswith("HARK_KAFKA_")
+        }
+        for k, v in overrides.items():
+            if v is None:
+                continue
+            if not hasattr(s, k):
+                raise TypeError(f"unknown setting {k!r}")
+            setattr(s, k, Path(v) if k == "data_dir" else v)
+        return s
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "kafka_extra":
+                out.update({"HARK_KAFKA_" + k.upper().replace(".", "_"): val for k, val in v.items()})
+            else:
+                out["HARK_" + f.name.upper()] = str(v).lower() if isinstance(v, bool) else str(v)
+        return out
+
+
+def _coerce(f: dataclasses.Field, raw: str, current):
+    if isinstance(current, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(current, int):
+        return int(raw)
+    if isinstance(current, float):
+        return float(raw)
+    if isinstance(current, Path):
+        return Path(raw)
+    return raw

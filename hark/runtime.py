@@ -1,0 +1,333 @@
+"""What every hark service process shares: logging, health/metrics, dead letters, the loop.
+
+A service subclasses ConsumerService and implements ``handle``. The loop guarantees:
+- a record that cannot be read or processed goes to the dead-letter topic with the reason and
+  the loop goes on (other streams are untouched);
+- offsets are committed only after everything produced for them is acknowledged by the broker
+  (at-least-once; a service may hold commits back further, see ``commit_positions``);
+- SIGTERM/SIGINT finish the current batch, flush, commit and leave the group cleanly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from confluent_kafka import KafkaError, Message, TopicPartition
+
+from . import kafka, serde
+from .config import Settings
+
+log = logging.getLogger("hark")
+
+DEADLETTER_PAYLOAD_CAP = 1024 * 1024
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# ---- logging ------------------------------------------------------------------------------
+class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str):
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname, "service": self.service,
+               "msg": record.getMessage()}
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(service: str, level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def kv(**fields) -> dict:
+    """``log.info("msg", extra=kv(stream_id=...))`` puts fields into the JSON line."""
+    return {"fields": fields}
+
+
+# ---- metrics and health ----------------------------------------------------------------------
+class Metrics:
+    """Counters and gauges rendered in the Prometheus text format."""
+
+    def __init__(self, service: str):
+        self.service = service
+        self._lock = threading.Lock()
+        self._counters: dict[str, float] = {}
+        self._gauges: dict[str, float] = {}
+
+    def inc(self, name: str, by: float = 1.0) -> None:
+        with self._lock:
+            self._counters[name] = self._counters.get(name, 0.0) + by
+
+    def set(self, name: str, value: float) -> None:
+        with self._lock:
+            self._gauges[name] = value
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return {**self._counters, **self._gauges}
+
+    def render(self) -> str:
+        lines = []
+        with self._lock:
+            for kind, values in (("counter", self._counters), ("gauge", self._gauges)):
+                for name, v in sorted(values.items()):
+                    full = f"hark_{name}"
+                    lines += [f"# TYPE {full} {kind}", f'{full}{{service="{self.service}"}} {v}']
+        return "\n".join(lines) + "\n"
+
+
+class HealthServer:
+    """``/healthz`` (200 when the service says it is healthy, else 503) and ``/metrics``."""
+
+    def __init__(self, host: str, port: int, service: str, healthy, metrics: Metrics):
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                if self.path.startswith("/healthz"):
+                    ok, detail = healthy()
+                    body = json.dumps({"service": service, "status": "ok" if ok else "unhealthy", **detail})
+                    self._send(200 if ok else 503, body.encode(), "application/json")
+                elif self.path.startswith("/metrics"):
+                    self._send(200, metrics.render().encode(), "text/plain; version=0.0.4")
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+
+            def _send(self, code, body, ctype):
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="health", daemon=True)
+        outer._thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# ---- dead letters ---------------------------------------------------------------------------
+class DeadLetters:
+    def __init__(self, producer, settings: Settings, service: str, metrics: Metrics):
+        self.producer, self.topic, self.service, self.metrics = producer, settings.deadletter_topic, service, metrics
+
+    def send(self, error_type: str, reason: str, *, msg: Message | None = None, stream_id: str | None = None,
+             tenant: str | None = None, payload: bytes | None = None, payload_size: int | None = None) -> None:
+        if msg is not None and payload is None:
+            payload = msg.value()
+        size = payload_size if payload_size is not None else (len(payload) if payload else 0)
+        record = {
+            "service": self.service, "error_type": error_type, "reason": reason[:2000],
+            "stream_id": stream_id, "tenant": tenant,
+            "source_topic": msg.topic() if msg is not None else None,
+            "source_partition": msg.partition() if msg is not None else None,
+            "source_offset": msg.offset() if msg is not None else None,
+            "key": msg.key() if msg is not None else (stream_id.encode() if stream_id else None),
+            "payload": payload[:DEADLETTER_PAYLOAD_CAP] if payload else None,
+            "payload_size": size, "failed_at_ms": now_ms(),
+        }
+        key = record["key"]
+        self.producer.produce(self.topic, key=key, value=serde.encode("DeadLetter", record))
+        self.metrics.inc("deadletters_total")
+        log.warning("dead-lettered: %s", reason, extra=kv(error_type=error_type, stream_id=stream_id))
+
+
+class InputError(ValueError):
+    """A record that is well-formed Avro but cannot be processed (bad PCM, wrong rate...)."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+# ---- the consumer loop ----------------------------------------------------------------------
+class ConsumerService:
+    name = "service"
+    group = "hark-service"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics(self.name)
+        self.producer = kafka.producer(settings, **{"client.id": f"hark-{self.name}"})
+        self.consumer = kafka.consumer(settings, self.group, **{"client.id": f"hark-{self.name}"})
+        self.deadletters = DeadLetters(self.producer, settings, self.name, self.metrics)
+        self._stop = threading.Event()
+        self._positions: dict[tuple[str, int], int] = {}  # next offset to read, per partition
+        self._delivery_error: KafkaError | None = None
+        self._last_loop = time.monotonic()
+        self._assigned: set[tuple[str, int]] = set()
+        # key -> (topic, partition, offset): the earliest record an open stream needs re-read
+        # after a crash. Commits never pass it, so stream state is rebuilt, never lost.
+        self._holds: dict[str, tuple[str, int, int]] = {}
+        self.health: HealthServer | None = None
+
+    # -- to implement -------------------------------------------------------------------------
+    @property
+    def topics(self) -> list[str]:
+        raise NotImplementedError
+
+    def handle(self, rtype: str, record: dict, msg: Message) -> None:
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        """Called every loop iteration (timeouts, periodic work)."""
+
+    def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
+        """Drop state for partitions this process no longer owns."""
+
+    def hold(self, key: str, msg: Message, offset: int | None = None) -> None:
+        """Keep commits on msg's partition at or before ``offset`` (default msg's) while ``key`` is open."""
+        self._holds[key] = (msg.topic(), msg.partition(), msg.offset() if offset is None else offset)
+
+    def release(self, key: str) -> None:
+        self._holds.pop(key, None)
+
+    def commit_positions(self) -> dict[tuple[str, int], int]:
+        """Offsets safe to commit: everything processed, but never past a hold."""
+        positions = dict(self._positions)
+        for topic, partition, offset in self._holds.values():
+            tp = (topic, partition)
+            if tp in positions:
+                positions[tp] = min(positions[tp], offset)
+        return positions
+
+    # -- helpers --------------------------------------------------------------------------------
+    def produce(self, topic: str, key: str, rtype: str, record: dict) -> None:
+        self.producer.produce(topic, key=key.encode(), value=serde.encode(rtype, record), on_delivery=self._delivered)
+        self.metrics.inc("records_out_total")
+
+    def _delivered(self, err, msg) -> None:
+        if err is not None:
+            self._delivery_error = err
+
+    def healthy(self) -> tuple[bool, dict]:
+        stalled = time.monotonic() - self._last_loop
+        return stalled < 15.0, {"loop_stalled_s": round(stalled, 2), "partitions": len(self._assigned)}
+
+    def stop(self, *_args) -> None:
+        self._stop.set()
+
+    # -- loop -----------------------------------------------------------------------------------
+    def run(self) -> None:
+        s = self.settings
+        self.health = HealthServer(s.health_host, s.health_port, self.name, self.healthy, self.metrics)
+        log.info("starting", extra=kv(bootstrap=s.bootstrap, topics=self.topics, group=self.group,
+                                      health_port=self.health.port))
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
+        self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_revoke)
+        try:
+            while not self._stop.is_set():
+                self._last_loop = time.monotonic()
+                msgs = self.consumer.consume(num_messages=200, timeout=0.05)
+                for msg in msgs:
+                    self._process(msg)
+                self.tick()
+                self.producer.poll(0)
+                if msgs:
+                    self._commit()
+        finally:
+            self._commit()
+            self.consumer.close()
+            self.health.close()
+            log.info("stopped")
+
+    def _process(self, msg: Message) -> None:
+        if msg.error():
+            if msg.error().code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", msg.error())
+            return
+        self.metrics.inc("records_in_total")
+        try:
+            rtype, record = serde.decode(msg.value())
+            self.handle(rtype, record, msg)
+        except serde.SerdeError as e:
+            self.deadletters.send("malformed_record", str(e), msg=msg, stream_id=_key(msg))
+        except InputError as e:
+            self.deadletters.send(e.kind, e.reason, msg=msg, stream_id=_key(msg))
+        except Exception as e:  # a bug must not stop other streams; the record is kept in the DLQ
+            log.exception("failed to process record")
+            self.deadletters.send("internal_error", f"{type(e).__name__}: {e}", msg=msg, stream_id=_key(msg))
+        self._positions[(msg.topic(), msg.partition())] = msg.offset() + 1
+
+    def _commit(self) -> None:
+        self.producer.flush(30)
+        if self._delivery_error is not None:
+            # Outputs for these offsets may be lost: do not commit; exit so a restart re-reads them.
+            raise RuntimeError(f"produce failed, not committing: {self._delivery_error}")
+        positions = self.commit_positions()
+        if not positions:
+            return
+        try:
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()],
+                                 asynchronous=False)
+        except Exception as e:  # e.g. a rebalance in progress: the next commit covers it
+            log.warning("commit failed: %s", e)
+
+    def _on_assign(self, consumer, partitions):
+        self._assigned |= {(p.topic, p.partition) for p in partitions}
+        log.info("partitions assigned", extra=kv(partitions=[p.partition for p in partitions]))
+
+    def _on_revoke(self, consumer, partitions):
+        gone = [(p.topic, p.partition) for p in partitions]
+        try:
+            self._commit()
+        except RuntimeError:
+            raise
+        except Exception as e:
+            log.warning("commit on revoke failed: %s", e)
+        self.partitions_revoked(gone)
+        gone_set = set(gone)
+        self._holds = {k: h for k, h in self._holds.items() if (h[0], h[1]) not in gone_set}
+        for tp in gone:
+            self._assigned.discard(tp)
+            self._positions.pop(tp, None)
+        log.info("partitions revoked", extra=kv(partitions=[p for _, p in gone]))
+
+
+def _key(msg: Message) -> str | None:
+    k = msg.key()
+    try:
+        return k.decode() if k else None
+    except UnicodeDecodeError:
+        return None
+
+
+def main_for(service_cls, argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m services.<name>``: flags override HARK_* variables."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"python -m services.{service_cls.name}")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers host:port (env HARK_BOOTSTRAP)")
+    p.add_argument("--health-port", type=int, help="port for /healthz and /metrics (0 = any)")
+    p.add_argument("--data-dir", help="data folder (archive default), env HARK_DATA_DIR")
+    args = p.parse_args(argv)
+    settings = Settings.load(bootstrap=args.bootstrap, health_port=args.health_port, data_dir=args.data_dir)
+    setup_logging(service_cls.name, settings.log_level)
+    kafka.wait_for_broker(settings, timeout=60)
+    kafka.ensure_topics(settings)
+    service_cls(settings).run()

@@ -1,0 +1,113 @@
+"""Avro records in the Confluent wire format: magic byte 0, 4-byte big-endian schema id, body.
+
+Several record types share a topic (the audio topic carries StreamStart, AudioChunk and
+StreamEnd so that one stream's records stay ordered on one partition), so the schema id in
+each message says which type it is: Confluent's RecordNameStrategy.
+
+Schema ids come from a registry. The embedded default derives each id from the schema's
+Parsing Canonical Form (a stable fingerprint), so every process agrees without a server and a
+changed schema gets a new id; a reader that meets an id it does not know rejects the record
+(UnknownSchemaError, which the services dead-letter) instead of misreading it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import fastavro
+from fastavro.schema import load_schema, to_parsing_canonical_form
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+MAGIC = 0
+_HEADER = struct.Struct(">bI")
+
+RECORD_TYPES = ("StreamStart", "AudioChunk", "StreamEnd", "OnlineTranscript", "Result", "DeadLetter")
+
+
+class SerdeError(ValueError):
+    """A message that is not a valid hark record."""
+
+
+class UnknownSchemaError(SerdeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RegisteredSchema:
+    id: int
+    name: str  # short record name, e.g. "AudioChunk"
+    parsed: dict
+    version: int
+
+
+class LocalSchemaRegistry:
+    """Schemas from ``schemas/`` with fingerprint ids (see module doc)."""
+
+    def __init__(self, schema_dir: Path = SCHEMA_DIR):
+        self._by_name: dict[str, RegisteredSchema] = {}
+        self._by_id: dict[int, RegisteredSchema] = {}
+        for name in RECORD_TYPES:
+            parsed = load_schema(str(schema_dir / f"hark.{name}.avsc"), _write_hint=False)
+            canonical = to_parsing_canonical_form(parsed)
+            sid = int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:4], "big") & 0x7FFFFFFF
+            version = next(f["default"] for f in parsed["fields"] if f["name"] == "schema_version")
+            reg = RegisteredSchema(sid, name, parsed, version)
+            if sid in self._by_id:  # pragma: no cover - 31-bit collision
+                raise RuntimeError(f"schema id collision between {name} and {self._by_id[sid].name}")
+            self._by_name[name] = reg
+            self._by_id[sid] = reg
+
+    def by_name(self, name: str) -> RegisteredSchema:
+        return self._by_name[name]
+
+    def by_id(self, sid: int) -> RegisteredSchema:
+        try:
+            return self._by_id[sid]
+        except KeyError:
+            raise UnknownSchemaError(f"unknown schema id {sid}") from None
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+
+_default_registry: LocalSchemaRegistry | None = None
+
+
+def registry() -> LocalSchemaRegistry:
+    global _default_registry
+    if _default_registry is None:
+        _default_registry = LocalSchemaRegistry()
+    return _default_registry
+
+
+def encode(name: str, record: dict, reg: LocalSchemaRegistry | None = None) -> bytes:
+    schema = (reg or registry()).by_name(name)
+    buf = io.BytesIO()
+    buf.write(_HEADER.pack(MAGIC, schema.id))
+    try:
+        fastavro.schemaless_writer(buf, schema.parsed, record)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise SerdeError(f"cannot encode {name}: {e}") from e
+    return buf.getvalue()
+
+
+def decode(data: bytes | None, reg: LocalSchemaRegistry | None = None) -> tuple[str, dict]:
+    """Return (record type name, record). Raises SerdeError for anything malformed."""
+    if data is None or len(data) < _HEADER.size:
+        raise SerdeError(f"message too short for the wire format ({0 if data is None else len(data)} bytes)")
+    magic, sid = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise SerdeError(f"bad magic byte {magic} (expected 0)")
+    schema = (reg or registry()).by_id(sid)
+    buf = io.BytesIO(data)
+    buf.seek(_HEADER.size)
+    try:
+        record = fastavro.schemaless_reader(buf, schema.parsed, None)
+    except Exception as e:  # fastavro raises a zoo of types on corrupt input
+        raise SerdeError(f"corrupt {schema.name} body: {type(e).__name__}: {e}") from e
+    if buf.tell() != len(data):
+        raise SerdeError(f"{len(data) - buf.tell()} trailing bytes after {schema.name} body")
+    return schema.name, record

@@ -1,0 +1,210 @@
+"""Client side of ``hark run`` / ``hark replay``: publish streams, follow the results topic.
+
+Latency is measured as the issue defines it: for every word of an utterance's final, the
+moment it first appeared (in a partial, or in the final itself) on the results topic, as seen
+by this consumer, minus the moment ingest published the chunk holding the word's end.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import kafka, serde
+from .audio import TARGET_RATE, AudioError
+from .config import Settings
+from .runtime import now_ms
+
+
+@dataclass
+class StreamRun:
+    source: str
+    stream_id: str
+    publish: Callable[["StreamRun"], object]  # does the publishing; returns a StreamSummary
+    chunk_ms: int
+    chunk_published_at_ms: list[int] = field(default_factory=list)
+    samples_published: int = 0
+    expected_seconds: float | None = None
+    error: str | None = None
+    end_published_ms: int | None = None
+    complete: dict | None = None
+    complete_received_ms: int | None = None
+    online_finals: dict[int, str] = field(default_factory=dict)
+    partial_text: str = ""
+    word_latency_ms: list[int] = field(default_factory=list)
+    _first_seen: dict[int, list[tuple[str, int, int, int]]] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or self.complete is not None
+
+    def on_chunk(self, seq: int, offset: int, n: int, published_ms: int) -> None:
+        self.chunk_published_at_ms.append(published_ms)
+        self.samples_published = offset + n
+
+    def on_result(self, rec: dict, received_ms: int) -> str | None:
+        """Track one Result; return the line to commit to the screen for a FINAL."""
+        kind = str(rec["kind"])
+        if kind == "STREAM_COMPLETE":
+            self.complete, self.complete_received_ms = rec, received_ms
+            return None
+        utt = rec["utterance_id"]
+        seen = self._first_seen.setdefault(utt, [])
+        for w in rec["words"]:
+            if not any(s[0] == w["word"] and _overlap(s[1], s[2], w["start_ms"], w["end_ms"]) for s in seen):
+                seen.append((w["word"], w["start_ms"], w["end_ms"], received_ms))
+        if kind == "PARTIAL":
+            self.partial_text = rec["text"]
+            return None
+        for w in rec["words"]:  # FINAL
+            first = min((s[3] for s in seen if s[0] == w["word"] and _overlap(s[1], s[2], w["start_ms"], w["end_ms"])),
+                        default=received_ms)
+            if self.chunk_published_at_ms:
+                idx = min(w["end_ms"] // self.chunk_ms, len(self.chunk_published_at_ms) - 1)
+                self.word_latency_ms.append(first - self.chunk_published_at_ms[idx])
+        self._first_seen.pop(utt, None)
+        self.online_finals[utt] = rec["text"]
+        self.partial_text = ""
+        return rec["text"]
+
+    def summary(self) -> dict:
+        out = {"stream_id": self.stream_id, "source": self.source}
+        if self.error:
+            return {**out, "status": "FAILED", "error": self.error}
+        c = self.complete or {}
+        lat = np.array(self.word_latency_ms) if self.word_latency_ms else None
+        online_text = c.get("online_text") if c else " ".join(self.online_finals[k] for k in sorted(self.online_finals))
+        return {
+            **out,
+            "status": c.get("status", "INCOMPLETE") if c else "INCOMPLETE",
+            "duration_s": round(self.samples_published / TARGET_RATE, 3),
+            "online_text": online_text or "",
+            "final_text": c.get("text", online_text or ""),
+            "words": [{"word": w["word"], "start": w["start_ms"] / 1000, "end": w["end_ms"] / 1000,
+                       "confidence": w["confidence"], "speaker": w["speaker"]} for w in c.get("words", [])],
+            "turns": [{"speaker": t["speaker"], "start": t["start_ms"] / 1000, "end": t["end_ms"] / 1000}
+                      for t in c.get("turns", [])],
+            "truncated": c.get("truncated", False),
+            "models": {"online": f"{c['model_name']} {c['model_version']}"} if c else {},
+            "latency": {
+                "partial_p50_ms": None if lat is None else round(float(np.percentile(lat, 50)), 1),
+                "partial_p95_ms": None if lat is None else round(float(np.percentile(lat, 95)), 1),
+                "words_measured": 0 if lat is None else int(lat.size),
+                "final_after_close_ms": (self.complete_received_ms - self.end_published_ms)
+                if self.complete_received_ms and self.end_published_ms else None,
+            },
+        }
+
+
+def _overlap(a0: int, a1: int, b0: int, b1: int) -> bool:
+    return a0 < b1 and b0 < a1
+
+
+class Display:
+    """Live partials and a progress bar on a terminal; plain committed lines otherwise."""
+
+    def __init__(self, stream=sys.stderr, quiet: bool = False):
+        self.out, self.quiet = stream, quiet
+        self.tty = stream.isatty() and not quiet
+        self._last = 0.0
+
+    def commit(self, line: str) -> None:
+        if self.quiet:
+            return
+        self.out.write(("\r\x1b[2K" if self.tty else "") + line + "\n")
+        self.out.flush()
+
+    def status(self, runs: list[StreamRun], force: bool = False) -> None:
+        if not self.tty or (time.monotonic() - self._last < 0.1 and not force):
+            return
+        self._last = time.monotonic()
+        width = shutil.get_terminal_size((100, 20)).columns
+        done = sum(r.samples_published for r in runs) / TARGET_RATE
+        total = sum(r.expected_seconds or r.samples_published / TARGET_RATE for r in runs) or 1.0
+        frac = min(1.0, done / total)
+        bar = "#" * int(frac * 20) + "-" * (20 - int(frac * 20))
+        finished = sum(r.done for r in runs)
+        live = next((r for r in reversed(runs) if r.partial_text), None)
+        line = f"[{bar}] {frac:4.0%} {finished}/{len(runs)} done"
+        if live:
+            line += f" | {live.stream_id}: {live.partial_text}"
+        self.out.write("\r\x1b[2K" + line[-(width - 1):] if len(line) >= width else "\r\x1b[2K" + line)
+        self.out.flush()
+
+    def clear(self) -> None:
+        if self.tty:
+            self.out.write("\r\x1b[2K")
+            self.out.flush()
+
+
+def follow(settings: Settings, runs: list[StreamRun], display: Display, timeout_factor: float = 2.0,
+           min_timeout_s: float = 60.0) -> None:
+    """Publish every run concurrently and consume results until each completes, fails or times out."""
+    tail = kafka.tail_consumer(settings, settings.results_topic)
+    by_id = {r.stream_id: r for r in runs}
+
+    def publish(run: StreamRun) -> None:
+        try:
+            run.publish(run)
+            run.end_published_ms = now_ms()
+        except AudioError as e:
+            run.error = e.reason
+        except Exception as e:  # the broker went away, the archive is full...
+            run.error = f"{type(e).__name__}: {e}"
+
+    threads = [threading.Thread(target=publish, args=(r,), daemon=True, name=f"publish-{r.stream_id}") for r in runs]
+    for t in threads:
+        t.start()
+    try:
+        while not all(r.done for r in runs):
+            for msg in tail.consume(num_messages=200, timeout=0.05):
+                if msg.error():
+                    continue
+                try:
+                    rtype, rec = serde.decode(msg.value())
+                except serde.SerdeError:
+                    continue
+                run = by_id.get(rec.get("stream_id"))
+                if rtype != "Result" or run is None:
+                    continue
+                line = run.on_result(rec, now_ms())
+                if line:
+                    display.commit(f"[{run.stream_id}] {line}")
+            for r in runs:
+                if not r.done and r.end_published_ms is not None:
+                    waited = (now_ms() - r.end_published_ms) / 1000
+                    if waited > max(min_timeout_s, timeout_factor * r.samples_published / TARGET_RATE):
+                        r.error = f"no final result {waited:.0f} s after the stream ended"
+            display.status(runs)
+    finally:
+        display.clear()
+        tail.close()
+
+
+def expected_seconds(path: str) -> float | None:
+    try:
+        import av
+
+        with av.open(path) as c:
+            return c.duration / 1_000_000 if c.duration else None
+    except Exception:
+        return None
+
+
+def file_runs(ingest, files: list[str], realtime: bool, settings: Settings, tenant: str = "default") -> list[StreamRun]:
+    from services.ingest.publisher import new_stream_id
+
+    runs = []
+    for f in files:
+        def publish(run: StreamRun, path=f):
+            return ingest.publish_file(path, stream_id=run.stream_id, tenant=tenant, realtime=realtime,
+                                       on_chunk=run.on_chunk)
+        runs.append(StreamRun(f, new_stream_id(Path(f).stem), publish, settings.chunk_ms,
+                              expected_seconds=expected_seconds(f)))
+    return runs

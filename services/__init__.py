@@ -1,0 +1,1 @@
+"""hark's services: one package per service, each runnable as ``python -m services.<name>``."""

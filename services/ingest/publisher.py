@@ -1,0 +1,293 @@
+"""Turns one input into one stream on the audio topic, and archives it for replay.
+
+A stream on the audio topic is StreamStart (seq 0), AudioChunk (seq 1..n, 100 ms of 16 kHz
+mono s16le each by default) and StreamEnd (seq n+1), all keyed by the stream id so they stay
+ordered on one partition. The archive keeps the original bytes and the normalised PCM in
+30 s segments, so replay and the offline pass read bounded windows of any stream.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from hark import kafka, serde
+from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, Chunker, DecodedAudio, SourceInfo
+from hark.config import Settings
+from hark.runtime import DeadLetters, Metrics, kv, now_ms
+from hark.storage import ObjectStore, open_store
+
+log = logging.getLogger("hark.ingest")
+
+STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ChunkCallback = Callable[[int, int, int, int], None]  # seq, offset_samples, n_samples, published_at_ms
+
+
+def new_stream_id(hint: str = "stream") -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", hint).strip("-._")[:80] or "stream"
+    return f"{base}-{uuid.uuid4().hex[:8]}"
+
+
+def check_stream_id(stream_id: str) -> str:
+    if not STREAM_ID_RE.match(stream_id):
+        raise AudioError("bad_stream_id", f"invalid stream id {stream_id!r} (letters, digits, . _ -, max 128)")
+    return stream_id
+
+
+def archive_prefix(stream_id: str) -> str:
+    return f"streams/{stream_id}/"
+
+
+class SegmentWriter:
+    """Buffers bytes into fixed-size archive objects: memory is one segment, whatever the length."""
+
+    def __init__(self, store: ObjectStore, prefix: str, segment_bytes: int, suffix: str):
+        self.store, self.prefix, self.segment_bytes, self.suffix = store, prefix, segment_bytes, suffix
+        self._buf = bytearray()
+        self.count = 0
+
+    def write(self, data: bytes) -> None:
+        self._buf += data
+        while len(self._buf) >= self.segment_bytes:
+            self._put(bytes(self._buf[: self.segment_bytes]))
+            del self._buf[: self.segment_bytes]
+
+    def close(self) -> None:
+        if self._buf:
+            self._put(bytes(self._buf))
+            self._buf.clear()
+
+    def _put(self, data: bytes) -> None:
+        self.store.put(f"{self.prefix}{self.count:06d}{self.suffix}", data)
+        self.count += 1
+
+
+@dataclass
+class StreamSummary:
+    stream_id: str
+    tenant: str
+    source_format: str
+    chunks: int = 0
+    samples: int = 0
+    status: str = "COMPLETE"
+    reason: str | None = None
+    chunk_published_at_ms: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def duration_s(self) -> float:
+        return self.samples / TARGET_RATE
+
+
+class StreamPublisher:
+    """Publishes one stream's records and archives its PCM. Use: start(), push()*, finish()."""
+
+    def __init__(self, ingest: "Ingest", stream_id: str, tenant: str, info: SourceInfo, *,
+                 source_name: str | None = None, language: str = "en-US", metadata: dict | None = None,
+                 realtime: bool = False, on_chunk: ChunkCallback | None = None, keep_chunk_times: bool = False):
+        s = ingest.settings
+        self.ingest, self.settings = ingest, s
+        self.stream_id, self.tenant, self.info = check_stream_id(stream_id), tenant, info
+        self.source_name, self.language, self.metadata = source_name, language, dict(metadata or {})
+        self.realtime, self.on_chunk, self.keep_chunk_times = realtime, on_chunk, keep_chunk_times
+        self.prefix = archive_prefix(stream_id)
+        self.chunker = Chunker(s.chunk_ms)
+        seg_bytes = int(s.archive_segment_seconds * TARGET_RATE) * BYTES_PER_SAMPLE
+        self.pcm_archive = SegmentWriter(ingest.store, self.prefix + "pcm/", seg_bytes, ".s16le")
+        self.max_samples = int(s.max_stream_seconds * TARGET_RATE)
+        self.summary = StreamSummary(stream_id, tenant, info.format)
+        self.seq = 0
+        self._t0: float | None = None
+        self._finished = False
+
+    def _key(self) -> bytes:
+        return self.stream_id.encode()
+
+    def _meta(self, **extra) -> None:
+        meta = {"stream_id": self.stream_id, "tenant": self.tenant, "source_format": self.info.format,
+                "source_sample_rate": self.info.sample_rate, "source_channels": self.info.channels,
+                "source_name": self.source_name, "language": self.language, "metadata": self.metadata,
+                "sample_rate": TARGET_RATE, "segment_seconds": self.settings.archive_segment_seconds}
+        meta.update(extra)
+        self.ingest.store.put(self.prefix + "meta.json", json.dumps(meta, indent=1).encode())
+
+    def start(self) -> None:
+        self._meta(status="OPEN", started_at_ms=now_ms())
+        self._produce("StreamStart", {
+            "stream_id": self.stream_id, "tenant": self.tenant, "seq": 0, "language": self.language,
+            "source_format": self.info.format, "source_name": self.source_name, "sample_rate": TARGET_RATE,
+            "source_sample_rate": self.info.sample_rate, "source_channels": self.info.channels,
+            "archive_prefix": self.prefix, "started_at_ms": now_ms(),
+            "metadata": {k: str(v) for k, v in self.metadata.items()}})
+
+    def push(self, pcm: bytes) -> None:
+        if self.summary.samples + len(pcm) // BYTES_PER_SAMPLE > self.max_samples:
+            raise AudioError("too_long", f"stream longer than the {self.settings.max_stream_seconds:.0f} s maximum")
+        for chunk in self.chunker.push(pcm):
+            self._send_chunk(chunk)
+
+    def _send_chunk(self, chunk: bytes) -> None:
+        offset = self.summary.samples
+        if self.realtime:
+            if self._t0 is None:
+                self._t0 = time.monotonic()
+            delay = self._t0 + offset / TARGET_RATE - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        self.seq += 1
+        published = now_ms()
+        self._produce("AudioChunk", {
+            "stream_id": self.stream_id, "tenant": self.tenant, "seq": self.seq, "offset_samples": offset,
+            "sample_rate": TARGET_RATE, "pcm": chunk, "published_at_ms": published})
+        self.pcm_archive.write(chunk)
+        n = len(chunk) // BYTES_PER_SAMPLE
+        self.summary.chunks += 1
+        self.summary.samples += n
+        if self.keep_chunk_times:
+            self.summary.chunk_published_at_ms.append(published)
+        if self.on_chunk:
+            self.on_chunk(self.seq, offset, n, published)
+
+    def finish(self, status: str = "COMPLETE", reason: str | None = None) -> StreamSummary:
+        if self._finished:
+            return self.summary
+        self._finished = True
+        if status == "COMPLETE":
+            for chunk in self.chunker.flush():
+                self._send_chunk(chunk)
+        self.pcm_archive.close()
+        self.summary.status, self.summary.reason = status, reason
+        self._produce("StreamEnd", {
+            "stream_id": self.stream_id, "tenant": self.tenant, "seq": self.seq + 1,
+            "total_samples": self.summary.samples, "status": status, "reason": reason, "ended_at_ms": now_ms()})
+        self.ingest.producer.flush(30)
+        self._meta(status=status, reason=reason, total_samples=self.summary.samples,
+                   chunks=self.summary.chunks, pcm_segments=self.pcm_archive.count, ended_at_ms=now_ms())
+        log.info("stream published", extra=kv(stream_id=self.stream_id, status=status,
+                                              seconds=round(self.summary.duration_s, 2)))
+        return self.summary
+
+    def _produce(self, rtype: str, record: dict) -> None:
+        p = self.ingest.producer
+        while True:
+            try:
+                p.produce(self.settings.audio_topic, key=self._key(), value=serde.encode(rtype, record))
+                break
+            except BufferError:  # local queue full: wait for deliveries instead of growing memory
+                p.poll(0.05)
+        p.poll(0)
+
+
+class Ingest:
+    """The ingest core: validation, decoding, publishing, archiving, dead letters."""
+
+    def __init__(self, settings: Settings, producer=None, store: ObjectStore | None = None,
+                 metrics: Metrics | None = None):
+        self.settings = settings
+        self.producer = producer or kafka.producer(settings, **{"client.id": "hark-ingest"})
+        self.store = store or open_store(settings)
+        self.metrics = metrics or Metrics("ingest")
+        self.deadletters = DeadLetters(self.producer, settings, "ingest", self.metrics)
+
+    def reject(self, err: AudioError, *, stream_id: str | None, tenant: str | None,
+               payload: bytes | None = None, payload_size: int = 0) -> None:
+        """Record a refused input on the dead-letter topic (the caller reports it to the producer)."""
+        self.deadletters.send(err.kind, err.reason, stream_id=stream_id, tenant=tenant,
+                              payload=payload, payload_size=payload_size)
+        self.producer.flush(10)
+
+    def publish_file(self, source: str | Path | BinaryIO, *, stream_id: str | None = None, tenant: str = "default",
+                     realtime: bool = False, language: str = "en-US", metadata: dict | None = None,
+                     on_chunk: ChunkCallback | None = None, on_start: Callable[[StreamPublisher], None] | None = None,
+                     keep_chunk_times: bool = False) -> StreamSummary:
+        """Publish a whole encoded input. Raises AudioError (after dead-lettering it) if it is refused."""
+        name = Path(source).name if isinstance(source, (str, Path)) else getattr(source, "name", None)
+        stream_id = stream_id or new_stream_id(Path(name).stem if name else "upload")
+        size = None
+        try:
+            check_stream_id(stream_id)
+            size = _size_of(source)
+            if size == 0:
+                raise AudioError("empty", "input is empty (0 bytes)")
+            if size > self.settings.max_upload_bytes:
+                raise AudioError("too_large", f"input is {size} bytes, above the {self.settings.max_upload_bytes}-byte maximum")
+            decoded = DecodedAudio(source, self.settings.max_stream_seconds)
+            blocks = decoded.blocks()
+            first = next(blocks)  # fail before anything is published if the audio does not decode
+        except AudioError as e:
+            self.reject(e, stream_id=stream_id, tenant=tenant, payload_size=size or 0)
+            raise
+        except StopIteration:  # pragma: no cover - blocks() raises "empty" itself
+            err = AudioError("empty", "input decodes to no audio samples")
+            self.reject(err, stream_id=stream_id, tenant=tenant, payload_size=size or 0)
+            raise err from None
+        self._archive_source(source, stream_id, decoded.info, size)
+        pub = StreamPublisher(self, stream_id, tenant, decoded.info, source_name=name, language=language,
+                              metadata=metadata, realtime=realtime, on_chunk=on_chunk,
+                              keep_chunk_times=keep_chunk_times)
+        pub.start()
+        if on_start:
+            on_start(pub)
+        try:
+            pub.push(first)
+            for block in blocks:
+                pub.push(block)
+        except AudioError as e:
+            pub.finish("ERROR", e.reason)
+            self.reject(e, stream_id=stream_id, tenant=tenant, payload_size=size or 0)
+            raise
+        except BaseException as e:
+            pub.finish("ABORTED", f"publisher stopped: {type(e).__name__}")
+            raise
+        self.metrics.inc("streams_published_total")
+        return pub.finish()
+
+    def _archive_source(self, source, stream_id: str, info: SourceInfo, size: int | None) -> None:
+        ext = info.format.split("/")[0].split(",")[0] or "bin"
+        key = f"{archive_prefix(stream_id)}source.{ext}"
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as f:
+                self.store.put(key, f, length=size)
+        else:
+            source.seek(0)
+            self.store.put(key, source, length=size)
+
+    def replay(self, stream_id: str, *, new_id: str | None = None, realtime: bool = False,
+               on_chunk: ChunkCallback | None = None, keep_chunk_times: bool = False) -> StreamSummary:
+        """Re-publish an archived stream's normalised PCM as a new stream."""
+        prefix = archive_prefix(stream_id)
+        try:
+            meta = json.loads(self.store.get(prefix + "meta.json"))
+        except KeyError:
+            raise AudioError("not_archived", f"no archived stream {stream_id!r} in {self.store.uri}") from None
+        segments = [k for k in self.store.list(prefix + "pcm/") if k.endswith(".s16le")]
+        if not segments:
+            raise AudioError("not_archived", f"archived stream {stream_id!r} has no audio")
+        info = SourceInfo(meta.get("source_format", "unknown"), meta.get("source_sample_rate", TARGET_RATE),
+                          meta.get("source_channels", 1))
+        pub = StreamPublisher(self, new_id or new_stream_id(f"{stream_id}-replay"), meta.get("tenant", "default"),
+                              info, source_name=meta.get("source_name"), language=meta.get("language", "en-US"),
+                              metadata={**meta.get("metadata", {}), "replay_of": stream_id},
+                              realtime=realtime, on_chunk=on_chunk, keep_chunk_times=keep_chunk_times)
+        pub.start()
+        for key in segments:
+            pub.push(self.store.get(key))
+        return pub.finish()
+
+
+def _size_of(source) -> int:
+    if isinstance(source, (str, Path)):
+        try:
+            return Path(source).stat().st_size
+        except FileNotFoundError:
+            raise AudioError("not_found", f"no such file: {source}") from None
+        except OSError as e:
+            raise AudioError("unreadable", f"cannot read {source}: {e.strerror}") from None
+    pos = source.tell()
+    end = source.seek(0, 2)
+    source.seek(pos)
+    return end - pos

@@ -1,0 +1,187 @@
+"""The network endpoint for live clients: WebSocket at ``ws://HOST:PORT/v1/streams``.
+
+Query parameters: ``stream_id`` (optional), ``tenant``, ``language``, ``format``:
+- ``pcm_s16le`` (default, live): binary messages of raw interleaved s16le PCM at
+  ``sample_rate`` (default 16000) with ``channels`` (default 1), resampled and chunked as
+  they arrive, so captions start while the client is still speaking;
+- ``file``: binary messages carrying an encoded file (WAV, FLAC, MP3, Ogg/Opus...), spooled
+  to disk (not memory) up to the upload limit and published when the client says end.
+A text message ``{"type": "end"}`` ends the stream. The server answers with JSON text
+messages: ``ready`` (with the stream id), ``done`` (chunks, seconds) or ``error`` (error,
+reason). A message above ``max_ws_message_bytes`` closes the connection (1009): too-large
+payloads are refused, never buffered. A client that disconnects without ``end`` gets its
+stream closed as ABORTED, so downstream services release its state.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import tempfile
+from urllib.parse import parse_qs, urlparse
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from hark import kafka
+from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, PcmResampler, SourceInfo
+from hark.config import Settings
+from hark.runtime import HealthServer, Metrics, kv, setup_logging
+
+from .publisher import Ingest, SegmentWriter, StreamPublisher, check_stream_id, new_stream_id
+
+log = logging.getLogger("hark.ingest")
+
+
+class IngestServer:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics("ingest")
+        self.ingest = Ingest(settings, metrics=self.metrics)
+        self.open_streams = 0
+
+    async def handler(self, ws: ServerConnection) -> None:
+        url = urlparse(ws.request.path)
+        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if url.path.rstrip("/") != "/v1/streams":
+            await _error(ws, AudioError("not_found", f"unknown path {url.path} (use /v1/streams)"))
+            return
+        stream_id = q.get("stream_id") or new_stream_id("live")
+        tenant = q.get("tenant", "default")
+        try:
+            check_stream_id(stream_id)
+            fmt = q.get("format", "pcm_s16le")
+            if fmt == "pcm_s16le":
+                await self._live_pcm(ws, q, stream_id, tenant)
+            elif fmt == "file":
+                await self._file_upload(ws, q, stream_id, tenant)
+            else:
+                raise AudioError("unsupported_format", f"unknown format {fmt!r} (pcm_s16le or file)")
+        except AudioError as e:
+            self.ingest.reject(e, stream_id=stream_id, tenant=tenant)
+            await _error(ws, e)
+        except ConnectionClosed:
+            pass
+
+    async def _live_pcm(self, ws, q, stream_id, tenant) -> None:
+        try:
+            rate, channels = int(q.get("sample_rate", TARGET_RATE)), int(q.get("channels", 1))
+        except ValueError:
+            raise AudioError("bad_parameter", "sample_rate and channels must be integers") from None
+        resampler = PcmResampler(rate, channels)
+        info = SourceInfo(f"raw/pcm_s16le@{rate}x{channels}", rate, channels)
+        pub = StreamPublisher(self.ingest, stream_id, tenant, info, source_name=q.get("source"),
+                              language=q.get("language", "en-US"))
+        raw = SegmentWriter(self.ingest.store, pub.prefix + "source/",
+                            int(self.settings.archive_segment_seconds * rate) * channels * BYTES_PER_SAMPLE, ".pcm")
+        pub.start()
+        self.open_streams += 1
+        self.metrics.set("open_streams", self.open_streams)
+        try:
+            await ws.send(json.dumps({"type": "ready", "stream_id": stream_id}))
+            ended = False
+            async for message in ws:
+                if isinstance(message, str):
+                    if _is_end(message):
+                        ended = True
+                        break
+                    continue
+                raw.write(message)
+                pub.push(resampler.push(message))
+            raw.close()
+            if not ended:
+                pub.finish("ABORTED", "client disconnected before end")
+                return
+            pub.push(resampler.flush())
+            summary = pub.finish()
+            await ws.send(json.dumps({"type": "done", "stream_id": stream_id, "chunks": summary.chunks,
+                                      "seconds": round(summary.duration_s, 3)}))
+        except AudioError as e:
+            raw.close()
+            pub.finish("ERROR", e.reason)
+            raise
+        except ConnectionClosed as e:
+            raw.close()
+            pub.finish("ABORTED", f"connection closed ({e.rcvd.code if e.rcvd else 'no close frame'})")
+        finally:
+            self.open_streams -= 1
+            self.metrics.set("open_streams", self.open_streams)
+
+    async def _file_upload(self, ws, q, stream_id, tenant) -> None:
+        limit = self.settings.max_upload_bytes
+        with tempfile.SpooledTemporaryFile(max_size=1 << 20) as spool:
+            size = 0
+            await ws.send(json.dumps({"type": "ready", "stream_id": stream_id}))
+            async for message in ws:
+                if isinstance(message, str):
+                    if _is_end(message):
+                        break
+                    continue
+                size += len(message)
+                if size > limit:
+                    raise AudioError("too_large", f"upload exceeds the {limit}-byte maximum")
+                spool.write(message)
+            else:
+                return  # closed without "end": nothing was published
+            spool.seek(0)
+            summary = await asyncio.to_thread(
+                self.ingest.publish_file, spool, stream_id=stream_id, tenant=tenant,
+                language=q.get("language", "en-US"))
+        await ws.send(json.dumps({"type": "done", "stream_id": stream_id, "chunks": summary.chunks,
+                                  "seconds": round(summary.duration_s, 3)}))
+
+    async def serve(self, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (RuntimeError, ValueError):  # not the main thread
+                pass
+        async with serve(self.handler, host, port, max_size=self.settings.max_ws_message_bytes) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            log.info("listening", extra=kv(url=f"ws://{host}:{self.port}/v1/streams"))
+            if ready:
+                ready.set()
+            await stop.wait()
+        self.ingest.producer.flush(30)
+
+
+def _is_end(message: str) -> bool:
+    try:
+        return json.loads(message).get("type") == "end"
+    except (ValueError, AttributeError):
+        return False
+
+
+async def _error(ws, err: AudioError) -> None:
+    try:
+        await ws.send(json.dumps({"type": "error", "error": err.kind, "reason": err.reason}))
+        await ws.close(1008, err.kind[:100])
+    except ConnectionClosed:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m services.ingest")
+    p.add_argument("--bootstrap")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--health-port", type=int)
+    p.add_argument("--data-dir")
+    a = p.parse_args(argv)
+    s = Settings.load(bootstrap=a.bootstrap, ingest_host=a.host, ingest_port=a.port, health_port=a.health_port,
+                      data_dir=a.data_dir)
+    setup_logging("ingest", s.log_level)
+    kafka.wait_for_broker(s, timeout=60)
+    kafka.ensure_topics(s)
+    server = IngestServer(s)
+    health = HealthServer(s.health_host, s.health_port, "ingest",
+                          lambda: (True, {"open_streams": server.open_streams}), server.metrics)
+    try:
+        asyncio.run(server.serve(s.ingest_host, s.ingest_port))
+    finally:
+        health.close()

@@ -1,0 +1,1 @@
+"""online_asr: low-latency streaming recognition (pocketsphinx) of every stream on the audio topic."""

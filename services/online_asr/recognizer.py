@@ -1,0 +1,235 @@
+"""Streaming recognition of one stream with pocketsphinx; no Kafka here.
+
+StreamRecognizer is fed PCM as it arrives and returns events: PARTIAL hypotheses while an
+utterance goes on (rate-limited, only when the text changed) and a FINAL per utterance with
+word times, the n-best list and the lattice. The pocketsphinx Endpointer (WebRTC VAD with a
+0.3 s window) decides where utterances start and end; only speech reaches the decoder.
+
+A pocketsphinx Decoder costs ~90 MB and ~0.3 s to build, so decoders live in a pool: a stream
+takes one for its whole life (cepstral mean normalisation adapts across utterances; a cold
+one costs accuracy) and returns it at stream end, reset to the initial CMN.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from importlib.metadata import version
+
+from pocketsphinx import Decoder, Endpointer
+
+SAMPLE_RATE = 16000
+FRAME_MS = 10  # decoder frame rate: 100 frames/s
+MODEL_NAME = "pocketsphinx/en-us"
+MODEL_VERSION = version("pocketsphinx")
+_FILLERS = {"<s>", "</s>", "<sil>", "[noise]", "<unk>"}
+
+
+class CapacityError(RuntimeError):
+    pass
+
+
+@dataclass
+class Word:
+    word: str
+    start_ms: int
+    end_ms: int
+    confidence: float
+
+    def as_record(self) -> dict:
+        return {"word": self.word, "start_ms": self.start_ms, "end_ms": self.end_ms,
+                "confidence": round(float(self.confidence), 4), "speaker": None}
+
+
+@dataclass
+class Event:
+    kind: str  # PARTIAL | FINAL
+    utterance_id: int
+    text: str
+    start_ms: int
+    end_ms: int
+    words: list[Word] = field(default_factory=list)
+    nbest: list[tuple[str, float]] = field(default_factory=list)
+    lattice: bytes | None = None
+
+
+class DecoderPool:
+    def __init__(self, max_size: int):
+        self.max_size = max_size
+        self._free: list[Decoder] = []
+        self._lock = threading.Lock()
+        self.in_use = 0
+        self._initial_cmn: str | None = None
+
+    def _new(self) -> Decoder:
+        d = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+        if self._initial_cmn is None:
+            self._initial_cmn = d.get_cmn(False)
+        return d
+
+    def prewarm(self, n: int) -> None:
+        with self._lock:
+            while len(self._free) + self.in_use < min(n, self.max_size):
+                self._free.append(self._new())
+
+    def acquire(self) -> Decoder:
+        with self._lock:
+            if self._free:
+                d = self._free.pop()
+                d.set_cmn(self._initial_cmn)
+            elif self.in_use >= self.max_size:
+                raise CapacityError(f"all {self.max_size} decoders are in use")
+            else:
+                d = self._new()
+            self.in_use += 1
+            return d
+
+    def release(self, d: Decoder) -> None:
+        with self._lock:
+            self.in_use -= 1
+            self._free.append(d)
+
+    @property
+    def size(self) -> int:
+        return self.in_use + len(self._free)
+
+
+def clean_word(w: str) -> str | None:
+    w = w.lower()
+    if w in _FILLERS or (w.startswith("++") and w.endswith("++")) or (w.startswith("[") and w.endswith("]")):
+        return None
+    paren = w.find("(")  # pronunciation variants: "was(2)" -> "was"
+    return w[:paren] if paren > 0 else w
+
+
+class StreamRecognizer:
+    def __init__(self, decoder: Decoder, *, base_ms: int = 0, partial_interval_ms: int = 100, nbest: int = 5,
+                 keep_lattice: bool = True, max_utterance_ms: int = 30000):
+        self.decoder = decoder
+        self.base_ms = base_ms
+        self.partial_interval_ms = partial_interval_ms
+        self.nbest_n = nbest
+        self.keep_lattice = keep_lattice
+        self.max_utterance_ms = max_utterance_ms
+        self.ep = Endpointer(sample_rate=SAMPLE_RATE)
+        self._frame_bytes = self.ep.frame_bytes
+        self._buf = b""
+        self.samples = 0  # fed so far (stream position = base_ms + samples / 16)
+        self.in_utterance = False
+        self.utterance_id = 0
+        self._utt_start_ms = 0
+        self._last_partial_text = ""
+        self._last_partial_at_ms = -(10 ** 9)
+
+    @property
+    def position_ms(self) -> int:
+        return self.base_ms + self.samples * 1000 // SAMPLE_RATE
+
+    def feed(self, pcm: bytes) -> list[Event]:
+        events: list[Event] = []
+        buf = self._buf + pcm
+        fb, i = self._frame_bytes, 0
+        while len(buf) - i >= fb:
+            events += self._frame(buf[i:i + fb])
+            i += fb
+        self._buf = buf[i:]
+        self.samples += len(pcm) // 2
+        if self.in_utterance and self.position_ms - self._last_partial_at_ms >= self.partial_interval_ms:
+            partial = self._partial()
+            if partial:
+                events.append(partial)
+        return events
+
+    def finish(self) -> list[Event]:
+        """End of stream: flush what the endpointer holds and close any open utterance."""
+        events: list[Event] = []
+        if self.ep.in_speech:
+            speech = self.ep.end_stream(self._buf)
+            if speech:
+                if not self.in_utterance:
+                    self._start(self.ep.speech_start)
+                self.decoder.process_raw(speech, False, False)
+        self._buf = b""
+        if self.in_utterance:
+            final = self._end()
+            if final:
+                events.append(final)
+        return events
+
+    def _frame(self, frame: bytes) -> list[Event]:
+        was_in_speech = self.ep.in_speech
+        speech = self.ep.process(frame)
+        if speech is None:
+            return []
+        if not was_in_speech or not self.in_utterance:
+            self._start(self.ep.speech_start)
+        self.decoder.process_raw(speech, False, False)
+        if not self.ep.in_speech:
+            final = self._end()
+            return [final] if final else []
+        if self.position_ms - self._utt_start_ms >= self.max_utterance_ms:
+            # Decoder memory grows with utterance length: cut endless speech/noise into pieces.
+            final = self._end()
+            self._start(self.position_ms / 1000 - self.base_ms / 1000)
+            return [final] if final else []
+        return []
+
+    def _start(self, speech_start_s: float) -> None:
+        self.decoder.start_utt()
+        self.in_utterance = True
+        self._utt_start_ms = self.base_ms + int(round(speech_start_s * 1000))
+        self._last_partial_text = ""
+
+    def _words(self) -> list[Word]:
+        out = []
+        for seg in self.decoder.seg():
+            w = clean_word(seg.word)
+            if w:
+                out.append(Word(w, self._utt_start_ms + seg.start_frame * FRAME_MS,
+                                self._utt_start_ms + (seg.end_frame + 1) * FRAME_MS, seg.prob))
+        return out
+
+    def _partial(self) -> Event | None:
+        self._last_partial_at_ms = self.position_ms
+        hyp = self.decoder.hyp()
+        text = " ".join(filter(None, map(clean_word, hyp.hypstr.split()))) if hyp else ""
+        if not text or text == self._last_partial_text:
+            return None
+        self._last_partial_text = text
+        return Event("PARTIAL", self.utterance_id, text, self._utt_start_ms, self.position_ms, self._words())
+
+    def _end(self) -> Event | None:
+        self.decoder.end_utt()
+        self.in_utterance = False
+        hyp = self.decoder.hyp()
+        text = " ".join(filter(None, map(clean_word, hyp.hypstr.split()))) if hyp else ""
+        if not text and not self._last_partial_text:
+            return None  # noise the decoder made nothing of, and nobody saw a caption for it
+        words = self._words() if text else []
+        nbest: dict[str, float] = {}
+        if text:  # entries that differ only in pronunciation variants collapse into one
+            for h in itertools.islice(self.decoder.nbest(), self.nbest_n * 4):
+                t = " ".join(filter(None, map(clean_word, h.hypstr.split())))
+                if t and t not in nbest:
+                    nbest[t] = float(h.score)
+                    if len(nbest) == self.nbest_n:
+                        break
+        end_ms = words[-1].end_ms if words else self.position_ms
+        ev = Event("FINAL", self.utterance_id, text, self._utt_start_ms, end_ms, words, list(nbest.items()),
+                   self._lattice() if text and self.keep_lattice else None)
+        self.utterance_id += 1
+        return ev
+
+    def _lattice(self) -> bytes | None:
+        fd, path = tempfile.mkstemp(suffix=".lat")
+        os.close(fd)
+        try:
+            self.decoder.get_lattice().write(path)
+            with open(path, "rb") as f:
+                return f.read()
+        except Exception:  # a lattice is a bonus; an utterance without one is still a result
+            return None
+        finally:
+            os.unlink(path)

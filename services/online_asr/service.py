@@ -1,0 +1,173 @@
+"""online_asr: a consumer group on the audio topic; partials and finals onto the online topic.
+
+State per stream is one StreamRecognizer (a pooled decoder plus a sub-frame buffer): bounded
+by ``max_streams`` and by the recognizer's utterance cap, released at StreamEnd or after
+``idle_timeout_s`` without audio (a client that vanished must not pin a decoder forever).
+
+Commits are held (runtime ``hold``) at the point each open stream could be resumed from: its
+start, or the record after its last final. A crash or rebalance re-decodes the open part of a
+stream instead of losing it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from confluent_kafka import Message
+
+from hark.config import Settings
+from hark.runtime import ConsumerService, InputError, kv, main_for, now_ms
+from hark.storage import open_store
+
+from .recognizer import MODEL_NAME, MODEL_VERSION, CapacityError, DecoderPool, Event, StreamRecognizer
+
+log = logging.getLogger("hark.online_asr")
+
+MAX_CHUNK_BYTES = 16000 * 2 * 10  # 10 s: a chunk is 100 ms by default; anything this big is an error
+
+
+@dataclass
+class StreamState:
+    recognizer: StreamRecognizer
+    tenant: str
+    partition: int
+    next_seq: int
+    last_seen: float
+    last_chunk_published_at_ms: int = 0
+
+
+class OnlineASR(ConsumerService):
+    name = "online_asr"
+    group = "hark-online-asr"
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        self.pool = DecoderPool(settings.max_streams)
+        self.pool.prewarm(2)
+        self.streams: dict[str, StreamState] = {}
+        self.store = open_store(settings) if settings.keep_lattices else None
+        self._last_sweep = time.monotonic()
+
+    @property
+    def topics(self) -> list[str]:
+        return [self.settings.audio_topic]
+
+    # -- records ------------------------------------------------------------------------------
+    def handle(self, rtype: str, rec: dict, msg: Message) -> None:
+        sid = rec.get("stream_id")
+        if msg.key() is not None and msg.key() != sid.encode():
+            raise InputError("key_mismatch", f"record key {msg.key()!r} differs from stream id {sid!r}")
+        if rtype == "StreamStart":
+            if sid not in self.streams:
+                self._open(sid, rec["tenant"], msg, next_seq=1)
+        elif rtype == "AudioChunk":
+            self._chunk(sid, rec, msg)
+        elif rtype == "StreamEnd":
+            self._close(sid, rec.get("tenant", ""), str(rec["status"]), rec["seq"])
+        else:
+            raise InputError("unexpected_record", f"{rtype} does not belong on the audio topic")
+
+    def _open(self, sid: str, tenant: str, msg: Message, next_seq: int, base_ms: int = 0) -> StreamState:
+        try:
+            decoder = self.pool.acquire()
+        except CapacityError as e:
+            raise InputError("capacity", f"online_asr at capacity ({e}); scale out with more replicas") from None
+        s = self.settings
+        rec = StreamRecognizer(decoder, base_ms=base_ms, partial_interval_ms=s.partial_interval_ms, nbest=s.nbest,
+                               keep_lattice=s.keep_lattices)
+        st = StreamState(rec, tenant, msg.partition(), next_seq, time.monotonic())
+        self.streams[sid] = st
+        self.hold(sid, msg)
+        self.metrics.set("open_streams", len(self.streams))
+        log.info("stream opened", extra=kv(stream_id=sid, partition=msg.partition(), seq=next_seq))
+        return st
+
+    def _chunk(self, sid: str, rec: dict, msg: Message) -> None:
+        pcm = rec["pcm"]
+        if rec["sample_rate"] != 16000:
+            raise InputError("bad_sample_rate", f"chunk sample rate {rec['sample_rate']} (expected 16000)")
+        if len(pcm) % 2:
+            raise InputError("bad_pcm", f"chunk has an odd byte count ({len(pcm)}) for 16-bit PCM")
+        if len(pcm) > MAX_CHUNK_BYTES:
+            raise InputError("chunk_too_large", f"chunk of {len(pcm)} bytes exceeds {MAX_CHUNK_BYTES}")
+        st = self.streams.get(sid)
+        if st is None:  # resumed mid-stream after a restart/rebalance: decode from here
+            st = self._open(sid, rec["tenant"], msg, next_seq=rec["seq"], base_ms=rec["offset_samples"] // 16)
+        if rec["seq"] < st.next_seq:
+            self.metrics.inc("duplicate_chunks_total")
+            return
+        if rec["seq"] > st.next_seq:
+            self.metrics.inc("sequence_gaps_total")
+            log.warning("sequence gap", extra=kv(stream_id=sid, expected=st.next_seq, got=rec["seq"]))
+        st.next_seq = rec["seq"] + 1
+        st.last_seen = time.monotonic()
+        st.last_chunk_published_at_ms = rec["published_at_ms"]
+        t0 = time.perf_counter()
+        events = st.recognizer.feed(pcm)
+        self.metrics.inc("decode_seconds_total", time.perf_counter() - t0)
+        self.metrics.inc("audio_seconds_total", len(pcm) / 32000)
+        self._emit(sid, st, events, rec["seq"])
+        if not st.recognizer.in_utterance and any(e.kind == "FINAL" for e in events):
+            self.hold(sid, msg, msg.offset() + 1)  # between utterances: resumable from the next chunk
+
+    def _close(self, sid: str, tenant: str, status: str, seq: int) -> None:
+        st = self.streams.pop(sid, None)
+        self.release(sid)
+        if st is not None:
+            self._emit(sid, st, st.recognizer.finish(), seq)
+            self.pool.release(st.recognizer.decoder)
+            tenant = st.tenant
+            utterances = st.recognizer.utterance_id
+            position = st.recognizer.position_ms
+        else:
+            utterances, position = 0, 0
+        self.metrics.set("open_streams", len(self.streams))
+        self.produce(self.settings.online_topic, sid, "OnlineTranscript", self._record(
+            sid, tenant, "STREAM_END", utterances, "", position, position, seq, 0, end_status=status))
+        log.info("stream closed", extra=kv(stream_id=sid, status=status, utterances=utterances))
+
+    # -- output ---------------------------------------------------------------------------------
+    def _emit(self, sid: str, st: StreamState, events: list[Event], seq: int) -> None:
+        for ev in events:
+            lattice_key = None
+            if ev.lattice and self.store is not None:
+                lattice_key = f"streams/{sid}/lattices/{ev.utterance_id:06d}.lat"
+                self.store.put(lattice_key, ev.lattice)
+            rec = self._record(sid, st.tenant, ev.kind, ev.utterance_id, ev.text, ev.start_ms, ev.end_ms, seq,
+                               st.last_chunk_published_at_ms, words=[w.as_record() for w in ev.words],
+                               nbest=[{"text": t, "score": sc} for t, sc in ev.nbest], lattice_key=lattice_key)
+            self.produce(self.settings.online_topic, sid, "OnlineTranscript", rec)
+            self.metrics.inc("partials_total" if ev.kind == "PARTIAL" else "finals_total")
+
+    @staticmethod
+    def _record(sid, tenant, kind, utt, text, start_ms, end_ms, seq, published_at, *, words=(), nbest=(),
+                lattice_key=None, end_status=None) -> dict:
+        return {"stream_id": sid, "tenant": tenant, "kind": kind, "utterance_id": utt, "text": text,
+                "start_ms": start_ms, "end_ms": end_ms, "words": list(words), "nbest": list(nbest),
+                "lattice_key": lattice_key, "end_status": end_status, "audio_seq": seq,
+                "audio_published_at_ms": published_at, "emitted_at_ms": now_ms(),
+                "model_name": MODEL_NAME, "model_version": MODEL_VERSION}
+
+    # -- housekeeping ---------------------------------------------------------------------------
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep < 1.0:
+            return
+        self._last_sweep = now
+        for sid, st in list(self.streams.items()):
+            if now - st.last_seen > self.settings.idle_timeout_s:
+                log.warning("closing idle stream", extra=kv(stream_id=sid, idle_s=round(now - st.last_seen, 1)))
+                self._close(sid, st.tenant, "IDLE_TIMEOUT", st.next_seq)
+        self.metrics.set("decoders_pooled", self.pool.size)
+
+    def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
+        gone = {p for _, p in partitions}
+        for sid, st in list(self.streams.items()):
+            if st.partition in gone:  # the new owner re-decodes it from the committed offset
+                self.pool.release(self.streams.pop(sid).recognizer.decoder)
+        self.metrics.set("open_streams", len(self.streams))
+
+
+def main(argv: list[str] | None = None) -> None:
+    main_for(OnlineASR, argv)

@@ -1,0 +1,1 @@
+"""results: merges everything known about a stream onto the one results topic consumers read."""
