@@ -49,6 +49,8 @@ class Settings:
     partial_interval_ms: int = 100
     idle_timeout_s: float = 30.0
     max_streams: int = 32
+    # Building a decoder takes ~0.3 s holding the GIL (every stream stalls): build these at start.
+    prewarm_decoders: int = 4
     nbest: int = 5
     keep_lattices: bool = True
 

@@ -2,8 +2,8 @@
 
 StreamRecognizer is fed PCM as it arrives and returns events: PARTIAL hypotheses while an
 utterance goes on (rate-limited, only when the text changed) and a FINAL per utterance with
-word times, the n-best list and the lattice. The pocketsphinx Endpointer (WebRTC VAD with a
-0.3 s window) decides where utterances start and end; only speech reaches the decoder.
+word times, the n-best list and the lattice. SpeechGate decides where utterances start and
+end; only speech reaches the decoder.
 
 A pocketsphinx Decoder costs ~90 MB and ~0.3 s to build, so decoders live in a pool: a stream
 takes one for its whole life (cepstral mean normalisation adapts across utterances; a cold
@@ -18,7 +18,9 @@ import threading
 from dataclasses import dataclass, field
 from importlib.metadata import version
 
-from pocketsphinx import Decoder, Endpointer
+from collections import deque
+
+from pocketsphinx import Decoder, Vad
 
 SAMPLE_RATE = 16000
 FRAME_MS = 10  # decoder frame rate: 100 frames/s
@@ -64,7 +66,10 @@ class DecoderPool:
         self._initial_cmn: str | None = None
 
     def _new(self) -> Decoder:
-        d = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+        # First pass only (no fwdflat/bestpath re-search after end_utt): finals then extend what
+        # partials showed instead of rewriting it. Measured on data/speech (105 words): WER 31.1%
+        # vs 36.9% with both passes, RTF 0.139 vs 0.154, words first shown by a final 1 vs 8.
+        d = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL", fwdflat=False, bestpath=False)
         if self._initial_cmn is None:
             self._initial_cmn = d.get_cmn(False)
         return d
@@ -104,6 +109,44 @@ def clean_word(w: str) -> str | None:
     return w[:paren] if paren > 0 else w
 
 
+class SpeechGate:
+    """Utterance endpointing with the rule of pocketsphinx's Endpointer, without its lag.
+
+    A WebRTC VAD classifies 30 ms frames; speech starts when more than ``ratio`` of the last
+    ``window`` seconds are speech and ends when fewer than ``1 - ratio`` are. pocketsphinx's
+    Endpointer returns every in-speech frame from the back of that window, so the decoder (and
+    every partial) runs 0.3 s behind the audio. Here the window is replayed once at speech start
+    and later frames go to the decoder as they arrive.
+    """
+
+    def __init__(self, window_s: float = 0.3, ratio: float = 0.9, mode: int = Vad.LOOSE):
+        self.vad = Vad(mode=mode, sample_rate=SAMPLE_RATE)
+        self.frame_bytes = self.vad.frame_bytes
+        self.frame_ms = int(round(self.vad.frame_length * 1000))
+        self.maxlen = max(1, int(round(window_s * 1000 / self.frame_ms)))
+        self.start_count, self.end_count = ratio * self.maxlen, (1.0 - ratio) * self.maxlen
+        self.ring: deque[tuple[bool, bytes]] = deque(maxlen=self.maxlen)
+        self.frames = 0
+        self.in_speech = False
+
+    def push(self, frame: bytes) -> tuple[str | None, list[bytes], int]:
+        """Returns (transition "start"/"end"/None, frames to decode now, ms of the first one)."""
+        self.ring.append((self.vad.is_speech(frame), frame))
+        self.frames += 1
+        speech = sum(s for s, _ in self.ring)
+        if self.in_speech:
+            if speech < self.end_count:
+                self.in_speech = False
+                self.ring.clear()
+                return "end", [frame], (self.frames - 1) * self.frame_ms
+            return None, [frame], (self.frames - 1) * self.frame_ms
+        if speech > self.start_count:
+            self.in_speech = True
+            frames = [f for _, f in self.ring]
+            return "start", frames, (self.frames - len(frames)) * self.frame_ms
+        return None, [], 0
+
+
 class StreamRecognizer:
     def __init__(self, decoder: Decoder, *, base_ms: int = 0, partial_interval_ms: int = 100, nbest: int = 5,
                  keep_lattice: bool = True, max_utterance_ms: int = 30000):
@@ -113,8 +156,8 @@ class StreamRecognizer:
         self.nbest_n = nbest
         self.keep_lattice = keep_lattice
         self.max_utterance_ms = max_utterance_ms
-        self.ep = Endpointer(sample_rate=SAMPLE_RATE)
-        self._frame_bytes = self.ep.frame_bytes
+        self.gate = SpeechGate()
+        self._frame_bytes = self.gate.frame_bytes
         self._buf = b""
         self.samples = 0  # fed so far (stream position = base_ms + samples / 16)
         self.in_utterance = False
@@ -143,43 +186,34 @@ class StreamRecognizer:
         return events
 
     def finish(self) -> list[Event]:
-        """End of stream: flush what the endpointer holds and close any open utterance."""
-        events: list[Event] = []
-        if self.ep.in_speech:
-            speech = self.ep.end_stream(self._buf)
-            if speech:
-                if not self.in_utterance:
-                    self._start(self.ep.speech_start)
-                self.decoder.process_raw(speech, False, False)
+        """End of stream: close any open utterance (the sub-frame remainder is too short to matter)."""
         self._buf = b""
         if self.in_utterance:
             final = self._end()
             if final:
-                events.append(final)
-        return events
+                return [final]
+        return []
 
     def _frame(self, frame: bytes) -> list[Event]:
-        was_in_speech = self.ep.in_speech
-        speech = self.ep.process(frame)
-        if speech is None:
-            return []
-        if not was_in_speech or not self.in_utterance:
-            self._start(self.ep.speech_start)
-        self.decoder.process_raw(speech, False, False)
-        if not self.ep.in_speech:
+        transition, frames, first_ms = self.gate.push(frame)
+        if transition == "start":
+            self._start(first_ms)
+        for f in frames:
+            self.decoder.process_raw(f, False, False)
+        if transition == "end":
             final = self._end()
             return [final] if final else []
-        if self.position_ms - self._utt_start_ms >= self.max_utterance_ms:
+        if self.in_utterance and self.position_ms - self._utt_start_ms >= self.max_utterance_ms:
             # Decoder memory grows with utterance length: cut endless speech/noise into pieces.
             final = self._end()
-            self._start(self.position_ms / 1000 - self.base_ms / 1000)
+            self._start(self.gate.frames * self.gate.frame_ms)
             return [final] if final else []
         return []
 
-    def _start(self, speech_start_s: float) -> None:
+    def _start(self, gate_ms: int) -> None:
         self.decoder.start_utt()
         self.in_utterance = True
-        self._utt_start_ms = self.base_ms + int(round(speech_start_s * 1000))
+        self._utt_start_ms = self.base_ms + gate_ms
         self._last_partial_text = ""
 
     def _words(self) -> list[Word]:

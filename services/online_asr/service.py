@@ -44,7 +44,7 @@ class OnlineASR(ConsumerService):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self.pool = DecoderPool(settings.max_streams)
-        self.pool.prewarm(2)
+        self.pool.prewarm(settings.prewarm_decoders)
         self.streams: dict[str, StreamState] = {}
         self.store = open_store(settings) if settings.keep_lattices else None
         self._last_sweep = time.monotonic()
