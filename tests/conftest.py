@@ -1,0 +1,58 @@
+"""Fixtures: real speech with references, and one real embedded stack (Tansu + services) per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hark import stack
+from hark.config import Settings
+from hark.wer import load_references
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEECH = ROOT / "data" / "speech"
+HARK = [sys.executable, "-m", "hark"]
+
+
+@pytest.fixture(scope="session")
+def references() -> dict[str, str]:
+    return load_references(SPEECH / "references.tsv")
+
+
+@pytest.fixture(scope="session")
+def speech_dir() -> Path:
+    return SPEECH
+
+
+@pytest.fixture(scope="session")
+def stack_env(tmp_path_factory) -> dict[str, str]:
+    """Environment of the session stack: its own data folder, a short idle timeout to test it."""
+    data = tmp_path_factory.mktemp("hark-data")
+    return {"HARK_DATA_DIR": str(data), "HARK_IDLE_TIMEOUT_S": "4", "HARK_PARTITIONS": "4"}
+
+
+@pytest.fixture(scope="session")
+def live_stack(stack_env):
+    """A running embedded stack, started the way `hark up` starts it."""
+    old = {k: os.environ.get(k) for k in stack_env}
+    os.environ.update(stack_env)
+    settings = Settings.load()
+    state = stack.launch(settings, name="pytest")
+    settings.bootstrap = state["bootstrap"]
+    try:
+        yield settings, state
+    finally:
+        stack.stop(stack.stack_dir(settings, "pytest"))
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_hark(*args, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([*HARK, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)

@@ -1,0 +1,251 @@
+"""End to end: real Tansu broker, real service processes, real pocketsphinx, real speech."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from hark import kafka, serde, stack
+from hark.audio import read_pcm_file
+from hark.runtime import now_ms
+from hark.wer import WerScore, score
+
+from .conftest import run_hark
+
+pytestmark = pytest.mark.e2e
+
+
+def collect(settings, topic: str, until, timeout: float = 60.0) -> list[tuple[str, dict]]:
+    """Read ``topic`` from the beginning until ``until(records)`` is true."""
+    c = kafka.tail_consumer(settings, topic, from_beginning=True)
+    out: list[tuple[str, dict]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for m in c.consume(500, 0.1):
+                if not m.error():
+                    out.append(serde.decode(m.value()))
+            if until(out):
+                return out
+    finally:
+        c.close()
+    raise AssertionError(f"timed out on {topic}; got {len(out)} records")
+
+
+def completed(stream_id):
+    return lambda recs: any(t == "Result" and r["stream_id"] == stream_id and r["kind"] == "STREAM_COMPLETE"
+                            for t, r in recs)
+
+
+def complete_record(settings, stream_id, timeout=60.0) -> dict:
+    recs = collect(settings, settings.results_topic, completed(stream_id), timeout)
+    return next(r for t, r in recs if r["stream_id"] == stream_id and r["kind"] == "STREAM_COMPLETE")
+
+
+def test_hark_run_transcribes_real_speech_and_reports_a_bad_file(tmp_path, speech_dir, references):
+    """The main job: starts its own stack, transcribes every file, fails one garbage file cleanly."""
+    files = [str(speech_dir / n) for n in references if n != "austen_passage.flac"]
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"RIFF....WAVEfmt " + os.urandom(3000))
+    out = tmp_path / "run.jsonl"
+    env = {"HARK_DATA_DIR": str(tmp_path / "data")}
+    proc = run_hark("run", *files, str(garbage), "--fast", "--json", str(out), "--quiet", env_extra=env)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hark:")]
+    assert len(errors) == 1 and "garbage.wav" in errors[0] and "not a readable audio file" in errors[0]
+
+    rows = {r["source"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows[str(garbage)]["status"] == "FAILED"
+    total = WerScore(0, 0)
+    for f in files:
+        r = rows[f]
+        assert r["status"] == "COMPLETE", r
+        assert r["final_text"] == r["online_text"]  # no offline pass yet
+        for w in r["words"]:
+            assert 0 <= w["start"] < w["end"] <= r["duration_s"] + 0.05
+            assert 0 <= w["confidence"] <= 1 and w["speaker"] is None
+        assert r["turns"] == [] and set(r["latency"]) >= {"partial_p50_ms", "partial_p95_ms", "final_after_close_ms"}
+        total += score(references[os.path.basename(f)], r["final_text"])
+    assert total.ref_words > 100
+    assert total.wer <= 0.40, f"online WER {total.wer:.3f}"
+    # the stack it started is gone
+    state = stack.read_state(next((tmp_path / "data" / "stacks").iterdir()))
+    assert state["status"] == "stopped" and not stack.pid_alive(state["supervisor_pid"])
+
+
+def test_realtime_run_measures_partial_latency(live_stack, speech_dir, tmp_path):
+    settings, _ = live_stack
+    out = tmp_path / "rt.jsonl"
+    proc = run_hark("run", str(speech_dir / "forever_input_2_16k.wav"), "--json", str(out), "--quiet",
+                    "--bootstrap", settings.bootstrap)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = map(json.loads, out.read_text().splitlines())
+    lat = row["latency"]
+    assert row["final_text"] and lat["words_measured"] == len(row["words"]) > 0
+    # real-time pacing: the stream took its duration to publish, so latencies are small next to it
+    assert lat["partial_p50_ms"] <= lat["partial_p95_ms"] < 1000 * row["duration_s"]
+    assert 0 <= lat["final_after_close_ms"] < 10000
+
+
+def test_websocket_live_pcm_at_another_rate(live_stack, speech_dir, references):
+    settings, state = live_stack
+    pcm16 = read_pcm_file(speech_dir / "forever_input_2_16k.wav")
+    import av
+
+    frame = av.AudioFrame.from_ndarray(pcm16[None, :], format="s16", layout="mono")
+    frame.sample_rate = 16000
+    r = av.AudioResampler(format="s16", layout="stereo", rate=44100)
+    stereo = b"".join(f.to_ndarray().tobytes() for f in r.resample(frame) + r.resample(None))
+    sid = f"ws-live-{time.time_ns()}"
+
+    async def client():
+        url = f"{state['ingest_url']}?stream_id={sid}&sample_rate=44100&channels=2"
+        async with connect(url) as ws:
+            assert json.loads(await ws.recv()) == {"type": "ready", "stream_id": sid}
+            step = 44100 * 2 * 2 // 10  # 100 ms of stereo s16
+            for i in range(0, len(stereo), step):
+                await ws.send(stereo[i:i + step])
+            await ws.send(json.dumps({"type": "end"}))
+            return json.loads(await ws.recv())
+
+    done = asyncio.run(client())
+    assert done["type"] == "done" and abs(done["seconds"] - len(pcm16) / 16000) < 0.1
+    rec = complete_record(settings, sid)
+    assert rec["status"] == "COMPLETE"
+    assert score(references["forever_input_2_16k.wav"], rec["text"]).wer <= 0.5
+
+
+def test_websocket_refuses_oversize_messages_and_bad_parameters(live_stack):
+    settings, state = live_stack
+    sid = f"ws-bad-{time.time_ns()}"
+
+    async def oversize():
+        async with connect(f"{state['ingest_url']}?stream_id={sid}", max_size=None) as ws:
+            await ws.recv()
+            await ws.send(b"\x00" * (settings.max_ws_message_bytes + 2))
+            with pytest.raises(ConnectionClosed) as e:
+                await ws.recv()
+            return e.value.rcvd.code
+
+    async def bad_rate():
+        async with connect(f"{state['ingest_url']}?stream_id={sid}-rate&sample_rate=5") as ws:
+            return json.loads(await ws.recv())
+
+    assert asyncio.run(oversize()) == 1009
+    reply = asyncio.run(bad_rate())
+    assert reply["type"] == "error" and reply["error"] == "bad_sample_rate" and "5 Hz" in reply["reason"]
+    # the refused live stream was closed (ABORTED), so downstream released it
+    assert complete_record(settings, sid)["status"] == "ABORTED"
+    dl = collect(settings, settings.deadletter_topic,
+                 lambda recs: any(r.get("stream_id") == f"{sid}-rate" for _, r in recs))
+    assert any(r["error_type"] == "bad_sample_rate" for _, r in dl if r.get("stream_id") == f"{sid}-rate")
+
+
+def test_malformed_records_are_dead_lettered_and_other_streams_finish(live_stack, speech_dir):
+    settings, _ = live_stack
+    from services.ingest.publisher import Ingest
+
+    bad = f"bad-{time.time_ns()}"
+    p = kafka.producer(settings)
+    p.produce(settings.audio_topic, key=bad.encode(), value=b"\x00\x00\x00\x00\x07garbage")
+    p.produce(settings.audio_topic, key=bad.encode(), value=serde.encode("AudioChunk", {
+        "stream_id": bad, "tenant": "t", "seq": 1, "offset_samples": 0, "sample_rate": 16000,
+        "pcm": b"\x01\x02\x03", "published_at_ms": now_ms()}))
+    p.produce(settings.audio_topic, key=bad.encode(), value=serde.encode("AudioChunk", {
+        "stream_id": bad, "tenant": "t", "seq": 2, "offset_samples": 0, "sample_rate": 8000,
+        "pcm": b"\x00\x00" * 800, "published_at_ms": now_ms()}))
+    p.flush(10)
+    good = Ingest(settings).publish_file(speech_dir / "goforward.wav")
+    assert complete_record(settings, good.stream_id)["text"]
+    dl = collect(settings, settings.deadletter_topic,
+                 lambda recs: sum(r.get("stream_id") == bad for _, r in recs) >= 3)
+    reasons = {r["error_type"]: r for _, r in dl if r.get("stream_id") == bad}
+    assert {"malformed_record", "bad_pcm", "bad_sample_rate"} <= set(reasons)
+    assert reasons["malformed_record"]["source_topic"] == settings.audio_topic
+    assert reasons["bad_pcm"]["payload"] and "odd byte count" in reasons["bad_pcm"]["reason"]
+
+
+def test_replay_reproduces_an_archived_stream(live_stack, speech_dir, tmp_path):
+    settings, _ = live_stack
+    first = tmp_path / "first.jsonl"
+    proc = run_hark("run", str(speech_dir / "cards_005.wav"), "--fast", "--quiet", "--json", str(first),
+                    "--bootstrap", settings.bootstrap)
+    assert proc.returncode == 0, proc.stderr
+    original = json.loads(first.read_text())
+    again = tmp_path / "again.jsonl"
+    new_id = f"replayed-{time.time_ns()}"
+    proc = run_hark("replay", original["stream_id"], "--as", new_id, "--fast", "--quiet", "--json", str(again),
+                    "--bootstrap", settings.bootstrap)
+    assert proc.returncode == 0, proc.stderr
+    replayed = json.loads(again.read_text())
+    assert replayed["stream_id"] == new_id
+    assert replayed["final_text"] == original["final_text"] and original["final_text"]
+    missing = run_hark("replay", "no-such-stream", "--fast", "--quiet", "--bootstrap", settings.bootstrap)
+    assert missing.returncode == 1 and "no archived stream" in missing.stderr
+
+
+def test_stream_without_end_is_closed_after_idle_timeout(live_stack, speech_dir):
+    settings, _ = live_stack
+    sid = f"idle-{time.time_ns()}"
+    pcm = read_pcm_file(speech_dir / "goforward.wav").tobytes()
+    p = kafka.producer(settings)
+    p.produce(settings.audio_topic, key=sid.encode(), value=serde.encode("StreamStart", {
+        "stream_id": sid, "tenant": "t", "seq": 0, "language": "en-US", "source_format": "test",
+        "source_name": None, "sample_rate": 16000, "source_sample_rate": 16000, "source_channels": 1,
+        "archive_prefix": None, "started_at_ms": now_ms(), "metadata": {}}))
+    for i, off in enumerate(range(0, len(pcm), 3200), start=1):
+        p.produce(settings.audio_topic, key=sid.encode(), value=serde.encode("AudioChunk", {
+            "stream_id": sid, "tenant": "t", "seq": i, "offset_samples": off // 2, "sample_rate": 16000,
+            "pcm": pcm[off:off + 3200], "published_at_ms": now_ms()}))
+    p.flush(10)
+    rec = complete_record(settings, sid, timeout=30)  # HARK_IDLE_TIMEOUT_S=4 in the test stack
+    assert rec["status"] == "IDLE_TIMEOUT" and "forward" in rec["text"]
+
+
+def test_a_killed_service_is_restarted_and_streams_still_complete(live_stack, speech_dir):
+    settings, _ = live_stack
+    d = stack.stack_dir(settings, "pytest")
+    before = {s["name"]: s for s in stack.read_state(d)["services"]}["online_asr"]
+    os.kill(before["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = {s["name"]: s for s in stack.read_state(d)["services"]}["online_asr"]
+        if after["restarts"] == before["restarts"] + 1 and stack.pid_alive(after["pid"]):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("online_asr was not restarted")
+    from services.ingest.publisher import Ingest
+
+    summary = Ingest(settings).publish_file(speech_dir / "goforward.wav")
+    assert "forward" in complete_record(settings, summary.stream_id, timeout=60)["text"]
+
+
+def test_up_status_down(tmp_path):
+    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "3"}
+    up = run_hark("up", env_extra=env, timeout=120)
+    assert up.returncode == 0, up.stderr
+    try:
+        st = run_hark("status", "--json", env_extra=env)
+        assert st.returncode == 0, st.stderr
+        state = json.loads(st.stdout)
+        assert state["status"] == "ready" and state["broker"]["alive"]
+        assert {s["name"] for s in state["services"]} == {"ingest", "online_asr", "results"}
+        for s in state["services"]:
+            assert s["alive"] and s["health"] == "ok" and s["pid"] > 0
+        assert state["topics"] == {f"hark.{t}": 3 for t in ("audio", "transcripts.online", "results", "deadletter")}
+        text = run_hark("status", env_extra=env).stdout
+        assert "online_asr" in text and "partitions" in text
+        pids = [s["pid"] for s in state["services"]] + [state["broker"]["pid"], state["supervisor_pid"]]
+    finally:
+        down = run_hark("down", env_extra=env)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert not any(stack.pid_alive(p) for p in pids)
+    assert run_hark("status", env_extra=env).returncode == 1

@@ -1,0 +1,101 @@
+"""The streaming recogniser on real speech, without Kafka."""
+import numpy as np
+import pytest
+
+from hark.audio import read_pcm_file
+from hark.wer import score
+from services.online_asr.recognizer import CapacityError, DecoderPool, SpeechGate, StreamRecognizer, clean_word
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return DecoderPool(2)
+
+
+def decode(pool, pcm: bytes, chunk: int = 3200, **kw):
+    d = pool.acquire()
+    try:
+        r = StreamRecognizer(d, **kw)
+        events = []
+        for i in range(0, len(pcm), chunk):
+            events += r.feed(pcm[i:i + chunk])
+        return events + r.finish()
+    finally:
+        pool.release(d)
+
+
+def test_real_speech_gives_partials_then_finals_with_words_nbest_and_lattice(pool, speech_dir, references):
+    name = "austen_passage.flac"
+    events = decode(pool, read_pcm_file(speech_dir / name).tobytes())
+    finals = [e for e in events if e.kind == "FINAL"]
+    partials = [e for e in events if e.kind == "PARTIAL"]
+    assert len(finals) == 5  # five read sentences separated by pauses
+    assert len(partials) > 3 * len(finals)
+    assert [f.utterance_id for f in finals] == list(range(5))
+    text = " ".join(f.text for f in finals)
+    assert score(references[name], text).wer < 0.40
+    for f in finals:
+        assert f.words and f.start_ms <= f.words[0].start_ms
+        starts = [w.start_ms for w in f.words]
+        assert starts == sorted(starts) and all(w.end_ms > w.start_ms for w in f.words)
+        assert 1 <= len(f.nbest) <= 5 and len({t for t, _ in f.nbest}) == len(f.nbest)
+        assert f.lattice and len(f.lattice) > 1000
+    # utterances are in stream time: sentence k starts after sentence k-1 ends
+    assert all(b.start_ms >= a.end_ms for a, b in zip(finals, finals[1:]))
+
+
+def test_chunk_size_does_not_change_the_result(pool, speech_dir):
+    pcm = read_pcm_file(speech_dir / "goforward.wav").tobytes()
+    a = [e.text for e in decode(pool, pcm, 3200) if e.kind == "FINAL"]
+    b = [e.text for e in decode(pool, pcm, 1234) if e.kind == "FINAL"]
+    assert a == b and a
+
+
+def test_silence_gives_nothing(pool):
+    assert decode(pool, b"\x00\x00" * 16000 * 3) == []
+
+
+def test_base_offset_shifts_word_times(pool, speech_dir):
+    pcm = read_pcm_file(speech_dir / "goforward.wav").tobytes()
+    plain = [e for e in decode(pool, pcm) if e.kind == "FINAL"][0]
+    shifted = [e for e in decode(pool, pcm, base_ms=60000) if e.kind == "FINAL"][0]
+    assert [w.start_ms + 60000 for w in plain.words] == [w.start_ms for w in shifted.words]
+
+
+def test_endless_speech_is_cut_into_bounded_utterances(pool, speech_dir):
+    speech = read_pcm_file(speech_dir / "austen_passage.flac")
+    # remove the pauses so the gate never sees an end of speech
+    voiced = speech[np.abs(speech) > 0].tobytes()
+    events = decode(pool, voiced, max_utterance_ms=5000)
+    finals = [e for e in events if e.kind == "FINAL"]
+    assert len(finals) >= 4
+    assert all(f.end_ms - f.start_ms <= 5500 for f in finals)
+
+
+def test_speech_gate_passes_frames_without_lag():
+    gate = SpeechGate()
+    rng = np.random.default_rng(0)
+    silence = np.zeros(480, dtype="<i2").tobytes()
+    noise = lambda: (rng.standard_normal(480) * 8000).astype("<i2").tobytes()  # noqa: E731
+    assert all(gate.push(silence)[0] is None for _ in range(20))
+    transitions = [gate.push(noise()) for _ in range(40)]
+    starts = [i for i, t in enumerate(transitions) if t[0] == "start"]
+    if starts:  # WebRTC VAD may call white noise speech; when it does, frames flow immediately
+        i = starts[0]
+        assert len(transitions[i][1]) == gate.maxlen
+        assert all(len(t[1]) == 1 for t in transitions[i + 1:] if t[0] is None)
+
+
+def test_pool_is_bounded_and_reuses_decoders():
+    p = DecoderPool(1)
+    d = p.acquire()
+    with pytest.raises(CapacityError):
+        p.acquire()
+    p.release(d)
+    assert p.acquire() is d
+
+
+@pytest.mark.parametrize("raw, clean", [("was(2)", "was"), ("<sil>", None), ("++noise++", None), ("[noise]", None),
+                                        ("Hello", "hello")])
+def test_clean_word(raw, clean):
+    assert clean_word(raw) == clean

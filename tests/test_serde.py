@@ -1,0 +1,81 @@
+import json
+import struct
+
+import pytest
+
+from hark import serde
+from hark.serde import SCHEMA_DIR
+
+WORD = {"word": "ten", "start_ms": 10, "end_ms": 300, "confidence": 0.5, "speaker": None}
+SAMPLES = {
+    "StreamStart": {"stream_id": "s1", "tenant": "t", "seq": 0, "language": "en-US", "source_format": "wav/pcm_s16le",
+                    "source_name": "a.wav", "sample_rate": 16000, "source_sample_rate": 44100, "source_channels": 2,
+                    "archive_prefix": "streams/s1/", "started_at_ms": 1, "metadata": {"num_speakers": "2"}},
+    "AudioChunk": {"stream_id": "s1", "tenant": "t", "seq": 1, "offset_samples": 0, "sample_rate": 16000,
+                   "pcm": b"\x01\x00" * 1600, "published_at_ms": 5},
+    "StreamEnd": {"stream_id": "s1", "tenant": "t", "seq": 2, "total_samples": 1600, "status": "COMPLETE",
+                  "reason": None, "ended_at_ms": 9},
+    "OnlineTranscript": {"stream_id": "s1", "tenant": "t", "kind": "FINAL", "utterance_id": 0, "text": "ten",
+                         "start_ms": 0, "end_ms": 300, "words": [WORD], "nbest": [{"text": "ten", "score": -1.5}],
+                         "lattice_key": "streams/s1/lattices/000000.lat", "end_status": None, "audio_seq": 3,
+                         "audio_published_at_ms": 5, "emitted_at_ms": 6, "model_name": "m", "model_version": "1"},
+    "Result": {"stream_id": "s1", "tenant": "t", "kind": "STREAM_COMPLETE", "source": "online", "utterance_id": -1,
+               "text": "ten", "start_ms": 0, "end_ms": 300, "words": [WORD], "nbest": [], "online_text": "ten",
+               "turns": [{"speaker": "A", "start_ms": 0, "end_ms": 300}], "status": "COMPLETE", "truncated": False,
+               "audio_published_at_ms": 5, "emitted_at_ms": 7, "model_name": "m", "model_version": "1"},
+    "DeadLetter": {"service": "ingest", "error_type": "empty", "reason": "input is empty", "stream_id": None,
+                   "tenant": None, "source_topic": None, "source_partition": None, "source_offset": None,
+                   "key": None, "payload": None, "payload_size": 0, "failed_at_ms": 1},
+}
+
+
+@pytest.mark.parametrize("name", serde.RECORD_TYPES)
+def test_round_trip_every_record_type(name):
+    data = serde.encode(name, SAMPLES[name])
+    rtype, record = serde.decode(data)
+    assert rtype == name
+    assert record == {**SAMPLES[name], "schema_version": 1}
+
+
+def test_confluent_wire_format_header():
+    data = serde.encode("AudioChunk", SAMPLES["AudioChunk"])
+    magic, schema_id = struct.unpack(">bI", data[:5])
+    assert magic == 0
+    assert schema_id == serde.registry().by_name("AudioChunk").id
+
+
+def test_every_record_type_has_its_own_schema_id_and_a_version_field():
+    ids = {serde.registry().by_name(n).id for n in serde.RECORD_TYPES}
+    assert len(ids) == len(serde.RECORD_TYPES)
+    for name in serde.RECORD_TYPES:
+        schema = json.loads((SCHEMA_DIR / f"hark.{name}.avsc").read_text())
+        assert "schema_version" in [f["name"] for f in schema["fields"]]
+
+
+def test_model_outputs_name_their_model():
+    for name in ("OnlineTranscript", "Result"):
+        fields = [f["name"] for f in json.loads((SCHEMA_DIR / f"hark.{name}.avsc").read_text())["fields"]]
+        assert {"model_name", "model_version"} <= set(fields)
+
+
+@pytest.mark.parametrize("data, match", [
+    (b"", "too short"),
+    (b"\x01\x00\x00\x00\x01abc", "bad magic"),
+    (b"\x00\x7f\xff\xff\xfe" + b"x" * 10, "unknown schema id"),
+])
+def test_malformed_messages_are_rejected_with_a_reason(data, match):
+    with pytest.raises(serde.SerdeError, match=match):
+        serde.decode(data)
+
+
+def test_truncated_and_padded_bodies_are_rejected():
+    good = serde.encode("StreamEnd", SAMPLES["StreamEnd"])
+    with pytest.raises(serde.SerdeError, match="corrupt"):
+        serde.decode(good[:8])
+    with pytest.raises(serde.SerdeError, match="trailing"):
+        serde.decode(good + b"\x00\x00")
+
+
+def test_encoding_a_bad_record_raises_serde_error():
+    with pytest.raises(serde.SerdeError):
+        serde.encode("AudioChunk", {**SAMPLES["AudioChunk"], "seq": "not a number"})
