@@ -126,6 +126,10 @@ def _speaker_text(rec: dict) -> str:
     return (f"{'/'.join(sorted(speakers))}: " if speakers else "") + rec["text"]
 
 
+def _interrupt(*_args):
+    raise KeyboardInterrupt
+
+
 def _run_session(a, make_runs) -> int:
     from services.ingest.publisher import Ingest
 
@@ -140,7 +144,8 @@ def _run_session(a, make_runs) -> int:
         name = f"run-{os.getpid()}"
         state = stack.launch(s, name=name, parent_pid=os.getpid())
         s.bootstrap, started = state["bootstrap"], stack.stack_dir(s, name)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
+    ingest = None
     try:
         ingest = Ingest(s)
         runs = make_runs(ingest, s)
@@ -149,6 +154,9 @@ def _run_session(a, make_runs) -> int:
         print("hark: interrupted", file=sys.stderr)
         return 130
     finally:
+        if ingest is not None:  # close our producer before its broker goes away
+            ingest.producer.flush(10)
+            ingest.producer.close()
         if started:
             stack.stop(started)
     results = [r.summary() for r in runs]

@@ -133,8 +133,10 @@ class Display:
         live = next((r for r in reversed(runs) if r.partial_text), None)
         line = f"[{bar}] {frac:4.0%} {finished}/{len(runs)} done"
         if live:
-            line += f" | {live.stream_id}: {live.partial_text}"
-        self.out.write("\r\x1b[2K" + line[-(width - 1):] if len(line) >= width else "\r\x1b[2K" + line)
+            line += f" | {live.stream_id}: "
+            room = max(0, width - 1 - len(line))
+            line += live.partial_text[-room:] if room else ""
+        self.out.write("\r\x1b[2K" + line[: width - 1])
         self.out.flush()
 
     def clear(self) -> None:

@@ -132,10 +132,9 @@ class S3Store(ObjectStore):
             return False
 
     def list(self, prefix):
+        full = "/".join(p for p in (self.prefix, prefix) if p)
         strip = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(o.object_name[strip:] for o in
-                      self.client.list_objects(self.bucket, prefix=self._k(prefix) if prefix else self.prefix,
-                                               recursive=True))
+        return sorted(o.object_name[strip:] for o in self.client.list_objects(self.bucket, prefix=full, recursive=True))
 
     def delete(self, key):
         self.client.remove_object(self.bucket, self._k(key))

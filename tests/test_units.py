@@ -2,7 +2,6 @@
 import pytest
 
 from hark.config import Settings
-from hark.storage import FilesystemStore
 from hark.wer import normalise, score
 from services.results.merger import ResultsMerger
 
@@ -30,21 +29,6 @@ def test_wer_normalisation_and_score():
     s = score("go forward ten meters", "go forward ten years")
     assert (s.errors, s.ref_words, s.wer) == (1, 4, 0.25)
     assert score("a b c", "").wer == 1.0 and score("a b", "x a b").errors == 1
-
-
-def test_filesystem_store(tmp_path):
-    st = FilesystemStore(tmp_path / "a")
-    st.put("streams/s/pcm/000000.s16le", b"abc")
-    st.put("streams/s/meta.json", b"{}")
-    assert st.get("streams/s/pcm/000000.s16le") == b"abc"
-    assert st.list("streams/s/") == ["streams/s/meta.json", "streams/s/pcm/000000.s16le"]
-    assert st.exists("streams/s/meta.json") and not st.exists("streams/x")
-    with pytest.raises(KeyError):
-        st.get("streams/none")
-    for bad in ("../x", "/abs", "a//b", ""):
-        with pytest.raises(ValueError):
-            st.put(bad, b"")
-    assert st.delete_prefix("streams/s/") == 2 and st.list("streams/") == []
 
 
 def _online(kind, utt, text, words=(), sid="s", end_status=None):
