@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import kafka, serde, stack
+from . import kafka, stack
 from .audio import AudioError
 from .config import Settings
 
@@ -87,26 +87,18 @@ def cmd_publish(a) -> int:
 
 
 def cmd_tail(a) -> int:
-    from .session import Display
+    from .session import Display, read_results
 
     s = _connect(a, _settings(a))
     c = kafka.tail_consumer(s, s.results_topic, from_beginning=a.from_beginning)
     display = Display(sys.stdout)
-    partial: dict[str, str] = {}
     try:
         while True:
-            for msg in c.consume(200, 0.2):
-                if msg.error():
-                    continue
-                try:
-                    rtype, rec = serde.decode(msg.value())
-                except serde.SerdeError:
-                    continue
+            for rec in read_results(c, 0.2):
                 if a.stream and rec["stream_id"] != a.stream:
                     continue
                 kind, prefix = str(rec["kind"]), "" if a.stream else f"[{rec['stream_id']}] "
                 if kind == "PARTIAL" and display.tty:
-                    partial[rec["stream_id"]] = rec["text"]
                     sys.stdout.write(f"\r\x1b[2K{prefix}{rec['text']}")
                     sys.stdout.flush()
                 elif kind == "FINAL":

@@ -294,12 +294,7 @@ class ConsumerService:
 
     def _on_revoke(self, consumer, partitions):
         gone = [(p.topic, p.partition) for p in partitions]
-        try:
-            self._commit()
-        except RuntimeError:
-            raise
-        except Exception as e:
-            log.warning("commit on revoke failed: %s", e)
+        self._commit()  # hand the partitions over with everything done so far committed
         self.partitions_revoked(gone)
         gone_set = set(gone)
         self._holds = {k: h for k, h in self._holds.items() if (h[0], h[1]) not in gone_set}

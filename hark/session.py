@@ -102,6 +102,19 @@ class StreamRun:
         }
 
 
+def read_results(consumer, timeout: float):
+    """Result records from one poll of a results-topic reader (errors and foreign records skipped)."""
+    for msg in consumer.consume(num_messages=200, timeout=timeout):
+        if msg.error():
+            continue
+        try:
+            rtype, rec = serde.decode(msg.value())
+        except serde.SerdeError:
+            continue
+        if rtype == "Result":
+            yield rec
+
+
 def _overlap(a0: int, a1: int, b0: int, b1: int) -> bool:
     return a0 < b1 and b0 < a1
 
@@ -165,15 +178,9 @@ def follow(settings: Settings, runs: list[StreamRun], display: Display, timeout_
         t.start()
     try:
         while not all(r.done for r in runs):
-            for msg in tail.consume(num_messages=200, timeout=0.05):
-                if msg.error():
-                    continue
-                try:
-                    rtype, rec = serde.decode(msg.value())
-                except serde.SerdeError:
-                    continue
-                run = by_id.get(rec.get("stream_id"))
-                if rtype != "Result" or run is None:
+            for rec in read_results(tail, 0.05):
+                run = by_id.get(rec["stream_id"])
+                if run is None:
                     continue
                 line = run.on_result(rec, now_ms())
                 if line:

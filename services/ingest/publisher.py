@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -76,7 +76,6 @@ class StreamSummary:
     samples: int = 0
     status: str = "COMPLETE"
     reason: str | None = None
-    chunk_published_at_ms: list[int] = field(default_factory=list, repr=False)
 
     @property
     def duration_s(self) -> float:
@@ -88,12 +87,12 @@ class StreamPublisher:
 
     def __init__(self, ingest: "Ingest", stream_id: str, tenant: str, info: SourceInfo, *,
                  source_name: str | None = None, language: str = "en-US", metadata: dict | None = None,
-                 realtime: bool = False, on_chunk: ChunkCallback | None = None, keep_chunk_times: bool = False):
+                 realtime: bool = False, on_chunk: ChunkCallback | None = None):
         s = ingest.settings
         self.ingest, self.settings = ingest, s
         self.stream_id, self.tenant, self.info = check_stream_id(stream_id), tenant, info
         self.source_name, self.language, self.metadata = source_name, language, dict(metadata or {})
-        self.realtime, self.on_chunk, self.keep_chunk_times = realtime, on_chunk, keep_chunk_times
+        self.realtime, self.on_chunk = realtime, on_chunk
         self.prefix = archive_prefix(stream_id)
         self.chunker = Chunker(s.chunk_ms)
         seg_bytes = int(s.archive_segment_seconds * TARGET_RATE) * BYTES_PER_SAMPLE
@@ -147,8 +146,6 @@ class StreamPublisher:
         n = len(chunk) // BYTES_PER_SAMPLE
         self.summary.chunks += 1
         self.summary.samples += n
-        if self.keep_chunk_times:
-            self.summary.chunk_published_at_ms.append(published)
         if self.on_chunk:
             self.on_chunk(self.seq, offset, n, published)
 
@@ -202,8 +199,7 @@ class Ingest:
 
     def publish_file(self, source: str | Path | BinaryIO, *, stream_id: str | None = None, tenant: str = "default",
                      realtime: bool = False, language: str = "en-US", metadata: dict | None = None,
-                     on_chunk: ChunkCallback | None = None, on_start: Callable[[StreamPublisher], None] | None = None,
-                     keep_chunk_times: bool = False) -> StreamSummary:
+                     on_chunk: ChunkCallback | None = None, on_start: Callable[[StreamPublisher], None] | None = None) -> StreamSummary:
         """Publish a whole encoded input. Raises AudioError (after dead-lettering it) if it is refused."""
         name = Path(source).name if isinstance(source, (str, Path)) else getattr(source, "name", None)
         stream_id = stream_id or new_stream_id(Path(name).stem if name else "upload")
@@ -227,8 +223,7 @@ class Ingest:
             raise err from None
         self._archive_source(source, stream_id, decoded.info, size)
         pub = StreamPublisher(self, stream_id, tenant, decoded.info, source_name=name, language=language,
-                              metadata=metadata, realtime=realtime, on_chunk=on_chunk,
-                              keep_chunk_times=keep_chunk_times)
+                              metadata=metadata, realtime=realtime, on_chunk=on_chunk)
         pub.start()
         if on_start:
             on_start(pub)
@@ -257,7 +252,7 @@ class Ingest:
             self.store.put(key, source, length=size)
 
     def replay(self, stream_id: str, *, new_id: str | None = None, realtime: bool = False,
-               on_chunk: ChunkCallback | None = None, keep_chunk_times: bool = False) -> StreamSummary:
+               on_chunk: ChunkCallback | None = None) -> StreamSummary:
         """Re-publish an archived stream's normalised PCM as a new stream."""
         prefix = archive_prefix(stream_id)
         try:
@@ -272,7 +267,7 @@ class Ingest:
         pub = StreamPublisher(self, new_id or new_stream_id(f"{stream_id}-replay"), meta.get("tenant", "default"),
                               info, source_name=meta.get("source_name"), language=meta.get("language", "en-US"),
                               metadata={**meta.get("metadata", {}), "replay_of": stream_id},
-                              realtime=realtime, on_chunk=on_chunk, keep_chunk_times=keep_chunk_times)
+                              realtime=realtime, on_chunk=on_chunk)
         pub.start()
         for key in segments:
             pub.push(self.store.get(key))
