@@ -248,3 +248,47 @@ def test_up_status_down(tmp_path):
     assert down.returncode == 0 and "stopped" in down.stdout
     assert not any(stack.pid_alive(p) for p in pids)
     assert run_hark("status", env_extra=env).returncode == 1
+
+
+def test_publish_and_tail_clis(live_stack, speech_dir):
+    settings, _ = live_stack
+    sid = f"cli-{time.time_ns()}"
+    import subprocess
+
+    from .conftest import HARK, ROOT
+
+    tail = subprocess.Popen([*HARK, "tail", "--stream", sid, "--exit-on-complete", "--bootstrap", settings.bootstrap],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        time.sleep(1.0)  # let tail position itself at the end of the topic first
+        pub = run_hark("publish", str(speech_dir / "austen_passage.flac"), "--stream-id", sid,
+                       "--bootstrap", settings.bootstrap)
+        assert pub.returncode == 0, pub.stderr
+        assert pub.stdout.startswith(sid) and "288 chunks" in pub.stdout  # 287 full 100 ms chunks + a 30 ms one
+        out, err = tail.communicate(timeout=60)
+    finally:
+        tail.kill()
+    lines = out.splitlines()
+    assert tail.returncode == 0, err
+    assert len(lines) == 6 and lines[-1] == "-- stream complete (COMPLETE) --"  # 5 sentences + the end
+    assert "amiable" in lines[4]
+    bad = run_hark("publish", str(speech_dir / "references.tsv"), "--bootstrap", settings.bootstrap)
+    assert bad.returncode == 1 and "references.tsv" in bad.stderr
+
+
+def test_websocket_file_upload(live_stack, speech_dir, references):
+    settings, state = live_stack
+    sid = f"ws-file-{time.time_ns()}"
+    data = (speech_dir / "goforward.wav").read_bytes()
+
+    async def client():
+        async with connect(f"{state['ingest_url']}?stream_id={sid}&format=file") as ws:
+            assert json.loads(await ws.recv())["type"] == "ready"
+            for i in range(0, len(data), 16384):
+                await ws.send(data[i:i + 16384])
+            await ws.send(json.dumps({"type": "end"}))
+            return json.loads(await ws.recv())
+
+    done = asyncio.run(client())
+    assert done["type"] == "done" and done["chunks"] == 28
+    assert "forward" in complete_record(settings, sid)["text"]
