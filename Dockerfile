@@ -8,7 +8,7 @@ COPY pyproject.toml README.md ./
 COPY hark ./hark
 COPY services ./services
 COPY schemas ./schemas
-RUN pip install --no-deps -e . && hark models verify
+RUN pip install --no-deps -e . && hark models install
 ENV HARK_HEALTH_HOST=0.0.0.0 HARK_HEALTH_PORT=8080
 HEALTHCHECK --interval=10s --timeout=3s --retries=5 \
   CMD python -c "import urllib.request,os; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ['HARK_HEALTH_PORT'], timeout=2)"

@@ -10,7 +10,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements-dev.txt -c constraints.txt
 	$(BIN)/pip install -q --no-deps -e .
-	$(BIN)/hark models verify
+	$(BIN)/hark models install
 	touch $@
 
 setup: $(STAMP)

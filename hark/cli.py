@@ -87,7 +87,7 @@ def cmd_publish(a) -> int:
 
 
 def cmd_tail(a) -> int:
-    from .session import Display, read_results
+    from .session import Display, caption_line, read_results
 
     s = _connect(a, _settings(a))
     c = kafka.tail_consumer(s, s.results_topic, from_beginning=a.from_beginning)
@@ -102,7 +102,7 @@ def cmd_tail(a) -> int:
                     sys.stdout.write(f"\r\x1b[2K{prefix}{rec['text']}")
                     sys.stdout.flush()
                 elif kind == "FINAL":
-                    display.commit(f"{prefix}{_speaker_text(rec)}")
+                    display.commit(f"{prefix}{caption_line(rec)}")
                 elif kind == "STREAM_COMPLETE":
                     display.commit(f"{prefix}-- stream complete ({rec['status']}) --")
                     if a.stream and a.exit_on_complete:
@@ -111,11 +111,6 @@ def cmd_tail(a) -> int:
         return 0
     finally:
         c.close()
-
-
-def _speaker_text(rec: dict) -> str:
-    speakers = {w["speaker"] for w in rec["words"] if w.get("speaker")}
-    return (f"{'/'.join(sorted(speakers))}: " if speakers else "") + rec["text"]
 
 
 def _interrupt(*_args):
@@ -197,12 +192,15 @@ def cmd_replay(a) -> int:
 def cmd_models(a) -> int:
     from . import models
 
+    if a.action == "install":
+        for line in models.install():
+            print(line)
     problems = models.verify()
     for p in problems:
         print(f"hark: model check failed: {p}", file=sys.stderr)
     if not problems:
-        n = sum(len(v) for v in models.MANIFEST.values())
-        print(f"models ok: {n} files verified by sha256 ({', '.join(models.MANIFEST)})")
+        print(f"models ok: {models.count_files()} files verified by sha256 "
+              f"(pocketsphinx en-us; whisper {', '.join(models.WHISPER)})")
     return 1 if problems else 0
 
 
@@ -266,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     rp.set_defaults(fn=cmd_replay)
 
     md = sub.add_parser("models", help="model weights")
-    md.add_argument("action", choices=["verify"])
+    md.add_argument("action", choices=["install", "verify"], help="install: assemble split weights, then verify")
     md.set_defaults(fn=cmd_models)
 
     sv = sub.add_parser("service", help="run one service in the foreground (docker-compose)")

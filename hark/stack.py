@@ -27,6 +27,7 @@ from .config import Settings
 SERVICES = {  # name -> (module with main(argv), the topic whose partitions its replicas split)
     "ingest": ("services.ingest.server", None),
     "online_asr": ("services.online_asr.service", "audio_topic"),
+    "offline_asr": ("services.offline_asr.service", "audio_topic"),
     "results": ("services.results.service", "online_topic"),
 }
 

@@ -1,7 +1,8 @@
 """Word error rate with the normalisation used for every figure in the README.
 
-Lower case, punctuation dropped, digits spelt out as words; then Levenshtein distance over
-words, summed over a set (corpus WER = total edits / total reference words).
+Lower case, punctuation dropped, digits spelt out as words, the usual spoken forms of a few
+abbreviations (as Whisper's English normaliser does: "Mr." is scored as "mister"); then
+Levenshtein distance over words, summed over a set (corpus WER = edits / reference words).
 """
 from __future__ import annotations
 
@@ -27,11 +28,15 @@ def number_words(n: int) -> str:
     return " ".join(_ONES[int(d)] for d in str(n))
 
 
+_ABBREVIATIONS = {"mr": "mister", "mrs": "missus", "dr": "doctor", "jr": "junior", "sr": "senior", "vs": "versus"}
+
+
 def normalise(text: str) -> list[str]:
     text = text.lower().replace("-", " ")
     text = re.sub(r"\d+", lambda m: " " + number_words(int(m.group())) + " ", text)
     text = re.sub(r"[^a-z' ]+", " ", text)
-    return [w.strip("'") for w in text.split() if w.strip("'")]
+    words = (w.strip("'") for w in text.split())
+    return [_ABBREVIATIONS.get(w, w) for w in words if w]
 
 
 def edit_distance(ref: list[str], hyp: list[str]) -> int:

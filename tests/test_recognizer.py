@@ -4,7 +4,8 @@ import pytest
 
 from hark.audio import read_pcm_file
 from hark.wer import score
-from services.online_asr.recognizer import CapacityError, DecoderPool, SpeechGate, StreamRecognizer, clean_word
+from hark.vad import SpeechGate
+from services.online_asr.recognizer import CapacityError, DecoderPool, StreamRecognizer, clean_word
 
 
 @pytest.fixture(scope="module")

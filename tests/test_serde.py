@@ -19,9 +19,14 @@ SAMPLES = {
                          "start_ms": 0, "end_ms": 300, "words": [WORD], "nbest": [{"text": "ten", "score": -1.5}],
                          "lattice_key": "streams/s1/lattices/000000.lat", "end_status": None, "audio_seq": 3,
                          "audio_published_at_ms": 5, "emitted_at_ms": 6, "model_name": "m", "model_version": "1"},
+    "OfflineTranscript": {"stream_id": "s1", "tenant": "t", "kind": "SEGMENT", "segment_index": 0, "start_ms": 0,
+                          "end_ms": 11340, "text": "Ten.", "words": [WORD], "nbest": [], "language": "en",
+                          "decode_ms": 900, "end_status": None, "audio_published_at_ms": 5, "emitted_at_ms": 6,
+                          "model_name": "whisper-base", "model_version": "x"},
     "Result": {"stream_id": "s1", "tenant": "t", "kind": "STREAM_COMPLETE", "source": "online", "utterance_id": -1,
                "text": "ten", "start_ms": 0, "end_ms": 300, "words": [WORD], "nbest": [], "online_text": "ten",
-               "turns": [{"speaker": "A", "start_ms": 0, "end_ms": 300}], "status": "COMPLETE", "truncated": False,
+               "turns": [{"speaker": "A", "start_ms": 0, "end_ms": 300}], "status": "COMPLETE",
+               "final_source": "online", "truncated": False,
                "audio_published_at_ms": 5, "emitted_at_ms": 7, "model_name": "m", "model_version": "1"},
     "DeadLetter": {"service": "ingest", "error_type": "empty", "reason": "input is empty", "stream_id": None,
                    "tenant": None, "source_topic": None, "source_partition": None, "source_offset": None,
@@ -34,7 +39,7 @@ def test_round_trip_every_record_type(name):
     data = serde.encode(name, SAMPLES[name])
     rtype, record = serde.decode(data)
     assert rtype == name
-    assert record == {**SAMPLES[name], "schema_version": 1}
+    assert record == {**SAMPLES[name], "schema_version": serde.registry().by_name(name).version}
 
 
 def test_confluent_wire_format_header():
@@ -53,7 +58,7 @@ def test_every_record_type_has_its_own_schema_id_and_a_version_field():
 
 
 def test_model_outputs_name_their_model():
-    for name in ("OnlineTranscript", "Result"):
+    for name in ("OnlineTranscript", "OfflineTranscript", "Result"):
         fields = [f["name"] for f in json.loads((SCHEMA_DIR / f"hark.{name}.avsc").read_text())["fields"]]
         assert {"model_name", "model_version"} <= set(fields)
 

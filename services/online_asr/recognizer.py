@@ -18,9 +18,9 @@ import threading
 from dataclasses import dataclass, field
 from importlib.metadata import version
 
-from collections import deque
+from pocketsphinx import Decoder
 
-from pocketsphinx import Decoder, Vad
+from hark.vad import SpeechGate
 
 SAMPLE_RATE = 16000
 FRAME_MS = 10  # decoder frame rate: 100 frames/s
@@ -107,44 +107,6 @@ def clean_word(w: str) -> str | None:
         return None
     paren = w.find("(")  # pronunciation variants: "was(2)" -> "was"
     return w[:paren] if paren > 0 else w
-
-
-class SpeechGate:
-    """Utterance endpointing with the rule of pocketsphinx's Endpointer, without its lag.
-
-    A WebRTC VAD classifies 30 ms frames; speech starts when more than ``ratio`` of the last
-    ``window`` seconds are speech and ends when fewer than ``1 - ratio`` are. pocketsphinx's
-    Endpointer returns every in-speech frame from the back of that window, so the decoder (and
-    every partial) runs 0.3 s behind the audio. Here the window is replayed once at speech start
-    and later frames go to the decoder as they arrive.
-    """
-
-    def __init__(self, window_s: float = 0.3, ratio: float = 0.9, mode: int = Vad.LOOSE):
-        self.vad = Vad(mode=mode, sample_rate=SAMPLE_RATE)
-        self.frame_bytes = self.vad.frame_bytes
-        self.frame_ms = int(round(self.vad.frame_length * 1000))
-        self.maxlen = max(1, int(round(window_s * 1000 / self.frame_ms)))
-        self.start_count, self.end_count = ratio * self.maxlen, (1.0 - ratio) * self.maxlen
-        self.ring: deque[tuple[bool, bytes]] = deque(maxlen=self.maxlen)
-        self.frames = 0
-        self.in_speech = False
-
-    def push(self, frame: bytes) -> tuple[str | None, list[bytes], int]:
-        """Returns (transition "start"/"end"/None, frames to decode now, ms of the first one)."""
-        self.ring.append((self.vad.is_speech(frame), frame))
-        self.frames += 1
-        speech = sum(s for s, _ in self.ring)
-        if self.in_speech:
-            if speech < self.end_count:
-                self.in_speech = False
-                self.ring.clear()
-                return "end", [frame], (self.frames - 1) * self.frame_ms
-            return None, [frame], (self.frames - 1) * self.frame_ms
-        if speech > self.start_count:
-            self.in_speech = True
-            frames = [f for _, f in self.ring]
-            return "start", frames, (self.frames - len(frames)) * self.frame_ms
-        return None, [], 0
 
 
 class StreamRecognizer:

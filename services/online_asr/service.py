@@ -17,15 +17,12 @@ from dataclasses import dataclass
 from confluent_kafka import Message
 
 from hark.config import Settings
-from hark.runtime import ConsumerService, InputError, kv, main_for, now_ms
+from hark.runtime import ConsumerService, InputError, check_chunk, in_sequence, kv, main_for, now_ms
 from hark.storage import open_store
 
 from .recognizer import MODEL_NAME, MODEL_VERSION, CapacityError, DecoderPool, Event, StreamRecognizer
 
 log = logging.getLogger("hark.online_asr")
-
-MAX_CHUNK_BYTES = 16000 * 2 * 10  # 10 s: a chunk is 100 ms by default; anything this big is an error
-
 
 @dataclass
 class StreamState:
@@ -84,22 +81,12 @@ class OnlineASR(ConsumerService):
         return st
 
     def _chunk(self, sid: str, rec: dict, msg: Message) -> None:
-        pcm = rec["pcm"]
-        if rec["sample_rate"] != 16000:
-            raise InputError("bad_sample_rate", f"chunk sample rate {rec['sample_rate']} (expected 16000)")
-        if len(pcm) % 2:
-            raise InputError("bad_pcm", f"chunk has an odd byte count ({len(pcm)}) for 16-bit PCM")
-        if len(pcm) > MAX_CHUNK_BYTES:
-            raise InputError("chunk_too_large", f"chunk of {len(pcm)} bytes exceeds {MAX_CHUNK_BYTES}")
+        pcm = check_chunk(rec)
         st = self.streams.get(sid)
         if st is None:  # resumed mid-stream after a restart/rebalance: decode from here
             st = self._open(sid, rec["tenant"], msg, next_seq=rec["seq"], base_ms=rec["offset_samples"] // 16)
-        if rec["seq"] < st.next_seq:
-            self.metrics.inc("duplicate_chunks_total")
+        if not in_sequence(st.next_seq, rec, self.metrics):
             return
-        if rec["seq"] > st.next_seq:
-            self.metrics.inc("sequence_gaps_total")
-            log.warning("sequence gap", extra=kv(stream_id=sid, expected=st.next_seq, got=rec["seq"]))
         st.next_seq = rec["seq"] + 1
         st.last_seen = time.monotonic()
         st.last_chunk_published_at_ms = rec["published_at_ms"]

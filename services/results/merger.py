@@ -1,71 +1,143 @@
 """Per-stream merge of decoder outputs into Result records; no Kafka here.
 
-Now: online partials and finals become caption updates, and the online STREAM_END becomes a
-STREAM_COMPLETE record carrying the whole transcript. The offline pass and speaker turns
-(issues 3 and 4) arrive as further inputs to the same per-stream state.
+- Online PARTIAL/FINAL become caption updates (source "online").
+- An offline SEGMENT becomes a FINAL with source "offline" covering [start_ms, end_ms): caption
+  consumers replace the online text of that range with it. Offline NBEST become ALTERNATIVES.
+- STREAM_COMPLETE is emitted once every pass in ``wait_for`` has ended for the stream; its text
+  and words come from the offline pass when that finished, else from the online pass (then
+  ``final_source`` says "online"). A stream whose offline pass has not ended ``offline_timeout_s``
+  after its online end is completed with the online text (``expire``).
 
-Memory per stream is bounded: the transcript kept for STREAM_COMPLETE stops growing at
-``max_words`` (it is then marked truncated; the per-utterance FINAL records still hold every
-word), and a stream's state is dropped when it completes.
+Memory per stream is bounded: transcripts kept for STREAM_COMPLETE stop growing at ``max_words``
+per pass (then ``truncated``; the FINAL records still hold every word), and a stream's state is
+dropped when it completes.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from hark.runtime import now_ms
+
+PASSES = ("online", "offline")
+
+
+@dataclass
+class PassState:
+    parts: dict[int, dict] = field(default_factory=dict)  # utterance/segment index -> record
+    words: int = 0
+    truncated: bool = False
+    ended: str | None = None  # end status once the pass is done
+    model: tuple[str, str] | None = None
+
+    def add(self, index: int, rec: dict, max_words: int) -> None:
+        if index in self.parts:
+            return
+        if self.words + len(rec["words"]) > max_words:
+            self.truncated = True
+            return
+        self.parts[index] = rec
+        self.words += len(rec["words"])
+
+    def ordered(self) -> list[dict]:
+        return [self.parts[k] for k in sorted(self.parts)]
+
+    def text(self) -> str:
+        return " ".join(p["text"] for p in self.ordered() if p["text"])
 
 
 @dataclass
 class StreamTranscript:
     tenant: str
-    finals: dict[int, dict] = field(default_factory=dict)  # utterance id -> online FINAL record
-    words: int = 0
-    truncated: bool = False
+    passes: dict[str, PassState] = field(default_factory=lambda: {p: PassState() for p in PASSES})
     last_published_at_ms: int = 0
+    online_ended_at: float | None = None  # monotonic, for the offline timeout
 
 
-def _result(rec: dict, kind: str, **fields) -> dict:
-    out = {"stream_id": rec["stream_id"], "tenant": rec["tenant"], "kind": kind, "source": "online",
-           "utterance_id": rec["utterance_id"], "text": rec["text"], "start_ms": rec["start_ms"],
-           "end_ms": rec["end_ms"], "words": rec["words"], "nbest": rec["nbest"], "online_text": None,
-           "turns": [], "status": None, "truncated": False,
-           "audio_published_at_ms": rec["audio_published_at_ms"], "emitted_at_ms": now_ms(),
-           "model_name": rec["model_name"], "model_version": rec["model_version"]}
+def _result(rec: dict, kind: str, source: str, index: int, **fields) -> dict:
+    out = {"stream_id": rec["stream_id"], "tenant": rec["tenant"], "kind": kind, "source": source,
+           "utterance_id": index, "text": rec["text"], "start_ms": rec["start_ms"], "end_ms": rec["end_ms"],
+           "words": rec["words"], "nbest": rec["nbest"], "online_text": None, "turns": [], "status": None,
+           "final_source": None, "truncated": False, "audio_published_at_ms": rec["audio_published_at_ms"],
+           "emitted_at_ms": now_ms(), "model_name": rec["model_name"], "model_version": rec["model_version"]}
     out.update(fields)
     return out
 
 
 class ResultsMerger:
-    def __init__(self, max_words: int = 20000):
-        self.max_words = max_words
+    def __init__(self, max_words: int = 20000, wait_for: tuple[str, ...] = PASSES, offline_timeout_s: float = 600.0):
+        unknown = set(wait_for) - set(PASSES)
+        if unknown or "online" not in wait_for:
+            raise ValueError(f"wait_for must include 'online' and only name {PASSES}, got {wait_for}")
+        self.max_words, self.wait_for, self.offline_timeout_s = max_words, tuple(wait_for), offline_timeout_s
         self.streams: dict[str, StreamTranscript] = {}
 
     def is_open(self, stream_id: str) -> bool:
         return stream_id in self.streams
 
-    def on_online(self, rec: dict) -> list[dict]:
-        sid, kind = rec["stream_id"], str(rec["kind"])
-        st = self.streams.get(sid)
+    def _state(self, rec: dict) -> StreamTranscript:
+        st = self.streams.get(rec["stream_id"])
         if st is None:
-            st = self.streams[sid] = StreamTranscript(rec["tenant"])
+            st = self.streams[rec["stream_id"]] = StreamTranscript(rec["tenant"])
         st.last_published_at_ms = max(st.last_published_at_ms, rec["audio_published_at_ms"])
+        return st
+
+    def on_online(self, rec: dict) -> list[dict]:
+        kind, st = str(rec["kind"]), self._state(rec)
+        p = st.passes["online"]
+        p.model = (rec["model_name"], rec["model_version"])
         if kind == "PARTIAL":
-            return [_result(rec, "PARTIAL")]
+            return [_result(rec, "PARTIAL", "online", rec["utterance_id"])]
         if kind == "FINAL":
-            if rec["utterance_id"] not in st.finals:
-                if st.words + len(rec["words"]) > self.max_words:
-                    st.truncated = True
-                else:
-                    st.finals[rec["utterance_id"]] = rec
-                    st.words += len(rec["words"])
-            return [_result(rec, "FINAL")]
+            p.add(rec["utterance_id"], rec, self.max_words)
+            return [_result(rec, "FINAL", "online", rec["utterance_id"])]
         if kind == "STREAM_END":
-            del self.streams[sid]
-            finals = [st.finals[k] for k in sorted(st.finals)]
-            text = " ".join(f["text"] for f in finals if f["text"])
-            words = [w for f in finals for w in f["words"]]
-            return [_result(rec, "STREAM_COMPLETE", utterance_id=-1, text=text, online_text=text,
-                            start_ms=finals[0]["start_ms"] if finals else 0, end_ms=rec["end_ms"],
-                            words=words, nbest=[], status=rec.get("end_status") or "COMPLETE",
-                            truncated=st.truncated, audio_published_at_ms=st.last_published_at_ms)]
+            p.ended = rec.get("end_status") or "COMPLETE"
+            st.online_ended_at = time.monotonic()
+            return self._maybe_complete(rec["stream_id"], rec)
         raise ValueError(f"unknown online transcript kind {kind}")
+
+    def on_offline(self, rec: dict) -> list[dict]:
+        kind = str(rec["kind"])
+        if kind == "NBEST":  # may arrive after the stream completed: no state needed
+            return [_result(rec, "ALTERNATIVES", "offline", rec["segment_index"], words=[])]
+        st = self._state(rec)
+        p = st.passes["offline"]
+        p.model = (rec["model_name"], rec["model_version"])
+        if kind == "SEGMENT":
+            p.add(rec["segment_index"], rec, self.max_words)
+            return [_result(rec, "FINAL", "offline", rec["segment_index"])]
+        if kind == "STREAM_END":
+            p.ended = rec.get("end_status") or "COMPLETE"
+            return self._maybe_complete(rec["stream_id"], rec)
+        raise ValueError(f"unknown offline transcript kind {kind}")
+
+    def expire(self) -> list[dict]:
+        """Complete streams whose offline pass is overdue, with the online text."""
+        now, out = time.monotonic(), []
+        for sid, st in list(self.streams.items()):
+            if st.online_ended_at is not None and now - st.online_ended_at > self.offline_timeout_s:
+                out += self._complete(sid, reason="offline pass did not finish in time")
+        return out
+
+    def _maybe_complete(self, sid: str, rec: dict) -> list[dict]:
+        st = self.streams[sid]
+        if all(st.passes[p].ended for p in self.wait_for):
+            return self._complete(sid)
+        return []
+
+    def _complete(self, sid: str, reason: str | None = None) -> list[dict]:
+        st = self.streams.pop(sid)
+        online, offline = st.passes["online"], st.passes["offline"]
+        final, source = (offline, "offline") if offline.ended and offline.parts else (online, "online")
+        ordered = final.ordered()
+        name, version = final.model or online.model or ("", "")
+        status = online.ended or "INCOMPLETE"
+        return [{
+            "stream_id": sid, "tenant": st.tenant, "kind": "STREAM_COMPLETE", "source": source, "utterance_id": -1,
+            "text": final.text(), "start_ms": ordered[0]["start_ms"] if ordered else 0,
+            "end_ms": ordered[-1]["end_ms"] if ordered else 0,
+            "words": [w for part in ordered for w in part["words"]], "nbest": [], "online_text": online.text(),
+            "turns": [], "status": status if not reason else f"{status} ({reason})", "final_source": source,
+            "truncated": final.truncated, "audio_published_at_ms": st.last_published_at_ms,
+            "emitted_at_ms": now_ms(), "model_name": name, "model_version": version}]

@@ -1,11 +1,13 @@
-"""results service: online transcripts in, Result records out (one topic, keyed by stream).
+"""results service: online and offline transcripts in, Result records out (one topic, keyed by stream).
 
 Written with confluent-kafka rather than faust-streaming: this state must survive restarts,
 and on the embedded Tansu broker Faust's table recovery stops at a wrong end offset and its
-transactions fail (README, "Why not Faust"). The state is instead rebuilt from the input
-topic itself: commits are held at each open stream's first record.
+transactions fail (README, "Stack choices"). The state is instead rebuilt from the input
+topics themselves: commits are held at each open stream's first record on each topic.
 """
 from __future__ import annotations
+
+import time
 
 from confluent_kafka import Message
 
@@ -21,33 +23,53 @@ class Results(ConsumerService):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        self.merger = ResultsMerger(settings.max_transcript_words)
-        self.partition_of: dict[str, int] = {}
+        wait_for = tuple(p.strip() for p in settings.results_wait_for.split(",") if p.strip())
+        self.merger = ResultsMerger(settings.max_transcript_words, wait_for, settings.offline_timeout_s)
+        self.partitions_of: dict[str, set[tuple[str, int]]] = {}
+        self._last_sweep = time.monotonic()
 
     @property
     def topics(self) -> list[str]:
-        return [self.settings.online_topic]
+        return [self.settings.online_topic, self.settings.offline_topic]
 
     def handle(self, rtype: str, rec: dict, msg: Message) -> None:
-        if rtype != "OnlineTranscript":
+        if rtype == "OnlineTranscript":
+            merge = self.merger.on_online
+        elif rtype == "OfflineTranscript":
+            merge = self.merger.on_offline
+        else:
             raise InputError("unexpected_record", f"{rtype} does not belong on {msg.topic()}")
-        sid = rec["stream_id"]
-        if not self.merger.is_open(sid):
-            self.hold(sid, msg)
-            self.partition_of[sid] = msg.partition()
-        for result in self.merger.on_online(rec):
-            self.produce(self.settings.results_topic, sid, "Result", result)
-        if not self.merger.is_open(sid):
-            self.release(sid)
-            self.partition_of.pop(sid, None)
+        sid, tp = rec["stream_id"], (msg.topic(), msg.partition())
+        self._publish(merge(rec))
+        if self.merger.is_open(sid):
+            held = self.partitions_of.setdefault(sid, set())
+            if tp not in held:  # the first record of this stream on this topic: rebuild from here
+                held.add(tp)
+                self.hold(f"{sid}@{msg.topic()}", msg)
         self.metrics.set("open_streams", len(self.merger.streams))
+
+    def _publish(self, results: list[dict]) -> None:
+        for result in results:
+            self.produce(self.settings.results_topic, result["stream_id"], "Result", result)
+            if result["kind"] == "STREAM_COMPLETE":
+                self._forget(result["stream_id"])
+
+    def _forget(self, sid: str) -> None:
+        for topic, _ in self.partitions_of.pop(sid, ()):
+            self.release(f"{sid}@{topic}")
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep >= 1.0:
+            self._last_sweep = now
+            self._publish(self.merger.expire())
 
     def partitions_revoked(self, partitions):
         # Streams on revoked partitions are rebuilt by their new owner from the held offsets.
-        gone = {p for _, p in partitions}
-        for sid in [s for s, p in self.partition_of.items() if p in gone]:
+        gone = set(partitions)
+        for sid in [s for s, tps in self.partitions_of.items() if tps & gone]:
             self.merger.streams.pop(sid, None)
-            del self.partition_of[sid]
+            self._forget(sid)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,208 @@
+"""offline_asr: a consumer group of its own on the audio topic; Whisper over pause-cut windows.
+
+Triggers: a window is decoded as soon as the stream has moved past a pause with at least
+``offline_min_window_s`` of audio pending (so long streams are improved while they run), and
+the rest at StreamEnd. The previous offline text of the stream is the prompt. n-best lists are
+computed when the service is otherwise idle (they cost another decode and nobody waits on them).
+
+Audio source: the stream's chunks as they arrive on the audio topic, buffered per stream up to
+one window. The archive cannot serve this, because ingest writes its PCM in 30 s segments and
+the open one only at stream end; it is the fallback for a stream whose audio this service
+never saw (StreamEnd without state), read in bounded windows.
+
+Commits are held at the first chunk of the audio still pending, so a restart re-reads only the
+undecoded part of each open stream.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from confluent_kafka import Message
+
+from hark.config import Settings
+from hark.runtime import ConsumerService, InputError, check_chunk, in_sequence, kv, main_for, now_ms
+from hark.storage import open_store
+
+from .decoder import MAX_WINDOW_S, WhisperDecoder, whisper_language
+from .windows import StreamWindows, Window
+
+log = logging.getLogger("hark.offline_asr")
+
+PROMPT_CHARS = 400  # ~100 tokens of the stream's previous text: context, well under Whisper's prompt limit
+NBEST_QUEUE = 32  # windows (<= 30 s of PCM each) waiting for their n-best; the oldest is dropped beyond
+
+
+@dataclass
+class OfflineStream:
+    windows: StreamWindows
+    tenant: str
+    language: str
+    partition: int
+    next_seq: int
+    last_seen: float
+    prompt: str = ""
+    segments: int = 0
+    chunk_offsets: deque = field(default_factory=deque)  # (start_ms, kafka offset) of buffered chunks
+    last_published_at_ms: int = 0
+
+
+class OfflineASR(ConsumerService):
+    name = "offline_asr"
+    group = "hark-offline-asr"
+
+    def __init__(self, settings: Settings, decoder: WhisperDecoder | None = None):
+        super().__init__(settings)
+        if settings.offline_nice:
+            os.nice(settings.offline_nice)
+        s = settings
+        self.decoder = decoder or WhisperDecoder(s.offline_model, s.offline_device, s.offline_compute_type,
+                                                 s.offline_cpu_threads, s.offline_beam_size)
+        self.streams: dict[str, OfflineStream] = {}
+        self.nbest_jobs: deque = deque()
+        self.store = open_store(settings)
+        self._last_sweep = time.monotonic()
+        log.info("model loaded", extra=kv(model=self.decoder.model_name, version=self.decoder.model_version))
+
+    @property
+    def topics(self) -> list[str]:
+        return [self.settings.audio_topic]
+
+    def _new_windows(self, start_ms: int) -> StreamWindows:
+        s = self.settings
+        return StreamWindows(start_ms, int(s.offline_min_window_s * 1000),
+                             int(min(s.offline_max_window_s, MAX_WINDOW_S) * 1000))
+
+    # -- records ------------------------------------------------------------------------------
+    def handle(self, rtype: str, rec: dict, msg: Message) -> None:
+        sid = rec.get("stream_id")
+        if msg.key() is not None and msg.key() != sid.encode():
+            raise InputError("key_mismatch", f"record key {msg.key()!r} differs from stream id {sid!r}")
+        if rtype == "StreamStart":
+            if sid not in self.streams:
+                self._open(sid, rec["tenant"], rec["language"], msg, 1, 0)
+        elif rtype == "AudioChunk":
+            self._chunk(sid, rec, msg)
+        elif rtype == "StreamEnd":
+            self._close(sid, rec["tenant"], str(rec["status"]))
+        else:
+            raise InputError("unexpected_record", f"{rtype} does not belong on the audio topic")
+
+    def _open(self, sid, tenant, language, msg, next_seq, start_ms) -> OfflineStream:
+        st = OfflineStream(self._new_windows(start_ms), tenant, whisper_language(language), msg.partition(),
+                           next_seq, time.monotonic())
+        self.streams[sid] = st
+        self.hold(sid, msg)
+        self.metrics.set("open_streams", len(self.streams))
+        return st
+
+    def _chunk(self, sid: str, rec: dict, msg: Message) -> None:
+        pcm = check_chunk(rec)
+        st = self.streams.get(sid)
+        if st is None:  # resumed mid-stream: what came before was decoded before the restart
+            st = self._open(sid, rec["tenant"], None, msg, rec["seq"], rec["offset_samples"] // 16)
+        if not in_sequence(st.next_seq, rec, self.metrics):
+            return
+        st.next_seq = rec["seq"] + 1
+        st.last_seen = time.monotonic()
+        st.last_published_at_ms = rec["published_at_ms"]
+        st.chunk_offsets.append((rec["offset_samples"] // 16, msg.offset()))
+        for window in st.windows.push(pcm):
+            self._decode(sid, st, window)
+        # hold commits at the first chunk whose audio is still pending
+        while len(st.chunk_offsets) > 1 and st.chunk_offsets[1][0] <= st.windows.start_ms:
+            st.chunk_offsets.popleft()
+        self.hold(sid, msg, st.chunk_offsets[0][1])
+
+    def _close(self, sid: str, tenant: str, status: str) -> None:
+        st = self.streams.pop(sid, None)
+        if st is None:
+            st = self._from_archive(sid, tenant)
+        if st is not None:
+            for window in st.windows.flush():
+                self._decode(sid, st, window)
+            tenant = st.tenant
+        self.release(sid)
+        self.metrics.set("open_streams", len(self.streams))
+        end = st.windows.end_ms if st else 0
+        self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
+            sid, tenant, "STREAM_END", st.segments if st else 0, end, end, "", [], [],
+            st.language if st else "en", 0, st.last_published_at_ms if st else 0, end_status=status))
+        log.info("stream decoded", extra=kv(stream_id=sid, status=status, segments=st.segments if st else 0))
+
+    def _from_archive(self, sid: str, tenant: str) -> OfflineStream | None:
+        """A stream this service has no state for: decode it from the archive, if it is there."""
+        prefix = f"streams/{sid}/"
+        try:
+            meta = json.loads(self.store.get(prefix + "meta.json"))
+        except KeyError:
+            log.warning("stream ended with no audio seen and none archived", extra=kv(stream_id=sid))
+            return None
+        st = OfflineStream(self._new_windows(0), meta.get("tenant", tenant), whisper_language(meta.get("language")),
+                           -1, 0, time.monotonic())
+        for key in self.store.list(prefix + "pcm/"):
+            for window in st.windows.push(self.store.get(key)):  # one 30 s segment in memory at a time
+                self._decode(sid, st, window)
+        self.metrics.inc("archive_fallbacks_total")
+        return st
+
+    # -- decoding -------------------------------------------------------------------------------
+    def _decode(self, sid: str, st: OfflineStream, w: Window) -> None:
+        d = self.decoder.decode(w.pcm, w.start_ms, prompt=st.prompt[-PROMPT_CHARS:], language=st.language)
+        self.metrics.inc("decode_seconds_total", d.decode_s)
+        self.metrics.inc("audio_seconds_total", len(w.pcm) / 16000)
+        if not d.text:
+            return
+        self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
+            sid, st.tenant, "SEGMENT", st.segments, w.start_ms, w.end_ms, d.text, d.words, [], d.language,
+            int(d.decode_s * 1000), st.last_published_at_ms))
+        if self.settings.offline_nbest > 1:
+            if len(self.nbest_jobs) >= NBEST_QUEUE:
+                self.nbest_jobs.popleft()
+                self.metrics.inc("nbest_dropped_total")
+            self.nbest_jobs.append((sid, st.tenant, st.segments, w, st.prompt[-PROMPT_CHARS:], st.language))
+        st.prompt = (st.prompt + " " + d.text)[-PROMPT_CHARS:]
+        st.segments += 1
+
+    def idle(self) -> None:
+        if not self.nbest_jobs:
+            return
+        sid, tenant, index, w, prompt, language = self.nbest_jobs.popleft()
+        t0 = time.perf_counter()
+        hyps = self.decoder.nbest(w.pcm, self.settings.offline_nbest, prompt=prompt, language=language)
+        self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
+            sid, tenant, "NBEST", index, w.start_ms, w.end_ms, hyps[0][0] if hyps else "", [],
+            [{"text": t, "score": sc} for t, sc in hyps], language, int((time.perf_counter() - t0) * 1000), 0))
+        self.producer.flush(10)
+
+    def _record(self, sid, tenant, kind, index, start_ms, end_ms, text, words, nbest, language, decode_ms,
+                published_at, end_status=None) -> dict:
+        return {"stream_id": sid, "tenant": tenant, "kind": kind, "segment_index": index, "start_ms": start_ms,
+                "end_ms": end_ms, "text": text, "words": words, "nbest": nbest, "language": language,
+                "decode_ms": decode_ms, "end_status": end_status, "audio_published_at_ms": published_at,
+                "emitted_at_ms": now_ms(), "model_name": self.decoder.model_name,
+                "model_version": self.decoder.model_version}
+
+    # -- housekeeping ---------------------------------------------------------------------------
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sweep < 1.0:
+            return
+        self._last_sweep = now
+        for sid, st in list(self.streams.items()):
+            if now - st.last_seen > self.settings.idle_timeout_s:
+                self._close(sid, st.tenant, "IDLE_TIMEOUT")
+
+    def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
+        gone = {p for _, p in partitions}
+        for sid in [s for s, st in self.streams.items() if st.partition in gone]:
+            del self.streams[sid]
+        self.metrics.set("open_streams", len(self.streams))
+
+
+def main(argv: list[str] | None = None) -> None:
+    main_for(OfflineASR, argv)

@@ -1,0 +1,87 @@
+"""The offline pass without Kafka: where windows are cut, and Whisper on real speech."""
+import numpy as np
+import pytest
+
+from hark.audio import read_pcm_file
+from hark.wer import WerScore, score
+from services.offline_asr.decoder import WhisperDecoder, choose_device
+from services.offline_asr.windows import StreamWindows
+
+
+def windows_of(pcm: bytes, **kw):
+    w = StreamWindows(**kw)
+    out = []
+    for i in range(0, len(pcm), 3200):
+        out += w.push(pcm[i:i + 3200])
+    return out + w.flush(), w
+
+
+@pytest.fixture(scope="module")
+def passage(speech_dir):
+    return read_pcm_file(speech_dir / "austen_passage.flac")
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    return WhisperDecoder("base", cpu_threads=2)
+
+
+def test_windows_are_cut_at_pauses_and_bounded(passage):
+    audio = np.concatenate([passage] * 3)
+    pcm = audio.tobytes()
+    windows, _ = windows_of(pcm)
+    assert windows[0].start_ms == 0 and windows[-1].end_ms == len(pcm) // 32
+    assert all(a.end_ms == b.start_ms for a, b in zip(windows, windows[1:]))  # contiguous, nothing lost
+    assert all(w.end_ms - w.start_ms <= 30000 for w in windows)
+    assert all(w.end_ms - w.start_ms >= 10000 for w in windows[:-1])
+    # every cut falls in a pause: the audio around it is quiet
+    for w in windows[:-1]:
+        around = audio[w.end_ms * 16 - 1600: w.end_ms * 16 + 1600]
+        assert np.abs(around.astype(float)).mean() < 0.2 * np.abs(passage.astype(float)).mean()
+
+
+def test_speech_without_pauses_is_cut_hard_at_the_maximum(passage):
+    voiced = passage[np.abs(passage) > 0]
+    windows, _ = windows_of(np.concatenate([voiced] * 3).tobytes(), max_window_ms=8000, min_window_ms=4000)
+    assert all(w.end_ms - w.start_ms <= 8000 for w in windows)
+
+
+def test_silence_makes_no_windows_and_memory_is_one_window():
+    windows, w = windows_of(b"\x00\x00" * 16000 * 95)
+    assert windows == []
+    assert w.start_ms > 60000 and len(w._pending) <= 30000 * 32  # nothing held beyond a window
+
+
+def test_device_choice_defaults_to_cpu_int8_here():
+    assert choose_device("auto", "auto") in (("cpu", "int8"), ("cuda", "float16"))
+    assert choose_device("cpu", "auto") == ("cpu", "int8")
+
+
+def test_whisper_on_real_speech(decoder, passage, references):
+    windows, _ = windows_of(passage.tobytes())
+    prompt, texts, words = "", [], []
+    for w in windows:
+        d = decoder.decode(w.pcm, w.start_ms, prompt=prompt)
+        texts.append(d.text)
+        words += d.words
+        prompt += " " + d.text
+    text = " ".join(texts)
+    assert score(references["austen_passage.flac"], text).wer <= 0.05, text
+    assert decoder.model_name == "whisper-base" and "int8" in decoder.model_version
+    starts = [w["start_ms"] for w in words]
+    assert starts == sorted(starts) and words[-1]["end_ms"] <= len(passage) // 16 + 100
+    assert all(0 <= w["confidence"] <= 1 for w in words)
+
+
+def test_whisper_beats_the_online_pass_on_short_utterances(decoder, speech_dir, references):
+    total = WerScore(0, 0)
+    for name, ref in references.items():
+        if name != "austen_passage.flac":
+            total += score(ref, decoder.decode(read_pcm_file(speech_dir / name), 0).text)
+    assert total.wer <= 0.10  # the online pass gets ~30% here
+
+
+def test_nbest_gives_distinct_scored_hypotheses(decoder, speech_dir):
+    hyps = decoder.nbest(read_pcm_file(speech_dir / "goforward.wav"), 4)
+    assert 2 <= len(hyps) <= 4 and len({t for t, _ in hyps}) == len(hyps)
+    assert "forward" in hyps[0][0].lower() and all(s <= 0 for _, s in hyps)
