@@ -1,10 +1,12 @@
 """`make bench`: what the pipeline costs and how it performs, measured in one run.
 
-Phases (one embedded stack, started here):
-  direct    decode the real-speech set in this process, no Kafka (baseline CPU and WER)
-  pipeline  the same set through ingest -> Tansu -> online_asr -> results, as fast as possible
-  rt1/rt4   1 and 4 concurrent streams published at real-time pace: partial latency, RTF
-  long      one long stream (default 20 min of real speech, published fast): online_asr RSS over time
+Phases (one embedded stack with every service, started here):
+  direct    online decoding of the real-speech set in this process, no Kafka (baseline CPU and WER)
+  pipeline  the same set through ingest -> Tansu -> online_asr + offline_asr -> results, as fast as
+            possible: online and offline WER side by side, CPU per service
+  rt1/rt4   1 and 4 concurrent streams at real-time pace (offline pass running too): partial latency
+  short/long real-time streams under 15 s and over 40 s: final result after the stream's end
+  soak      one long stream (default 20 min of real speech, published fast): RSS over time
 Prints a report and writes bench/out/results.json.
 """
 from __future__ import annotations
@@ -120,7 +122,7 @@ def latency_stats(rows: list[dict]) -> dict:
 
 
 def long_stream_wav(path: Path, minutes: float, files: list[Path]) -> float:
-    """Real speech tiled to `minutes`, 0.5 s pauses between utterances, written as 16 kHz WAV."""
+    """Real speech tiled to `minutes` (at least once), 0.5 s pauses between files, as 16 kHz WAV."""
     import soundfile as sf
 
     gap = np.zeros(8000, dtype=np.int16)
@@ -128,127 +130,203 @@ def long_stream_wav(path: Path, minutes: float, files: list[Path]) -> float:
     for f in files:
         pieces += [read_pcm_file(f), gap]
     block = np.concatenate(pieces)
-    reps = int(np.ceil(minutes * 60 * 16000 / len(block)))
+    reps = max(1, int(np.ceil(minutes * 60 * 16000 / len(block))))
     with sf.SoundFile(path, "w", 16000, 1, "PCM_16") as out:
         for _ in range(reps):
             out.write(block)
     return reps * len(block) / 16000
 
 
+def start_stack(tmp: Path, name: str, replicas: str):
+    settings = Settings.load(data_dir=tmp)
+    print(f"starting the embedded stack {name} ({replicas or 'all services'}) in {tmp} ...", flush=True)
+    state = stack.launch(settings, name=name, replicas=replicas)
+    settings.bootstrap = state["bootstrap"]
+    procs = {"broker": psutil.Process(state["broker"]["pid"])}
+    procs.update({s["name"]: psutil.Process(s["pid"]) for s in state["services"]})
+    procs["client (hark run: publisher + results reader)"] = psutil.Process()
+    return settings, procs, Sampler(procs), Ingest(settings)
+
+
+def stop_stack(settings, sampler, ingest, name: str) -> None:
+    sampler.close()
+    ingest.producer.close()
+    stack.stop(stack.stack_dir(settings, name))
+
+
+def wer_of(rows, refs, field: str) -> WerScore:
+    total = WerScore(0, 0)
+    for r in rows:
+        total += score(refs[Path(r["source"]).name], r[field])
+    return total
+
+
+def soak(settings, procs, sampler, ingest, tmp: Path, utterances, minutes: float) -> dict:
+    """One long stream published fast; RSS of both decoders sampled through it."""
+    wav = tmp / "soak.wav"
+    seconds = long_stream_wav(wav, minutes, utterances)
+    print(f"one {seconds / 60:.1f}-minute stream, published fast ...", flush=True)
+    out = {"audio_s": round(seconds, 1)}
+    t0 = time.monotonic()
+    with phase(procs, sampler, out):
+        rows = run_streams(settings, ingest, [str(wav)], realtime=False)
+    out.update({"status": rows[0]["status"], "final_source": rows[0]["final_source"], "words": len(rows[0]["words"])})
+    for name in ("online_asr", "offline_asr"):
+        rss = np.array([x for t, x in sampler.series[name] if t >= t0], dtype=float) / 2 ** 20
+        # Quarters of the stream: the median shows growth with stream length (a leak), the peak the
+        # transient working memory of decoding a window. Growth compares the last quarter with the first.
+        q = np.array_split(rss, 4)
+        out[name] = {"median_mb_by_quarter": [round(float(np.median(x)), 1) for x in q],
+                     "peak_mb_by_quarter": [round(float(x.max()), 1) for x in q],
+                     "median_growth": round(float(np.median(q[3]) / np.median(q[0]) - 1), 4),
+                     "peak_growth": round(float(q[3].max() / q[0].max() - 1), 4),
+                     "rss_mb_series_2hz": [round(float(x), 1) for x in rss]}
+    return out
+
+
+def soak_only(a, tmp: Path, utterances) -> None:
+    settings, procs, sampler, ingest = start_stack(tmp, "bench", "")
+    try:
+        result = soak(settings, procs, sampler, ingest, tmp, utterances, a.long_minutes)
+    finally:
+        stop_stack(settings, sampler, ingest, "bench")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "soak.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "rss_mb_series_2hz"} if isinstance(v, dict) else v)
+                      for k, v in result.items()}))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.pipeline")
     ap.add_argument("--long-minutes", type=float, default=20.0)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--soak-only", action="store_true", help="only the long-stream memory phase")
     a = ap.parse_args(argv)
 
     refs = load_references(SPEECH / "references.tsv")
     utterances = [SPEECH / n for n in refs if n != "austen_passage.flac"]
+    files = [str(f) for f in utterances]
     report: dict = {"machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                                 "memory_gb": round(psutil.virtual_memory().total / 2 ** 30, 1),
                                 "python": platform.python_version()},
                     "set": {"files": len(utterances), "source": "pocketsphinx 5.1.1 sdist test/data"}}
     tmp = Path(tempfile.mkdtemp(prefix="hark-bench-"))
-    settings = Settings.load(data_dir=tmp)
-    print(f"starting the embedded stack in {tmp} ...", flush=True)
-    state = stack.launch(settings, name="bench")
-    settings.bootstrap = state["bootstrap"]
-    procs = {"broker": psutil.Process(state["broker"]["pid"])}
-    procs.update({f"{s['name']}": psutil.Process(s["pid"]) for s in state["services"]})
-    procs["client (hark run: publisher + results reader)"] = psutil.Process()
-    sampler = Sampler(procs)
+
+    # 1. The online pipeline vs the same decoding without Kafka, on an online-only stack (with the
+    #    offline pass beside it, both would compete for the same 2 cores and skew the comparison).
+    if a.soak_only:
+        return soak_only(a, tmp, utterances)
+    settings, procs, sampler, ingest = start_stack(tmp, "bench-online", "offline_asr=0")
     try:
-        ingest = Ingest(settings)
         print("direct decoding (no Kafka) ...", flush=True)
         report["direct"] = direct_decode(utterances, refs)
+        print("online-only pipeline, as fast as possible (after one unmeasured pass: a running "
+              "service's decoder pool is warm) ...", flush=True)
+        run_streams(settings, ingest, files, realtime=False)
+        report["online_pipeline"] = {}
+        with phase(procs, sampler, report["online_pipeline"]):
+            rows = run_streams(settings, ingest, files, realtime=False)
+        report["online_pipeline"]["wer"] = round(wer_of(rows, refs, "final_text").wer, 4)
+        cpu = report["online_pipeline"]["services"]["online_asr"]["cpu_s"]
+        report["overhead"] = {"online_asr_cpu_vs_direct": round(cpu / report["direct"]["cpu_s"] - 1, 4)}
+    finally:
+        stop_stack(settings, sampler, ingest, "bench-online")
 
-        print("pipeline, as fast as possible (one unmeasured pass first: a running service's decoder "
-              "pool is warm) ...", flush=True)
-        run_streams(settings, ingest, [str(f) for f in utterances], realtime=False)
+    # 2. Everything else on the full stack.
+    settings, procs, sampler, ingest = start_stack(tmp, "bench", "")
+    try:
+        print("full pipeline (online + offline), as fast as possible ...", flush=True)
+        run_streams(settings, ingest, files, realtime=False)  # warm the pools, as above
         report["pipeline"] = {}
         with phase(procs, sampler, report["pipeline"]):
-            rows = run_streams(settings, ingest, [str(f) for f in utterances], realtime=False)
-        total = WerScore(0, 0)
-        for r in rows:
-            total += score(refs[Path(r["source"]).name], r["final_text"])
-        report["pipeline"]["wer"] = round(total.wer, 4)
-        report["pipeline"]["all_complete"] = all(r["status"] == "COMPLETE" for r in rows)
-        asr_cpu = report["pipeline"]["services"]["online_asr"]["cpu_s"]
-        report["overhead"] = {
-            "online_asr_cpu_vs_direct": round(asr_cpu / report["direct"]["cpu_s"] - 1, 4),
-            "all_services_cpu_vs_direct": round(sum(v["cpu_s"] for k, v in report["pipeline"]["services"].items()
-                                                    if not k.startswith("client")) / report["direct"]["cpu_s"] - 1, 4),
-        }
+            rows = run_streams(settings, ingest, files, realtime=False)
+        online, offline = wer_of(rows, refs, "online_text"), wer_of(rows, refs, "final_text")
+        report["pipeline"].update({
+            "online_wer": round(online.wer, 4), "offline_wer": round(offline.wer, 4),
+            "offline_errors": offline.errors, "ref_words": offline.ref_words,
+            "offline_vs_online": round(offline.wer / online.wer, 3) if online.wer else None,
+            "all_complete": all(r["status"] == "COMPLETE" and r["final_source"] == "offline" for r in rows),
+            "offline_cpu_per_audio_s": round(report["pipeline"]["services"]["offline_asr"]["cpu_s"]
+                                             / report["direct"]["audio_s"], 4)})
+        passage = SPEECH / "austen_passage.flac"
+        rows = run_streams(settings, ingest, [str(passage)], realtime=False)
+        report["passage"] = {"online_wer": round(wer_of(rows, refs, "online_text").wer, 4),
+                             "offline_wer": round(wer_of(rows, refs, "final_text").wer, 4),
+                             "ref_words": wer_of(rows, refs, "final_text").ref_words}
 
-        passage = str(SPEECH / "austen_passage.flac")
         for n in (1, a.concurrency):
             key = f"realtime_{n}"
-            print(f"{n} concurrent real-time stream(s) of {passage} ...", flush=True)
+            print(f"{n} concurrent real-time stream(s) of {passage.name}, offline pass running too ...", flush=True)
             report[key] = {}
             with phase(procs, sampler, report[key]):
-                rows = run_streams(settings, ingest, [passage] * n, realtime=True)
+                rows = run_streams(settings, ingest, [str(passage)] * n, realtime=True)
             audio = sum(r["duration_s"] for r in rows)
             report[key].update(latency_stats(rows))
             report[key]["all_complete"] = all(r["status"] == "COMPLETE" for r in rows)
             report[key]["online_asr_rtf"] = round(report[key]["services"]["online_asr"]["cpu_s"] / audio, 4)
             report[key]["audio_s"] = round(audio, 1)
 
+        long_wav = tmp / "long.wav"  # > 40 s: the whole set joined, real utterances with pauses
+        long_stream_wav(long_wav, 0, [passage, *utterances])
+        for key, chosen in (("short", [SPEECH / "sense_and_sensibility_01_austen_64kb-0870.wav",
+                                       SPEECH / "sense_and_sensibility_01_austen_64kb-0920.wav",
+                                       SPEECH / "cards_005.wav"]),
+                            ("long", [long_wav])):
+            print(f"final after close, {key} stream(s) at real-time pace ...", flush=True)
+            rows = []
+            for f in chosen:  # one at a time: the latency of one stream, not of a queue
+                rows += run_streams(settings, ingest, [str(f)], realtime=True)
+            report[key] = [{"file": Path(r["source"]).name, "duration_s": r["duration_s"],
+                            "final_after_close_ms": r["latency"]["final_after_close_ms"],
+                            "target_ms": round(2000 + 150 * r["duration_s"]), "final_source": r["final_source"]}
+                           for r in rows]
+
         if a.long_minutes > 0:
-            wav = tmp / "long.wav"
-            seconds = long_stream_wav(wav, a.long_minutes, utterances)
-            print(f"one {seconds / 60:.1f}-minute stream, published fast ...", flush=True)
-            report["long"] = {"audio_s": round(seconds, 1)}
-            t0 = time.monotonic()
-            with phase(procs, sampler, report["long"]):
-                rows = run_streams(settings, ingest, [str(wav)], realtime=False)
-            series = [(t - t0, rss) for t, rss in sampler.series["online_asr"] if t >= t0]
-            rss = np.array([x for _, x in series], dtype=float)
-            # after warm-up (first 10% of the run) vs. everything later
-            cut = max(1, len(rss) // 10)
-            early, late_peak = float(np.median(rss[:cut])), float(rss[cut:].max())
-            report["long"].update({
-                "status": rows[0]["status"], "words": len(rows[0]["words"]),
-                "online_asr_rss_mb_after_warmup": round(early / 2 ** 20, 1),
-                "online_asr_rss_mb_peak_later": round(late_peak / 2 ** 20, 1),
-                "online_asr_rss_growth": round(late_peak / early - 1, 4),
-                "online_asr_rss_mb_samples": [round(x / 2 ** 20, 1) for x in rss[:: max(1, len(rss) // 20)]],
-            })
+            report["soak"] = soak(settings, procs, sampler, ingest, tmp, utterances, a.long_minutes)
     finally:
-        sampler.close()
-        stack.stop(stack.stack_dir(settings, "bench"))
+        stop_stack(settings, sampler, ingest, "bench")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(report, indent=1))
     print_report(report)
 
 
 def print_report(r: dict) -> None:
-    m = r["machine"]
+    m, p = r["machine"], r["pipeline"]
     print(f"\n== hark bench ({m['cpus']} cores, {m['memory_gb']} GB, Python {m['python']}) ==")
     print(f"real-speech set: {r['set']['files']} utterances, {r['direct']['ref_words']} words, "
           f"{r['direct']['audio_s']} s ({r['set']['source']})")
-    print(f"online WER   direct {r['direct']['wer']:.1%}   through the pipeline {r['pipeline']['wer']:.1%}")
-    print(f"direct decoding: {r['direct']['cpu_s']} s CPU, RTF {r['direct']['rtf']}")
-    o = r["overhead"]
-    print(f"pipeline CPU overhead vs direct: online_asr {o['online_asr_cpu_vs_direct']:+.1%}; "
-          f"all services incl. broker {o['all_services_cpu_vs_direct']:+.1%}")
+    print(f"WER through the pipeline: online {p['online_wer']:.1%}, offline {p['offline_wer']:.1%} "
+          f"({p['offline_errors']}/{p['ref_words']} words; offline/online {p['offline_vs_online']})")
+    pa = r["passage"]
+    print(f"WER on the 28.7 s passage as one stream ({pa['ref_words']} words): online {pa['online_wer']:.1%}, "
+          f"offline {pa['offline_wer']:.1%}")
+    print(f"offline_asr CPU per audio second {p['offline_cpu_per_audio_s']} (incl. n-best)")
+    print(f"online-only stack: WER {r['online_pipeline']['wer']:.1%}; direct decoding WER {r['direct']['wer']:.1%}, "
+          f"RTF {r['direct']['rtf']}; online_asr CPU vs direct {r['overhead']['online_asr_cpu_vs_direct']:+.1%}")
     for key in [k for k in r if k.startswith("realtime_")]:
         x = r[key]
         print(f"{key.split('_')[1]} real-time stream(s): partial latency p50 {x['partial_p50_ms']} ms, "
               f"p95 {x['partial_p95_ms']} ms (max {x['partial_max_ms']} ms, {x['words']} words); "
-              f"final after close p50 {x['final_after_close_p50_ms']} ms; online_asr RTF {x['online_asr_rtf']}; "
-              f"complete {x['all_complete']}")
+              f"online_asr RTF {x['online_asr_rtf']}; complete {x['all_complete']}")
+    for key in ("short", "long"):
+        for x in r.get(key, []):
+            print(f"final after close ({key}): {x['file']} {x['duration_s']:.1f} s -> {x['final_after_close_ms']} ms "
+                  f"(target {x['target_ms']} ms, from {x['final_source']})")
     print("\nper service (phase: CPU % of one core, peak RSS MB):")
-    phases = [k for k in ("pipeline", "realtime_1", f"realtime_{max(int(k.split('_')[1]) for k in r if k.startswith('realtime_'))}", "long") if k in r]
-    names = list(r["pipeline"]["services"])
-    print(f"{'':<48}" + "".join(f"{p:>20}" for p in phases))
-    for n in names:
-        cells = "".join(f"{r[p]['services'][n]['cpu_pct_of_one_core']:>11.1f}% {r[p]['services'][n]['peak_rss_mb']:>6.0f}MB"
-                        for p in phases)
-        print(f"{n:<48}{cells}")
-    if "long" in r:
-        lg = r["long"]
-        print(f"\nlong stream {lg['audio_s'] / 60:.1f} min ({lg['status']}, {lg['words']} words): online_asr RSS "
-              f"{lg['online_asr_rss_mb_after_warmup']} MB after warm-up, peak later {lg['online_asr_rss_mb_peak_later']} MB "
-              f"({lg['online_asr_rss_growth']:+.1%})")
+    phases = [k for k in r if k in ("online_pipeline", "pipeline", "soak") or k.startswith("realtime_")]
+    print(f"{'':<48}" + "".join(f"{ph:>20}" for ph in phases))
+    for n in r["pipeline"]["services"]:
+        cells = [r[ph]["services"].get(n) for ph in phases]
+        print(f"{n:<48}" + "".join(f"{c['cpu_pct_of_one_core']:>11.1f}% {c['peak_rss_mb']:>6.0f}MB" if c else f"{'-':>20}"
+                                   for c in cells))
+    if "soak" in r:
+        sk = r["soak"]
+        print(f"\n{sk['audio_s'] / 60:.1f}-minute stream ({sk['status']}, final from {sk['final_source']}, "
+              f"{sk['words']} words):")
+        for n in ("online_asr", "offline_asr"):
+            x = sk[n]
+            print(f"  {n} RSS by quarter of the stream: median {x['median_mb_by_quarter']} MB "
+                  f"({x['median_growth']:+.1%}), peak {x['peak_mb_by_quarter']} MB ({x['peak_growth']:+.1%})")
     print(f"\nfull results: {OUT / 'results.json'}")
 
 

@@ -61,6 +61,10 @@ class Settings:
     offline_cpu_threads: int = 0  # 0: all cores
     offline_beam_size: int = 5
     offline_nbest: int = 5  # 0: no n-best pass
+    # Characters of the stream's previous offline text given to Whisper as its prompt. 0 (off): on
+    # the real-speech set it changed nothing, on repetitive speech it set off repetition loops
+    # (2x decode time, 2x WER), see README.
+    offline_prompt_chars: int = 0
     offline_min_window_s: float = 10.0
     offline_max_window_s: float = 30.0
     # The online pass is latency-critical, the offline one is not: lower its CPU priority.

@@ -45,7 +45,11 @@ def consumer(settings: Settings, group: str, **overrides) -> Consumer:
         "session.timeout.ms": 6000,
         "heartbeat.interval.ms": 500,
         "fetch.wait.max.ms": settings.fetch_wait_ms,
-        "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+        # librdkafka prefetches up to 64 MB by default: a consumer slower than its input (the offline
+        # pass on a fast-published stream) would hold that much audio. 16 MB is ~80 s of chunks;
+        # a single larger message is still fetched (the fetch size grows to fit it).
+        "queued.max.messages.kbytes": 16384,
+        "fetch.message.max.bytes": 1024 * 1024,
         "partition.assignment.strategy": "cooperative-sticky",
     })
     conf.update(overrides)

@@ -148,6 +148,8 @@ class Supervisor:
         self.write_state()
         kafka.wait_for_broker(self.settings, timeout=30)
         kafka.ensure_topics(self.settings)
+        if self.replicas.get("offline_asr", 1) == 0:  # online-only: results must not wait for offline
+            self.settings.results_wait_for = "online"
         base_env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         for name, (module, _topic) in SERVICES.items():
             for i in range(self.replicas.get(name, 1)):
@@ -167,7 +169,8 @@ class Supervisor:
             if not h or h.get("status") != "ok":
                 return False
             assigned[c.name] = assigned.get(c.name, 0) + h.get("partitions", 0)
-        return all(assigned.get(n, 0) >= self.settings.partitions for n, (_, t) in SERVICES.items() if t)
+        return all(assigned.get(n, 0) >= self.settings.partitions for n, (_, t) in SERVICES.items()
+                   if t and self.replicas.get(n, 1) > 0)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
@@ -257,8 +260,9 @@ def parse_replicas(spec: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for part in filter(None, (s.strip() for s in spec.split(","))):
         name, _, n = part.partition("=")
-        if name not in SERVICES or not n.isdigit() or int(n) < 1:
-            raise SystemExit(f"bad --replicas entry {part!r} (e.g. online_asr=2; services: {', '.join(SERVICES)})")
+        if name not in SERVICES or not n.isdigit() or (int(n) < 1 and name != "offline_asr"):
+            raise SystemExit(f"bad --replicas entry {part!r} (e.g. online_asr=2 or offline_asr=0; "
+                             f"services: {', '.join(SERVICES)})")
         out[name] = int(n)
     return out
 

@@ -298,3 +298,21 @@ def test_websocket_file_upload(live_stack, speech_dir, references):
     done = asyncio.run(client())
     assert done["type"] == "done" and done["chunks"] == 28
     assert "forward" in complete_record(settings, sid)["text"]
+
+
+def test_online_only_stack(tmp_path, speech_dir):
+    """`hark up --replicas offline_asr=0`: results completes streams on the online pass alone."""
+    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "2"}
+    up = run_hark("up", "--replicas", "offline_asr=0", env_extra=env, timeout=120)
+    assert up.returncode == 0, up.stderr
+    try:
+        state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
+        assert {s["name"] for s in state["services"]} == {"ingest", "online_asr", "results"}
+        out = tmp_path / "o.jsonl"
+        run = run_hark("run", str(speech_dir / "goforward.wav"), "--fast", "--quiet", "--json", str(out),
+                       "--bootstrap", state["bootstrap"], env_extra=env)
+        assert run.returncode == 0, run.stderr
+        row = json.loads(out.read_text())
+        assert row["final_source"] == "online" and row["final_text"] == row["online_text"] != ""
+    finally:
+        run_hark("down", env_extra=env)

@@ -62,7 +62,9 @@ class WhisperDecoder:
         audio = pcm.astype(np.float32) / 32768.0
         segments, info = self.model.transcribe(
             audio, language=None if self.english_only else language, beam_size=self.beam_size,
-            word_timestamps=True, initial_prompt=prompt or None, condition_on_previous_text=True,
+            word_timestamps=True, initial_prompt=prompt or None,
+            # Segments of one window conditioning on each other is how Whisper's repetition loops start.
+            condition_on_previous_text=False,
             vad_filter=False)  # windows are already cut at pauses
         words, texts = [], []
         for seg in segments:

@@ -2,7 +2,8 @@
 
 Triggers: a window is decoded as soon as the stream has moved past a pause with at least
 ``offline_min_window_s`` of audio pending (so long streams are improved while they run), and
-the rest at StreamEnd. The previous offline text of the stream is the prompt. n-best lists are
+the rest at StreamEnd (the previous offline text can be the prompt: ``offline_prompt_chars``,
+off by default, see README). n-best lists are
 computed when the service is otherwise idle (they cost another decode and nobody waits on them).
 
 Audio source: the stream's chunks as they arrive on the audio topic, buffered per stream up to
@@ -33,8 +34,7 @@ from .windows import StreamWindows, Window
 
 log = logging.getLogger("hark.offline_asr")
 
-PROMPT_CHARS = 400  # ~100 tokens of the stream's previous text: context, well under Whisper's prompt limit
-NBEST_QUEUE = 32  # windows (<= 30 s of PCM each) waiting for their n-best; the oldest is dropped beyond
+NBEST_QUEUE = 8  # windows (<= 30 s of PCM, ~1 MB each) waiting for their n-best; the oldest is dropped beyond
 
 
 @dataclass
@@ -152,7 +152,7 @@ class OfflineASR(ConsumerService):
 
     # -- decoding -------------------------------------------------------------------------------
     def _decode(self, sid: str, st: OfflineStream, w: Window) -> None:
-        d = self.decoder.decode(w.pcm, w.start_ms, prompt=st.prompt[-PROMPT_CHARS:], language=st.language)
+        d = self.decoder.decode(w.pcm, w.start_ms, prompt=self._prompt(st), language=st.language)
         self.metrics.inc("decode_seconds_total", d.decode_s)
         self.metrics.inc("audio_seconds_total", len(w.pcm) / 16000)
         if not d.text:
@@ -164,9 +164,13 @@ class OfflineASR(ConsumerService):
             if len(self.nbest_jobs) >= NBEST_QUEUE:
                 self.nbest_jobs.popleft()
                 self.metrics.inc("nbest_dropped_total")
-            self.nbest_jobs.append((sid, st.tenant, st.segments, w, st.prompt[-PROMPT_CHARS:], st.language))
-        st.prompt = (st.prompt + " " + d.text)[-PROMPT_CHARS:]
+            self.nbest_jobs.append((sid, st.tenant, st.segments, w, self._prompt(st), st.language))
+        if self.settings.offline_prompt_chars:
+            st.prompt = (st.prompt + " " + d.text)[-self.settings.offline_prompt_chars:]
         st.segments += 1
+
+    def _prompt(self, st: OfflineStream) -> str | None:
+        return st.prompt[-self.settings.offline_prompt_chars:] if self.settings.offline_prompt_chars else None
 
     def idle(self) -> None:
         if not self.nbest_jobs:
