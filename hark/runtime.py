@@ -207,6 +207,7 @@ class ConsumerService:
         # key -> (topic, partition, offset): the earliest record an open stream needs re-read
         # after a crash. Commits never pass it, so stream state is rebuilt, never lost.
         self._holds: dict[str, tuple[str, int, int]] = {}
+        self._last_sweep = time.monotonic()
         self.health: HealthServer | None = None
 
     # -- to implement -------------------------------------------------------------------------
@@ -225,6 +226,19 @@ class ConsumerService:
 
     def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
         """Drop state for partitions this process no longer owns."""
+
+    def sweep_due(self, period_s: float = 1.0) -> bool:
+        """True at most once per ``period_s``: for periodic work done from ``tick``."""
+        now = time.monotonic()
+        if now - self._last_sweep < period_s:
+            return False
+        self._last_sweep = now
+        return True
+
+    def idle_streams(self, streams: dict) -> list[str]:
+        """Ids of streams (values with ``last_seen``) without audio for longer than idle_timeout_s."""
+        now = time.monotonic()
+        return [sid for sid, st in streams.items() if now - st.last_seen > self.settings.idle_timeout_s]
 
     def hold(self, key: str, msg: Message, offset: int | None = None) -> None:
         """Keep commits on msg's partition at or before ``offset`` (default msg's) while ``key`` is open."""

@@ -65,7 +65,6 @@ class OfflineASR(ConsumerService):
         self.streams: dict[str, OfflineStream] = {}
         self.nbest_jobs: deque = deque()
         self.store = open_store(settings)
-        self._last_sweep = time.monotonic()
         log.info("model loaded", extra=kv(model=self.decoder.model_name, version=self.decoder.model_version))
 
     @property
@@ -193,13 +192,9 @@ class OfflineASR(ConsumerService):
 
     # -- housekeeping ---------------------------------------------------------------------------
     def tick(self) -> None:
-        now = time.monotonic()
-        if now - self._last_sweep < 1.0:
-            return
-        self._last_sweep = now
-        for sid, st in list(self.streams.items()):
-            if now - st.last_seen > self.settings.idle_timeout_s:
-                self._close(sid, st.tenant, "IDLE_TIMEOUT")
+        if self.sweep_due():
+            for sid in self.idle_streams(self.streams):
+                self._close(sid, self.streams[sid].tenant, "IDLE_TIMEOUT")
 
     def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
         gone = {p for _, p in partitions}

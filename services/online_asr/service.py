@@ -44,7 +44,6 @@ class OnlineASR(ConsumerService):
         self.pool.prewarm(settings.prewarm_decoders)
         self.streams: dict[str, StreamState] = {}
         self.store = open_store(settings) if settings.keep_lattices else None
-        self._last_sweep = time.monotonic()
 
     @property
     def topics(self) -> list[str]:
@@ -138,14 +137,11 @@ class OnlineASR(ConsumerService):
 
     # -- housekeeping ---------------------------------------------------------------------------
     def tick(self) -> None:
-        now = time.monotonic()
-        if now - self._last_sweep < 1.0:
+        if not self.sweep_due():
             return
-        self._last_sweep = now
-        for sid, st in list(self.streams.items()):
-            if now - st.last_seen > self.settings.idle_timeout_s:
-                log.warning("closing idle stream", extra=kv(stream_id=sid, idle_s=round(now - st.last_seen, 1)))
-                self._close(sid, st.tenant, "IDLE_TIMEOUT", st.next_seq)
+        for sid in self.idle_streams(self.streams):
+            log.warning("closing idle stream", extra=kv(stream_id=sid))
+            self._close(sid, self.streams[sid].tenant, "IDLE_TIMEOUT", self.streams[sid].next_seq)
         self.metrics.set("decoders_pooled", self.pool.size)
 
     def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:

@@ -7,8 +7,6 @@ topics themselves: commits are held at each open stream's first record on each t
 """
 from __future__ import annotations
 
-import time
-
 from confluent_kafka import Message
 
 from hark.config import Settings
@@ -26,7 +24,6 @@ class Results(ConsumerService):
         wait_for = tuple(p.strip() for p in settings.results_wait_for.split(",") if p.strip())
         self.merger = ResultsMerger(settings.max_transcript_words, wait_for, settings.offline_timeout_s)
         self.partitions_of: dict[str, set[tuple[str, int]]] = {}
-        self._last_sweep = time.monotonic()
 
     @property
     def topics(self) -> list[str]:
@@ -59,9 +56,7 @@ class Results(ConsumerService):
             self.release(f"{sid}@{topic}")
 
     def tick(self) -> None:
-        now = time.monotonic()
-        if now - self._last_sweep >= 1.0:
-            self._last_sweep = now
+        if self.sweep_due():
             self._publish(self.merger.expire())
 
     def partitions_revoked(self, partitions):
