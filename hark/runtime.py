@@ -349,6 +349,36 @@ class ConsumerService:
         log.info("partitions revoked", extra=kv(partitions=[p for _, p in gone]))
 
 
+class AudioStreamService(ConsumerService):
+    """A consumer of the audio topic: checks each record's key and routes it by stream event."""
+
+    @property
+    def topics(self) -> list[str]:
+        return [self.settings.audio_topic]
+
+    def handle(self, rtype: str, rec: dict, msg: Message) -> None:
+        sid = rec["stream_id"]
+        if msg.key() is not None and msg.key() != sid.encode():
+            raise InputError("key_mismatch", f"record key {msg.key()!r} differs from stream id {sid!r}")
+        if rtype == "StreamStart":
+            self.on_start(sid, rec, msg)
+        elif rtype == "AudioChunk":
+            self.on_chunk(sid, rec, msg)
+        elif rtype == "StreamEnd":
+            self.on_end(sid, rec, msg)
+        else:
+            raise InputError("unexpected_record", f"{rtype} does not belong on the audio topic")
+
+    def on_start(self, sid: str, rec: dict, msg: Message) -> None:
+        raise NotImplementedError
+
+    def on_chunk(self, sid: str, rec: dict, msg: Message) -> None:
+        raise NotImplementedError
+
+    def on_end(self, sid: str, rec: dict, msg: Message) -> None:
+        raise NotImplementedError
+
+
 def _key(msg: Message) -> str | None:
     k = msg.key()
     try:

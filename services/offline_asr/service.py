@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import Message
 
 from hark.config import Settings
-from hark.runtime import ConsumerService, InputError, check_chunk, in_sequence, kv, main_for, now_ms
+from hark.runtime import AudioStreamService, check_chunk, in_sequence, kv, main_for, now_ms
 from hark.storage import open_store
 
 from .decoder import MAX_WINDOW_S, WhisperDecoder, whisper_language
@@ -51,7 +51,7 @@ class OfflineStream:
     last_published_at_ms: int = 0
 
 
-class OfflineASR(ConsumerService):
+class OfflineASR(AudioStreamService):
     name = "offline_asr"
     group = "hark-offline-asr"
 
@@ -67,29 +67,21 @@ class OfflineASR(ConsumerService):
         self.store = open_store(settings)
         log.info("model loaded", extra=kv(model=self.decoder.model_name, version=self.decoder.model_version))
 
-    @property
-    def topics(self) -> list[str]:
-        return [self.settings.audio_topic]
-
     def _new_windows(self, start_ms: int) -> StreamWindows:
         s = self.settings
         return StreamWindows(start_ms, int(s.offline_min_window_s * 1000),
                              int(min(s.offline_max_window_s, MAX_WINDOW_S) * 1000))
 
     # -- records ------------------------------------------------------------------------------
-    def handle(self, rtype: str, rec: dict, msg: Message) -> None:
-        sid = rec.get("stream_id")
-        if msg.key() is not None and msg.key() != sid.encode():
-            raise InputError("key_mismatch", f"record key {msg.key()!r} differs from stream id {sid!r}")
-        if rtype == "StreamStart":
-            if sid not in self.streams:
-                self._open(sid, rec["tenant"], rec["language"], msg, 1, 0)
-        elif rtype == "AudioChunk":
-            self._chunk(sid, rec, msg)
-        elif rtype == "StreamEnd":
-            self._close(sid, rec["tenant"], str(rec["status"]))
-        else:
-            raise InputError("unexpected_record", f"{rtype} does not belong on the audio topic")
+    def on_start(self, sid: str, rec: dict, msg: Message) -> None:
+        if sid not in self.streams:
+            self._open(sid, rec["tenant"], rec["language"], msg, 1, 0)
+
+    def on_chunk(self, sid: str, rec: dict, msg: Message) -> None:
+        self._chunk(sid, rec, msg)
+
+    def on_end(self, sid: str, rec: dict, msg: Message) -> None:
+        self._close(sid, rec["tenant"], str(rec["status"]))
 
     def _open(self, sid, tenant, language, msg, next_seq, start_ms) -> OfflineStream:
         st = OfflineStream(self._new_windows(start_ms), tenant, whisper_language(language), msg.partition(),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from confluent_kafka import Message
 
 from hark.config import Settings
-from hark.runtime import ConsumerService, InputError, check_chunk, in_sequence, kv, main_for, now_ms
+from hark.runtime import AudioStreamService, InputError, check_chunk, in_sequence, kv, main_for, now_ms
 from hark.storage import open_store
 
 from .recognizer import MODEL_NAME, MODEL_VERSION, CapacityError, DecoderPool, Event, StreamRecognizer
@@ -34,7 +34,7 @@ class StreamState:
     last_chunk_published_at_ms: int = 0
 
 
-class OnlineASR(ConsumerService):
+class OnlineASR(AudioStreamService):
     name = "online_asr"
     group = "hark-online-asr"
 
@@ -45,24 +45,16 @@ class OnlineASR(ConsumerService):
         self.streams: dict[str, StreamState] = {}
         self.store = open_store(settings) if settings.keep_lattices else None
 
-    @property
-    def topics(self) -> list[str]:
-        return [self.settings.audio_topic]
-
     # -- records ------------------------------------------------------------------------------
-    def handle(self, rtype: str, rec: dict, msg: Message) -> None:
-        sid = rec.get("stream_id")
-        if msg.key() is not None and msg.key() != sid.encode():
-            raise InputError("key_mismatch", f"record key {msg.key()!r} differs from stream id {sid!r}")
-        if rtype == "StreamStart":
-            if sid not in self.streams:
-                self._open(sid, rec["tenant"], msg, next_seq=1)
-        elif rtype == "AudioChunk":
-            self._chunk(sid, rec, msg)
-        elif rtype == "StreamEnd":
-            self._close(sid, rec.get("tenant", ""), str(rec["status"]), rec["seq"])
-        else:
-            raise InputError("unexpected_record", f"{rtype} does not belong on the audio topic")
+    def on_start(self, sid: str, rec: dict, msg: Message) -> None:
+        if sid not in self.streams:
+            self._open(sid, rec["tenant"], msg, next_seq=1)
+
+    def on_chunk(self, sid: str, rec: dict, msg: Message) -> None:
+        self._chunk(sid, rec, msg)
+
+    def on_end(self, sid: str, rec: dict, msg: Message) -> None:
+        self._close(sid, rec["tenant"], str(rec["status"]), rec["seq"])
 
     def _open(self, sid: str, tenant: str, msg: Message, next_seq: int, base_ms: int = 0) -> StreamState:
         try:
