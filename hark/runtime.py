@@ -61,34 +61,59 @@ def kv(**fields) -> dict:
 
 # ---- metrics and health ----------------------------------------------------------------------
 class Metrics:
-    """Counters and gauges rendered in the Prometheus text format."""
+    """Counters and gauges, optionally labelled, rendered in the Prometheus text format."""
 
     def __init__(self, service: str):
         self.service = service
         self._lock = threading.Lock()
-        self._counters: dict[str, float] = {}
-        self._gauges: dict[str, float] = {}
+        self._values: dict[tuple[str, tuple], float] = {}  # (name, labels) -> value
+        self._kinds: dict[str, str] = {}  # name -> counter | gauge
 
-    def inc(self, name: str, by: float = 1.0) -> None:
+    def inc(self, name: str, by: float = 1.0, **labels) -> None:
+        key = (name, tuple(sorted(labels.items())))
         with self._lock:
-            self._counters[name] = self._counters.get(name, 0.0) + by
+            self._kinds.setdefault(name, "counter")
+            self._values[key] = self._values.get(key, 0.0) + by
 
-    def set(self, name: str, value: float) -> None:
+    def set(self, name: str, value: float, **labels) -> None:
         with self._lock:
-            self._gauges[name] = value
+            self._kinds.setdefault(name, "gauge")
+            self._values[(name, tuple(sorted(labels.items())))] = value
+
+    def drop(self, name: str, **labels) -> None:
+        """Forget a labelled series (e.g. the lag of a partition this process no longer owns)."""
+        with self._lock:
+            self._values.pop((name, tuple(sorted(labels.items()))), None)
+
+    def get(self, name: str, **labels) -> float:
+        with self._lock:
+            return self._values.get((name, tuple(sorted(labels.items()))), 0.0)
 
     def snapshot(self) -> dict[str, float]:
+        """Unlabelled series by name (labelled ones are summed)."""
+        out: dict[str, float] = {}
         with self._lock:
-            return {**self._counters, **self._gauges}
+            for (name, _labels), v in self._values.items():
+                out[name] = out.get(name, 0.0) + v
+        return out
 
     def render(self) -> str:
         lines = []
         with self._lock:
-            for kind, values in (("counter", self._counters), ("gauge", self._gauges)):
-                for name, v in sorted(values.items()):
-                    full = f"hark_{name}"
-                    lines += [f"# TYPE {full} {kind}", f'{full}{{service="{self.service}"}} {v}']
+            by_name: dict[str, list] = {}
+            for (name, labels), v in sorted(self._values.items(), key=lambda kv_: (kv_[0][0], str(kv_[0][1]))):
+                by_name.setdefault(name, []).append((labels, v))
+            for name, series in by_name.items():
+                full = f"hark_{name}"
+                lines.append(f"# TYPE {full} {self._kinds[name]}")
+                for labels, v in series:
+                    text = ",".join(f'{k}="{_escape(str(val))}"' for k, val in (("service", self.service), *labels))
+                    lines.append(f"{full}{{{text}}} {v}")
         return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class HealthServer:
@@ -208,6 +233,8 @@ class ConsumerService:
         # after a crash. Commits never pass it, so stream state is rebuilt, never lost.
         self._holds: dict[str, tuple[str, int, int]] = {}
         self._last_sweep = time.monotonic()
+        self._committed: dict[tuple[str, int], int] = {}
+        self._last_lag = 0.0
         self.health: HealthServer | None = None
 
     # -- to implement -------------------------------------------------------------------------
@@ -259,7 +286,41 @@ class ConsumerService:
     # -- helpers --------------------------------------------------------------------------------
     def produce(self, topic: str, key: str, rtype: str, record: dict) -> None:
         self.producer.produce(topic, key=key.encode(), value=serde.encode(rtype, record), on_delivery=self._delivered)
-        self.metrics.inc("records_out_total")
+        self.metrics.inc("records_out_total", topic=topic)
+
+    def observe_decode(self, decode_s: float, audio_s: float, **labels) -> None:
+        """Decoder time against audio time: counters, and their ratio as the ``decode_rtf`` gauge."""
+        self.metrics.inc("decode_seconds_total", decode_s, **labels)
+        self.metrics.inc("audio_seconds_total", audio_s, **labels)
+        audio = self.metrics.get("audio_seconds_total", **labels)
+        if audio > 0:
+            self.metrics.set("decode_rtf", self.metrics.get("decode_seconds_total", **labels) / audio, **labels)
+
+    def update_lag(self) -> None:
+        """Records between the committed offset and the end of each owned partition.
+
+        The high watermark is librdkafka's cached one (updated by every fetch response, no extra
+        request). Tansu reports a wrong high watermark when a batch holds several records
+        (STACK.md), so on the embedded broker this under-reports; on Apache Kafka it is exact.
+        """
+        unknown = [TopicPartition(t, p) for t, p in sorted(self._assigned) if (t, p) not in self._committed]
+        if unknown:  # partitions this process has not committed yet: ask the group coordinator once
+            try:
+                for tp in self.consumer.committed(unknown, timeout=2):
+                    self._committed[(tp.topic, tp.partition)] = tp.offset
+            except Exception as e:
+                log.debug("committed offsets unavailable: %s", e)
+        for topic, partition in sorted(self._assigned):
+            try:
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            except Exception:
+                continue
+            committed = self._committed.get((topic, partition))
+            if high is None or high < 0 or committed is None:
+                continue
+            if committed < 0:  # the group never committed here: everything retained is unread
+                committed = max(low, 0)
+            self.metrics.set("consumer_lag_records", max(0, high - committed), topic=topic, partition=partition)
 
     def _delivered(self, err, msg) -> None:
         if err is not None:
@@ -290,6 +351,9 @@ class ConsumerService:
                 for msg in msgs:
                     self._process(msg)
                 self.tick()
+                if time.monotonic() - self._last_lag >= 5.0:
+                    self._last_lag = time.monotonic()
+                    self.update_lag()
                 if not msgs:
                     self.idle()
                 self.producer.poll(0)
@@ -306,7 +370,7 @@ class ConsumerService:
             if msg.error().code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer error: %s", msg.error())
             return
-        self.metrics.inc("records_in_total")
+        self.metrics.inc("records_in_total", topic=msg.topic())
         try:
             rtype, record = serde.decode(msg.value())
             self.handle(rtype, record, msg)
@@ -330,11 +394,13 @@ class ConsumerService:
         try:
             self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()],
                                  asynchronous=False)
+            self._committed.update(positions)
         except Exception as e:  # e.g. a rebalance in progress: the next commit covers it
             log.warning("commit failed: %s", e)
 
     def _on_assign(self, consumer, partitions):
         self._assigned |= {(p.topic, p.partition) for p in partitions}
+        self.metrics.set("partitions_assigned", len(self._assigned))
         log.info("partitions assigned", extra=kv(partitions=[p.partition for p in partitions]))
 
     def _on_revoke(self, consumer, partitions):
@@ -346,6 +412,9 @@ class ConsumerService:
         for tp in gone:
             self._assigned.discard(tp)
             self._positions.pop(tp, None)
+            self._committed.pop(tp, None)
+            self.metrics.drop("consumer_lag_records", topic=tp[0], partition=tp[1])
+        self.metrics.set("partitions_assigned", len(self._assigned))
         log.info("partitions revoked", extra=kv(partitions=[p for _, p in gone]))
 
 

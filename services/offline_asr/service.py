@@ -144,8 +144,7 @@ class OfflineASR(AudioStreamService):
     # -- decoding -------------------------------------------------------------------------------
     def _decode(self, sid: str, st: OfflineStream, w: Window) -> None:
         d = self.decoder.decode(w.pcm, w.start_ms, prompt=self._prompt(st), language=st.language)
-        self.metrics.inc("decode_seconds_total", d.decode_s)
-        self.metrics.inc("audio_seconds_total", len(w.pcm) / 16000)
+        self.observe_decode(d.decode_s, len(w.pcm) / 16000)
         if not d.text:
             return
         self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(

@@ -83,8 +83,7 @@ class OnlineASR(AudioStreamService):
         st.last_chunk_published_at_ms = rec["published_at_ms"]
         t0 = time.perf_counter()
         events = st.recognizer.feed(pcm)
-        self.metrics.inc("decode_seconds_total", time.perf_counter() - t0)
-        self.metrics.inc("audio_seconds_total", len(pcm) / 32000)
+        self.observe_decode(time.perf_counter() - t0, len(pcm) / 32000)
         self._emit(sid, st, events, rec["seq"])
         if not st.recognizer.in_utterance and any(e.kind == "FINAL" for e in events):
             self.hold(sid, msg, msg.offset() + 1)  # between utterances: resumable from the next chunk

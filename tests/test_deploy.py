@@ -1,0 +1,179 @@
+"""Deployment: the compose file against the code, /metrics scraped, local replicas under a kill."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import time
+import urllib.request
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from hark import stack
+from hark.config import Settings
+
+from .conftest import ROOT, run_hark
+from .test_e2e import complete_record
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+INFRA = {"kafka", "minio", "minio-init"}
+SETTINGS_ENV = {"HARK_" + f.name.upper() for f in dataclasses.fields(Settings) if f.name != "kafka_extra"}
+
+
+def hark_services() -> dict[str, dict]:
+    return {name: svc for name, svc in COMPOSE["services"].items() if name not in INFRA}
+
+
+# ---- docker-compose.yml is checked against the code (Docker cannot run here) --------------------
+def test_compose_runs_every_service_the_code_has_and_no_other():
+    services = hark_services()
+    assert set(services) == set(stack.SERVICES)
+    for name, svc in services.items():
+        assert svc["build"] == "." and svc["command"] == [name]  # `hark service NAME` (the ENTRYPOINT)
+    assert 'ENTRYPOINT ["hark", "service"]' in DOCKERFILE
+    for package in ("hark", "services", "schemas"):  # what the services import or read at run time
+        assert re.search(rf"^COPY {package} \./{package}$", DOCKERFILE, re.M), package
+    assert "hark models install" in DOCKERFILE  # weights assembled and verified at build time
+
+
+def test_compose_sets_only_variables_the_config_reads():
+    for name, svc in hark_services().items():
+        env = svc["environment"]
+        for key in env:
+            assert key in SETTINGS_ENV or key.startswith("HARK_KAFKA_"), f"{name}: {key} is not read by hark"
+        settings = Settings.load(environ={k: str(v) for k, v in env.items()})  # types coerce
+        assert settings.partitions >= 3, "`--scale X=3` needs at least 3 partitions per topic"
+
+
+def test_compose_addresses_and_ports_agree():
+    kafka = COMPOSE["services"]["kafka"]
+    advertised = kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    minio_init = " ".join(COMPOSE["services"]["minio-init"]["command"])
+    for name, svc in hark_services().items():
+        env = svc["environment"]
+        assert f"PLAINTEXT://{env['HARK_BOOTSTRAP']}" in advertised.split(","), name
+        assert env["HARK_S3_ENDPOINT"] == "minio:9000"  # MinIO's API port (the console is :9001)
+        bucket = env["HARK_ARCHIVE_URI"].removeprefix("s3://").split("/")[0]
+        assert f"mb --ignore-existing hark/{bucket}" in minio_init, "the archive bucket is created at start"
+        assert env["HARK_HEALTH_HOST"] == "0.0.0.0"
+        probe = " ".join(svc["healthcheck"]["test"])
+        assert f":{env['HARK_HEALTH_PORT']}/healthz" in probe, name
+        assert set(svc["depends_on"]) == {"kafka", "minio-init"}
+        if stack.SERVICES[name][1] is not None:  # a consumer group member: scalable, no fixed host port
+            assert "ports" not in svc and "container_name" not in svc, f"{name} could not be scaled"
+    ingest = COMPOSE["services"]["ingest"]
+    host_port, container_port = ingest["ports"][0].split(":")
+    assert container_port == ingest["environment"]["HARK_INGEST_PORT"] and ingest["environment"]["HARK_INGEST_HOST"] == "0.0.0.0"
+
+
+def test_compose_names_real_images_kafka_in_kraft_mode_and_minio():
+    services = COMPOSE["services"]
+    kafka, minio = services["kafka"], services["minio"]
+    assert re.fullmatch(r"apache/kafka:\d+\.\d+\.\d+", kafka["image"])
+    env = kafka["environment"]
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].startswith(f"{env['KAFKA_NODE_ID']}@kafka:")
+    assert not any("ZOOKEEPER" in k for k in env) and "zookeeper" not in services
+    from hark.kafka import MAX_MESSAGE_BYTES
+
+    assert int(env["KAFKA_MESSAGE_MAX_BYTES"]) >= MAX_MESSAGE_BYTES
+    assert re.fullmatch(r"minio/minio:RELEASE\.[0-9T\-]+Z", minio["image"])
+    assert re.fullmatch(r"minio/mc:RELEASE\.[0-9T\-]+Z", services["minio-init"]["image"])
+    for svc in services.values():
+        assert "healthcheck" in svc or svc.get("image", "").startswith("minio/mc")
+
+
+# ---- /metrics ------------------------------------------------------------------------------------
+def scrape(port: int) -> dict[str, list]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def value(samples, **labels) -> float:
+    return sum(s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_every_service_exposes_prometheus_metrics(live_stack, speech_dir):
+    settings, _ = live_stack
+    from services.ingest.publisher import Ingest
+
+    sid = Ingest(settings).publish_file(speech_dir / "goforward.wav").stream_id
+    complete_record(settings, sid, timeout=60)
+    time.sleep(6)  # consumer lag is refreshed every 5 s
+    services = stack.read_state(stack.stack_dir(settings, "pytest"))["services"]
+    seen = set()
+    for svc in services:
+        m = scrape(svc["health_port"])
+        seen.add(svc["name"])
+        if svc["name"] == "ingest":
+            continue
+        topics = stack.SERVICES[svc["name"]][1]
+        assert value(m["hark_records_in"]) > 0 and value(m["hark_records_out"]) > 0, svc["name"]
+        assert {s.labels["service"] for s in m["hark_records_in"]} == {svc["name"]}
+        assert "hark_open_streams" in m
+        owned = value(m["hark_partitions_assigned"])
+        assert owned == settings.partitions * (2 if svc["name"] == "results" else 1), topics
+        lag = m["hark_consumer_lag_records"]  # one series per owned partition
+        assert len(lag) == owned and all(s.value >= 0 for s in lag)
+        if svc["name"] in ("online_asr", "offline_asr"):
+            rtf = value(m["hark_decode_rtf"])
+            assert 0 < rtf < 1.5, (svc["name"], rtf)
+            assert value(m["hark_audio_seconds"]) > 0
+    assert seen == set(stack.SERVICES)
+
+
+# ---- local scale-out -------------------------------------------------------------------------
+@pytest.mark.e2e
+def test_replicas_split_partitions_and_no_stream_is_lost_when_one_dies(tmp_path, speech_dir):
+    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "4", "HARK_IDLE_TIMEOUT_S": "10"}
+    up = run_hark("up", "--replicas", "online_asr=2,offline_asr=2", env_extra=env, timeout=180)
+    assert up.returncode == 0, up.stderr
+    try:
+        state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
+        settings = Settings.load(environ={**os.environ, **env})
+        settings.bootstrap = state["bootstrap"]
+        for name in ("online_asr", "offline_asr"):
+            replicas = [s for s in state["services"] if s["name"] == name]
+            owned = [s["partitions_assigned"] for s in replicas]
+            assert len(replicas) == 2 and all(n >= 1 for n in owned) and sum(owned) == 4, (name, owned)
+
+        # Streams on every partition, published in real time; one online_asr replica dies mid-stream.
+        import threading
+
+        from services.ingest.publisher import Ingest
+
+        files = ["austen_passage.flac"] + ["goforward.wav", "forever_input_2_16k.wav"] * 2
+        ids = [f"replica-{i}-{time.time_ns()}" for i in range(len(files))]
+        errors: list[BaseException] = []
+
+        def publish(f, sid):
+            try:
+                Ingest(settings).publish_file(speech_dir / f, stream_id=sid, realtime=True)
+            except BaseException as e:  # surfaced below
+                errors.append(e)
+
+        threads = [threading.Thread(target=publish, args=(f, sid)) for f, sid in zip(files, ids)]
+        for t in threads:
+            t.start()
+        time.sleep(3.0)
+        victim = next(s for s in state["services"] if s["name"] == "online_asr")
+        os.kill(victim["pid"], signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        for f, sid in zip(files, ids):
+            rec = complete_record(settings, sid, timeout=120)
+            assert rec["status"] == "COMPLETE" and rec["final_source"] == "offline", (f, rec["status"])
+            assert rec["online_text"] and rec["text"], f
+            if f == "goforward.wav":
+                assert "forward" in rec["text"].lower(), rec["text"]
+        assert "Dashwood" in complete_record(settings, ids[0])["text"]
+    finally:
+        run_hark("down", env_extra=env)
