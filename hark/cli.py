@@ -204,6 +204,31 @@ def cmd_models(a) -> int:
     return 1 if problems else 0
 
 
+def cmd_compare(a) -> int:
+    from services.offline_asr.compare import compare, render_table, to_json
+
+    from .wer import load_references
+
+    s = _settings(a)
+    refs = load_references(a.refs) if a.refs else {}
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+
+    def progress(row):
+        if not a.quiet:
+            scores = "  ".join(f"{v['model']}: {100 * v['wer']:.1f}%" if "wer" in v else v["model"]
+                               for v in row["versions"])
+            print(f"{row['stream_id']}  {scores}", file=sys.stderr)
+    try:
+        report = compare(s, a.replay, models, refs, on_stream=progress)
+    except (LookupError, ValueError, FileNotFoundError) as e:
+        print(f"hark: {e}", file=sys.stderr)
+        return 1
+    print(render_table(report))
+    if a.json:
+        Path(a.json).write_text(to_json(report))
+    return 0
+
+
 def cmd_service(a) -> int:
     import importlib
 
@@ -262,6 +287,15 @@ def main(argv: list[str] | None = None) -> None:
     rp.add_argument("--as", dest="as_id", help="stream id for the replay")
     session_opts(rp)
     rp.set_defaults(fn=cmd_replay)
+
+    cp = sub.add_parser("compare", help="re-decode archived streams with two offline model versions: WER / agreement")
+    cp.add_argument("--replay", nargs="+", required=True, metavar="STREAM_ID", help="archived stream ids")
+    cp.add_argument("--models", default="base,tiny.en", help="comma-separated: model names or CTranslate2 folders; "
+                                                              "the first is the baseline for agreement")
+    cp.add_argument("--refs", help="TSV of (stream id or source file name) TAB reference text")
+    cp.add_argument("--json", metavar="OUT", help="also write the report, with every stream's texts, as JSON")
+    cp.add_argument("--quiet", action="store_true", help="no per-stream progress on stderr")
+    cp.set_defaults(fn=cmd_compare)
 
     md = sub.add_parser("models", help="model weights")
     md.add_argument("action", choices=["install", "verify"], help="install: assemble split weights, then verify")

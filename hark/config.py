@@ -69,6 +69,11 @@ class Settings:
     offline_max_window_s: float = 30.0
     # The online pass is latency-critical, the offline one is not: lower its CPU priority.
     offline_nice: int = 10
+    # A/B rollout: this share of streams (chosen by a stable hash of the stream id, so every
+    # replica and every replay agrees) is also decoded by a candidate model. Its records carry
+    # variant "candidate" and their model version; results serve the primary model's text.
+    offline_candidate_model: str = ""  # e.g. tiny.en; empty: no candidate
+    offline_candidate_fraction: float = 0.0
 
     # results
     max_transcript_words: int = 20000

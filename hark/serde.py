@@ -8,17 +8,23 @@ Schema ids come from a registry. The embedded default derives each id from the s
 Parsing Canonical Form (a stable fingerprint), so every process agrees without a server and a
 changed schema gets a new id; a reader that meets an id it does not know rejects the record
 (UnknownSchemaError, which the services dead-letter) instead of misreading it.
+
+Evolution: when a schema changes, its previous version is kept, self-contained (nested types
+inlined), in ``schemas/history/`` as ``hark.<Name>.v<N>.avsc``. Records written with it still decode: Avro schema resolution maps
+them onto the current schema (new fields take their defaults), so a rolling upgrade and the
+records already in the log keep working.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import fastavro
-from fastavro.schema import load_schema, to_parsing_canonical_form
+from fastavro.schema import load_schema, parse_schema, to_parsing_canonical_form
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 MAGIC = 0
@@ -40,8 +46,14 @@ class UnknownSchemaError(SerdeError):
 class RegisteredSchema:
     id: int
     name: str  # short record name, e.g. "AudioChunk"
-    parsed: dict
+    parsed: dict  # the writer schema
     version: int
+    current: dict | None = None  # for an old version: the schema records are resolved to
+
+
+def schema_id(parsed: dict) -> int:
+    canonical = to_parsing_canonical_form(parsed)
+    return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
 class LocalSchemaRegistry:
@@ -52,14 +64,18 @@ class LocalSchemaRegistry:
         self._by_id: dict[int, RegisteredSchema] = {}
         for name in RECORD_TYPES:
             parsed = load_schema(str(schema_dir / f"hark.{name}.avsc"), _write_hint=False)
-            canonical = to_parsing_canonical_form(parsed)
-            sid = int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:4], "big") & 0x7FFFFFFF
-            version = next(f["default"] for f in parsed["fields"] if f["name"] == "schema_version")
-            reg = RegisteredSchema(sid, name, parsed, version)
-            if sid in self._by_id:  # pragma: no cover - 31-bit collision
-                raise RuntimeError(f"schema id collision between {name} and {self._by_id[sid].name}")
+            reg = RegisteredSchema(schema_id(parsed), name, parsed, _version(parsed))
+            self._add(reg)
             self._by_name[name] = reg
-            self._by_id[sid] = reg
+            for old in sorted((schema_dir / "history").glob(f"hark.{name}.v*.avsc")):
+                # self-contained (nested types inlined as they were), parsed in a name space of its own
+                old_parsed = parse_schema(json.loads(old.read_text()), named_schemas={}, _write_hint=False)
+                self._add(RegisteredSchema(schema_id(old_parsed), name, old_parsed, _version(old_parsed), parsed))
+
+    def _add(self, reg: RegisteredSchema) -> None:
+        if reg.id in self._by_id:  # pragma: no cover - 31-bit collision or an unchanged copy in history/
+            raise RuntimeError(f"schema id {reg.id} of {reg.name} v{reg.version} is already registered")
+        self._by_id[reg.id] = reg
 
     def by_name(self, name: str) -> RegisteredSchema:
         return self._by_name[name]
@@ -72,6 +88,13 @@ class LocalSchemaRegistry:
 
     def names(self) -> list[str]:
         return list(self._by_name)
+
+    def versions(self, name: str) -> list[RegisteredSchema]:
+        return sorted((r for r in self._by_id.values() if r.name == name), key=lambda r: r.version)
+
+
+def _version(parsed: dict) -> int:
+    return next(f["default"] for f in parsed["fields"] if f["name"] == "schema_version")
 
 
 _default_registry: LocalSchemaRegistry | None = None
@@ -106,7 +129,7 @@ def decode(data: bytes | None, reg: LocalSchemaRegistry | None = None) -> tuple[
     buf = io.BytesIO(data)
     buf.seek(_HEADER.size)
     try:
-        record = fastavro.schemaless_reader(buf, schema.parsed, None)
+        record = fastavro.schemaless_reader(buf, schema.parsed, schema.current)
     except Exception as e:  # fastavro raises a zoo of types on corrupt input
         raise SerdeError(f"corrupt {schema.name} body: {type(e).__name__}: {e}") from e
     if buf.tell() != len(data):

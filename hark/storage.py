@@ -7,6 +7,7 @@ S3 through the ``minio`` client; endpoint and keys come from Settings.
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -148,3 +149,23 @@ def open_store(settings: Settings) -> ObjectStore:
         return S3Store(uri.netloc, uri.path, settings)
     raise ValueError(f"unsupported archive URI {settings.archive!r} (use file:// or s3://)")
 
+
+
+# ---- the archive layout (written by ingest, read by replay, offline_asr and `hark compare`) -------
+# streams/<id>/meta.json, streams/<id>/source.<ext> (the bytes as received),
+# streams/<id>/pcm/NNNNNN.s16le (16 kHz mono s16le in fixed-length segments),
+# streams/<id>/lattices/NNNNNN.lat (online lattices)
+def archive_prefix(stream_id: str) -> str:
+    return f"streams/{stream_id}/"
+
+
+def archived_meta(store: ObjectStore, stream_id: str) -> dict:
+    """The stream's meta.json; KeyError when the stream is not archived."""
+    return json.loads(store.get(archive_prefix(stream_id) + "meta.json"))
+
+
+def archived_pcm(store: ObjectStore, stream_id: str):
+    """The stream's PCM, one archive segment (<= 30 s by default) at a time: memory stays flat."""
+    for key in store.list(archive_prefix(stream_id) + "pcm/"):
+        if key.endswith(".s16le"):
+            yield store.get(key)

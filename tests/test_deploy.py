@@ -177,3 +177,70 @@ def test_replicas_split_partitions_and_no_stream_is_lost_when_one_dies(tmp_path,
         assert "Dashwood" in complete_record(settings, ids[0])["text"]
     finally:
         run_hark("down", env_extra=env)
+
+
+# ---- model rollout: A/B in the offline pass, and `hark compare` ----------------------------------
+@pytest.mark.e2e
+def test_ab_candidate_model_and_compare_on_archived_streams(tmp_path, speech_dir):
+    from hark import serde
+    from services.offline_asr.service import routed_to_candidate
+
+    from .test_e2e import collect
+
+    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "2",
+           "HARK_OFFLINE_CANDIDATE_MODEL": "tiny.en", "HARK_OFFLINE_CANDIDATE_FRACTION": "0.5"}
+    up = run_hark("up", env_extra=env, timeout=180)
+    assert up.returncode == 0, up.stderr
+    try:
+        state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
+        settings = Settings.load(environ={**os.environ, **env})
+        settings.bootstrap = state["bootstrap"]
+        from services.ingest.publisher import Ingest
+
+        files = ["sense_and_sensibility_01_austen_64kb-0880.wav", "goforward.wav",
+                 "sense_and_sensibility_01_austen_64kb-0890.wav", "forever_input_2_16k.wav"]
+        ids = [f"ab-{i}" for i in range(len(files))]  # ab-2 and ab-3 hash into the candidate's half
+        routed = {sid: routed_to_candidate(sid, 0.5) for sid in ids}
+        assert sorted(routed.values()) == [False, False, True, True]
+        ingest = Ingest(settings)
+        for f, sid in zip(files, ids):
+            ingest.publish_file(speech_dir / f, stream_id=sid)
+        finals = {sid: complete_record(settings, sid, timeout=120) for sid in ids}
+        for rec in finals.values():  # results serve the primary model only
+            assert rec["final_source"] == "offline" and rec["model_name"] == "whisper-base"
+
+        def both_ended(recs):
+            ends = {(r["stream_id"], r["variant"]) for t, r in recs if r["kind"] == "STREAM_END"}
+            return all((sid, "candidate" if routed[sid] else "primary") in ends for sid in ids)
+        offline = [r for t, r in collect(settings, settings.offline_topic, both_ended, 60)]
+        for sid in ids:
+            segments = [r for r in offline if r["stream_id"] == sid and r["kind"] == "SEGMENT"]
+            by_variant = {v: [r for r in segments if r["variant"] == v] for v in ("primary", "candidate")}
+            assert {r["model_name"] for r in by_variant["primary"]} == {"whisper-base"}
+            if routed[sid]:  # same windows, same indices, the candidate's model and version
+                assert {r["model_name"] for r in by_variant["candidate"]} == {"whisper-tiny.en"}
+                assert [(r["segment_index"], r["start_ms"], r["end_ms"]) for r in by_variant["candidate"]] == \
+                       [(r["segment_index"], r["start_ms"], r["end_ms"]) for r in by_variant["primary"]]
+            else:
+                assert by_variant["candidate"] == []
+        assert all(serde.registry().by_name("OfflineTranscript").version == r["schema_version"] for r in offline)
+    finally:
+        run_hark("down", env_extra=env)
+
+    # The stack is down: compare reads the archive only.
+    out = tmp_path / "compare.json"
+    cmp = run_hark("compare", "--replay", *ids, "--models", "base,tiny.en", "--refs",
+                   str(speech_dir / "references.tsv"), "--json", str(out), env_extra=env)
+    assert cmp.returncode == 0, cmp.stderr
+    table = cmp.stdout.splitlines()
+    assert table[0].split()[:2] == ["model", "streams"] and len(table) == 4
+    assert table[2].startswith("whisper-base") and table[3].startswith("whisper-tiny.en")
+    report = json.loads(out.read_text())
+    base, tiny = report["versions"]
+    assert base["streams"] == tiny["streams"] == 4 and base["scored_streams"] == 4
+    assert base["ref_words"] == tiny["ref_words"] > 20
+    assert base["wer"] <= 0.1 and tiny["wer"] <= 0.2 and 0.7 <= tiny["agreement"] <= 1.0
+    for row in report["streams"]:  # the texts compare scores are those the offline pass served
+        assert row["versions"][0]["text"] == finals[row["stream_id"]]["text"]
+    bad = run_hark("compare", "--replay", "no-such-stream", env_extra=env)
+    assert bad.returncode == 1 and "no archived stream 'no-such-stream'" in bad.stderr

@@ -1,5 +1,8 @@
+import io
 import json
 import struct
+
+import fastavro
 
 import pytest
 
@@ -22,7 +25,7 @@ SAMPLES = {
     "OfflineTranscript": {"stream_id": "s1", "tenant": "t", "kind": "SEGMENT", "segment_index": 0, "start_ms": 0,
                           "end_ms": 11340, "text": "Ten.", "words": [WORD], "nbest": [], "language": "en",
                           "decode_ms": 900, "end_status": None, "audio_published_at_ms": 5, "emitted_at_ms": 6,
-                          "model_name": "whisper-base", "model_version": "x"},
+                          "model_name": "whisper-base", "model_version": "x", "variant": "primary"},
     "Result": {"stream_id": "s1", "tenant": "t", "kind": "STREAM_COMPLETE", "source": "online", "utterance_id": -1,
                "text": "ten", "start_ms": 0, "end_ms": 300, "words": [WORD], "nbest": [], "online_text": "ten",
                "turns": [{"speaker": "A", "start_ms": 0, "end_ms": 300}], "status": "COMPLETE",
@@ -84,3 +87,17 @@ def test_truncated_and_padded_bodies_are_rejected():
 def test_encoding_a_bad_record_raises_serde_error():
     with pytest.raises(serde.SerdeError):
         serde.encode("AudioChunk", {**SAMPLES["AudioChunk"], "seq": "not a number"})
+
+
+def test_records_written_with_an_older_schema_version_still_decode():
+    """A record already in the log, written before OfflineTranscript gained ``variant``."""
+    versions = serde.registry().versions("OfflineTranscript")
+    old, current = versions[0], versions[-1]
+    assert (old.version, current.version) == (1, 2) and old.id != current.id
+    record = {k: v for k, v in SAMPLES["OfflineTranscript"].items() if k != "variant"}
+    buf = io.BytesIO()
+    buf.write(struct.pack(">bI", 0, old.id))
+    fastavro.schemaless_writer(buf, old.parsed, record)
+    rtype, decoded = serde.decode(buf.getvalue())
+    assert rtype == "OfflineTranscript"
+    assert decoded == {**record, "variant": "primary", "schema_version": 1}  # the new field's default

@@ -20,7 +20,7 @@ from hark import kafka, serde
 from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, Chunker, DecodedAudio, SourceInfo
 from hark.config import Settings
 from hark.runtime import DeadLetters, Metrics, kv, now_ms
-from hark.storage import ObjectStore, open_store
+from hark.storage import ObjectStore, archive_prefix, archived_meta, archived_pcm, open_store
 
 log = logging.getLogger("hark.ingest")
 
@@ -37,10 +37,6 @@ def check_stream_id(stream_id: str) -> str:
     if not STREAM_ID_RE.match(stream_id):
         raise AudioError("bad_stream_id", f"invalid stream id {stream_id!r} (letters, digits, . _ -, max 128)")
     return stream_id
-
-
-def archive_prefix(stream_id: str) -> str:
-    return f"streams/{stream_id}/"
 
 
 class SegmentWriter:
@@ -254,13 +250,13 @@ class Ingest:
     def replay(self, stream_id: str, *, new_id: str | None = None, realtime: bool = False,
                on_chunk: ChunkCallback | None = None) -> StreamSummary:
         """Re-publish an archived stream's normalised PCM as a new stream."""
-        prefix = archive_prefix(stream_id)
         try:
-            meta = json.loads(self.store.get(prefix + "meta.json"))
+            meta = archived_meta(self.store, stream_id)
         except KeyError:
             raise AudioError("not_archived", f"no archived stream {stream_id!r} in {self.store.uri}") from None
-        segments = [k for k in self.store.list(prefix + "pcm/") if k.endswith(".s16le")]
-        if not segments:
+        segments = archived_pcm(self.store, stream_id)
+        first = next(segments, None)
+        if first is None:
             raise AudioError("not_archived", f"archived stream {stream_id!r} has no audio")
         info = SourceInfo(meta.get("source_format", "unknown"), meta.get("source_sample_rate", TARGET_RATE),
                           meta.get("source_channels", 1))
@@ -269,8 +265,9 @@ class Ingest:
                               metadata={**meta.get("metadata", {}), "replay_of": stream_id},
                               realtime=realtime, on_chunk=on_chunk)
         pub.start()
-        for key in segments:
-            pub.push(self.store.get(key))
+        pub.push(first)
+        for pcm in segments:
+            pub.push(pcm)
         return pub.finish()
 
 

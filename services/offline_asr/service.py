@@ -13,13 +13,18 @@ never saw (StreamEnd without state), read in bounded windows.
 
 Commits are held at the first chunk of the audio still pending, so a restart re-reads only the
 undecoded part of each open stream.
+
+A/B rollout: with ``offline_candidate_model`` set, a stable share of streams
+(``offline_candidate_fraction``) is decoded by both models, window by window; the candidate's
+records carry ``variant="candidate"`` and its model version, and results keep serving the
+primary's text. ``hark compare`` measures the two on archived streams.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -27,7 +32,7 @@ from confluent_kafka import Message
 
 from hark.config import Settings
 from hark.runtime import AudioStreamService, check_chunk, in_sequence, kv, main_for, now_ms
-from hark.storage import open_store
+from hark.storage import archived_meta, archived_pcm, open_store
 
 from .decoder import MAX_WINDOW_S, WhisperDecoder, whisper_language
 from .windows import StreamWindows, Window
@@ -49,6 +54,12 @@ class OfflineStream:
     segments: int = 0
     chunk_offsets: deque = field(default_factory=deque)  # (start_ms, kafka offset) of buffered chunks
     last_published_at_ms: int = 0
+    candidate: bool = False  # also decoded by the A/B candidate model
+
+
+def routed_to_candidate(stream_id: str, fraction: float) -> bool:
+    """The same answer for a stream id in every replica, restart and replay."""
+    return fraction > 0 and zlib.crc32(stream_id.encode()) / 2**32 < fraction
 
 
 class OfflineASR(AudioStreamService):
@@ -62,10 +73,16 @@ class OfflineASR(AudioStreamService):
         s = settings
         self.decoder = decoder or WhisperDecoder(s.offline_model, s.offline_device, s.offline_compute_type,
                                                  s.offline_cpu_threads, s.offline_beam_size)
+        self.candidate: WhisperDecoder | None = None
+        if s.offline_candidate_model and s.offline_candidate_fraction > 0:
+            self.candidate = WhisperDecoder(s.offline_candidate_model, s.offline_device, s.offline_compute_type,
+                                            s.offline_cpu_threads, s.offline_beam_size)
         self.streams: dict[str, OfflineStream] = {}
         self.nbest_jobs: deque = deque()
         self.store = open_store(settings)
-        log.info("model loaded", extra=kv(model=self.decoder.model_name, version=self.decoder.model_version))
+        log.info("model loaded", extra=kv(model=self.decoder.model_name, version=self.decoder.model_version,
+                                          candidate=self.candidate.model_name if self.candidate else None,
+                                          candidate_fraction=s.offline_candidate_fraction))
 
     def _new_windows(self, start_ms: int) -> StreamWindows:
         s = self.settings
@@ -85,7 +102,7 @@ class OfflineASR(AudioStreamService):
 
     def _open(self, sid, tenant, language, msg, next_seq, start_ms) -> OfflineStream:
         st = OfflineStream(self._new_windows(start_ms), tenant, whisper_language(language), msg.partition(),
-                           next_seq, time.monotonic())
+                           next_seq, time.monotonic(), candidate=self._routed(sid))
         self.streams[sid] = st
         self.hold(sid, msg)
         self.metrics.set("open_streams", len(self.streams))
@@ -120,44 +137,57 @@ class OfflineASR(AudioStreamService):
         self.release(sid)
         self.metrics.set("open_streams", len(self.streams))
         end = st.windows.end_ms if st else 0
-        self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
-            sid, tenant, "STREAM_END", st.segments if st else 0, end, end, "", [], [],
-            st.language if st else "en", 0, st.last_published_at_ms if st else 0, end_status=status))
+        for decoder in [self.decoder] + ([self.candidate] if st and st.candidate else []):
+            self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
+                sid, tenant, "STREAM_END", st.segments if st else 0, end, end, "", [], [],
+                st.language if st else "en", 0, st.last_published_at_ms if st else 0, end_status=status,
+                decoder=decoder))
         log.info("stream decoded", extra=kv(stream_id=sid, status=status, segments=st.segments if st else 0))
 
     def _from_archive(self, sid: str, tenant: str) -> OfflineStream | None:
         """A stream this service has no state for: decode it from the archive, if it is there."""
-        prefix = f"streams/{sid}/"
         try:
-            meta = json.loads(self.store.get(prefix + "meta.json"))
+            meta = archived_meta(self.store, sid)
         except KeyError:
             log.warning("stream ended with no audio seen and none archived", extra=kv(stream_id=sid))
             return None
         st = OfflineStream(self._new_windows(0), meta.get("tenant", tenant), whisper_language(meta.get("language")),
-                           -1, 0, time.monotonic())
-        for key in self.store.list(prefix + "pcm/"):
-            for window in st.windows.push(self.store.get(key)):  # one 30 s segment in memory at a time
+                           -1, 0, time.monotonic(), candidate=self._routed(sid))
+        for pcm in archived_pcm(self.store, sid):  # one 30 s segment in memory at a time
+            for window in st.windows.push(pcm):
                 self._decode(sid, st, window)
         self.metrics.inc("archive_fallbacks_total")
         return st
 
     # -- decoding -------------------------------------------------------------------------------
+    def _routed(self, sid: str) -> bool:
+        return self.candidate is not None and routed_to_candidate(sid, self.settings.offline_candidate_fraction)
+
     def _decode(self, sid: str, st: OfflineStream, w: Window) -> None:
+        index = st.segments
         d = self.decoder.decode(w.pcm, w.start_ms, prompt=self._prompt(st), language=st.language)
-        self.observe_decode(d.decode_s, len(w.pcm) / 16000)
+        self.observe_decode(d.decode_s, len(w.pcm) / 16000, model=self.decoder.model_name)
+        if st.candidate:  # after the primary (whose text users wait for); same window, same index
+            c = self.candidate.decode(w.pcm, w.start_ms, prompt=self._prompt(st), language=st.language)
+            self.observe_decode(c.decode_s, len(w.pcm) / 16000, model=self.candidate.model_name)
+            if c.text:
+                self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
+                    sid, st.tenant, "SEGMENT", index, w.start_ms, w.end_ms, c.text, c.words, [], c.language,
+                    int(c.decode_s * 1000), st.last_published_at_ms, decoder=self.candidate))
+                st.segments = index + 1
         if not d.text:
             return
         self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
-            sid, st.tenant, "SEGMENT", st.segments, w.start_ms, w.end_ms, d.text, d.words, [], d.language,
+            sid, st.tenant, "SEGMENT", index, w.start_ms, w.end_ms, d.text, d.words, [], d.language,
             int(d.decode_s * 1000), st.last_published_at_ms))
         if self.settings.offline_nbest > 1:
             if len(self.nbest_jobs) >= NBEST_QUEUE:
                 self.nbest_jobs.popleft()
                 self.metrics.inc("nbest_dropped_total")
-            self.nbest_jobs.append((sid, st.tenant, st.segments, w, self._prompt(st), st.language))
+            self.nbest_jobs.append((sid, st.tenant, index, w, self._prompt(st), st.language))
         if self.settings.offline_prompt_chars:
             st.prompt = (st.prompt + " " + d.text)[-self.settings.offline_prompt_chars:]
-        st.segments += 1
+        st.segments = index + 1
 
     def _prompt(self, st: OfflineStream) -> str | None:
         return st.prompt[-self.settings.offline_prompt_chars:] if self.settings.offline_prompt_chars else None
@@ -174,12 +204,14 @@ class OfflineASR(AudioStreamService):
         self.producer.flush(10)
 
     def _record(self, sid, tenant, kind, index, start_ms, end_ms, text, words, nbest, language, decode_ms,
-                published_at, end_status=None) -> dict:
+                published_at, end_status=None, decoder: WhisperDecoder | None = None) -> dict:
+        decoder = decoder or self.decoder
         return {"stream_id": sid, "tenant": tenant, "kind": kind, "segment_index": index, "start_ms": start_ms,
                 "end_ms": end_ms, "text": text, "words": words, "nbest": nbest, "language": language,
                 "decode_ms": decode_ms, "end_status": end_status, "audio_published_at_ms": published_at,
-                "emitted_at_ms": now_ms(), "model_name": self.decoder.model_name,
-                "model_version": self.decoder.model_version}
+                "emitted_at_ms": now_ms(), "model_name": decoder.model_name,
+                "model_version": decoder.model_version,
+                "variant": "primary" if decoder is self.decoder else "candidate"}
 
     # -- housekeeping ---------------------------------------------------------------------------
     def tick(self) -> None:

@@ -7,6 +7,8 @@
   and words come from the offline pass when that finished, else from the online pass (then
   ``final_source`` says "online"). A stream whose offline pass has not ended ``offline_timeout_s``
   after its online end is completed with the online text (``expire``).
+- Offline records of an A/B candidate model (``variant`` "candidate") are not served: they stay on
+  the offline topic for comparison.
 
 Memory per stream is bounded: transcripts kept for STREAM_COMPLETE stop growing at ``max_words``
 per pass (then ``truncated``; the FINAL records still hold every word), and a stream's state is
@@ -98,6 +100,8 @@ class ResultsMerger:
         raise ValueError(f"unknown online transcript kind {kind}")
 
     def on_offline(self, rec: dict) -> list[dict]:
+        if rec.get("variant", "primary") != "primary":
+            return []  # an A/B candidate's output: kept on the offline topic, not served
         kind = str(rec["kind"])
         if kind == "NBEST":  # may arrive after the stream completed: no state needed
             return [_result(rec, "ALTERNATIVES", "offline", rec["segment_index"], words=[])]
