@@ -18,11 +18,21 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/hark run data/speech/austen_passage.flac data/speech/forever_input_2_16k.wav --json .hark/demo.jsonl
 
-test: $(STAMP)
+# The browser test drives Debian's Chromium through playwright (its own browser downloads are
+# unreachable here); installed once, with sudo when not root.
+CHROMIUM_STAMP := $(VENV)/.chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(CHROMIUM_STAMP):
+	command -v chromium >/dev/null || $(SUDO) apt-get install -y -q --no-install-recommends chromium \
+	  || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium)
+	touch $@
+
+test: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.captions
 
 up: $(STAMP)
 	$(BIN)/hark up

@@ -229,6 +229,73 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from services.captions.app import serve
+
+    s = _connect(a, _settings(a))
+    s.captions_host, s.captions_port = a.host, a.port
+    print(f"hark captions on http://{a.host}:{a.port}/ (index {s.index_file})", file=sys.stderr)
+    serve(s)
+    return 0
+
+
+def _index(a):
+    from services.captions.index import TranscriptIndex
+
+    s = _settings(a)
+    if not s.index_file.exists():
+        raise SystemExit(f"hark: no transcript index at {s.index_file}; the captions service builds it "
+                         f"(`hark up` runs it, or `hark serve`)")
+    return TranscriptIndex(s.index_file)
+
+
+def cmd_search(a) -> int:
+    idx = _index(a)
+    try:
+        hits = idx.search(" ".join(a.query), a.stream, a.limit)
+    finally:
+        idx.close()
+    for h in hits:
+        if a.json:
+            print(json.dumps(h))
+        else:
+            who = f" {h['speaker']}:" if h["speaker"] else ""
+            print(f"{h['stream_id']}  {h['start']:8.2f}-{h['end']:<8.2f} [{h['source']}]{who} {h['text']}")
+    return 0 if hits else 1
+
+
+def cmd_export(a) -> int:
+    import time
+
+    from services.captions import exports
+
+    idx = _index(a)
+    deadline = time.monotonic() + a.wait
+    try:
+        while True:
+            st = idx.stream(a.stream_id)
+            if (st and st["complete"]) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        idx.close()
+    if not st:
+        print(f"hark: no stream {a.stream_id!r} in the transcript index", file=sys.stderr)
+        return 1
+    if not st["complete"]:
+        print(f"hark: stream {a.stream_id!r} has no final transcript yet (status {st['status']}); "
+              f"--wait SECONDS to wait for it", file=sys.stderr)
+        return 1
+    body = exports.export(st["complete"], a.format)
+    if a.format == "rttm" and not body:
+        print(f"hark: stream {a.stream_id!r} has no speaker turns", file=sys.stderr)
+    if a.output:
+        Path(a.output).write_text(body)
+    else:
+        sys.stdout.write(body)
+    return 0
+
+
 def cmd_service(a) -> int:
     import importlib
 
@@ -287,6 +354,26 @@ def main(argv: list[str] | None = None) -> None:
     rp.add_argument("--as", dest="as_id", help="stream id for the replay")
     session_opts(rp)
     rp.set_defaults(fn=cmd_replay)
+
+    sv_ = sub.add_parser("serve", help="the captions page, search and export API in the foreground")
+    sv_.add_argument("--host", default="127.0.0.1")
+    sv_.add_argument("--port", type=int, default=8000)
+    conn(sv_)
+    sv_.set_defaults(fn=cmd_serve)
+
+    se = sub.add_parser("search", help="search transcripts: 1-best and n-best alternatives, best first")
+    se.add_argument("query", nargs="+")
+    se.add_argument("--stream", help="only this stream")
+    se.add_argument("--json", action="store_true", help="JSON lines: stream_id, start, end, speaker, text, source")
+    se.add_argument("--limit", type=int, default=20)
+    se.set_defaults(fn=cmd_search)
+
+    ex = sub.add_parser("export", help="a stream's final transcript as WebVTT, SubRip, JSON, RTTM or CTM")
+    ex.add_argument("stream_id")
+    ex.add_argument("--format", required=True, choices=["vtt", "srt", "json", "rttm", "ctm"])
+    ex.add_argument("-o", "--output", help="file (default stdout)")
+    ex.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the stream's final transcript")
+    ex.set_defaults(fn=cmd_export)
 
     cp = sub.add_parser("compare", help="re-decode archived streams with two offline model versions: WER / agreement")
     cp.add_argument("--replay", nargs="+", required=True, metavar="STREAM_ID", help="archived stream ids")

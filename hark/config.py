@@ -80,6 +80,11 @@ class Settings:
     results_wait_for: str = "online,offline"  # passes that must end before STREAM_COMPLETE
     offline_timeout_s: float = 600.0  # after the online end, give up waiting for offline
 
+    # captions page, search and exports (services/captions)
+    captions_host: str = "127.0.0.1"
+    captions_port: int = 0
+    index_path: str = ""  # SQLite file; default <data_dir>/index/transcripts.sqlite
+
     # consumers: Tansu does not wake a waiting fetch when data arrives, so the fetch wait
     # bounds per-hop latency (~wait/2) and costs broker CPU when short (STACK.md).
     fetch_wait_ms: int = 50
@@ -116,6 +121,10 @@ class Settings:
     @property
     def all_topics(self) -> list[str]:
         return [self.audio_topic, self.online_topic, self.offline_topic, self.results_topic, self.deadletter_topic]
+
+    @property
+    def index_file(self) -> Path:
+        return Path(self.index_path) if self.index_path else self.data_dir / "index" / "transcripts.sqlite"
 
     @property
     def archive(self) -> str:

@@ -56,12 +56,15 @@ def consumer(settings: Settings, group: str, **overrides) -> Consumer:
     return Consumer(conf)
 
 
-def tail_consumer(settings: Settings, topic: str, from_beginning: bool = False) -> Consumer:
+def tail_consumer(settings: Settings, topic: str, from_beginning: bool = False,
+                  offsets: dict[int, int] | None = None) -> Consumer:
     """A group-less reader of every partition, positioned at the end (or the beginning).
 
     Used by `hark tail` and `hark run`: it must be positioned before anything is published,
     and a group join would take seconds on Tansu. Tansu reports a high watermark that can lag
     the true end, so "end" may replay a few older records; callers filter by stream id.
+    ``offsets`` (partition -> next offset) resumes where a reader that stores its own positions
+    stopped; partitions not in it start at the beginning.
     """
     c = Consumer({**_base(settings), "group.id": f"hark-tail-{time.time_ns()}",
                   "enable.auto.commit": False, "fetch.wait.max.ms": settings.fetch_wait_ms,
@@ -73,7 +76,10 @@ def tail_consumer(settings: Settings, topic: str, from_beginning: bool = False) 
     tps = []
     for p in parts:
         lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-        tps.append(TopicPartition(topic, p, lo if from_beginning else hi))
+        if offsets is not None:
+            tps.append(TopicPartition(topic, p, max(lo, offsets.get(p, lo))))
+        else:
+            tps.append(TopicPartition(topic, p, lo if from_beginning else hi))
     c.assign(tps)
     return c
 

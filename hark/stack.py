@@ -29,6 +29,7 @@ SERVICES = {  # name -> (module with main(argv), the topic whose partitions its 
     "online_asr": ("services.online_asr.service", "audio_topic"),
     "offline_asr": ("services.offline_asr.service", "audio_topic"),
     "results": ("services.results.service", "online_topic"),
+    "captions": ("services.captions.app", None),  # reads every results partition itself, no group
 }
 
 
@@ -129,6 +130,9 @@ class Supervisor:
         ingest = next((c for c in self.children if c.name == "ingest"), None)
         if ingest:
             state["ingest_url"] = f"ws://127.0.0.1:{ingest.env['HARK_INGEST_PORT']}/v1/streams"
+        captions = next((c for c in self.children if c.name == "captions"), None)
+        if captions:
+            state["captions_url"] = f"http://127.0.0.1:{captions.env['HARK_CAPTIONS_PORT']}/"
         tmp = self.dir / "stack.json.tmp"
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.dir / "stack.json")
@@ -157,6 +161,8 @@ class Supervisor:
                 env = {**base_env, "HARK_HEALTH_PORT": str(hp)}
                 if name == "ingest":
                     env["HARK_INGEST_PORT"] = str(free_port())
+                if name == "captions":
+                    env["HARK_CAPTIONS_PORT"] = str(free_port())
                 child = Child(name, i, [sys.executable, "-m", module.rsplit(".", 1)[0]], env, logs / f"{name}-{i}.log", hp)
                 child.start()
                 self.children.append(child)
@@ -260,8 +266,8 @@ def parse_replicas(spec: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for part in filter(None, (s.strip() for s in spec.split(","))):
         name, _, n = part.partition("=")
-        if name not in SERVICES or not n.isdigit() or (int(n) < 1 and name != "offline_asr"):
-            raise SystemExit(f"bad --replicas entry {part!r} (e.g. online_asr=2 or offline_asr=0; "
+        if name not in SERVICES or not n.isdigit() or (int(n) < 1 and name not in ("offline_asr", "captions")):
+            raise SystemExit(f"bad --replicas entry {part!r} (e.g. online_asr=2, offline_asr=0 or captions=0; "
                              f"services: {', '.join(SERVICES)})")
         out[name] = int(n)
     return out

@@ -8,6 +8,7 @@ import re
 import signal
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -66,9 +67,12 @@ def test_compose_addresses_and_ports_agree():
         assert set(svc["depends_on"]) == {"kafka", "minio-init"}
         if stack.SERVICES[name][1] is not None:  # a consumer group member: scalable, no fixed host port
             assert "ports" not in svc and "container_name" not in svc, f"{name} could not be scaled"
-    ingest = COMPOSE["services"]["ingest"]
-    host_port, container_port = ingest["ports"][0].split(":")
-    assert container_port == ingest["environment"]["HARK_INGEST_PORT"] and ingest["environment"]["HARK_INGEST_HOST"] == "0.0.0.0"
+    for name, prefix in (("ingest", "HARK_INGEST"), ("captions", "HARK_CAPTIONS")):  # the two with a public port
+        svc = COMPOSE["services"][name]
+        host_port, container_port = svc["ports"][0].split(":")
+        assert container_port == svc["environment"][f"{prefix}_PORT"] and svc["environment"][f"{prefix}_HOST"] == "0.0.0.0"
+    index_dir = Path(COMPOSE["services"]["captions"]["environment"]["HARK_INDEX_PATH"]).parent
+    assert f"captions-index:{index_dir}" in COMPOSE["services"]["captions"]["volumes"]  # the index outlives the container
 
 
 def test_compose_names_real_images_kafka_in_kraft_mode_and_minio():
@@ -113,6 +117,9 @@ def test_every_service_exposes_prometheus_metrics(live_stack, speech_dir):
         m = scrape(svc["health_port"])
         seen.add(svc["name"])
         if svc["name"] == "ingest":
+            continue
+        if svc["name"] == "captions":  # a reader of every results partition, not a group member
+            assert value(m["hark_records_indexed"]) > 0 and "hark_events_published" in m
             continue
         topics = stack.SERVICES[svc["name"]][1]
         assert value(m["hark_records_in"]) > 0 and value(m["hark_records_out"]) > 0, svc["name"]

@@ -238,7 +238,7 @@ def test_up_status_down(tmp_path):
         assert st.returncode == 0, st.stderr
         state = json.loads(st.stdout)
         assert state["status"] == "ready" and state["broker"]["alive"]
-        assert {s["name"] for s in state["services"]} == {"ingest", "online_asr", "offline_asr", "results"}
+        assert {s["name"] for s in state["services"]} == set(stack.SERVICES)
         for s in state["services"]:
             assert s["alive"] and s["health"] == "ok" and s["pid"] > 0
         assert state["topics"] == {f"hark.{t}": 3 for t in ("audio", "transcripts.online", "transcripts.offline",
@@ -307,7 +307,7 @@ def test_online_only_stack(tmp_path, speech_dir):
     assert up.returncode == 0, up.stderr
     try:
         state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
-        assert {s["name"] for s in state["services"]} == {"ingest", "online_asr", "results"}
+        assert {s["name"] for s in state["services"]} == {"ingest", "online_asr", "results", "captions"}
         out = tmp_path / "o.jsonl"
         run = run_hark("run", str(speech_dir / "goforward.wav"), "--fast", "--quiet", "--json", str(out),
                        "--bootstrap", state["bootstrap"], env_extra=env)

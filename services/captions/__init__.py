@@ -1,0 +1,1 @@
+"""captions: live captions page, search over 1-best and n-best words, standard exports."""

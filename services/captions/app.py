@@ -1,0 +1,291 @@
+"""captions: the results topic served to people: a live captions page, search and exports.
+
+One process: a follower thread reads every partition of the results topic (no consumer group:
+each server instance needs every stream) from the offsets stored in its SQLite index, indexes
+each batch in one transaction and fans each record out to the pages following that stream
+(Server-Sent Events). The ASGI app (Starlette on uvicorn) serves:
+
+  /                           streams, live and finished, and a search box
+  /streams/{id}               the stream's captions: history first, then live updates
+  /api/streams                streams as JSON
+  /api/streams/{id}/events    SSE: caption events (history, then live)
+  /api/search?q=&stream=      hits as JSON, best first (same as `hark search`)
+  /api/streams/{id}/export?format=vtt|srt|json|rttm|ctm
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from confluent_kafka import KafkaError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from hark import kafka, serde
+from hark.config import Settings
+from hark.runtime import HealthServer, Metrics, kv, now_ms, setup_logging
+
+from . import exports
+from .index import TranscriptIndex
+
+log = logging.getLogger("hark.captions")
+
+MAX_LIVE_PARTIALS = 1000  # streams whose current partial is kept for pages that open mid-utterance
+SUBSCRIBER_QUEUE = 1000  # events a slow page may lag behind before it is dropped
+
+
+def caption_event(r: dict) -> dict:
+    """What a page needs of a Result record."""
+    speakers = [w.get("speaker") for w in r.get("words") or [] if w.get("speaker")]
+    return {"kind": str(r["kind"]), "source": r["source"], "utterance_id": r["utterance_id"],
+            "start_ms": r["start_ms"], "end_ms": r["end_ms"], "text": r["text"],
+            "speaker": max(set(speakers), key=speakers.count) if speakers else None,
+            "status": r.get("status"), "final_source": r.get("final_source"), "emitted_at_ms": r["emitted_at_ms"]}
+
+
+class Hub:
+    """Fans events out from the follower thread to the asyncio queues of connected pages."""
+
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._subs: dict[str, set[asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+
+    def subscribe(self, sid: str) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(SUBSCRIBER_QUEUE)
+        with self._lock:
+            self._subs.setdefault(sid, set()).add(q)
+        return q
+
+    def unsubscribe(self, sid: str, q: asyncio.Queue) -> None:
+        with self._lock:
+            subs = self._subs.get(sid)
+            if subs:
+                subs.discard(q)
+                if not subs:
+                    del self._subs[sid]
+
+    def publish(self, sid: str, event: dict) -> None:
+        with self._lock:
+            queues = list(self._subs.get(sid, ()))
+        if queues and self.loop is not None:
+            self.loop.call_soon_threadsafe(self._deliver, queues, event)
+
+    @staticmethod
+    def _deliver(queues, event) -> None:
+        for q in queues:
+            if q.full():  # a page that stopped reading: end its stream rather than buffer without bound
+                while not q.empty():  # (EventSource reconnects and gets the history again)
+                    q.get_nowait()
+                q.put_nowait(None)
+                continue
+            q.put_nowait(event)
+
+    @property
+    def subscribers(self) -> int:
+        with self._lock:
+            return sum(len(s) for s in self._subs.values())
+
+
+class ResultsFollower(threading.Thread):
+    def __init__(self, settings: Settings, hub: Hub, metrics: Metrics):
+        super().__init__(name="results-follower", daemon=True)
+        self.settings, self.hub, self.metrics = settings, hub, metrics
+        self.partials: OrderedDict[str, dict] = OrderedDict()
+        self.last_loop = time.monotonic()
+        self.partitions = 0
+        self.stopping = threading.Event()
+        self.error: str | None = None
+
+    def run(self) -> None:
+        index = TranscriptIndex(self.settings.index_file)
+        topic = self.settings.results_topic
+        try:
+            consumer = kafka.tail_consumer(self.settings, topic, offsets=index.offsets(topic))
+            self.partitions = len(consumer.assignment())
+            while not self.stopping.is_set():
+                self.last_loop = time.monotonic()
+                batch = []
+                for m in consumer.consume(500, 0.05):
+                    if m.error():
+                        if m.error().code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error: %s", m.error())
+                        continue
+                    try:
+                        rtype, rec = serde.decode(m.value())
+                    except serde.SerdeError as e:  # not ours to dead-letter: results owns the topic
+                        self.metrics.inc("unreadable_records_total")
+                        log.warning("unreadable record skipped: %s", e)
+                        continue
+                    if rtype != "Result":
+                        continue
+                    self._live(rec)
+                    batch.append((rec, m.topic(), m.partition(), m.offset()))
+                if batch:
+                    index.apply(batch)
+                    self.metrics.inc("records_indexed_total", len(batch))
+            consumer.close()
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("follower stopped")
+        finally:
+            index.close()
+
+    def _live(self, rec: dict) -> None:
+        sid, kind = rec["stream_id"], str(rec["kind"])
+        event = caption_event(rec)
+        if kind == "PARTIAL":
+            self.partials[sid] = event
+            self.partials.move_to_end(sid)
+            while len(self.partials) > MAX_LIVE_PARTIALS:
+                self.partials.popitem(last=False)
+        elif kind in ("FINAL", "STREAM_COMPLETE") and (kind == "STREAM_COMPLETE" or rec["source"] == "online"):
+            self.partials.pop(sid, None)
+        if kind != "ALTERNATIVES":
+            self.hub.publish(sid, event)
+            self.metrics.inc("events_published_total")
+
+    def healthy(self) -> tuple[bool, dict]:
+        stalled = time.monotonic() - self.last_loop
+        ok = self.is_alive() and self.error is None and stalled < 15
+        return ok, {"loop_stalled_s": round(stalled, 2), "partitions": self.partitions,
+                    "subscribers": self.hub.subscribers, **({"error": self.error} if self.error else {})}
+
+
+def _sse(event: dict) -> str:
+    return f"data: {json.dumps(event)}\n\n"
+
+
+def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -> Starlette:
+    def index_reader() -> TranscriptIndex:
+        return TranscriptIndex(settings.index_file)
+
+    async def home(request: Request) -> Response:
+        return HTMLResponse(PAGE.replace("__STREAM__", ""))
+
+    async def stream_page(request: Request) -> Response:
+        sid = request.path_params["stream_id"]
+        return HTMLResponse(PAGE.replace("__STREAM__", json.dumps(sid).replace("<", "\\u003c")[1:-1]))
+
+    async def api_streams(request: Request) -> Response:
+        idx = index_reader()
+        try:
+            return JSONResponse(idx.streams())
+        finally:
+            idx.close()
+
+    async def api_search(request: Request) -> Response:
+        q = request.query_params.get("q", "")
+        idx = index_reader()
+        try:
+            t0 = time.perf_counter()
+            hits = idx.search(q, request.query_params.get("stream") or None,
+                              int(request.query_params.get("limit", "20")))
+            return JSONResponse({"query": q, "hits": hits, "took_ms": round(1000 * (time.perf_counter() - t0), 2)})
+        finally:
+            idx.close()
+
+    async def api_export(request: Request) -> Response:
+        sid, fmt = request.path_params["stream_id"], request.query_params.get("format", "vtt")
+        idx = index_reader()
+        try:
+            st = idx.stream(sid)
+        finally:
+            idx.close()
+        if st is None or st["complete"] is None:
+            return PlainTextResponse(f"stream {sid!r} has no final transcript (yet)\n", status_code=404)
+        try:
+            body = exports.export(st["complete"], fmt)
+        except ValueError as e:
+            return PlainTextResponse(f"{e}\n", status_code=400)
+        media = {"vtt": "text/vtt", "json": "application/json"}.get(fmt, "text/plain")
+        return Response(body, media_type=f"{media}; charset=utf-8")
+
+    async def api_events(request: Request) -> Response:
+        sid = request.path_params["stream_id"]
+        hub.loop = asyncio.get_running_loop()
+        queue = hub.subscribe(sid)  # before reading history: nothing falls between the two
+
+        async def events():
+            try:
+                idx = index_reader()
+                try:
+                    history, st = idx.captions(sid), idx.stream(sid)
+                finally:
+                    idx.close()
+                for event in history:
+                    yield _sse({**event, "history": True})
+                partial = follower.partials.get(sid) if follower else None
+                if partial:
+                    yield _sse({**partial, "history": True})
+                if st and st["complete"]:
+                    c = st["complete"]
+                    yield _sse({"kind": "STREAM_COMPLETE", "status": c["status"], "final_source": c["final_source"],
+                                "history": True, "emitted_at_ms": c["emitted_at_ms"]})
+                while True:
+                    try:
+                        event = await asyncio.wait_for(queue.get(), 15)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                    if event is None:
+                        break
+                    yield _sse({**event, "sent_at_ms": now_ms()})
+            finally:
+                hub.unsubscribe(sid, queue)
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return Starlette(routes=[
+        Route("/", home), Route("/streams/{stream_id}", stream_page),
+        Route("/api/streams", api_streams), Route("/api/search", api_search),
+        Route("/api/streams/{stream_id}/events", api_events), Route("/api/streams/{stream_id}/export", api_export),
+    ])
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    metrics, hub = Metrics("captions"), Hub()
+    follower = ResultsFollower(settings, hub, metrics)
+    follower.start()
+    health = HealthServer(settings.health_host, settings.health_port, "captions", follower.healthy, metrics)
+    config = uvicorn.Config(create_app(settings, hub, follower), host=settings.captions_host,
+                            port=settings.captions_port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    log.info("serving", extra=kv(host=settings.captions_host, port=settings.captions_port,
+                                 index=str(settings.index_file), health_port=health.port))
+    try:
+        server.run()
+    finally:
+        follower.stopping.set()
+        follower.join(5)
+        health.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m services.captions")
+    p.add_argument("--bootstrap")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--health-port", type=int)
+    p.add_argument("--data-dir")
+    a = p.parse_args(argv)
+    s = Settings.load(bootstrap=a.bootstrap, captions_host=a.host, captions_port=a.port, health_port=a.health_port,
+                      data_dir=a.data_dir)
+    setup_logging("captions", s.log_level)
+    kafka.wait_for_broker(s, timeout=60)
+    kafka.ensure_topics(s)
+    serve(s)
+
+
+PAGE = (Path(__file__).parent / "page.html").read_text()

@@ -1,0 +1,179 @@
+"""The transcript index: one SQLite file (FTS5) built from the results topic; no Kafka here.
+
+What is indexed, per stream:
+- every FINAL's 1-best (online per utterance, offline per window) with its words and times;
+- every alternative: the online n-best of each utterance, the offline n-best (ALTERNATIVES) of
+  each window, and online 1-best text that an offline window has superseded (it is then the
+  other decoder's hypothesis for that range);
+- the STREAM_COMPLETE record (the merged transcript that exports are made from).
+
+Idempotent and crash-safe: each row has a natural key (stream, pass, index, rank) and the
+consumed offsets are stored in the same SQLite transaction as the rows they produced, so a
+replayed or re-read record changes nothing and a crash loses nothing.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+from hark.wer import normalise
+
+SCHEMA = """
+PRAGMA journal_mode=WAL;
+CREATE TABLE IF NOT EXISTS offsets (topic TEXT, partition INTEGER, next_offset INTEGER,
+                                    PRIMARY KEY (topic, partition));
+CREATE TABLE IF NOT EXISTS streams (stream_id TEXT PRIMARY KEY, tenant TEXT, status TEXT, final_source TEXT,
+                                    first_seen_ms INTEGER, updated_ms INTEGER, end_ms INTEGER, complete TEXT);
+CREATE TABLE IF NOT EXISTS hyps (id INTEGER PRIMARY KEY, key TEXT UNIQUE, stream_id TEXT, tenant TEXT,
+                                 pass TEXT, source TEXT, start_ms INTEGER, end_ms INTEGER, rank INTEGER,
+                                 score REAL, text TEXT, words TEXT, norm TEXT);
+CREATE INDEX IF NOT EXISTS hyps_stream ON hyps (stream_id, pass, start_ms);
+-- FTS over the WER normalisation of the text (lower case, no punctuation, digits and "Mr." spelt
+-- out), which queries go through too: "Mr. Dashwood" finds "mister dashwood" and vice versa.
+CREATE VIRTUAL TABLE IF NOT EXISTS hyps_fts USING fts5(norm, content='hyps', content_rowid='id',
+                                                       tokenize='unicode61 remove_diacritics 2');
+CREATE TRIGGER IF NOT EXISTS hyps_ai AFTER INSERT ON hyps BEGIN
+  INSERT INTO hyps_fts (rowid, norm) VALUES (new.id, new.norm); END;
+CREATE TRIGGER IF NOT EXISTS hyps_ad AFTER DELETE ON hyps BEGIN
+  INSERT INTO hyps_fts (hyps_fts, rowid, norm) VALUES ('delete', old.id, old.norm); END;
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.executescript(SCHEMA)
+    return conn
+
+
+class TranscriptIndex:
+    def __init__(self, path: Path):
+        self.path = path
+        self.db = connect(path)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writing --------------------------------------------------------------------------------
+    def offsets(self, topic: str) -> dict[int, int]:
+        rows = self.db.execute("SELECT partition, next_offset FROM offsets WHERE topic = ?", (topic,))
+        return {r["partition"]: r["next_offset"] for r in rows}
+
+    def apply(self, batch: list[tuple[dict, str, int, int]]) -> None:
+        """Index a batch of (Result record, topic, partition, offset) in one transaction."""
+        with self.db:
+            for rec, topic, partition, offset in batch:
+                self._apply(rec)
+                self.db.execute("INSERT INTO offsets VALUES (?, ?, ?) ON CONFLICT (topic, partition) "
+                                "DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
+                                (topic, partition, offset + 1))
+
+    def _apply(self, r: dict) -> None:
+        kind, sid, now = str(r["kind"]), r["stream_id"], int(time.time() * 1000)
+        self.db.execute("INSERT INTO streams (stream_id, tenant, status, first_seen_ms, updated_ms, end_ms) "
+                        "VALUES (?, ?, 'LIVE', ?, ?, ?) ON CONFLICT (stream_id) DO UPDATE SET "
+                        "updated_ms = excluded.updated_ms, end_ms = max(end_ms, excluded.end_ms)",
+                        (sid, r["tenant"], now, now, r["end_ms"]))
+        if kind == "FINAL":
+            best = r["text"].strip()
+            self._hyp(r, r["source"], r["utterance_id"], 0, "1best", best, r["words"], None)
+            for rank, alt in enumerate(r["nbest"], start=1):
+                if alt["text"].strip() and alt["text"].strip() != best:
+                    self._hyp(r, r["source"], r["utterance_id"], rank, "alternative", alt["text"], [], alt["score"])
+            if r["source"] == "offline":  # the online 1-best of this range is now the other hypothesis
+                self.db.execute("UPDATE hyps SET source = 'alternative' WHERE stream_id = ? AND pass = 'online' "
+                                "AND source = '1best' AND start_ms < ? AND end_ms > ?",
+                                (sid, r["end_ms"], r["start_ms"]))
+        elif kind == "ALTERNATIVES":
+            best = self.db.execute("SELECT text FROM hyps WHERE key = ?",
+                                   (_key(sid, "offline", r["utterance_id"], 0),)).fetchone()
+            for rank, alt in enumerate(r["nbest"], start=1):
+                if alt["text"].strip() and (best is None or alt["text"].strip() != best["text"]):
+                    self._hyp(r, "offline", r["utterance_id"], rank, "alternative", alt["text"], [], alt["score"])
+        elif kind == "STREAM_COMPLETE":
+            self.db.execute("UPDATE streams SET status = ?, final_source = ?, complete = ? WHERE stream_id = ?",
+                            (r["status"] or "COMPLETE", r["final_source"], json.dumps(r, default=_bytes), sid))
+
+    def _hyp(self, r, pass_, index, rank, source, text, words, score) -> None:
+        self.db.execute("INSERT OR IGNORE INTO hyps (key, stream_id, tenant, pass, source, start_ms, end_ms, rank, "
+                        "score, text, words, norm) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (_key(r["stream_id"], pass_, index, rank), r["stream_id"], r["tenant"], pass_, source,
+                         r["start_ms"], r["end_ms"], rank, score, text.strip(), json.dumps(words),
+                         " ".join(normalise(text))))
+
+    # -- reading --------------------------------------------------------------------------------
+    def search(self, query: str, stream_id: str | None = None, limit: int = 20) -> list[dict]:
+        """Hits for a word or phrase, best first: 1-best before alternatives, then FTS5 rank.
+
+        Within one decoder's n-best list for a range, only the best-ranked match is a hit."""
+        terms = normalise(query)
+        if not terms:
+            return []
+        phrase = '"' + " ".join(terms).replace('"', '""') + '"'
+        sql = ("SELECT h.*, bm25(hyps_fts) AS relevance FROM hyps_fts JOIN hyps h ON h.id = hyps_fts.rowid "
+               "WHERE hyps_fts MATCH ?" + (" AND h.stream_id = ?" if stream_id else "") +
+               " ORDER BY h.source = 'alternative', relevance, h.stream_id, h.start_ms LIMIT ?")
+        args = [phrase] + ([stream_id] if stream_id else []) + [limit * 8]
+        hits, seen = [], set()
+        for row in self.db.execute(sql, args):
+            # n-best lists differ by a word or two: one hit per hypothesis range, its best-ranked
+            group = (row["stream_id"], row["pass"], row["start_ms"], row["end_ms"], row["source"])
+            if row["source"] == "alternative" and group in seen:
+                continue
+            seen.add(group)
+            hits.append(_hit(row, terms))
+            if len(hits) == limit:
+                break
+        return hits
+
+    def streams(self, limit: int = 200) -> list[dict]:
+        rows = self.db.execute("SELECT stream_id, tenant, status, final_source, first_seen_ms, updated_ms, end_ms "
+                               "FROM streams ORDER BY first_seen_ms DESC LIMIT ?", (limit,))
+        return [dict(r) for r in rows]
+
+    def stream(self, stream_id: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM streams WHERE stream_id = ?", (stream_id,)).fetchone()
+        if row is None:
+            return None
+        out = dict(row)
+        out["complete"] = json.loads(row["complete"]) if row["complete"] else None
+        return out
+
+    def captions(self, stream_id: str) -> list[dict]:
+        """The 1-best captions indexed so far, in time order: the page's history for a stream."""
+        rows = self.db.execute("SELECT pass, start_ms, end_ms, text, words, key FROM hyps WHERE stream_id = ? "
+                               "AND rank = 0 ORDER BY start_ms", (stream_id,))
+        return [{"kind": "FINAL", "source": r["pass"], "utterance_id": int(r["key"].rsplit("/", 2)[1]),
+                 "start_ms": r["start_ms"], "end_ms": r["end_ms"], "text": r["text"],
+                 "speaker": _speaker(json.loads(r["words"]))} for r in rows]
+
+
+def _key(stream_id: str, pass_: str, index: int, rank: int) -> str:
+    return f"{stream_id}/{pass_}/{index}/{rank}"
+
+
+def _bytes(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _speaker(words: list[dict]) -> str | None:
+    speakers = [w.get("speaker") for w in words if w.get("speaker")]
+    return max(set(speakers), key=speakers.count) if speakers else None
+
+
+def _hit(row: sqlite3.Row, terms: list[str]) -> dict:
+    """A hit narrowed to the matched words' times where the hypothesis has word times."""
+    start, end, speaker = row["start_ms"], row["end_ms"], None
+    words = json.loads(row["words"] or "[]")
+    tokens = [(normalise(w["word"]) or [""])[0] for w in words]
+    for i in range(len(tokens) - len(terms) + 1):
+        if tokens[i:i + len(terms)] == terms:
+            matched = words[i:i + len(terms)]
+            start, end, speaker = matched[0]["start_ms"], matched[-1]["end_ms"], _speaker(matched)
+            break
+    return {"stream_id": row["stream_id"], "start": start / 1000, "end": end / 1000, "speaker": speaker,
+            "text": row["text"], "source": row["source"], "pass": row["pass"]}
+
