@@ -2,8 +2,10 @@
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
-COPY requirements.txt constraints.txt ./
-RUN pip install -r requirements.txt -c constraints.txt
+COPY requirements.txt requirements-nodeps.txt constraints.txt ./
+RUN pip install -r requirements.txt -c constraints.txt \
+ && pip install --no-deps -r requirements-nodeps.txt \
+ && pip uninstall -y torchcodec
 COPY pyproject.toml README.md ./
 COPY hark ./hark
 COPY services ./services

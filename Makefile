@@ -6,9 +6,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test bench up down status clean
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements-dev.txt -c constraints.txt
+	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
+	$(BIN)/pip uninstall -q -y torchcodec  # CUDA-linked, unusable here; the diarizer passes tensors
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/hark models install
 	touch $@
@@ -16,7 +18,8 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/hark run data/speech/austen_passage.flac data/speech/forever_input_2_16k.wav --json .hark/demo.jsonl
+	$(BIN)/hark run data/speech/austen_passage.flac data/speech/forever_input_2_16k.wav \
+	  data/conversations/conv_2spk_clean.flac --json .hark/demo.jsonl
 
 # The browser test drives Debian's Chromium through playwright (its own browser downloads are
 # unreachable here); installed once, with sudo when not root.
@@ -33,6 +36,7 @@ test: $(STAMP) $(CHROMIUM_STAMP)
 bench: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.captions
+	$(BIN)/python -m bench.diarization
 
 up: $(STAMP)
 	$(BIN)/hark up

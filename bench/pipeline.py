@@ -172,7 +172,7 @@ def soak(settings, procs, sampler, ingest, tmp: Path, utterances, minutes: float
     with phase(procs, sampler, out):
         rows = run_streams(settings, ingest, [str(wav)], realtime=False)
     out.update({"status": rows[0]["status"], "final_source": rows[0]["final_source"], "words": len(rows[0]["words"])})
-    for name in ("online_asr", "offline_asr"):
+    for name in ("online_asr", "offline_asr", "diarizer"):
         rss = np.array([x for t, x in sampler.series[name] if t >= t0], dtype=float) / 2 ** 20
         # Quarters of the stream: the median shows growth with stream length (a leak), the peak the
         # transient working memory of decoding a window. Growth compares the last quarter with the first.
@@ -219,7 +219,7 @@ def main(argv=None) -> None:
         return soak_only(a, tmp, utterances)
     # One decoder per file built at start: building one costs ~0.3 s CPU, a one-time cost that
     # depends on how many streams happen to overlap, not a per-record overhead of the pipeline.
-    settings, procs, sampler, ingest = start_stack(tmp, "bench-online", "offline_asr=0",
+    settings, procs, sampler, ingest = start_stack(tmp, "bench-online", "offline_asr=0,diarizer=0,captions=0",
                                                    prewarm_decoders=len(files))
     try:
         print("direct decoding (no Kafka) ...", flush=True)
@@ -268,6 +268,7 @@ def main(argv=None) -> None:
             report[key].update(latency_stats(rows))
             report[key]["all_complete"] = all(r["status"] == "COMPLETE" for r in rows)
             report[key]["online_asr_rtf"] = round(report[key]["services"]["online_asr"]["cpu_s"] / audio, 4)
+            report[key]["diarizer_rtf"] = round(report[key]["services"]["diarizer"]["cpu_s"] / audio, 4)
             report[key]["audio_s"] = round(audio, 1)
 
         long_wav = tmp / "long.wav"  # > 40 s: the whole set joined, real utterances with pauses
@@ -311,7 +312,8 @@ def print_report(r: dict) -> None:
         x = r[key]
         print(f"{key.split('_')[1]} real-time stream(s): partial latency p50 {x['partial_p50_ms']} ms, "
               f"p95 {x['partial_p95_ms']} ms (max {x['partial_max_ms']} ms, {x['words']} words); "
-              f"online_asr RTF {x['online_asr_rtf']}; complete {x['all_complete']}")
+              f"online_asr RTF {x['online_asr_rtf']}; diarizer CPU per audio second {x['diarizer_rtf']}; "
+              f"complete {x['all_complete']}")
     for key in ("short", "long"):
         for x in r.get(key, []):
             print(f"final after close ({key}): {x['file']} {x['duration_s']:.1f} s -> {x['final_after_close_ms']} ms "
@@ -327,7 +329,7 @@ def print_report(r: dict) -> None:
         sk = r["soak"]
         print(f"\n{sk['audio_s'] / 60:.1f}-minute stream ({sk['status']}, final from {sk['final_source']}, "
               f"{sk['words']} words):")
-        for n in ("online_asr", "offline_asr"):
+        for n in ("online_asr", "offline_asr", "diarizer"):
             x = sk[n]
             print(f"  {n} RSS by quarter of the stream: median {x['median_mb_by_quarter']} MB "
                   f"({x['median_growth']:+.1%}), peak {x['peak_mb_by_quarter']} MB ({x['peak_growth']:+.1%})")

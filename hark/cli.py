@@ -78,12 +78,26 @@ def cmd_publish(a) -> int:
     for f in a.files:
         try:
             summary = ingest.publish_file(f, stream_id=a.stream_id, tenant=a.tenant, realtime=a.realtime,
+                                          metadata=_metadata(a),
                                           language=a.language)
             print(f"{summary.stream_id}\t{summary.chunks} chunks\t{summary.duration_s:.2f} s\t{f}")
         except AudioError as e:
             print(f"hark: {f}: {e.reason}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0
+
+
+def _metadata(a) -> dict:
+    """--meta KEY=VALUE... and --speakers N into the stream metadata (StreamStart)."""
+    out = {}
+    for item in getattr(a, "meta", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"hark: --meta takes KEY=VALUE, got {item!r}")
+        out[key] = value
+    if getattr(a, "speakers", None):
+        out["num_speakers"] = str(a.speakers)
+    return out
 
 
 def cmd_tail(a) -> int:
@@ -160,7 +174,10 @@ def _run_session(a, make_runs) -> int:
             continue
         lat = r["latency"]
         print(f"== {r['source']} ({r['stream_id']}, {r['duration_s']:.1f} s, {r['status']})")
-        print(r["final_text"] or "(no speech recognised)")
+        from .session import speaker_lines
+
+        lines = speaker_lines([{"word": w["word"], "speaker": w["speaker"]} for w in r["words"]])
+        print("\n".join(lines) if lines else (r["final_text"] or "(no speech recognised)"))
         print(f"   partial latency p50 {lat['partial_p50_ms']} ms, p95 {lat['partial_p95_ms']} ms; "
               f"final {lat['final_after_close_ms']} ms after close")
         if r["status"] not in ("COMPLETE",):
@@ -172,7 +189,8 @@ def _run_session(a, make_runs) -> int:
 def cmd_run(a) -> int:
     from .session import file_runs
 
-    return _run_session(a, lambda ingest, s: file_runs(ingest, a.files, not a.fast, s, tenant=a.tenant))
+    return _run_session(a, lambda ingest, s: file_runs(ingest, a.files, not a.fast, s, tenant=a.tenant,
+                                                       metadata=_metadata(a)))
 
 
 def cmd_replay(a) -> int:
@@ -327,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     pub.add_argument("--tenant", default="default")
     pub.add_argument("--language", default="en-US")
     pub.add_argument("--realtime", action="store_true", help="pace chunks at real time")
+    pub.add_argument("--meta", action="append", metavar="KEY=VALUE", help="stream metadata (repeatable), e.g. "
+                     "max_speakers=4")
+    pub.add_argument("--speakers", type=int, help="number of speakers, a hint for the diarizer")
     conn(pub)
     pub.set_defaults(fn=cmd_publish)
 
@@ -346,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
 
     run = sub.add_parser("run", help="transcribe files end to end (starts the embedded stack unless --bootstrap)")
     run.add_argument("files", nargs="+")
+    run.add_argument("--meta", action="append", metavar="KEY=VALUE", help="stream metadata (repeatable), e.g. "
+                     "max_speakers=4")
+    run.add_argument("--speakers", type=int, help="number of speakers, a hint for the diarizer")
     session_opts(run)
     run.set_defaults(fn=cmd_run)
 

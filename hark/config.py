@@ -75,9 +75,18 @@ class Settings:
     offline_candidate_model: str = ""  # e.g. tiny.en; empty: no candidate
     offline_candidate_fraction: float = 0.0
 
+    # diarizer (defaults tuned on data/conversations and the pyannote sample: README "Diarization")
+    diarizer_block_s: float = 6.0  # incremental turns run this far (plus compute) behind the audio
+    diarizer_context_s: float = 4.0
+    diarizer_link_threshold: float = 0.6  # cosine similarity to join an existing speaker
+    diarizer_cluster_threshold: float = 0.4  # cosine distance, sub-segments within a block
+    diarizer_merge_threshold: float = 0.8  # full pass: merge speakers more similar than this
+    diarizer_threads: int = 1  # torch threads: on 2 cores the decoders need the rest
+    diarizer_nice: int = 10
+
     # results
     max_transcript_words: int = 20000
-    results_wait_for: str = "online,offline"  # passes that must end before STREAM_COMPLETE
+    results_wait_for: str = "online,offline,diarizer"  # passes that must end before STREAM_COMPLETE
     offline_timeout_s: float = 600.0  # after the online end, give up waiting for offline
 
     # captions page, search and exports (services/captions)
@@ -111,6 +120,10 @@ class Settings:
         return self.topic("transcripts.offline")
 
     @property
+    def speakers_topic(self) -> str:
+        return self.topic("speakers")
+
+    @property
     def results_topic(self) -> str:
         return self.topic("results")
 
@@ -120,7 +133,8 @@ class Settings:
 
     @property
     def all_topics(self) -> list[str]:
-        return [self.audio_topic, self.online_topic, self.offline_topic, self.results_topic, self.deadletter_topic]
+        return [self.audio_topic, self.online_topic, self.offline_topic, self.speakers_topic, self.results_topic,
+                self.deadletter_topic]
 
     @property
     def index_file(self) -> Path:

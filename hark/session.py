@@ -54,6 +54,8 @@ class StreamRun:
         if kind == "STREAM_COMPLETE":
             self.complete, self.complete_received_ms = rec, received_ms
             return None
+        if kind in ("SPEAKERS", "ALTERNATIVES"):
+            return None
         if rec["source"] == "offline":
             return caption_line(rec)
         utt = rec["utterance_id"]
@@ -109,11 +111,25 @@ def caption_line(rec: dict) -> str | None:
     """The line a terminal commits for a Result FINAL (None for other kinds)."""
     if str(rec["kind"]) != "FINAL":
         return None
-    speakers = sorted({w["speaker"] for w in rec["words"] if w.get("speaker")})
-    text = (f"{'/'.join(speakers)}: " if speakers else "") + rec["text"]
+    turns = speaker_lines(rec["words"])
+    text = " ".join(turns) if turns else rec["text"]
     if rec["source"] == "offline":  # full-context text that replaces this range of the captions
         return f"(offline {rec['start_ms'] / 1000:.1f}-{rec['end_ms'] / 1000:.1f} s) {text}"
     return text
+
+
+def speaker_lines(words: list[dict]) -> list[str]:
+    """``SPEAKER: words`` per run of one speaker's words; [] when no word has a speaker."""
+    if not any(w.get("speaker") for w in words):
+        return []
+    out: list[tuple[str, list[str]]] = []
+    for w in words:
+        who = w.get("speaker") or (out[-1][0] if out else "?")  # an unlabelled word stays with its neighbours
+        if out and out[-1][0] == who:
+            out[-1][1].append(w["word"])
+        else:
+            out.append((who, [w["word"]]))
+    return [f"{who}: {' '.join(ws)}" for who, ws in out]
 
 
 def read_results(consumer, timeout: float):
@@ -220,14 +236,15 @@ def expected_seconds(path: str) -> float | None:
         return None
 
 
-def file_runs(ingest, files: list[str], realtime: bool, settings: Settings, tenant: str = "default") -> list[StreamRun]:
+def file_runs(ingest, files: list[str], realtime: bool, settings: Settings, tenant: str = "default",
+              metadata: dict | None = None) -> list[StreamRun]:
     from services.ingest.publisher import new_stream_id
 
     runs = []
     for f in files:
         def publish(run: StreamRun, path=f):
             return ingest.publish_file(path, stream_id=run.stream_id, tenant=tenant, realtime=realtime,
-                                       on_chunk=run.on_chunk)
+                                       on_chunk=run.on_chunk, metadata=metadata)
         runs.append(StreamRun(f, new_stream_id(Path(f).stem), publish, settings.chunk_ms,
                               expected_seconds=expected_seconds(f)))
     return runs

@@ -28,6 +28,7 @@ SERVICES = {  # name -> (module with main(argv), the topic whose partitions its 
     "ingest": ("services.ingest.server", None),
     "online_asr": ("services.online_asr.service", "audio_topic"),
     "offline_asr": ("services.offline_asr.service", "audio_topic"),
+    "diarizer": ("services.diarizer.service", "audio_topic"),
     "results": ("services.results.service", "online_topic"),
     "captions": ("services.captions.app", None),  # reads every results partition itself, no group
 }
@@ -152,8 +153,11 @@ class Supervisor:
         self.write_state()
         kafka.wait_for_broker(self.settings, timeout=30)
         kafka.ensure_topics(self.settings)
-        if self.replicas.get("offline_asr", 1) == 0:  # online-only: results must not wait for offline
-            self.settings.results_wait_for = "online"
+        # results must not wait for a pass nobody runs
+        passes = [p for p in self.settings.results_wait_for.split(",") if p.strip()]
+        absent = {"offline": "offline_asr", "diarizer": "diarizer"}
+        self.settings.results_wait_for = ",".join(
+            p for p in passes if p not in absent or self.replicas.get(absent[p], 1) > 0)
         base_env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         for name, (module, _topic) in SERVICES.items():
             for i in range(self.replicas.get(name, 1)):
@@ -266,8 +270,8 @@ def parse_replicas(spec: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for part in filter(None, (s.strip() for s in spec.split(","))):
         name, _, n = part.partition("=")
-        if name not in SERVICES or not n.isdigit() or (int(n) < 1 and name not in ("offline_asr", "captions")):
-            raise SystemExit(f"bad --replicas entry {part!r} (e.g. online_asr=2, offline_asr=0 or captions=0; "
+        if name not in SERVICES or not n.isdigit() or (int(n) < 1 and name not in ("offline_asr", "diarizer", "captions")):
+            raise SystemExit(f"bad --replicas entry {part!r} (e.g. online_asr=2, offline_asr=0, diarizer=0 or captions=0; "
                              f"services: {', '.join(SERVICES)})")
         out[name] = int(n)
     return out

@@ -68,7 +68,8 @@ def test_exports_parse_back(live_stack, passage, tmp_path):
 
     res = run_hark("export", sid, "--format", "srt", env_extra=env)
     subs = list(srt.parse(res.stdout))
-    assert [s.content for s in subs] == [c.text for c in captions]
+    assert [s.content for s in subs] == [f"{c.voice}: {c.text}" if c.voice else c.text for c in captions]
+    assert {c.voice for c in captions} == {"SPEAKER_00"}  # one reader: the diarizer found one speaker
 
     ctm = run_hark("export", sid, "--format", "ctm", env_extra=env).stdout.splitlines()
     assert len(ctm) == len(words)
@@ -78,8 +79,11 @@ def test_exports_parse_back(live_stack, passage, tmp_path):
     as_json = json.loads(run_hark("export", sid, "--format", "json", env_extra=env).stdout)
     assert as_json["text"] == final["text"] and as_json["kind"] == "STREAM_COMPLETE"
 
-    rttm = run_hark("export", sid, "--format", "rttm", env_extra=env)  # no diarizer yet: no turns
-    assert rttm.returncode == 0 and rttm.stdout == "" and "no speaker turns" in rttm.stderr
+    rttm = [line.split() for line in run_hark("export", sid, "--format", "rttm", env_extra=env).stdout.splitlines()]
+    assert len(rttm) == len(final["turns"]) >= 1
+    for f, t in zip(rttm, final["turns"]):  # NIST RTTM: SPEAKER file chan start dur <NA> <NA> name <NA> <NA>
+        assert f[0] == "SPEAKER" and f[1] == sid and f[7] == t["speaker"] == "SPEAKER_00" and len(f) == 10
+        assert abs(float(f[3]) - t["start_ms"] / 1000) < 1e-3 and abs(float(f[4]) - (t["end_ms"] - t["start_ms"]) / 1000) < 1e-3
     missing = run_hark("export", "no-such-stream", "--format", "vtt", env_extra=env)
     assert missing.returncode == 1 and "no stream 'no-such-stream'" in missing.stderr
 

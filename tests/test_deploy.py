@@ -126,10 +126,10 @@ def test_every_service_exposes_prometheus_metrics(live_stack, speech_dir):
         assert {s.labels["service"] for s in m["hark_records_in"]} == {svc["name"]}
         assert "hark_open_streams" in m
         owned = value(m["hark_partitions_assigned"])
-        assert owned == settings.partitions * (2 if svc["name"] == "results" else 1), topics
+        assert owned == settings.partitions * (3 if svc["name"] == "results" else 1), topics
         lag = m["hark_consumer_lag_records"]  # one series per owned partition
         assert len(lag) == owned and all(s.value >= 0 for s in lag)
-        if svc["name"] in ("online_asr", "offline_asr"):
+        if svc["name"] in ("online_asr", "offline_asr", "diarizer"):
             rtf = value(m["hark_decode_rtf"])
             assert 0 < rtf < 1.5, (svc["name"], rtf)
             assert value(m["hark_audio_seconds"]) > 0

@@ -68,7 +68,7 @@ def _offline(kind, index, text, start, end, words=(), sid="s"):
 
 
 def test_merger_waits_for_both_passes_and_prefers_offline_text():
-    m = ResultsMerger()
+    m = ResultsMerger(wait_for=("online", "offline"))
     m.on_online(_online("FINAL", 0, "go forward ten years", ["go", "forward", "ten", "years"]))
     (caption,) = m.on_offline(_offline("SEGMENT", 0, "Go forward ten meters.", 0, 2800, ["Go", "forward", "ten", "meters."]))
     assert caption["kind"] == "FINAL" and caption["source"] == "offline" and caption["end_ms"] == 2800
@@ -85,9 +85,43 @@ def test_merger_waits_for_both_passes_and_prefers_offline_text():
 
 
 def test_merger_falls_back_to_online_text_when_offline_is_overdue():
-    m = ResultsMerger(offline_timeout_s=0.0)
+    m = ResultsMerger(wait_for=("online", "offline"), offline_timeout_s=0.0)
     m.on_online(_online("FINAL", 0, "go forward", ["go", "forward"]))
     assert m.on_online(_online("STREAM_END", 1, "", end_status="COMPLETE")) == []
     (done,) = m.expire()
     assert done["final_source"] == "online" and done["text"] == "go forward"
     assert done["status"].startswith("COMPLETE (offline pass did not finish")
+
+
+def _speakers(kind, turns, covered, sid="s"):
+    return {"stream_id": sid, "tenant": "t", "kind": kind,
+            "turns": [{"speaker": spk, "start_ms": a, "end_ms": b} for spk, a, b in turns], "covered_until_ms": covered,
+            "num_speakers": len({t[0] for t in turns}), "end_status": "COMPLETE" if kind == "FULL" else None,
+            "compute_ms": 3, "audio_published_at_ms": 1, "emitted_at_ms": 2, "model_name": "d", "model_version": "v"}
+
+
+def test_merger_labels_words_with_speakers_and_waits_for_the_diarizer():
+    m = ResultsMerger()  # online, offline and diarizer
+    (spk,) = m.on_speakers(_speakers("INCREMENTAL", [("A", 0, 1400), ("B", 1500, 2800)], 3000))
+    assert spk["kind"] == "SPEAKERS" and [t["speaker"] for t in spk["turns"]] == ["A", "B"]
+    words = ["go", "forward", "ten", "meters"]
+    rec = _online("FINAL", 0, "go forward ten meters", words)
+    for i, w in enumerate(rec["words"]):
+        w["start_ms"], w["end_ms"] = i * 700, i * 700 + 600
+    (final,) = m.on_online(rec)
+    assert [w["speaker"] for w in final["words"]] == ["A", "A", "B", "B"]
+    m.on_online(_online("STREAM_END", 1, "", end_status="COMPLETE"))
+    m.on_offline(_offline("SEGMENT", 0, "Go forward.", 0, 1400, ["Go", "forward."]))
+    assert m.on_offline(_offline("STREAM_END", 1, "", 2800, 2800)) == []  # the diarizer has not ended
+    (done,) = m.on_speakers(_speakers("FULL", [("SPEAKER_00", 0, 1400), ("SPEAKER_01", 1500, 2800)], 3000))
+    assert [w["speaker"] for w in done["words"]] == ["SPEAKER_00", "SPEAKER_00"]
+    assert [t["speaker"] for t in done["turns"]] == ["SPEAKER_00", "SPEAKER_01"]
+
+
+def test_assign_speakers_prefers_overlap_then_the_nearest_turn():
+    from services.results.merger import assign_speakers
+
+    turns = [{"speaker": "A", "start_ms": 0, "end_ms": 1000}, {"speaker": "B", "start_ms": 900, "end_ms": 3000}]
+    words = [{"word": w, "start_ms": s, "end_ms": e} for w, s, e in
+             [("a", 100, 500), ("ab", 800, 1200), ("b", 2000, 2500), ("near", 3300, 3600), ("far", 9000, 9500)]]
+    assert [w["speaker"] for w in assign_speakers(words, turns)] == ["A", "B", "B", "B", None]

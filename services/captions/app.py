@@ -47,7 +47,8 @@ def caption_event(r: dict) -> dict:
     return {"kind": str(r["kind"]), "source": r["source"], "utterance_id": r["utterance_id"],
             "start_ms": r["start_ms"], "end_ms": r["end_ms"], "text": r["text"],
             "speaker": max(set(speakers), key=speakers.count) if speakers else None,
-            "status": r.get("status"), "final_source": r.get("final_source"), "emitted_at_ms": r["emitted_at_ms"]}
+            "status": r.get("status"), "final_source": r.get("final_source"), "emitted_at_ms": r["emitted_at_ms"],
+            **({"turns": r["turns"]} if str(r["kind"]) == "SPEAKERS" else {})}
 
 
 class Hub:

@@ -7,6 +7,9 @@
   and words come from the offline pass when that finished, else from the online pass (then
   ``final_source`` says "online"). A stream whose offline pass has not ended ``offline_timeout_s``
   after its online end is completed with the online text (``expire``).
+- Diarizer INCREMENTAL turns become SPEAKERS results (labels never change) and label the words of
+  later FINALs; the FULL turns (whole stream) label the STREAM_COMPLETE words (largest time
+  overlap) and fill its ``turns``.
 - Offline records of an A/B candidate model (``variant`` "candidate") are not served: they stay on
   the offline topic for comparison.
 
@@ -17,11 +20,13 @@ dropped when it completes.
 from __future__ import annotations
 
 import time
+import bisect
 from dataclasses import dataclass, field
 
 from hark.runtime import now_ms
 
-PASSES = ("online", "offline")
+PASSES = ("online", "offline", "diarizer")
+MAX_TURNS = 20000  # incremental turns kept per stream to label words (~16 h of conversation)
 
 
 @dataclass
@@ -54,6 +59,28 @@ class StreamTranscript:
     passes: dict[str, PassState] = field(default_factory=lambda: {p: PassState() for p in PASSES})
     last_published_at_ms: int = 0
     online_ended_at: float | None = None  # monotonic, for the offline timeout
+    turns: list[dict] = field(default_factory=list)  # incremental speaker turns so far
+    full_turns: list[dict] | None = None  # the diarizer's FULL turns once it ended
+
+
+def assign_speakers(words: list[dict], turns: list[dict], reach_ms: int = 1000) -> list[dict]:
+    """Each word gets the speaker whose turn overlaps it most (else the nearest within reach_ms)."""
+    if not turns:
+        return words
+    turns = sorted(turns, key=lambda t: t["start_ms"])
+    starts = [t["start_ms"] for t in turns]
+    out = []
+    for w in words:
+        hi = bisect.bisect_right(starts, w["end_ms"])
+        best, best_score = None, None
+        for t in turns[max(0, hi - 64):hi + 1]:  # turns are short: the ones near the word suffice
+            overlap = min(w["end_ms"], t["end_ms"]) - max(w["start_ms"], t["start_ms"])
+            score = overlap if overlap > 0 else overlap - 1  # any overlap beats a near miss
+            if best_score is None or score > best_score:
+                best, best_score = t, score
+        speaker = best["speaker"] if best is not None and best_score > -reach_ms else None
+        out.append({**w, "speaker": speaker})
+    return out
 
 
 def _result(rec: dict, kind: str, source: str, index: int, **fields) -> dict:
@@ -92,12 +119,39 @@ class ResultsMerger:
             return [_result(rec, "PARTIAL", "online", rec["utterance_id"])]
         if kind == "FINAL":
             p.add(rec["utterance_id"], rec, self.max_words)
-            return [_result(rec, "FINAL", "online", rec["utterance_id"])]
+            return [self._labelled(rec, _result(rec, "FINAL", "online", rec["utterance_id"]))]
         if kind == "STREAM_END":
             p.ended = rec.get("end_status") or "COMPLETE"
             st.online_ended_at = time.monotonic()
             return self._maybe_complete(rec["stream_id"], rec)
         raise ValueError(f"unknown online transcript kind {kind}")
+
+    def on_speakers(self, rec: dict) -> list[dict]:
+        kind, st = str(rec["kind"]), self._state(rec)
+        p = st.passes["diarizer"]
+        p.model = (rec["model_name"], rec["model_version"])
+        if kind == "INCREMENTAL":
+            room = MAX_TURNS - len(st.turns)
+            st.turns += rec["turns"][:max(0, room)]
+            if not rec["turns"]:
+                return []
+            return [{"stream_id": rec["stream_id"], "tenant": rec["tenant"], "kind": "SPEAKERS", "source": "diarizer",
+                     "utterance_id": -1, "text": "", "start_ms": min(t["start_ms"] for t in rec["turns"]),
+                     "end_ms": rec["covered_until_ms"], "words": [], "nbest": [], "online_text": None,
+                     "turns": rec["turns"], "status": None, "final_source": None, "truncated": False,
+                     "audio_published_at_ms": rec["audio_published_at_ms"], "emitted_at_ms": now_ms(),
+                     "model_name": rec["model_name"], "model_version": rec["model_version"]}]
+        if kind == "FULL":
+            p.ended = rec.get("end_status") or "COMPLETE"
+            st.full_turns = rec["turns"]
+            return self._maybe_complete(rec["stream_id"], rec)
+        raise ValueError(f"unknown speaker turns kind {kind}")
+
+    def _labelled(self, rec: dict, result: dict) -> dict:
+        st = self.streams.get(rec["stream_id"])
+        if st is not None and st.turns and result["words"]:
+            result["words"] = assign_speakers(result["words"], st.turns)
+        return result
 
     def on_offline(self, rec: dict) -> list[dict]:
         if rec.get("variant", "primary") != "primary":
@@ -110,7 +164,7 @@ class ResultsMerger:
         p.model = (rec["model_name"], rec["model_version"])
         if kind == "SEGMENT":
             p.add(rec["segment_index"], rec, self.max_words)
-            return [_result(rec, "FINAL", "offline", rec["segment_index"])]
+            return [self._labelled(rec, _result(rec, "FINAL", "offline", rec["segment_index"]))]
         if kind == "STREAM_END":
             p.ended = rec.get("end_status") or "COMPLETE"
             return self._maybe_complete(rec["stream_id"], rec)
@@ -137,11 +191,13 @@ class ResultsMerger:
         ordered = final.ordered()
         name, version = final.model or online.model or ("", "")
         status = online.ended or "INCOMPLETE"
+        turns = st.full_turns if st.full_turns is not None else st.turns
+        words = assign_speakers([w for part in ordered for w in part["words"]], turns)
         return [{
             "stream_id": sid, "tenant": st.tenant, "kind": "STREAM_COMPLETE", "source": source, "utterance_id": -1,
             "text": final.text(), "start_ms": ordered[0]["start_ms"] if ordered else 0,
             "end_ms": ordered[-1]["end_ms"] if ordered else 0,
-            "words": [w for part in ordered for w in part["words"]], "nbest": [], "online_text": online.text(),
-            "turns": [], "status": status if not reason else f"{status} ({reason})", "final_source": source,
+            "words": words, "nbest": [], "online_text": online.text(),
+            "turns": turns, "status": status if not reason else f"{status} ({reason})", "final_source": source,
             "truncated": final.truncated, "audio_published_at_ms": st.last_published_at_ms,
             "emitted_at_ms": now_ms(), "model_name": name, "model_version": version}]

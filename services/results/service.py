@@ -27,13 +27,15 @@ class Results(ConsumerService):
 
     @property
     def topics(self) -> list[str]:
-        return [self.settings.online_topic, self.settings.offline_topic]
+        return [self.settings.online_topic, self.settings.offline_topic, self.settings.speakers_topic]
 
     def handle(self, rtype: str, rec: dict, msg: Message) -> None:
         if rtype == "OnlineTranscript":
             merge = self.merger.on_online
         elif rtype == "OfflineTranscript":
             merge = self.merger.on_offline
+        elif rtype == "SpeakerTurns":
+            merge = self.merger.on_speakers
         else:
             raise InputError("unexpected_record", f"{rtype} does not belong on {msg.topic()}")
         sid, tp = rec["stream_id"], (msg.topic(), msg.partition())

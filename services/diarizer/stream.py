@@ -1,0 +1,256 @@
+"""Diarization of an open-ended stream in bounded blocks; no Kafka here.
+
+Incremental: every ``block_s`` of new audio, the pipeline runs on that block plus ``context_s``
+of audio before it (so a speaker who was talking carries over). Its local speakers are linked
+to the stream's global speakers by the cosine similarity of their centroid embeddings
+(Hungarian assignment); a local speaker with no match above ``link_threshold`` becomes a new
+global speaker. Turns of the new part are emitted at once and their labels never change: the
+stream's turns run ``block_s`` plus the compute time behind the audio.
+
+Full: at the end, every block's local speakers (centroid and speech duration) are clustered
+together with agglomerative clustering over the whole stream (``num/min/max_speakers`` hints
+apply here), and all turns are relabelled. No audio is kept for it: memory is the context, one
+block, and one centroid per local speaker per block (~1 MB per hour; capped at ``max_blocks``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.optimize import linear_sum_assignment
+
+from .pipeline import Turn
+
+MIN_SPEECH_MS = 500  # a local speaker with less speech than this cannot found a new global speaker
+SUB_MS, SUB_STEP_MS = 1500, 750  # sub-segments embedded for identity (CAM++ needs ~1 s to be reliable)
+
+
+@dataclass
+class Block:
+    centroids: np.ndarray  # (local speakers, dim)
+    speech_ms: np.ndarray  # (local speakers,)
+    turns: list[tuple[int, int, int]] = field(default_factory=list)  # (local index, start_ms, end_ms), emitted part
+    valid: np.ndarray | None = None  # local speakers with an embedding
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-9)
+
+
+def merge_turns(turns: list[Turn], gap_ms: int = 0) -> list[Turn]:
+    """Join a speaker's turns that touch (or are ``gap_ms`` apart); order by start."""
+    out: list[Turn] = []
+    last: dict[str, Turn] = {}
+    for t in sorted(turns, key=lambda t: (t.start_ms, t.speaker)):
+        prev = last.get(t.speaker)
+        if prev is not None and t.start_ms - prev.end_ms <= gap_ms:
+            prev.end_ms = max(prev.end_ms, t.end_ms)
+            continue
+        t = Turn(t.speaker, t.start_ms, t.end_ms)
+        out.append(t)
+        last[t.speaker] = t
+    return out
+
+
+class StreamDiarizer:
+    def __init__(self, diarizer, *, block_s: float = 6.0, context_s: float = 4.0, link_threshold: float = 0.6,
+                 cluster_threshold: float = 0.4, merge_threshold: float = 0.8, num_speakers: int | None = None, min_speakers: int | None = None,
+                 max_speakers: int | None = None, max_blocks: int = 2400):
+        self.diarizer = diarizer
+        self.block_ms, self.context_ms = int(block_s * 1000), int(context_s * 1000)
+        self.link_threshold, self.cluster_threshold = link_threshold, cluster_threshold
+        self.merge_threshold = merge_threshold
+        self.num_speakers, self.min_speakers = num_speakers, min_speakers
+        self.max_speakers = num_speakers or max_speakers
+        self.max_blocks = max_blocks
+        self._buf = np.zeros(0, dtype=np.int16)
+        self._buf_start_ms = 0
+        self.emitted_ms = 0  # audio up to here has its turns published
+        self._sums: list[np.ndarray] = []  # global speakers: sum of linked unit centroids x speech seconds
+        self.blocks: list[Block] = []
+        self.compute_s = 0.0
+        self.audio_ms = 0
+
+    def start_at(self, ms: int) -> None:
+        """Join a stream mid-way: its audio starts at ``ms``."""
+        self.emitted_ms = self._buf_start_ms = ms
+
+    @property
+    def speakers(self) -> int:
+        return len(self._sums)
+
+    def label(self, index: int) -> str:
+        return f"SPEAKER_{index:02d}"
+
+    # -- incremental ----------------------------------------------------------------------------
+    def push(self, pcm: np.ndarray) -> list[Turn]:
+        self._buf = np.concatenate([self._buf, pcm])
+        self.audio_ms += len(pcm) // 16
+        out = []
+        while self._buf_start_ms + len(self._buf) // 16 - self.emitted_ms >= self.block_ms:
+            out += self._block(self.emitted_ms + self.block_ms)
+        return out
+
+    def flush(self) -> list[Turn]:
+        end = self._buf_start_ms + len(self._buf) // 16
+        return self._block(end) if end - self.emitted_ms >= 300 else []
+
+    def _block(self, end_ms: int) -> list[Turn]:
+        start_ms = max(self._buf_start_ms, self.emitted_ms - self.context_ms)
+        a, b = (start_ms - self._buf_start_ms) * 16, (end_ms - self._buf_start_ms) * 16
+        window = self._buf[a:b]
+        turns, _centroids, secs = self.diarizer(window, max_speakers=self.max_speakers)
+        t0 = time.perf_counter()
+        # pyannote's segmentation finds the speech (and where it changes); on a short window its
+        # local speaker labels can merge similar voices, so identity comes from CAM++ embeddings
+        # of short sub-segments, clustered within the block and linked to the stream's speakers.
+        # sub-segments stay inside pyannote's turns: its change points and overlaps are kept
+        speech = [(start_ms + t.start_ms, start_ms + t.end_ms) for t in turns]
+        subs = []  # (start_ms, end_ms) of the new part, each with an embedding window around it
+        for s, e in speech:
+            s, e = max(s, self.emitted_ms), min(e, end_ms)
+            if e - s < 100:
+                continue
+            n = max(1, int(np.ceil((e - s - SUB_MS) / SUB_STEP_MS)) + 1) if e - s > SUB_MS else 1
+            bounds = np.linspace(s, e, n + 1).astype(int)
+            subs += [(int(x), int(y)) for x, y in zip(bounds, bounds[1:])]
+        emb = []
+        owner = []
+        for s, e in speech:
+            s2, e2 = max(s, self.emitted_ms), min(e, end_ms)
+            if e2 - s2 >= 100:
+                owner.append((s, e))
+        for s, e in subs:  # embed at least SUB_MS around the sub-segment, within its turn
+            c = (s + e) // 2
+            region = next(r for r in owner if r[0] <= c <= r[1])
+            ws = max(region[0], min(c - SUB_MS // 2, region[1] - SUB_MS))
+            we = min(region[1], ws + max(SUB_MS, e - s))
+            wave = window[(ws - start_ms) * 16:(we - start_ms) * 16].astype(np.float32) / 32768.0
+            emb.append(self.diarizer.embedding(torch.from_numpy(wave)[None, None])[0])
+        emb = np.array(emb, dtype=np.float64).reshape(len(subs), self.diarizer.embedding.dimension)
+        valid = np.isfinite(emb).all(axis=1)
+        local = np.full(len(subs), -1)
+        if valid.sum() == 1:
+            local[valid] = 0
+        elif valid.sum() > 1:
+            z = linkage(_unit(emb[valid]), method="average", metric="cosine")
+            local[valid] = fcluster(z, self.cluster_threshold, criterion="distance") - 1
+        for i in np.nonzero(~valid)[0]:  # too short to embed: the nearest embedded neighbour's cluster
+            near = [j for j in np.argsort(np.abs(np.arange(len(subs)) - i)) if valid[j]]
+            local[i] = local[near[0]] if near else -1
+        k = int(local.max()) + 1 if len(local) else 0
+        cents = np.zeros((k, emb.shape[1]))
+        speech_ms = np.zeros(k)
+        for i, (s, e) in enumerate(subs):
+            if local[i] >= 0:
+                speech_ms[local[i]] += e - s
+                if valid[i]:
+                    cents[local[i]] += _unit(emb[i]) * (e - s)
+        mapping = self._link(_unit(cents), speech_ms)
+        block = Block(cents, speech_ms, valid=np.ones(k, bool))
+        emitted = []
+        for i, (s, e) in enumerate(subs):
+            g = mapping.get(int(local[i])) if local[i] >= 0 else None
+            if g is not None:
+                emitted.append(Turn(self.label(g), s, e))
+                block.turns.append((int(local[i]), s, e))
+        self.compute_s += secs + time.perf_counter() - t0
+        self.blocks.append(block)
+        if len(self.blocks) > self.max_blocks:
+            self.blocks.pop(0)
+        self.emitted_ms = end_ms
+        keep_from = max(self._buf_start_ms, end_ms - self.context_ms)
+        self._buf = self._buf[(keep_from - self._buf_start_ms) * 16:]
+        self._buf_start_ms = keep_from
+        return merge_turns(emitted)
+
+    def _link(self, local: np.ndarray, speech_ms: np.ndarray) -> dict[int, int | None]:
+        """Local speaker index -> global speaker index (None: too little speech to place)."""
+        mapping: dict[int, int | None] = {}
+        if len(local) == 0:
+            return mapping
+        if self._sums:
+            glob = _unit(np.stack(self._sums))
+            sim = local @ glob.T
+            rows, cols = linear_sum_assignment(-sim)
+            for r, c in zip(rows, cols):
+                full = self.max_speakers is not None and len(self._sums) >= self.max_speakers
+                if local[r].any() and (sim[r, c] >= self.link_threshold or full):
+                    mapping[r] = int(c)
+        for r in range(len(local)):
+            if r in mapping:
+                continue
+            full = self.max_speakers is not None and len(self._sums) >= self.max_speakers
+            if not local[r].any():  # no embedding: nothing to place it by
+                mapping[r] = None
+                continue
+            if full or speech_ms[r] < MIN_SPEECH_MS:
+                if self._sums:  # place it with its nearest speaker
+                    mapping[r] = int(np.argmax(local[r] @ _unit(np.stack(self._sums)).T))
+                else:
+                    mapping[r] = None
+                continue
+            self._sums.append(np.zeros(local.shape[1]))
+            mapping[r] = len(self._sums) - 1
+        for r, g in mapping.items():
+            if g is not None:
+                self._sums[g] = self._sums[g] + local[r] * (speech_ms[r] / 1000)
+        return mapping
+
+    # -- full -----------------------------------------------------------------------------------
+    def full_turns(self) -> list[Turn]:
+        """Every kept block's clusters re-assigned with the whole stream known; all turns relabelled.
+
+        Starts from the incremental speakers and moves each block cluster to its nearest speaker
+        centroid until nothing moves (k-means over centroids weighted by speech); speakers whose
+        centroids end up closer than ``merge_threshold`` are merged. With ``num_speakers`` (or a
+        count outside min/max) the block clusters are clustered agglomeratively to that count.
+        """
+        items = [(bi, li) for bi, blk in enumerate(self.blocks) for li in range(len(blk.centroids))
+                 if blk.valid[li] and blk.centroids[li].any()]
+        if not items:
+            return []
+        x = _unit(np.stack([self.blocks[bi].centroids[li] for bi, li in items]).astype(np.float64))
+        w = np.array([self.blocks[bi].speech_ms[li] for bi, li in items]) + 1.0
+        n_now = max(1, len(self._sums))
+        target = self.num_speakers or (self.min_speakers if self.min_speakers and n_now < self.min_speakers else None) \
+            or (self.max_speakers if self.max_speakers and n_now > self.max_speakers else None)
+        if target and len(items) > 1:
+            labels = fcluster(linkage(x, method="average", metric="cosine"), target, criterion="maxclust") - 1
+        else:
+            cents = _unit(np.stack(self._sums)) if self._sums else x[:1]
+            labels = np.argmax(x @ cents.T, axis=1)
+            for _ in range(20):
+                cents = np.stack([_unit((x[labels == k] * w[labels == k, None]).sum(axis=0)) if (labels == k).any()
+                                  else cents[k] for k in range(len(cents))])
+                new = np.argmax(x @ cents.T, axis=1)
+                if (new == labels).all():
+                    break
+                labels = new
+            labels = self._merge_close(labels, x, w)
+        cluster_of = {item: int(lab) for item, lab in zip(items, labels)}
+        order: dict[int, int] = {}  # speakers named by first appearance
+        turns = []
+        for bi, blk in enumerate(self.blocks):
+            for li, s, e in sorted(blk.turns, key=lambda t: t[1]):
+                c = cluster_of.get((bi, li))
+                if c is None:
+                    continue
+                order.setdefault(c, len(order))
+                turns.append(Turn(self.label(order[c]), s, e))
+        return merge_turns(turns)
+
+    def _merge_close(self, labels: np.ndarray, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        while True:
+            ks = sorted(set(labels.tolist()))
+            if len(ks) < 2 or (self.min_speakers and len(ks) <= self.min_speakers):
+                return labels
+            cents = np.stack([_unit((x[labels == k] * w[labels == k, None]).sum(axis=0)) for k in ks])
+            sim = cents @ cents.T - 2 * np.eye(len(ks))
+            i, j = np.unravel_index(np.argmax(sim), sim.shape)
+            if sim[i, j] < self.merge_threshold:
+                return labels
+            labels = np.where(labels == ks[j], ks[i], labels)
