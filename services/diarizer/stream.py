@@ -206,8 +206,9 @@ class StreamDiarizer:
 
         Starts from the incremental speakers and moves each block cluster to its nearest speaker
         centroid until nothing moves (k-means over centroids weighted by speech); speakers whose
-        centroids end up closer than ``merge_threshold`` are merged. With ``num_speakers`` (or a
-        count outside min/max) the block clusters are clustered agglomeratively to that count.
+        centroids end up closer than ``merge_threshold`` are merged, and the closest are merged
+        further down to ``num_speakers``/``max_speakers``. Fewer than ``num_speakers``/``min_speakers``:
+        the block clusters are clustered agglomeratively to that count.
         """
         items = [(bi, li) for bi, blk in enumerate(self.blocks) for li in range(len(blk.centroids))
                  if blk.valid[li] and blk.centroids[li].any()]
@@ -215,22 +216,20 @@ class StreamDiarizer:
             return []
         x = _unit(np.stack([self.blocks[bi].centroids[li] for bi, li in items]).astype(np.float64))
         w = np.array([self.blocks[bi].speech_ms[li] for bi, li in items]) + 1.0
-        n_now = max(1, len(self._sums))
-        target = self.num_speakers or (self.min_speakers if self.min_speakers and n_now < self.min_speakers else None) \
-            or (self.max_speakers if self.max_speakers and n_now > self.max_speakers else None)
-        if target and len(items) > 1:
-            labels = fcluster(linkage(x, method="average", metric="cosine"), target, criterion="maxclust") - 1
-        else:
-            cents = _unit(np.stack(self._sums)) if self._sums else x[:1]
-            labels = np.argmax(x @ cents.T, axis=1)
-            for _ in range(20):
-                cents = np.stack([_unit((x[labels == k] * w[labels == k, None]).sum(axis=0)) if (labels == k).any()
-                                  else cents[k] for k in range(len(cents))])
-                new = np.argmax(x @ cents.T, axis=1)
-                if (new == labels).all():
-                    break
-                labels = new
-            labels = self._merge_close(labels, x, w)
+        cents = _unit(np.stack(self._sums)) if self._sums else x[:1]
+        labels = np.argmax(x @ cents.T, axis=1)
+        for _ in range(20):
+            cents = np.stack([_unit((x[labels == k] * w[labels == k, None]).sum(axis=0)) if (labels == k).any()
+                              else cents[k] for k in range(len(cents))])
+            new = np.argmax(x @ cents.T, axis=1)
+            if (new == labels).all():
+                break
+            labels = new
+        most = self.num_speakers or self.max_speakers
+        least = self.num_speakers or self.min_speakers
+        labels = self._merge_close(labels, x, w, most, least)
+        if least and len(set(labels.tolist())) < least and len(items) >= least:  # too few: split by clustering
+            labels = fcluster(linkage(x, method="average", metric="cosine"), least, criterion="maxclust") - 1
         cluster_of = {item: int(lab) for item, lab in zip(items, labels)}
         order: dict[int, int] = {}  # speakers named by first appearance
         turns = []
@@ -243,14 +242,17 @@ class StreamDiarizer:
                 turns.append(Turn(self.label(order[c]), s, e))
         return merge_turns(turns)
 
-    def _merge_close(self, labels: np.ndarray, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    def _merge_close(self, labels: np.ndarray, x: np.ndarray, w: np.ndarray, most: int | None,
+                     least: int | None) -> np.ndarray:
+        """Merge the two closest speakers while they are closer than merge_threshold, or while there
+        are more than ``most``; never below ``least``."""
         while True:
             ks = sorted(set(labels.tolist()))
-            if len(ks) < 2 or (self.min_speakers and len(ks) <= self.min_speakers):
+            if len(ks) < 2 or (least and len(ks) <= least):
                 return labels
             cents = np.stack([_unit((x[labels == k] * w[labels == k, None]).sum(axis=0)) for k in ks])
             sim = cents @ cents.T - 2 * np.eye(len(ks))
             i, j = np.unravel_index(np.argmax(sim), sim.shape)
-            if sim[i, j] < self.merge_threshold:
+            if sim[i, j] < self.merge_threshold and not (most and len(ks) > most):
                 return labels
             labels = np.where(labels == ks[j], ks[i], labels)
