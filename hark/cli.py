@@ -36,6 +36,8 @@ def cmd_up(a) -> int:
     s = _settings(a)
     state = stack.launch(s, replicas=a.replicas, broker_storage=a.broker_storage)
     print(f"hark stack up: broker {state['bootstrap']}, ingest {state.get('ingest_url')}, archive {state['archive']}")
+    if state.get("captions_url"):
+        print(f"captions page, search and exports: {state['captions_url']}")
     print(f"state and logs in {stack.stack_dir(s)}; `hark status`, `hark down`")
     return 0
 

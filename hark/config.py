@@ -82,7 +82,7 @@ class Settings:
     diarizer_cluster_threshold: float = 0.4  # cosine distance, sub-segments within a block
     diarizer_merge_threshold: float = 0.8  # full pass: merge speakers more similar than this
     diarizer_threads: int = 1  # torch threads: on 2 cores the decoders need the rest
-    diarizer_nice: int = 10
+    diarizer_nice: int = 19  # its labels trail the audio by seconds anyway: the online pass goes first
 
     # results
     max_transcript_words: int = 20000
