@@ -447,6 +447,25 @@ class AudioStreamService(ConsumerService):
     def on_end(self, sid: str, rec: dict, msg: Message) -> None:
         raise NotImplementedError
 
+    # Per-stream state lives in ``self.streams`` (values with tenant, partition and last_seen);
+    # ``_close(sid, tenant, status)`` ends a stream. The defaults below time out idle streams and
+    # drop the streams of revoked partitions (their new owner rebuilds them from the held offsets).
+    streams: dict
+
+    def _close(self, sid: str, tenant: str, status: str) -> None:
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        if self.sweep_due():
+            for sid in self.idle_streams(self.streams):
+                self._close(sid, self.streams[sid].tenant, "IDLE_TIMEOUT")
+
+    def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
+        gone = {p for _, p in partitions}
+        for sid in [s for s, st in self.streams.items() if st.partition in gone]:
+            del self.streams[sid]
+        self.metrics.set("open_streams", len(self.streams))
+
 
 def _key(msg: Message) -> str | None:
     k = msg.key()

@@ -144,18 +144,6 @@ class DiarizerService(AudioStreamService):
             "audio_published_at_ms": published_at, "emitted_at_ms": now_ms(), "model_name": MODEL_NAME,
             "model_version": self.diarizer.model_version})
 
-    # -- housekeeping ---------------------------------------------------------------------------
-    def tick(self) -> None:
-        if self.sweep_due():
-            for sid in self.idle_streams(self.streams):
-                self._close(sid, self.streams[sid].tenant, "IDLE_TIMEOUT")
-
-    def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
-        gone = {p for _, p in partitions}
-        for sid in [s for s, st in self.streams.items() if st.partition in gone]:
-            del self.streams[sid]
-        self.metrics.set("open_streams", len(self.streams))
-
 
 def main(argv: list[str] | None = None) -> None:
     main_for(DiarizerService, argv)

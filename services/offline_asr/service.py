@@ -213,18 +213,6 @@ class OfflineASR(AudioStreamService):
                 "model_version": decoder.model_version,
                 "variant": "primary" if decoder is self.decoder else "candidate"}
 
-    # -- housekeeping ---------------------------------------------------------------------------
-    def tick(self) -> None:
-        if self.sweep_due():
-            for sid in self.idle_streams(self.streams):
-                self._close(sid, self.streams[sid].tenant, "IDLE_TIMEOUT")
-
-    def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
-        gone = {p for _, p in partitions}
-        for sid in [s for s, st in self.streams.items() if st.partition in gone]:
-            del self.streams[sid]
-        self.metrics.set("open_streams", len(self.streams))
-
 
 def main(argv: list[str] | None = None) -> None:
     main_for(OfflineASR, argv)
