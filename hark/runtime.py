@@ -89,14 +89,6 @@ class Metrics:
         with self._lock:
             return self._values.get((name, tuple(sorted(labels.items()))), 0.0)
 
-    def snapshot(self) -> dict[str, float]:
-        """Unlabelled series by name (labelled ones are summed)."""
-        out: dict[str, float] = {}
-        with self._lock:
-            for (name, _labels), v in self._values.items():
-                out[name] = out.get(name, 0.0) + v
-        return out
-
     def render(self) -> str:
         lines = []
         with self._lock:
@@ -475,17 +467,28 @@ def _key(msg: Message) -> str | None:
         return None
 
 
-def main_for(service_cls, argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m services.<name>``: flags override HARK_* variables."""
+def service_settings(name: str, argv: list[str] | None = None, listen: str | None = None) -> Settings:
+    """Start-up of ``python -m services.<name>``: flags override HARK_* variables, logging is set
+    up, the broker is waited for and the topics exist. ``listen`` names the settings prefix of a
+    service that serves its own port (``ingest``: --host/--port set ingest_host/ingest_port)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog=f"python -m services.{service_cls.name}")
+    p = argparse.ArgumentParser(prog=f"python -m services.{name}")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers host:port (env HARK_BOOTSTRAP)")
     p.add_argument("--health-port", type=int, help="port for /healthz and /metrics (0 = any)")
     p.add_argument("--data-dir", help="data folder (archive default), env HARK_DATA_DIR")
-    args = p.parse_args(argv)
-    settings = Settings.load(bootstrap=args.bootstrap, health_port=args.health_port, data_dir=args.data_dir)
-    setup_logging(service_cls.name, settings.log_level)
+    if listen:
+        p.add_argument("--host")
+        p.add_argument("--port", type=int)
+    a = p.parse_args(argv)
+    extra = {f"{listen}_host": a.host, f"{listen}_port": a.port} if listen else {}
+    settings = Settings.load(bootstrap=a.bootstrap, health_port=a.health_port, data_dir=a.data_dir, **extra)
+    setup_logging(name, settings.log_level)
     kafka.wait_for_broker(settings, timeout=60)
     kafka.ensure_topics(settings)
-    service_cls(settings).run()
+    return settings
+
+
+def main_for(service_cls, argv: list[str] | None = None) -> None:
+    """Entry point of a consumer service."""
+    service_cls(service_settings(service_cls.name, argv)).run()

@@ -30,10 +30,10 @@ from starlette.routing import Route
 
 from hark import kafka, serde
 from hark.config import Settings
-from hark.runtime import HealthServer, Metrics, kv, now_ms, setup_logging
+from hark.runtime import HealthServer, Metrics, kv, now_ms, service_settings
 
 from . import exports
-from .index import TranscriptIndex
+from .index import TranscriptIndex, majority_speaker
 
 log = logging.getLogger("hark.captions")
 
@@ -43,10 +43,9 @@ SUBSCRIBER_QUEUE = 1000  # events a slow page may lag behind before it is droppe
 
 def caption_event(r: dict) -> dict:
     """What a page needs of a Result record."""
-    speakers = [w.get("speaker") for w in r.get("words") or [] if w.get("speaker")]
     return {"kind": str(r["kind"]), "source": r["source"], "utterance_id": r["utterance_id"],
             "start_ms": r["start_ms"], "end_ms": r["end_ms"], "text": r["text"],
-            "speaker": max(set(speakers), key=speakers.count) if speakers else None,
+            "speaker": majority_speaker(r.get("words") or []),
             "status": r.get("status"), "final_source": r.get("final_source"), "emitted_at_ms": r["emitted_at_ms"],
             **({"turns": r["turns"]} if str(r["kind"]) == "SPEAKERS" else {})}
 
@@ -272,21 +271,7 @@ def serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m services.captions")
-    p.add_argument("--bootstrap")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--health-port", type=int)
-    p.add_argument("--data-dir")
-    a = p.parse_args(argv)
-    s = Settings.load(bootstrap=a.bootstrap, captions_host=a.host, captions_port=a.port, health_port=a.health_port,
-                      data_dir=a.data_dir)
-    setup_logging("captions", s.log_level)
-    kafka.wait_for_broker(s, timeout=60)
-    kafka.ensure_topics(s)
-    serve(s)
+    serve(service_settings("captions", argv, listen="captions"))
 
 
 PAGE = (Path(__file__).parent / "page.html").read_text()

@@ -67,24 +67,21 @@ def _ts(ms: int, sep: str) -> str:
     return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms_:03d}"
 
 
-def to_vtt(result: dict) -> str:
-    parts = ["WEBVTT", ""]
+def _captions(result: dict, header: list[str], ms_sep: str, speaker: str) -> str:
+    """Numbered cues; ``speaker`` formats a known speaker's prefix from {s}."""
+    parts = list(header)
     for i, c in enumerate(cues(result["words"]), start=1):
-        text = _lines(c["text"])
-        if c["speaker"]:
-            text = f"<v {c['speaker']}>{text}"
-        parts += [str(i), f"{_ts(c['start_ms'], '.')} --> {_ts(c['end_ms'], '.')}", text, ""]
+        text = (speaker.format(s=c["speaker"]) if c["speaker"] else "") + _lines(c["text"])
+        parts += [str(i), f"{_ts(c['start_ms'], ms_sep)} --> {_ts(c['end_ms'], ms_sep)}", text, ""]
     return "\n".join(parts)
+
+
+def to_vtt(result: dict) -> str:
+    return _captions(result, ["WEBVTT", ""], ".", "<v {s}>")
 
 
 def to_srt(result: dict) -> str:
-    parts = []
-    for i, c in enumerate(cues(result["words"]), start=1):
-        text = _lines(c["text"])
-        if c["speaker"]:
-            text = f"{c['speaker']}: {text}"
-        parts += [str(i), f"{_ts(c['start_ms'], ',')} --> {_ts(c['end_ms'], ',')}", text, ""]
-    return "\n".join(parts)
+    return _captions(result, [], ",", "{s}: ")
 
 
 def to_rttm(result: dict) -> str:

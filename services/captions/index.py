@@ -148,7 +148,7 @@ class TranscriptIndex:
                                "AND rank = 0 ORDER BY start_ms", (stream_id,))
         return [{"kind": "FINAL", "source": r["pass"], "utterance_id": int(r["key"].rsplit("/", 2)[1]),
                  "start_ms": r["start_ms"], "end_ms": r["end_ms"], "text": r["text"],
-                 "speaker": _speaker(json.loads(r["words"]))} for r in rows]
+                 "speaker": majority_speaker(json.loads(r["words"]))} for r in rows]
 
 
 def _key(stream_id: str, pass_: str, index: int, rank: int) -> str:
@@ -159,7 +159,7 @@ def _bytes(value):
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def _speaker(words: list[dict]) -> str | None:
+def majority_speaker(words: list[dict]) -> str | None:
     speakers = [w.get("speaker") for w in words if w.get("speaker")]
     return max(set(speakers), key=speakers.count) if speakers else None
 
@@ -172,7 +172,7 @@ def _hit(row: sqlite3.Row, terms: list[str]) -> dict:
     for i in range(len(tokens) - len(terms) + 1):
         if tokens[i:i + len(terms)] == terms:
             matched = words[i:i + len(terms)]
-            start, end, speaker = matched[0]["start_ms"], matched[-1]["end_ms"], _speaker(matched)
+            start, end, speaker = matched[0]["start_ms"], matched[-1]["end_ms"], majority_speaker(matched)
             break
     return {"stream_id": row["stream_id"], "start": start / 1000, "end": end / 1000, "speaker": speaker,
             "text": row["text"], "source": row["source"], "pass": row["pass"]}

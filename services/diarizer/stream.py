@@ -1,16 +1,16 @@
 """Diarization of an open-ended stream in bounded blocks; no Kafka here.
 
 Incremental: every ``block_s`` of new audio, the pipeline runs on that block plus ``context_s``
-of audio before it (so a speaker who was talking carries over). Its local speakers are linked
-to the stream's global speakers by the cosine similarity of their centroid embeddings
-(Hungarian assignment); a local speaker with no match above ``link_threshold`` becomes a new
-global speaker. Turns of the new part are emitted at once and their labels never change: the
-stream's turns run ``block_s`` plus the compute time behind the audio.
+of audio before it and finds the speech turns. CAM++ embeddings of ~1.5 s sub-segments of those
+turns are clustered within the block (``cluster_threshold``), and the block's clusters are linked
+to the stream's speakers by the cosine similarity of their centroids (Hungarian assignment); a
+cluster with no match above ``link_threshold`` becomes a new speaker. Turns of the new part are
+emitted at once and their labels never change: they run ``block_s`` plus compute behind the audio.
 
-Full: at the end, every block's local speakers (centroid and speech duration) are clustered
-together with agglomerative clustering over the whole stream (``num/min/max_speakers`` hints
-apply here), and all turns are relabelled. No audio is kept for it: memory is the context, one
-block, and one centroid per local speaker per block (~1 MB per hour; capped at ``max_blocks``).
+Full: at the end, every block's clusters are re-assigned with the whole stream known (see
+``full_turns``; ``num/min/max_speakers`` hints apply), and all turns are relabelled. No audio is
+kept for it: memory is the context, one block, and one centroid per cluster per block (~1 MB
+per hour; capped at ``max_blocks``).
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ class Block:
     centroids: np.ndarray  # (local speakers, dim)
     speech_ms: np.ndarray  # (local speakers,)
     turns: list[tuple[int, int, int]] = field(default_factory=list)  # (local index, start_ms, end_ms), emitted part
-    valid: np.ndarray | None = None  # local speakers with an embedding
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -102,7 +101,7 @@ class StreamDiarizer:
         start_ms = max(self._buf_start_ms, self.emitted_ms - self.context_ms)
         a, b = (start_ms - self._buf_start_ms) * 16, (end_ms - self._buf_start_ms) * 16
         window = self._buf[a:b]
-        turns, _centroids, secs = self.diarizer(window, max_speakers=self.max_speakers)
+        turns, secs = self.diarizer(window, max_speakers=self.max_speakers)
         t0 = time.perf_counter()
         # pyannote's segmentation finds the speech (and where it changes); on a short window its
         # local speaker labels can merge similar voices, so identity comes from CAM++ embeddings
@@ -150,7 +149,7 @@ class StreamDiarizer:
                 if valid[i]:
                     cents[local[i]] += _unit(emb[i]) * (e - s)
         mapping = self._link(_unit(cents), speech_ms)
-        block = Block(cents, speech_ms, valid=np.ones(k, bool))
+        block = Block(cents, speech_ms)
         emitted = []
         for i, (s, e) in enumerate(subs):
             g = mapping.get(int(local[i])) if local[i] >= 0 else None
@@ -211,7 +210,7 @@ class StreamDiarizer:
         the block clusters are clustered agglomeratively to that count.
         """
         items = [(bi, li) for bi, blk in enumerate(self.blocks) for li in range(len(blk.centroids))
-                 if blk.valid[li] and blk.centroids[li].any()]
+                 if blk.centroids[li].any()]
         if not items:
             return []
         x = _unit(np.stack([self.blocks[bi].centroids[li] for bi, li in items]).astype(np.float64))

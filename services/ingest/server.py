@@ -24,10 +24,9 @@ from urllib.parse import parse_qs, urlparse
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from hark import kafka
 from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, PcmResampler, SourceInfo
 from hark.config import Settings
-from hark.runtime import HealthServer, Metrics, kv, setup_logging
+from hark.runtime import HealthServer, Metrics, kv, service_settings
 
 from .publisher import Ingest, SegmentWriter, StreamPublisher, check_stream_id, new_stream_id
 
@@ -164,20 +163,7 @@ async def _error(ws, err: AudioError) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m services.ingest")
-    p.add_argument("--bootstrap")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--health-port", type=int)
-    p.add_argument("--data-dir")
-    a = p.parse_args(argv)
-    s = Settings.load(bootstrap=a.bootstrap, ingest_host=a.host, ingest_port=a.port, health_port=a.health_port,
-                      data_dir=a.data_dir)
-    setup_logging("ingest", s.log_level)
-    kafka.wait_for_broker(s, timeout=60)
-    kafka.ensure_topics(s)
+    s = service_settings("ingest", argv, listen="ingest")
     server = IngestServer(s)
     health = HealthServer(s.health_host, s.health_port, "ingest",
                           lambda: (True, {"open_streams": server.open_streams}), server.metrics)
