@@ -225,6 +225,7 @@ class ConsumerService:
         # after a crash. Commits never pass it, so stream state is rebuilt, never lost.
         self._holds: dict[str, tuple[str, int, int]] = {}
         self._last_sweep = time.monotonic()
+        self._caught_up_at = time.monotonic()  # last poll that returned nothing: all input read
         self._committed: dict[tuple[str, int], int] = {}
         self._last_lag = 0.0
         self.health: HealthServer | None = None
@@ -255,9 +256,12 @@ class ConsumerService:
         return True
 
     def idle_streams(self, streams: dict) -> list[str]:
-        """Ids of streams (values with ``last_seen``) without audio for longer than idle_timeout_s."""
-        now = time.monotonic()
-        return [sid for sid, st in streams.items() if now - st.last_seen > self.settings.idle_timeout_s]
+        """Ids of streams (values with ``last_seen``) without audio for longer than idle_timeout_s.
+
+        Measured up to the last poll that found nothing to read, not to now: a service busy
+        decoding falls behind its input, and a stream whose chunks are still queued is not idle."""
+        caught_up = self._caught_up_at
+        return [sid for sid, st in streams.items() if caught_up - st.last_seen > self.settings.idle_timeout_s]
 
     def hold(self, key: str, msg: Message, offset: int | None = None) -> None:
         """Keep commits on msg's partition at or before ``offset`` (default msg's) while ``key`` is open."""
@@ -347,6 +351,7 @@ class ConsumerService:
                     self._last_lag = time.monotonic()
                     self.update_lag()
                 if not msgs:
+                    self._caught_up_at = time.monotonic()
                     self.idle()
                 self.producer.poll(0)
                 if msgs:

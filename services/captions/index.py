@@ -79,7 +79,13 @@ class TranscriptIndex:
                         (sid, r["tenant"], now, now, r["end_ms"]))
         if kind == "FINAL":
             best = r["text"].strip()
-            self._hyp(r, r["source"], r["utterance_id"], 0, "1best", best, r["words"], None)
+            # online text of a range an offline window already covers is an alternative from the start
+            # (the records of a stream can interleave either way: the result must not depend on it)
+            superseded = r["source"] == "online" and self.db.execute(
+                "SELECT 1 FROM hyps WHERE stream_id = ? AND pass = 'offline' AND rank = 0 AND start_ms < ? "
+                "AND end_ms > ? LIMIT 1", (sid, r["end_ms"], r["start_ms"])).fetchone() is not None
+            self._hyp(r, r["source"], r["utterance_id"], 0, "alternative" if superseded else "1best", best,
+                      r["words"], None)
             for rank, alt in enumerate(r["nbest"], start=1):
                 if alt["text"].strip() and alt["text"].strip() != best:
                     self._hyp(r, r["source"], r["utterance_id"], rank, "alternative", alt["text"], [], alt["score"])
