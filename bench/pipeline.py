@@ -185,6 +185,38 @@ def soak(settings, procs, sampler, ingest, tmp: Path, utterances, minutes: float
     return out
 
 
+def realtime(settings, procs, sampler, ingest, counts) -> dict:
+    """Partial latency and CPU with n concurrent real-time streams of the passage, every service running."""
+    out = {}
+    passage = SPEECH / "austen_passage.flac"
+    for i, n in enumerate(counts):
+        key = f"realtime_{n}" if f"realtime_{n}" not in out else f"realtime_{n}_{i}"
+        print(f"{n} concurrent real-time stream(s) of {passage.name}, offline pass running too ...", flush=True)
+        out[key] = {}
+        with phase(procs, sampler, out[key]):
+            rows = run_streams(settings, ingest, [str(passage)] * n, realtime=True)
+        audio = sum(r["duration_s"] for r in rows)
+        out[key].update(latency_stats(rows))
+        out[key]["all_complete"] = all(r["status"] == "COMPLETE" for r in rows)
+        out[key]["online_asr_rtf"] = round(out[key]["services"]["online_asr"]["cpu_s"] / audio, 4)
+        out[key]["diarizer_rtf"] = round(out[key]["services"]["diarizer"]["cpu_s"] / audio, 4)
+        out[key]["audio_s"] = round(audio, 1)
+    return out
+
+
+def realtime_only(a, tmp: Path) -> None:
+    settings, procs, sampler, ingest = start_stack(tmp, "bench", "")
+    try:
+        run_streams(settings, ingest, [str(SPEECH / "goforward.wav")], realtime=False)  # warm the pools
+        result = realtime(settings, procs, sampler, ingest, [a.concurrency] * a.repeats)
+    finally:
+        stop_stack(settings, sampler, ingest, "bench")
+    for key, x in result.items():
+        print(f"{key}: partial latency p50 {x['partial_p50_ms']} ms, p95 {x['partial_p95_ms']} ms "
+              f"(max {x['partial_max_ms']} ms); CPU % of one core: "
+              + ", ".join(f"{n} {v['cpu_pct_of_one_core']:.0f}" for n, v in x["services"].items()))
+
+
 def soak_only(a, tmp: Path, utterances) -> None:
     settings, procs, sampler, ingest = start_stack(tmp, "bench", "")
     try:
@@ -202,6 +234,8 @@ def main(argv=None) -> None:
     ap.add_argument("--long-minutes", type=float, default=20.0)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--soak-only", action="store_true", help="only the long-stream memory phase")
+    ap.add_argument("--realtime-only", action="store_true", help="only --concurrency real-time streams, --repeats times")
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
 
     refs = load_references(SPEECH / "references.tsv")
@@ -217,6 +251,8 @@ def main(argv=None) -> None:
     #    offline pass beside it, both would compete for the same 2 cores and skew the comparison).
     if a.soak_only:
         return soak_only(a, tmp, utterances)
+    if a.realtime_only:
+        return realtime_only(a, tmp)
     # One decoder per file built at start: building one costs ~0.3 s CPU, a one-time cost that
     # depends on how many streams happen to overlap, not a per-record overhead of the pipeline.
     settings, procs, sampler, ingest = start_stack(tmp, "bench-online", "offline_asr=0,diarizer=0,captions=0",
@@ -258,18 +294,7 @@ def main(argv=None) -> None:
                              "offline_wer": round(wer_of(rows, refs, "final_text").wer, 4),
                              "ref_words": wer_of(rows, refs, "final_text").ref_words}
 
-        for n in (1, a.concurrency):
-            key = f"realtime_{n}"
-            print(f"{n} concurrent real-time stream(s) of {passage.name}, offline pass running too ...", flush=True)
-            report[key] = {}
-            with phase(procs, sampler, report[key]):
-                rows = run_streams(settings, ingest, [str(passage)] * n, realtime=True)
-            audio = sum(r["duration_s"] for r in rows)
-            report[key].update(latency_stats(rows))
-            report[key]["all_complete"] = all(r["status"] == "COMPLETE" for r in rows)
-            report[key]["online_asr_rtf"] = round(report[key]["services"]["online_asr"]["cpu_s"] / audio, 4)
-            report[key]["diarizer_rtf"] = round(report[key]["services"]["diarizer"]["cpu_s"] / audio, 4)
-            report[key]["audio_s"] = round(audio, 1)
+        report.update(realtime(settings, procs, sampler, ingest, (1, a.concurrency)))
 
         long_wav = tmp / "long.wav"  # > 40 s: the whole set joined, real utterances with pauses
         long_stream_wav(long_wav, 0, [passage, *utterances])
