@@ -3,8 +3,17 @@
 A service subclasses ConsumerService and implements ``handle``. The loop guarantees:
 - a record that cannot be read or processed goes to the dead-letter topic with the reason and
   the loop goes on (other streams are untouched);
-- offsets are committed only after everything produced for them is acknowledged by the broker
-  (at-least-once; a service may hold commits back further, see ``commit_positions``);
+- offsets are committed only after everything produced for them is acknowledged by the broker,
+  and a service may hold commits back further (``hold``) so open streams are rebuilt after a crash;
+- no output is produced twice for one input: every commit first writes a checkpoint (object
+  store, one small object per partition) with the offsets processed so far. A restarted or new
+  owner of the partition replays the records below that mark to rebuild its state with output
+  suppressed. A service with cheap state can also checkpoint it (``hold(..., state=)``) and resume
+  there instead of re-reading the stream from its start. Outputs produced after the last
+  checkpoint of a crashed process are produced again, identically (deterministic decoders,
+  records keyed by stream and utterance/segment), and consumers drop them by that identity.
+  Kafka transactions would close that window, but Tansu shows aborted records to
+  read_committed consumers (README, "Exactly once");
 - SIGTERM/SIGINT finish the current batch, flush, commit and leave the group cleanly.
 """
 from __future__ import annotations
@@ -21,6 +30,7 @@ from confluent_kafka import KafkaError, Message, TopicPartition
 
 from . import kafka, serde
 from .config import Settings
+from .storage import ObjectStore, open_store
 
 log = logging.getLogger("hark")
 
@@ -194,15 +204,66 @@ def check_chunk(rec: dict) -> bytes:
     return pcm
 
 
-def in_sequence(expected: int, rec: dict, metrics: "Metrics") -> bool:
-    """False for a duplicate (already seen) chunk; a gap is counted and logged but accepted."""
-    if rec["seq"] < expected:
-        metrics.inc("duplicate_chunks_total")
-        return False
-    if rec["seq"] > expected:
-        metrics.inc("sequence_gaps_total")
-        log.warning("sequence gap", extra=kv(stream_id=rec["stream_id"], expected=expected, got=rec["seq"]))
-    return True
+class ChunkOrder:
+    """Puts one stream's AudioChunks back in sequence order.
+
+    A duplicate (a seq already passed or waiting) is dropped; a chunk that arrives early waits
+    for the missing ones, but at most ``window`` chunks wait (bounded memory): then the gap is
+    accepted and counted. StreamEnd releases whatever waits."""
+
+    def __init__(self, next_seq: int, metrics: "Metrics", window: int = 50):
+        self.next_seq, self.metrics, self.window = next_seq, metrics, window
+        self.waiting: dict[int, tuple[dict, Message]] = {}
+
+    def push(self, rec: dict, msg: Message) -> list[tuple[dict, Message]]:
+        seq = rec["seq"]
+        if seq < self.next_seq or seq in self.waiting:
+            self.metrics.inc("duplicate_chunks_total")
+            return []
+        if seq > self.next_seq:
+            self.metrics.inc("out_of_order_chunks_total")
+        self.waiting[seq] = (rec, msg)
+        return self._release(force=len(self.waiting) > self.window)
+
+    def drain(self) -> list[tuple[dict, Message]]:
+        return self._release(force=True)
+
+    def _release(self, force: bool) -> list[tuple[dict, Message]]:
+        out = []
+        while self.waiting:
+            if self.next_seq not in self.waiting:
+                if not force:
+                    break
+                first = min(self.waiting)
+                self.metrics.inc("sequence_gaps_total")
+                log.warning("sequence gap", extra=kv(stream_id=self.waiting[first][0]["stream_id"],
+                                                     missing=f"{self.next_seq}..{first - 1}"))
+                self.next_seq = first
+                force = len(self.waiting) > self.window
+                continue
+            out.append(self.waiting.pop(self.next_seq))
+            self.next_seq += 1
+        return out
+
+
+class Checkpoints:
+    """One JSON object per (group, topic, partition) in the object store: the offsets processed and
+    acknowledged before the commit that follows it, and the resume states of held streams."""
+
+    def __init__(self, store: ObjectStore, group: str):
+        self.store, self.prefix = store, f"checkpoints/{group}/"
+
+    def key(self, topic: str, partition: int) -> str:
+        return f"{self.prefix}{topic}/{partition:05d}.json"
+
+    def load(self, topic: str, partition: int) -> dict:
+        try:
+            return json.loads(self.store.get(self.key(topic, partition)))
+        except KeyError:
+            return {}
+
+    def save(self, topic: str, partition: int, data: dict) -> None:
+        self.store.put(self.key(topic, partition), json.dumps(data, separators=(",", ":")).encode())
 
 
 # ---- the consumer loop ----------------------------------------------------------------------
@@ -224,6 +285,14 @@ class ConsumerService:
         # key -> (topic, partition, offset): the earliest record an open stream needs re-read
         # after a crash. Commits never pass it, so stream state is rebuilt, never lost.
         self._holds: dict[str, tuple[str, int, int]] = {}
+        self._hold_states: dict[str, dict] = {}  # key -> resume state at its hold (checkpointed)
+        self._restored: dict[str, dict] = {}  # key -> {"offset", "state"} read back from a checkpoint
+        self._replay_until: dict[tuple[str, int], int] = {}  # outputs below these offsets exist already
+        self._was_held: set[str] = set()  # keys open (held) at the checkpoints read back
+        self.replaying = False  # the record being handled was processed before: produce nothing
+        self.checkpoints = Checkpoints(open_store(settings), self.group)
+        self._saved: dict[tuple[str, int], str] = {}  # last checkpoint written per partition
+        self._last_commit = 0.0
         self._last_sweep = time.monotonic()
         self._caught_up_at = time.monotonic()  # last poll that returned nothing: all input read
         self._committed: dict[tuple[str, int], int] = {}
@@ -263,12 +332,33 @@ class ConsumerService:
         caught_up = self._caught_up_at
         return [sid for sid, st in streams.items() if caught_up - st.last_seen > self.settings.idle_timeout_s]
 
-    def hold(self, key: str, msg: Message, offset: int | None = None) -> None:
-        """Keep commits on msg's partition at or before ``offset`` (default msg's) while ``key`` is open."""
+    def hold(self, key: str, msg: Message, offset: int | None = None, state: dict | None = None) -> None:
+        """Keep commits on msg's partition at or before ``offset`` (default msg's) while ``key`` is open.
+
+        ``state`` (JSON-able) is what the service needs to resume ``key`` from that offset; it goes
+        into the partition's checkpoint and comes back through ``restored``."""
         self._holds[key] = (msg.topic(), msg.partition(), msg.offset() if offset is None else offset)
+        if state is not None:
+            self._hold_states[key] = state
+        else:
+            self._hold_states.pop(key, None)
 
     def release(self, key: str) -> None:
         self._holds.pop(key, None)
+        self._hold_states.pop(key, None)
+
+    def restored(self, key: str) -> dict | None:
+        """The checkpointed resume point of ``key`` after a restart or rebalance: {"offset", "state"}."""
+        return self._restored.get(key)
+
+    def forget_restored(self, key: str) -> None:
+        self._restored.pop(key, None)
+
+    def finished_before_checkpoint(self, key: str) -> bool:
+        """While replaying: ``key`` was not open at the checkpoint, so it completed before it
+        (anything opened before the checkpoint and still open was held). Its replayed records
+        must not rebuild state: only part of the stream is replayed, and it would never end."""
+        return self.replaying and key not in self._was_held
 
     def commit_positions(self) -> dict[tuple[str, int], int]:
         """Offsets safe to commit: everything processed, but never past a hold."""
@@ -281,6 +371,9 @@ class ConsumerService:
 
     # -- helpers --------------------------------------------------------------------------------
     def produce(self, topic: str, key: str, rtype: str, record: dict) -> None:
+        if self.replaying:  # produced (and acknowledged) before the last checkpoint
+            self.metrics.inc("outputs_suppressed_total", topic=topic)
+            return
         self.producer.produce(topic, key=key.encode(), value=serde.encode(rtype, record), on_delivery=self._delivered)
         self.metrics.inc("records_out_total", topic=topic)
 
@@ -354,7 +447,7 @@ class ConsumerService:
                     self._caught_up_at = time.monotonic()
                     self.idle()
                 self.producer.poll(0)
-                if msgs:
+                if msgs and time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
                     self._commit()
         finally:
             self._commit()
@@ -368,19 +461,32 @@ class ConsumerService:
                 log.warning("consumer error: %s", msg.error())
             return
         self.metrics.inc("records_in_total", topic=msg.topic())
+        tp = (msg.topic(), msg.partition())
+        if msg.value() is None:  # a tombstone (erasure) on a compacted topic: nothing to process
+            self.metrics.inc("tombstones_total", topic=msg.topic())
+            self._positions[tp] = msg.offset() + 1
+            return
+        self.replaying = msg.offset() < self._replay_until.get(tp, -1)
         try:
             rtype, record = serde.decode(msg.value())
             self.handle(rtype, record, msg)
         except serde.SerdeError as e:
-            self.deadletters.send("malformed_record", str(e), msg=msg, stream_id=_key(msg))
+            self._dead_letter("malformed_record", str(e), msg)
         except InputError as e:
-            self.deadletters.send(e.kind, e.reason, msg=msg, stream_id=_key(msg))
+            self._dead_letter(e.kind, e.reason, msg)
         except Exception as e:  # a bug must not stop other streams; the record is kept in the DLQ
             log.exception("failed to process record")
-            self.deadletters.send("internal_error", f"{type(e).__name__}: {e}", msg=msg, stream_id=_key(msg))
-        self._positions[(msg.topic(), msg.partition())] = msg.offset() + 1
+            self._dead_letter("internal_error", f"{type(e).__name__}: {e}", msg)
+        finally:
+            self.replaying = False
+        self._positions[tp] = msg.offset() + 1
+
+    def _dead_letter(self, kind: str, reason: str, msg: Message) -> None:
+        if not self.replaying:  # dead-lettered before the last checkpoint already
+            self.deadletters.send(kind, reason, msg=msg, stream_id=key_of(msg))
 
     def _commit(self) -> None:
+        self._last_commit = time.monotonic()
         self.producer.flush(30)
         if self._delivery_error is not None:
             # Outputs for these offsets may be lost: do not commit; exit so a restart re-reads them.
@@ -389,13 +495,40 @@ class ConsumerService:
         if not positions:
             return
         try:
+            self._save_checkpoints()
+        except Exception as e:  # no checkpoint, no commit: a restart then replays a little more
+            log.warning("checkpoint failed, not committing: %s", e)
+            return
+        try:
             self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()],
                                  asynchronous=False)
             self._committed.update(positions)
         except Exception as e:  # e.g. a rebalance in progress: the next commit covers it
             log.warning("commit failed: %s", e)
 
+    def _save_checkpoints(self) -> None:
+        """Before offsets are committed: what was processed (its outputs are acknowledged) and how
+        each held stream resumes. Unchanged partitions are not rewritten."""
+        for tp, processed in self._positions.items():
+            streams = {k: {"offset": h[2], "state": self._hold_states[k]} for k, h in self._holds.items()
+                       if (h[0], h[1]) == tp and k in self._hold_states}
+            held = sorted(k for k, h in self._holds.items() if (h[0], h[1]) == tp)
+            data = json.dumps({"processed": processed, "held": held, "streams": streams}, sort_keys=True)
+            if self._saved.get(tp) != data:
+                self.checkpoints.save(tp[0], tp[1], json.loads(data))
+                self._saved[tp] = data
+
     def _on_assign(self, consumer, partitions):
+        for p in partitions:
+            try:
+                ck = self.checkpoints.load(p.topic, p.partition)
+            except Exception as e:  # without it the partition is re-processed: duplicates, not losses
+                log.warning("checkpoint unreadable: %s", e, extra=kv(topic=p.topic, partition=p.partition))
+                ck = {}
+            if "processed" in ck:
+                self._replay_until[(p.topic, p.partition)] = ck["processed"]
+            self._restored.update(ck.get("streams", {}))
+            self._was_held.update(ck.get("held", []))
         self._assigned |= {(p.topic, p.partition) for p in partitions}
         self.metrics.set("partitions_assigned", len(self._assigned))
         log.info("partitions assigned", extra=kv(partitions=[p.partition for p in partitions]))
@@ -406,17 +539,26 @@ class ConsumerService:
         self.partitions_revoked(gone)
         gone_set = set(gone)
         self._holds = {k: h for k, h in self._holds.items() if (h[0], h[1]) not in gone_set}
+        self._hold_states = {k: v for k, v in self._hold_states.items() if k in self._holds}
         for tp in gone:
             self._assigned.discard(tp)
             self._positions.pop(tp, None)
             self._committed.pop(tp, None)
+            self._replay_until.pop(tp, None)
+            self._saved.pop(tp, None)
             self.metrics.drop("consumer_lag_records", topic=tp[0], partition=tp[1])
         self.metrics.set("partitions_assigned", len(self._assigned))
         log.info("partitions revoked", extra=kv(partitions=[p for _, p in gone]))
 
 
 class AudioStreamService(ConsumerService):
-    """A consumer of the audio topic: checks each record's key and routes it by stream event."""
+    """A consumer of the audio topic: checks each record's key, puts chunks in sequence order
+    (``ChunkOrder``) and routes records by stream event. A stream restored from a checkpoint
+    skips its records before the checkpointed offset (another stream's hold may start earlier)."""
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        self._order: dict[str, ChunkOrder] = {}
 
     @property
     def topics(self) -> list[str]:
@@ -426,14 +568,42 @@ class AudioStreamService(ConsumerService):
         sid = rec["stream_id"]
         if msg.key() is not None and msg.key() != sid.encode():
             raise InputError("key_mismatch", f"record key {msg.key()!r} differs from stream id {sid!r}")
+        if rtype not in ("StreamStart", "AudioChunk", "StreamEnd"):
+            raise InputError("unexpected_record", f"{rtype} does not belong on the audio topic")
+        restored = self.restored(sid)
+        if restored is not None and msg.offset() < restored["offset"]:
+            return  # covered by the checkpointed state the stream resumes from
+        if self.finished_before_checkpoint(sid):
+            return
         if rtype == "StreamStart":
+            self._order[sid] = ChunkOrder(1, self.metrics)
             self.on_start(sid, rec, msg)
         elif rtype == "AudioChunk":
-            self.on_chunk(sid, rec, msg)
-        elif rtype == "StreamEnd":
-            self.on_end(sid, rec, msg)
+            order = self._order.get(sid)
+            if order is None:  # joined mid-stream (a resume): this chunk's seq comes next
+                order = self._order[sid] = ChunkOrder(rec["seq"], self.metrics)
+            for r, m in order.push(rec, msg):
+                self._on_chunk_of(sid, r, m)
         else:
-            raise InputError("unexpected_record", f"{rtype} does not belong on the audio topic")
+            order = self._order.pop(sid, None)
+            for r, m in (order.drain() if order else []):
+                self._on_chunk_of(sid, r, m)
+            self.on_end(sid, rec, msg)
+
+    def _on_chunk_of(self, sid: str, rec: dict, msg: Message) -> None:
+        """One released chunk; a bad one is dead-lettered as itself, the ones after it still run."""
+        try:
+            self.on_chunk(sid, rec, msg)
+        except InputError as e:
+            self._dead_letter(e.kind, e.reason, msg)
+        except Exception as e:
+            log.exception("failed to process chunk")
+            self._dead_letter("internal_error", f"{type(e).__name__}: {e}", msg)
+
+    def reordering(self, sid: str) -> bool:
+        """True while chunks of ``sid`` wait for a missing one (a hold must not move past them)."""
+        order = self._order.get(sid)
+        return bool(order and order.waiting)
 
     def on_start(self, sid: str, rec: dict, msg: Message) -> None:
         raise NotImplementedError
@@ -456,15 +626,21 @@ class AudioStreamService(ConsumerService):
         if self.sweep_due():
             for sid in self.idle_streams(self.streams):
                 self._close(sid, self.streams[sid].tenant, "IDLE_TIMEOUT")
+            self.forget_closed()
+
+    def forget_closed(self) -> None:
+        for sid in [s for s in self._order if s not in self.streams]:
+            del self._order[sid]
 
     def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
         gone = {p for _, p in partitions}
         for sid in [s for s, st in self.streams.items() if st.partition in gone]:
             del self.streams[sid]
+        self.forget_closed()
         self.metrics.set("open_streams", len(self.streams))
 
 
-def _key(msg: Message) -> str | None:
+def key_of(msg: Message) -> str | None:
     k = msg.key()
     try:
         return k.decode() if k else None

@@ -195,7 +195,14 @@ class Supervisor:
 
     def _check_children(self) -> None:
         if self.broker.proc.poll() is not None:
-            raise RuntimeError(f"broker exited with {self.broker.proc.returncode}; see {self.broker.log}")
+            if self.broker_storage.startswith("memory:") or self._stopping:
+                # nothing survived it: topics, data and offsets are gone, so the stack is over
+                raise RuntimeError(f"broker exited with {self.broker.proc.returncode}; see {self.broker.log}")
+            # durable storage (s3://): the same broker on the same port finds everything again
+            if time.monotonic() - self.broker.last_start >= min(30.0, 0.5 * 2 ** min(self.broker.restarts, 6)):
+                self.broker.restarts += 1
+                self.broker.start()
+                self.write_state()
         for c in self.children:
             if c.proc.poll() is not None and not self._stopping:
                 backoff = min(30.0, 0.5 * 2 ** min(c.restarts, 6))

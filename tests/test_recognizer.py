@@ -100,3 +100,32 @@ def test_pool_is_bounded_and_reuses_decoders():
                                         ("Hello", "hello")])
 def test_clean_word(raw, clean):
     assert clean_word(raw) == clean
+
+
+def test_a_resumed_recognizer_continues_exactly_like_an_uninterrupted_one(pool, speech_dir):
+    """The online checkpoint: a boundary taken at an end of speech, restored into another decoder
+    that has decoded other audio meanwhile, continues with the same utterances, ids and times."""
+    pcm = read_pcm_file(speech_dir / "austen_passage.flac").tobytes()
+    whole = [(e.utterance_id, e.text, e.start_ms, e.end_ms) for e in decode(pool, pcm) if e.kind == "FINAL"]
+    d1, d2 = pool.acquire(), pool.acquire()
+    try:
+        first, events, cut = StreamRecognizer(d1), [], None
+        for i in range(0, len(pcm), 3200):
+            events += first.feed(pcm[i:i + 3200])
+            if first.boundary and sum(e.kind == "FINAL" for e in events) == 2:
+                cut, boundary = i, first.boundary
+                break
+        assert cut, "no second final"
+        events = [e for e in events if e.start_ms < 1_000_000]
+        other = StreamRecognizer(d2)  # noise: it would move a carried-over noise estimate most
+        other.feed((np.random.RandomState(0).randn(16000 * 5) * 3000).astype("<i2").tobytes())
+        other.finish()
+        resumed = StreamRecognizer(d2)
+        resumed.restore(boundary)
+        for i in range(cut, len(pcm), 3200):  # from the chunk the boundary was taken in
+            events += resumed.feed(pcm[i:i + 3200])
+        events += resumed.finish()
+    finally:
+        pool.release(d1)
+        pool.release(d2)
+    assert [(e.utterance_id, e.text, e.start_ms, e.end_ms) for e in events if e.kind == "FINAL"] == whole

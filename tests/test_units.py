@@ -125,3 +125,33 @@ def test_assign_speakers_prefers_overlap_then_the_nearest_turn():
     words = [{"word": w, "start_ms": s, "end_ms": e} for w, s, e in
              [("a", 100, 500), ("ab", 800, 1200), ("b", 2000, 2500), ("near", 3300, 3600), ("far", 9000, 9500)]]
     assert [w["speaker"] for w in assign_speakers(words, turns)] == ["A", "B", "B", "B", None]
+
+
+def test_chunk_order_drops_duplicates_reorders_and_bounds_waiting():
+    from hark.runtime import ChunkOrder, Metrics
+
+    m = Metrics("t")
+    order = ChunkOrder(1, m, window=3)
+    rec = lambda seq: {"stream_id": "s", "seq": seq}  # noqa: E731
+    out = lambda pairs: [r["seq"] for r, _ in pairs]  # noqa: E731
+    assert out(order.push(rec(1), "m1")) == [1]
+    assert out(order.push(rec(1), "m1")) == []  # duplicate
+    assert out(order.push(rec(3), "m3")) == []  # early: waits for 2
+    assert out(order.push(rec(2), "m2")) == [2, 3]
+    assert out(order.push(rec(2), "m2")) == []
+    for seq in (5, 6, 7):
+        assert out(order.push(rec(seq), "m")) == []
+    assert out(order.push(rec(8), "m")) == [5, 6, 7, 8]  # 4 waiting > window 3: the gap (4) is given up
+    assert out(order.push(rec(4), "m")) == []  # too late now: dropped as a duplicate
+    assert out(order.push(rec(10), "m")) == [] and out(order.drain()) == [10]
+    assert m.get("duplicate_chunks_total") == 3 and m.get("sequence_gaps_total") == 2
+
+
+def test_merger_ignores_re_sent_finals_and_late_records_of_completed_streams():
+    m = ResultsMerger(wait_for=("online",))
+    final = _online("FINAL", 0, "hello world", ["hello", "world"])
+    assert len(m.on_online(final)) == 1
+    assert m.on_online(final) == []  # re-sent after a producer crash: no second caption
+    (done,) = m.on_online(_online("STREAM_END", 1, ""))
+    assert done["kind"] == "STREAM_COMPLETE" and done["text"] == "hello world"
+    assert m.on_online(_online("STREAM_END", 1, "")) == [] and not m.streams

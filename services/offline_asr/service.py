@@ -11,8 +11,11 @@ one window. The archive cannot serve this, because ingest writes its PCM in 30 s
 the open one only at stream end; it is the fallback for a stream whose audio this service
 never saw (StreamEnd without state), read in bounded windows.
 
-Commits are held at the first chunk of the audio still pending, so a restart re-reads only the
-undecoded part of each open stream.
+Commits are held at each open stream's first record. A restart re-reads open streams from their
+start, but windows whose output was produced before the last checkpoint (runtime ``replaying``)
+are only cut, not decoded: the VAD costs milliseconds per audio second. Window cuts depend only
+on the audio, so the windows and their indices come out as in an uninterrupted run, and every
+window takes an index (one without text leaves a gap) so indices never depend on decoding.
 
 A/B rollout: with ``offline_candidate_model`` set, a stable share of streams
 (``offline_candidate_fraction``) is decoded by both models, window by window; the candidate's
@@ -26,12 +29,12 @@ import os
 import time
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from confluent_kafka import Message
 
 from hark.config import Settings
-from hark.runtime import AudioStreamService, check_chunk, in_sequence, kv, main_for, now_ms
+from hark.runtime import AudioStreamService, check_chunk, kv, main_for, now_ms
 from hark.storage import archived_meta, archived_pcm, open_store
 
 from .decoder import MAX_WINDOW_S, WhisperDecoder, whisper_language
@@ -52,7 +55,6 @@ class OfflineStream:
     last_seen: float
     prompt: str = ""
     segments: int = 0
-    chunk_offsets: deque = field(default_factory=deque)  # (start_ms, kafka offset) of buffered chunks
     last_published_at_ms: int = 0
     candidate: bool = False  # also decoded by the A/B candidate model
 
@@ -111,20 +113,14 @@ class OfflineASR(AudioStreamService):
     def _chunk(self, sid: str, rec: dict, msg: Message) -> None:
         pcm = check_chunk(rec)
         st = self.streams.get(sid)
-        if st is None:  # resumed mid-stream: what came before was decoded before the restart
+        if st is None:  # its start was never seen (committed past by an older version): decode from here
+            log.warning("stream joined mid-way", extra=kv(stream_id=sid, seq=rec["seq"]))
             st = self._open(sid, rec["tenant"], None, msg, rec["seq"], rec["offset_samples"] // 16)
-        if not in_sequence(st.next_seq, rec, self.metrics):
-            return
         st.next_seq = rec["seq"] + 1
         st.last_seen = time.monotonic()
         st.last_published_at_ms = rec["published_at_ms"]
-        st.chunk_offsets.append((rec["offset_samples"] // 16, msg.offset()))
         for window in st.windows.push(pcm):
             self._decode(sid, st, window)
-        # hold commits at the first chunk whose audio is still pending
-        while len(st.chunk_offsets) > 1 and st.chunk_offsets[1][0] <= st.windows.start_ms:
-            st.chunk_offsets.popleft()
-        self.hold(sid, msg, st.chunk_offsets[0][1])
 
     def _close(self, sid: str, tenant: str, status: str) -> None:
         st = self.streams.pop(sid, None)
@@ -165,6 +161,9 @@ class OfflineASR(AudioStreamService):
 
     def _decode(self, sid: str, st: OfflineStream, w: Window) -> None:
         index = st.segments
+        st.segments = index + 1
+        if self.replaying and not self.settings.offline_prompt_chars:
+            return  # its records exist already (with a prompt, the text is needed for the next one)
         d = self.decoder.decode(w.pcm, w.start_ms, prompt=self._prompt(st), language=st.language)
         self.observe_decode(d.decode_s, len(w.pcm) / 16000, model=self.decoder.model_name)
         if st.candidate:  # after the primary (whose text users wait for); same window, same index
@@ -174,7 +173,6 @@ class OfflineASR(AudioStreamService):
                 self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
                     sid, st.tenant, "SEGMENT", index, w.start_ms, w.end_ms, c.text, c.words, [], c.language,
                     int(c.decode_s * 1000), st.last_published_at_ms, decoder=self.candidate))
-                st.segments = index + 1
         if not d.text:
             return
         self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
@@ -187,7 +185,6 @@ class OfflineASR(AudioStreamService):
             self.nbest_jobs.append((sid, st.tenant, index, w, self._prompt(st), st.language))
         if self.settings.offline_prompt_chars:
             st.prompt = (st.prompt + " " + d.text)[-self.settings.offline_prompt_chars:]
-        st.segments = index + 1
 
     def _prompt(self, st: OfflineStream) -> str | None:
         return st.prompt[-self.settings.offline_prompt_chars:] if self.settings.offline_prompt_chars else None

@@ -7,7 +7,8 @@ end; only speech reaches the decoder.
 
 A pocketsphinx Decoder costs ~90 MB and ~0.3 s to build, so decoders live in a pool: a stream
 takes one for its whole life (cepstral mean normalisation adapts across utterances; a cold
-one costs accuracy) and returns it at stream end, reset to the initial CMN.
+one costs accuracy) and returns it at stream end; the next stream gets it reset (fresh front
+end, initial CMN), so a stream's text never depends on which decoder it got.
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ class DecoderPool:
         d = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL", fwdflat=False, bestpath=False)
         if self._initial_cmn is None:
             self._initial_cmn = d.get_cmn(False)
+        d.set_cmn(self._initial_cmn)  # the same state as a pooled one (acquire): results never depend on which
         return d
 
     def prewarm(self, n: int) -> None:
@@ -83,6 +85,7 @@ class DecoderPool:
         with self._lock:
             if self._free:
                 d = self._free.pop()
+                d.reinit_feat()  # forget the last stream's noise estimate and cepstral mean
                 d.set_cmn(self._initial_cmn)
             elif self.in_use >= self.max_size:
                 raise CapacityError(f"all {self.max_size} decoders are in use")
@@ -127,18 +130,48 @@ class StreamRecognizer:
         self._utt_start_ms = 0
         self._last_partial_text = ""
         self._last_partial_at_ms = -(10 ** 9)
+        # The state at the last end of speech in the last fed chunk, or None. There the VAD is
+        # fresh and the decoder holds only its cepstral mean, so this small dict (positions, next
+        # utterance id, cepstral mean, bytes of the chunk consumed) resumes the stream exactly.
+        self.boundary: dict | None = None
+        self._skip = 0
 
     @property
     def position_ms(self) -> int:
         return self.base_ms + self.samples * 1000 // SAMPLE_RATE
 
+    def restore(self, boundary: dict) -> None:
+        """Continue from a ``boundary`` of another recognizer of this stream: the next ``feed``
+        must start with the chunk it was taken in, whose first ``skip_bytes`` were consumed."""
+        self.base_ms, self.samples = boundary["base_ms"], boundary["samples"]
+        self.utterance_id = boundary["utterance_id"]
+        self.gate.frames = boundary["gate_frames"]
+        self._last_partial_at_ms = boundary["last_partial_at_ms"]
+        self.decoder.reinit_feat()
+        self.decoder.set_cmn(boundary["cmn"])
+        self._skip = boundary["skip_bytes"]
+
     def feed(self, pcm: bytes) -> list[Event]:
+        if self._skip:
+            pcm, self._skip = pcm[self._skip:], 0
         events: list[Event] = []
+        self.boundary = None
         buf = self._buf + pcm
         fb, i = self._frame_bytes, 0
         while len(buf) - i >= fb:
             events += self._frame(buf[i:i + fb])
             i += fb
+            if not self.gate.in_speech and not self.gate.ring:  # just ended: a clean resume point
+                consumed = i - len(self._buf)
+                # The cepstral mean's running weights cannot be read out: set it from its own
+                # text here too, so an uninterrupted stream and a resumed one hold the same state.
+                cmn = self.decoder.get_cmn(False)
+                self.decoder.reinit_feat()  # a fresh front end: its noise estimate cannot be read out
+                self.decoder.set_cmn(cmn)
+                self.boundary = {"base_ms": self.base_ms, "samples": self.samples + consumed // 2,
+                                 "utterance_id": self.utterance_id, "gate_frames": self.gate.frames,
+                                 "last_partial_at_ms": self._last_partial_at_ms, "cmn": cmn,
+                                 "skip_bytes": consumed}
         self._buf = buf[i:]
         self.samples += len(pcm) // 2
         if self.in_utterance and self.position_ms - self._last_partial_at_ms >= self.partial_interval_ms:

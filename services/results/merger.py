@@ -19,14 +19,16 @@ dropped when it completes.
 """
 from __future__ import annotations
 
-import time
 import bisect
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from hark.runtime import now_ms
 
 PASSES = ("online", "offline", "diarizer")
-MAX_TURNS = 20000  # incremental turns kept per stream to label words (~16 h of conversation)
+MAX_TURNS = 20000
+MAX_COMPLETED = 100_000  # stream ids remembered after completion (~5 MB)  # incremental turns kept per stream to label words (~16 h of conversation)
 
 
 @dataclass
@@ -34,17 +36,21 @@ class PassState:
     parts: dict[int, dict] = field(default_factory=dict)  # utterance/segment index -> record
     words: int = 0
     truncated: bool = False
+    dropped: set = field(default_factory=set)  # indices past max_words (the caption was still sent)
     ended: str | None = None  # end status once the pass is done
     model: tuple[str, str] | None = None
 
-    def add(self, index: int, rec: dict, max_words: int) -> None:
-        if index in self.parts:
-            return
+    def add(self, index: int, rec: dict, max_words: int) -> bool:
+        """False for a record seen before (a producer re-sent it after a crash)."""
+        if index in self.parts or index in self.dropped:
+            return False
         if self.words + len(rec["words"]) > max_words:
             self.truncated = True
-            return
+            self.dropped.add(index)
+            return True
         self.parts[index] = rec
         self.words += len(rec["words"])
+        return True
 
     def ordered(self) -> list[dict]:
         return [self.parts[k] for k in sorted(self.parts)]
@@ -100,9 +106,14 @@ class ResultsMerger:
             raise ValueError(f"wait_for must include 'online' and only name {PASSES}, got {wait_for}")
         self.max_words, self.wait_for, self.offline_timeout_s = max_words, tuple(wait_for), offline_timeout_s
         self.streams: dict[str, StreamTranscript] = {}
+        self.completed: OrderedDict[str, None] = OrderedDict()  # recent ids, to drop late re-sends
 
     def is_open(self, stream_id: str) -> bool:
         return stream_id in self.streams
+
+    def late(self, rec: dict) -> bool:
+        """A record of a stream completed already (re-sent by a producer that crashed): ignored."""
+        return rec["stream_id"] in self.completed and rec["stream_id"] not in self.streams
 
     def _state(self, rec: dict) -> StreamTranscript:
         st = self.streams.get(rec["stream_id"])
@@ -112,13 +123,16 @@ class ResultsMerger:
         return st
 
     def on_online(self, rec: dict) -> list[dict]:
+        if self.late(rec):
+            return []
         kind, st = str(rec["kind"]), self._state(rec)
         p = st.passes["online"]
         p.model = (rec["model_name"], rec["model_version"])
         if kind == "PARTIAL":
             return [_result(rec, "PARTIAL", "online", rec["utterance_id"])]
         if kind == "FINAL":
-            p.add(rec["utterance_id"], rec, self.max_words)
+            if not p.add(rec["utterance_id"], rec, self.max_words):
+                return []
             return [self._labelled(rec, _result(rec, "FINAL", "online", rec["utterance_id"]))]
         if kind == "STREAM_END":
             p.ended = rec.get("end_status") or "COMPLETE"
@@ -127,6 +141,8 @@ class ResultsMerger:
         raise ValueError(f"unknown online transcript kind {kind}")
 
     def on_speakers(self, rec: dict) -> list[dict]:
+        if self.late(rec):
+            return []
         kind, st = str(rec["kind"]), self._state(rec)
         p = st.passes["diarizer"]
         p.model = (rec["model_name"], rec["model_version"])
@@ -159,11 +175,14 @@ class ResultsMerger:
         kind = str(rec["kind"])
         if kind == "NBEST":  # may arrive after the stream completed: no state needed
             return [_result(rec, "ALTERNATIVES", "offline", rec["segment_index"], words=[])]
+        if self.late(rec):
+            return []
         st = self._state(rec)
         p = st.passes["offline"]
         p.model = (rec["model_name"], rec["model_version"])
         if kind == "SEGMENT":
-            p.add(rec["segment_index"], rec, self.max_words)
+            if not p.add(rec["segment_index"], rec, self.max_words):
+                return []
             return [self._labelled(rec, _result(rec, "FINAL", "offline", rec["segment_index"]))]
         if kind == "STREAM_END":
             p.ended = rec.get("end_status") or "COMPLETE"
@@ -186,6 +205,9 @@ class ResultsMerger:
 
     def _complete(self, sid: str, reason: str | None = None) -> list[dict]:
         st = self.streams.pop(sid)
+        self.completed[sid] = None
+        while len(self.completed) > MAX_COMPLETED:
+            self.completed.popitem(last=False)
         online, offline = st.passes["online"], st.passes["offline"]
         final, source = (offline, "offline") if offline.ended and offline.parts else (online, "online")
         ordered = final.ordered()

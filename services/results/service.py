@@ -39,6 +39,8 @@ class Results(ConsumerService):
         else:
             raise InputError("unexpected_record", f"{rtype} does not belong on {msg.topic()}")
         sid, tp = rec["stream_id"], (msg.topic(), msg.partition())
+        if self.finished_before_checkpoint(f"{sid}@{msg.topic()}"):
+            return
         self._publish(merge(rec))
         if self.merger.is_open(sid):
             held = self.partitions_of.setdefault(sid, set())
