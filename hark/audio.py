@@ -65,6 +65,10 @@ class DecodedAudio:
             raise AudioError("no_audio_stream", "input has no audio stream")
         self._stream = audio[0]
         ctx = self._stream.codec_context
+        if ctx is None:  # the container names a codec this build cannot decode
+            self._container.close()
+            raise AudioError("unsupported_codec", f"no decoder for the audio codec "
+                                                  f"(in {self._container.format.name})")
         try:
             _check_source(ctx.sample_rate, ctx.channels)
         except AudioError:
@@ -77,6 +81,10 @@ class DecodedAudio:
         resampler = av.AudioResampler(format="s16", layout="mono", rate=TARGET_RATE)
         try:
             for frame in self._container.decode(self._stream):
+                if frame.format.name.startswith(("flt", "dbl")) and not np.isfinite(frame.to_ndarray()).all():
+                    # the resampler would turn NaN/inf into full-scale clicks (or undefined values)
+                    raise AudioError("non_finite", f"float audio has NaN or infinite samples after "
+                                                   f"{self.samples / TARGET_RATE:.2f} s")
                 for out in resampler.resample(frame):
                     yield self._count(_frame_pcm(out))
             for out in resampler.resample(None):

@@ -193,6 +193,11 @@ class Ingest:
                               payload=payload, payload_size=payload_size)
         self.producer.flush(10)
 
+    def check_new_stream(self, stream_id: str) -> None:
+        """Stream ids are global keys: refuse one that exists (another tenant's, or a re-publish)."""
+        if self.store.exists(archive_prefix(stream_id) + "meta.json"):
+            raise AudioError("stream_exists", f"stream {stream_id!r} exists already; choose another id")
+
     def publish_file(self, source: str | Path | BinaryIO, *, stream_id: str | None = None, tenant: str = "default",
                      realtime: bool = False, language: str = "en-US", metadata: dict | None = None,
                      on_chunk: ChunkCallback | None = None, on_start: Callable[[StreamPublisher], None] | None = None) -> StreamSummary:
@@ -202,6 +207,7 @@ class Ingest:
         size = None
         try:
             check_stream_id(stream_id)
+            self.check_new_stream(stream_id)
             size = _size_of(source)
             if size == 0:
                 raise AudioError("empty", "input is empty (0 bytes)")
@@ -243,9 +249,11 @@ class Ingest:
         if isinstance(source, (str, Path)):
             with open(source, "rb") as f:
                 self.store.put(key, f, length=size)
-        else:
+        else:  # the decoder is part-way through this file: put its position back afterwards
+            position = source.tell()
             source.seek(0)
             self.store.put(key, source, length=size)
+            source.seek(position)
 
     def replay(self, stream_id: str, *, new_id: str | None = None, realtime: bool = False,
                on_chunk: ChunkCallback | None = None) -> StreamSummary:
