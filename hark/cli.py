@@ -316,6 +316,48 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_erase(a) -> int:
+    from .erasure import erase
+    from .storage import open_store
+
+    s = _connect(a, _settings(a))
+    store, producer = open_store(s), kafka.producer(s, **{"client.id": "hark-erase"})
+    for sid in a.stream_ids:
+        print(json.dumps(erase(s, sid, store, producer, reason=a.reason)))
+    return 0
+
+
+def cmd_retention(a) -> int:
+    from .erasure import retention_sweep
+    from .storage import open_store
+
+    s = _connect(a, _settings(a))
+    if a.days is not None:
+        s.archive_retention_days = a.days
+    if s.archive_retention_days <= 0:
+        raise SystemExit("hark: no retention period: set HARK_ARCHIVE_RETENTION_DAYS or pass --days")
+    erased = retention_sweep(s, open_store(s), kafka.producer(s, **{"client.id": "hark-retention"}))
+    for entry in erased:
+        print(json.dumps(entry))
+    print(f"hark: {len(erased)} streams older than {s.archive_retention_days:g} days erased", file=sys.stderr)
+    return 0
+
+
+def cmd_token(a) -> int:
+    from .tenants import AccessDenied, create_token
+
+    s = _settings(a)
+    path = a.file or s.tokens_file or str(Path(s.data_dir) / "tokens")
+    try:
+        token = create_token(path, a.tenant)
+    except AccessDenied as e:
+        raise SystemExit(f"hark: {e.reason}")
+    print(token)
+    print(f"hark: token for tenant {a.tenant!r} added to {path} (only its hash is stored; "
+          f"services read it with HARK_TOKENS_FILE={path})", file=sys.stderr)
+    return 0
+
+
 def cmd_service(a) -> int:
     import importlib
 
@@ -413,6 +455,23 @@ def main(argv: list[str] | None = None) -> None:
     md = sub.add_parser("models", help="model weights")
     md.add_argument("action", choices=["install", "verify"], help="install: assemble split weights, then verify")
     md.set_defaults(fn=cmd_models)
+
+    er = sub.add_parser("erase", help="forget streams: archived audio, search entries, results (tombstone), audited")
+    er.add_argument("stream_ids", nargs="+", metavar="STREAM_ID")
+    er.add_argument("--reason", default="request", help="recorded in the audit log")
+    conn(er)
+    er.set_defaults(fn=cmd_erase)
+
+    rt = sub.add_parser("retention", help="erase archived streams older than the retention period now")
+    rt.add_argument("--days", type=float, help="default $HARK_ARCHIVE_RETENTION_DAYS")
+    conn(rt)
+    rt.set_defaults(fn=cmd_retention)
+
+    tk = sub.add_parser("token", help="tenant tokens for ingest and the captions server")
+    tk.add_argument("action", choices=["create"])
+    tk.add_argument("tenant")
+    tk.add_argument("--file", help="tokens file (default $HARK_TOKENS_FILE or <data dir>/tokens)")
+    tk.set_defaults(fn=cmd_token)
 
     sv = sub.add_parser("service", help="run one service in the foreground (docker-compose)")
     sv.add_argument("name", choices=list(stack.SERVICES))

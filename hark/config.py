@@ -35,6 +35,15 @@ class Settings:
     topic_prefix: str = "hark."
     partitions: int = 8
     replication_factor: int = 1
+    # retention.ms of every topic (audio and transcripts expire with it); the results topic is
+    # also compacted, so an erased stream's tombstone removes its results (hark/erasure.py)
+    topic_retention_hours: float = 168.0
+
+    # access: a file of "<sha256 of token> <tenant>" lines (`hark token create`); empty: open access
+    tokens_file: str = ""
+    # archive retention: archived streams (audio, source, lattices) older than this are deleted by
+    # ingest's hourly sweep and `hark retention`; 0 keeps them forever
+    archive_retention_days: float = 0.0
 
     # ingest
     chunk_ms: int = 100
@@ -97,6 +106,9 @@ class Settings:
     # consumers: Tansu does not wake a waiting fetch when data arrives, so the fetch wait
     # bounds per-hop latency (~wait/2) and costs broker CPU when short (STACK.md).
     fetch_wait_ms: int = 50
+    # Offsets (and the checkpoint written before them) at most this often: a crash replays at most
+    # this much input with output suppressed, and re-sends at most this much output.
+    commit_interval_s: float = 1.0
     health_host: str = "127.0.0.1"
     health_port: int = 0
     log_level: str = "INFO"

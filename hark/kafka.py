@@ -88,11 +88,22 @@ def admin(settings: Settings) -> AdminClient:
     return AdminClient(_base(settings))
 
 
+def topic_config(settings: Settings, topic: str) -> dict[str, str]:
+    """Retention for every topic; the results topic, keyed by stream, is also compacted so that an
+    erasure tombstone removes the stream's results (Tansu accepts but does not enforce these)."""
+    conf = {"retention.ms": str(int(settings.topic_retention_hours * 3_600_000)),
+            "max.message.bytes": str(MAX_MESSAGE_BYTES)}
+    if topic == settings.results_topic:
+        conf["cleanup.policy"] = "compact,delete"
+    return conf
+
+
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
     """Create hark's topics explicitly (auto-creation would give the broker's default partitions)."""
     adm = admin(settings)
     existing = set(adm.list_topics(timeout=timeout).topics)
-    new = [NewTopic(t, num_partitions=settings.partitions, replication_factor=settings.replication_factor)
+    new = [NewTopic(t, num_partitions=settings.partitions, replication_factor=settings.replication_factor,
+                    config=topic_config(settings, t))
            for t in settings.all_topics if t not in existing]
     if not new:
         return

@@ -11,6 +11,10 @@ each batch in one transaction and fans each record out to the pages following th
   /api/streams/{id}/events    SSE: caption events (history, then live)
   /api/search?q=&stream=      hits as JSON, best first (same as `hark search`)
   /api/streams/{id}/export?format=vtt|srt|json|rttm|ctm
+
+With a tokens file (``HARK_TOKENS_FILE``) every request needs a token (``Authorization: Bearer``,
+``?token=`` or the ``hark_token`` cookie that a ``?token=`` sets for the page's own requests) and
+sees only its tenant's streams: another tenant's stream answers 404, as if it did not exist.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ from starlette.routing import Route
 
 from hark import kafka, serde
 from hark.config import Settings
-from hark.runtime import HealthServer, Metrics, kv, now_ms, service_settings
+from hark.runtime import DeadLetters, HealthServer, Metrics, key_of, kv, now_ms, service_settings
+from hark.tenants import Access, AccessDenied
 
 from . import exports
 from .index import TranscriptIndex, majority_speaker
@@ -107,6 +112,8 @@ class ResultsFollower(threading.Thread):
     def run(self) -> None:
         index = TranscriptIndex(self.settings.index_file)
         topic = self.settings.results_topic
+        producer = kafka.producer(self.settings, **{"client.id": "hark-captions"})
+        deadletters = DeadLetters(producer, self.settings, "captions", self.metrics)
         try:
             consumer = kafka.tail_consumer(self.settings, topic, offsets=index.offsets(topic))
             self.partitions = len(consumer.assignment())
@@ -118,11 +125,15 @@ class ResultsFollower(threading.Thread):
                         if m.error().code() != KafkaError._PARTITION_EOF:
                             log.warning("consumer error: %s", m.error())
                         continue
+                    if m.value() is None:  # a tombstone (`hark erase`): forget the stream
+                        if m.key():
+                            batch.append((m.key().decode("utf-8", "replace"), m.topic(), m.partition(), m.offset()))
+                            self.metrics.inc("streams_erased_total")
+                        continue
                     try:
                         rtype, rec = serde.decode(m.value())
-                    except serde.SerdeError as e:  # not ours to dead-letter: results owns the topic
-                        self.metrics.inc("unreadable_records_total")
-                        log.warning("unreadable record skipped: %s", e)
+                    except serde.SerdeError as e:  # kept with its reason; every other record goes on
+                        deadletters.send("malformed_record", str(e), msg=m, stream_id=key_of(m))
                         continue
                     if rtype != "Result":
                         continue
@@ -131,7 +142,9 @@ class ResultsFollower(threading.Thread):
                 if batch:
                     index.apply(batch)
                     self.metrics.inc("records_indexed_total", len(batch))
+                producer.poll(0)
             consumer.close()
+            producer.flush(10)
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             log.exception("follower stopped")
@@ -164,42 +177,67 @@ def _sse(event: dict) -> str:
 
 
 def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -> Starlette:
+    access = Access.load(settings)
+
     def index_reader() -> TranscriptIndex:
         return TranscriptIndex(settings.index_file)
 
-    async def home(request: Request) -> Response:
+    def tenant_of(request: Request) -> str | None:
+        """The caller's tenant (None: open access, everything visible); AccessDenied without a good token."""
+        auth = request.headers.get("authorization", "")
+        token = (auth[7:].strip() if auth.lower().startswith("bearer ") else None) \
+            or request.query_params.get("token") or request.cookies.get("hark_token")
+        return access.tenant_of(token)
+
+    def visible(st: dict | None, tenant: str | None) -> bool:
+        return st is not None and (tenant is None or st["tenant"] == tenant)
+
+    def guarded(handler):
+        async def wrapper(request: Request) -> Response:
+            try:
+                tenant = tenant_of(request)
+            except AccessDenied as e:
+                return PlainTextResponse(f"{e.reason}\n", status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            response = await handler(request, tenant)
+            token = request.query_params.get("token")
+            if token and tenant is not None:  # the page's own fetches and EventSource carry it from here
+                response.set_cookie("hark_token", token, httponly=True, samesite="strict")
+            return response
+        return wrapper
+
+    async def home(request: Request, tenant: str | None) -> Response:
         return HTMLResponse(PAGE.replace("__STREAM__", ""))
 
-    async def stream_page(request: Request) -> Response:
+    async def stream_page(request: Request, tenant: str | None) -> Response:
         sid = request.path_params["stream_id"]
         return HTMLResponse(PAGE.replace("__STREAM__", json.dumps(sid).replace("<", "\\u003c")[1:-1]))
 
-    async def api_streams(request: Request) -> Response:
+    async def api_streams(request: Request, tenant: str | None) -> Response:
         idx = index_reader()
         try:
-            return JSONResponse(idx.streams())
+            return JSONResponse(idx.streams(tenant=tenant))
         finally:
             idx.close()
 
-    async def api_search(request: Request) -> Response:
+    async def api_search(request: Request, tenant: str | None) -> Response:
         q = request.query_params.get("q", "")
         idx = index_reader()
         try:
             t0 = time.perf_counter()
             hits = idx.search(q, request.query_params.get("stream") or None,
-                              int(request.query_params.get("limit", "20")))
+                              int(request.query_params.get("limit", "20")), tenant=tenant)
             return JSONResponse({"query": q, "hits": hits, "took_ms": round(1000 * (time.perf_counter() - t0), 2)})
         finally:
             idx.close()
 
-    async def api_export(request: Request) -> Response:
+    async def api_export(request: Request, tenant: str | None) -> Response:
         sid, fmt = request.path_params["stream_id"], request.query_params.get("format", "vtt")
         idx = index_reader()
         try:
             st = idx.stream(sid)
         finally:
             idx.close()
-        if st is None or st["complete"] is None:
+        if not visible(st, tenant) or st["complete"] is None:
             return PlainTextResponse(f"stream {sid!r} has no final transcript (yet)\n", status_code=404)
         try:
             body = exports.export(st["complete"], fmt)
@@ -208,8 +246,19 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
         media = {"vtt": "text/vtt", "json": "application/json"}.get(fmt, "text/plain")
         return Response(body, media_type=f"{media}; charset=utf-8")
 
-    async def api_events(request: Request) -> Response:
+    async def api_events(request: Request, tenant: str | None) -> Response:
         sid = request.path_params["stream_id"]
+        if tenant is not None:
+            idx = index_reader()
+            try:
+                st = idx.stream(sid)
+            finally:
+                idx.close()
+            # a stream not indexed yet has no tenant to check: wait for it rather than leak it
+            if st is not None and st["tenant"] != tenant:
+                return PlainTextResponse(f"no stream {sid!r}\n", status_code=404)
+            if st is None:
+                return PlainTextResponse(f"no stream {sid!r} (yet)\n", status_code=404)
         hub.loop = asyncio.get_running_loop()
         queue = hub.subscribe(sid)  # before reading history: nothing falls between the two
 
@@ -244,9 +293,10 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return Starlette(routes=[
-        Route("/", home), Route("/streams/{stream_id}", stream_page),
-        Route("/api/streams", api_streams), Route("/api/search", api_search),
-        Route("/api/streams/{stream_id}/events", api_events), Route("/api/streams/{stream_id}/export", api_export),
+        Route("/", guarded(home)), Route("/streams/{stream_id}", guarded(stream_page)),
+        Route("/api/streams", guarded(api_streams)), Route("/api/search", guarded(api_search)),
+        Route("/api/streams/{stream_id}/events", guarded(api_events)),
+        Route("/api/streams/{stream_id}/export", guarded(api_export)),
     ])
 
 

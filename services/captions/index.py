@@ -30,6 +30,8 @@ CREATE TABLE IF NOT EXISTS hyps (id INTEGER PRIMARY KEY, key TEXT UNIQUE, stream
                                  pass TEXT, source TEXT, start_ms INTEGER, end_ms INTEGER, rank INTEGER,
                                  score REAL, text TEXT, words TEXT, norm TEXT);
 CREATE INDEX IF NOT EXISTS hyps_stream ON hyps (stream_id, pass, start_ms);
+-- erased streams: records of theirs read later (the topic is compacted only eventually) are ignored
+CREATE TABLE IF NOT EXISTS erased (stream_id TEXT PRIMARY KEY, erased_ms INTEGER);
 -- FTS over the WER normalisation of the text (lower case, no punctuation, digits and "Mr." spelt
 -- out), which queries go through too: "Mr. Dashwood" finds "mister dashwood" and vice versa.
 CREATE VIRTUAL TABLE IF NOT EXISTS hyps_fts USING fts5(norm, content='hyps', content_rowid='id',
@@ -62,11 +64,15 @@ class TranscriptIndex:
         rows = self.db.execute("SELECT partition, next_offset FROM offsets WHERE topic = ?", (topic,))
         return {r["partition"]: r["next_offset"] for r in rows}
 
-    def apply(self, batch: list[tuple[dict, str, int, int]]) -> None:
-        """Index a batch of (Result record, topic, partition, offset) in one transaction."""
+    def apply(self, batch: list[tuple[dict | str, str, int, int]]) -> None:
+        """Index a batch of (Result record, topic, partition, offset) in one transaction; a record
+        that is a stream id alone is a tombstone: that stream is erased."""
         with self.db:
             for rec, topic, partition, offset in batch:
-                self._apply(rec)
+                if isinstance(rec, str):
+                    self._erase(rec)
+                elif not self.db.execute("SELECT 1 FROM erased WHERE stream_id = ?", (rec["stream_id"],)).fetchone():
+                    self._apply(rec)
                 self.db.execute("INSERT INTO offsets VALUES (?, ?, ?) ON CONFLICT (topic, partition) "
                                 "DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
                                 (topic, partition, offset + 1))
@@ -103,6 +109,17 @@ class TranscriptIndex:
             self.db.execute("UPDATE streams SET status = ?, final_source = ?, complete = ? WHERE stream_id = ?",
                             (r["status"] or "COMPLETE", r["final_source"], json.dumps(r, default=_bytes), sid))
 
+    def erase(self, stream_id: str) -> int:
+        """Forget a stream: its rows, its search entries, its final transcript. Returns rows removed."""
+        with self.db:
+            return self._erase(stream_id)
+
+    def _erase(self, stream_id: str) -> int:
+        n = self.db.execute("DELETE FROM hyps WHERE stream_id = ?", (stream_id,)).rowcount  # trigger: FTS rows
+        n += self.db.execute("DELETE FROM streams WHERE stream_id = ?", (stream_id,)).rowcount
+        self.db.execute("INSERT OR IGNORE INTO erased VALUES (?, ?)", (stream_id, int(time.time() * 1000)))
+        return n
+
     def _hyp(self, r, pass_, index, rank, source, text, words, score) -> None:
         self.db.execute("INSERT OR IGNORE INTO hyps (key, stream_id, tenant, pass, source, start_ms, end_ms, rank, "
                         "score, text, words, norm) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -111,7 +128,8 @@ class TranscriptIndex:
                          " ".join(normalise(text))))
 
     # -- reading --------------------------------------------------------------------------------
-    def search(self, query: str, stream_id: str | None = None, limit: int = 20) -> list[dict]:
+    def search(self, query: str, stream_id: str | None = None, limit: int = 20,
+               tenant: str | None = None) -> list[dict]:
         """Hits for a word or phrase, best first: 1-best before alternatives, then FTS5 rank.
 
         Within one decoder's n-best list for a range, only the best-ranked match is a hit."""
@@ -121,8 +139,9 @@ class TranscriptIndex:
         phrase = '"' + " ".join(terms).replace('"', '""') + '"'
         sql = ("SELECT h.*, bm25(hyps_fts) AS relevance FROM hyps_fts JOIN hyps h ON h.id = hyps_fts.rowid "
                "WHERE hyps_fts MATCH ?" + (" AND h.stream_id = ?" if stream_id else "") +
+               (" AND h.tenant = ?" if tenant is not None else "") +
                " ORDER BY h.source = 'alternative', relevance, h.stream_id, h.start_ms LIMIT ?")
-        args = [phrase] + ([stream_id] if stream_id else []) + [limit * 8]
+        args = [phrase] + ([stream_id] if stream_id else []) + ([tenant] if tenant is not None else []) + [limit * 8]
         hits, seen = [], set()
         for row in self.db.execute(sql, args):
             # n-best lists differ by a word or two: one hit per hypothesis range, its best-ranked
@@ -135,9 +154,10 @@ class TranscriptIndex:
                 break
         return hits
 
-    def streams(self, limit: int = 200) -> list[dict]:
+    def streams(self, limit: int = 200, tenant: str | None = None) -> list[dict]:
         rows = self.db.execute("SELECT stream_id, tenant, status, final_source, first_seen_ms, updated_ms, end_ms "
-                               "FROM streams ORDER BY first_seen_ms DESC LIMIT ?", (limit,))
+                               "FROM streams" + (" WHERE tenant = ?" if tenant is not None else "") +
+                               " ORDER BY first_seen_ms DESC LIMIT ?", ((tenant,) if tenant is not None else ()) + (limit,))
         return [dict(r) for r in rows]
 
     def stream(self, stream_id: str) -> dict | None:

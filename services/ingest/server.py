@@ -1,5 +1,9 @@
 """The network endpoint for live clients: WebSocket at ``ws://HOST:PORT/v1/streams``.
 
+Authentication: with a tokens file (``HARK_TOKENS_FILE``) every connection must carry a token,
+``Authorization: Bearer TOKEN`` or ``?token=TOKEN``; the stream belongs to the token's tenant. A
+missing or unknown token gets an ``error`` message (unauthorized) and close code 1008.
+
 Query parameters: ``stream_id`` (optional), ``tenant``, ``language``, ``format``:
 - ``pcm_s16le`` (default, live): binary messages of raw interleaved s16le PCM at
   ``sample_rate`` (default 16000) with ``channels`` (default 1), resampled and chunked as
@@ -27,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, PcmResampler, SourceInfo
 from hark.config import Settings
 from hark.runtime import HealthServer, Metrics, kv, service_settings
+from hark.tenants import Access, AccessDenied
 
 from .publisher import Ingest, SegmentWriter, StreamPublisher, check_stream_id, new_stream_id
 
@@ -38,6 +43,7 @@ class IngestServer:
         self.settings = settings
         self.metrics = Metrics("ingest")
         self.ingest = Ingest(settings, metrics=self.metrics)
+        self.access = Access.load(settings)
         self.open_streams = 0
 
     async def handler(self, ws: ServerConnection) -> None:
@@ -47,9 +53,18 @@ class IngestServer:
             await _error(ws, AudioError("not_found", f"unknown path {url.path} (use /v1/streams)"))
             return
         stream_id = q.get("stream_id") or new_stream_id("live")
-        tenant = q.get("tenant", "default")
+        auth = ws.request.headers.get("Authorization", "")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else q.get("token")
+        try:
+            tenant = self.access.publishing_tenant(token, q.get("tenant"))
+        except AccessDenied as e:  # refused before anything is read; not dead-lettered (nothing to keep)
+            self.metrics.inc("refused_connections_total", reason=e.kind)
+            log.warning("connection refused: %s", e.reason, extra=kv(stream_id=stream_id))
+            await _error(ws, AudioError(e.kind, e.reason))
+            return
         try:
             check_stream_id(stream_id)
+            self.ingest.check_new_stream(stream_id)
             fmt = q.get("format", "pcm_s16le")
             if fmt == "pcm_s16le":
                 await self._live_pcm(ws, q, stream_id, tenant)
@@ -138,13 +153,29 @@ class IngestServer:
                 loop.add_signal_handler(sig, stop.set)
             except (RuntimeError, ValueError):  # not the main thread
                 pass
+        sweeper = asyncio.create_task(self._retention()) if self.settings.archive_retention_days > 0 else None
         async with serve(self.handler, host, port, max_size=self.settings.max_ws_message_bytes) as server:
             self.port = server.sockets[0].getsockname()[1]
             log.info("listening", extra=kv(url=f"ws://{host}:{self.port}/v1/streams"))
             if ready:
                 ready.set()
             await stop.wait()
+        if sweeper:
+            sweeper.cancel()
         self.ingest.producer.flush(30)
+
+
+    async def _retention(self, period_s: float = 3600.0) -> None:
+        """Ingest owns the archive, so it enforces its retention: a sweep every hour."""
+        from hark.erasure import retention_sweep
+
+        while True:
+            try:
+                erased = await asyncio.to_thread(retention_sweep, self.settings, self.ingest.store, self.ingest.producer)
+                self.metrics.inc("streams_expired_total", len(erased))
+            except Exception:
+                log.exception("retention sweep failed")
+            await asyncio.sleep(period_s)
 
 
 def _is_end(message: str) -> bool:

@@ -1,0 +1,100 @@
+"""`make load`: how many concurrent real-time streams one machine carries.
+
+For each configuration (online only; online + offline + diarizer) the stack is started once and N
+concurrent real-time streams run for ``--minutes`` each (real speech: the project's utterances
+joined into one long recording, every stream its own copy), with N stepping up until a step
+fails. A step passes when the partial-caption latency p95 is <= 1 s and nothing is lost: every
+stream completes, with status COMPLETE, a transcript, and no dead letters. It prints, per step,
+the latency, the CPU (% of one core) and peak RSS of every service, and the largest N that passed.
+
+  python -m bench.load                       # 10 minutes per step (the issue's definition)
+  python -m bench.load --minutes 1 --online 8,12,16 --full 2,4,6
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from hark import kafka
+
+from .pipeline import OUT, SPEECH, latency_stats, long_stream_wav, phase, run_streams, start_stack, stop_stack
+
+CONFIGS = {"online": "offline_asr=0,diarizer=0,captions=0", "full": ""}
+
+
+def dead_letters(settings) -> int:
+    c = kafka.tail_consumer(settings, settings.deadletter_topic, from_beginning=True)
+    n, quiet = 0, 0
+    try:
+        while quiet < 5:
+            msgs = [m for m in c.consume(500, 0.2) if not m.error()]
+            n += len(msgs)
+            quiet = 0 if msgs else quiet + 1
+    finally:
+        c.close()
+    return n
+
+
+def step(settings, procs, sampler, ingest, wav: Path, n: int) -> dict:
+    out: dict = {"streams": n}
+    before = dead_letters(settings)
+    with phase(procs, sampler, out):
+        rows = run_streams(settings, ingest, [str(wav)] * n, realtime=True)
+    out.update(latency_stats(rows))
+    out["complete"] = sum(r["status"] == "COMPLETE" and bool(r["final_text"]) for r in rows)
+    out["dead_letters"] = dead_letters(settings) - before
+    out["passed"] = out["partial_p95_ms"] <= 1000 and out["complete"] == n and out["dead_letters"] == 0
+    return out
+
+
+def run_config(name: str, counts: list[int], wav: Path, tmp: Path) -> dict:
+    settings, procs, sampler, ingest = start_stack(tmp / name, f"load-{name}", CONFIGS[name])
+    steps, best = [], 0
+    try:
+        run_streams(settings, ingest, [str(SPEECH / "goforward.wav")], realtime=False)  # warm the pools
+        for n in counts:
+            print(f"[{name}] {n} concurrent real-time streams ...", flush=True)
+            s = step(settings, procs, sampler, ingest, wav, n)
+            steps.append(s)
+            print(f"[{name}] {n} streams: partial p95 {s['partial_p95_ms']} ms, complete {s['complete']}/{n}, "
+                  f"dead letters {s['dead_letters']} -> {'pass' if s['passed'] else 'FAIL'}", flush=True)
+            for svc, x in s["services"].items():
+                print(f"    {svc:<48} cpu {x['cpu_pct_of_one_core']:6.1f}% of a core   peak RSS {x['peak_rss_mb']:7.1f} MB")
+            if not s["passed"]:
+                break
+            best = n
+    finally:
+        stop_stack(settings, sampler, ingest, f"load-{name}")
+    return {"config": name, "replicas": CONFIGS[name] or "all services", "largest_passing": best, "steps": steps}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.load")
+    ap.add_argument("--minutes", type=float, default=10.0, help="length of every stream of a step")
+    ap.add_argument("--online", default="8,12,16,20", help="stream counts for the online-only stack")
+    ap.add_argument("--full", default="2,4,6", help="stream counts with online + offline + diarizer")
+    a = ap.parse_args(argv)
+    utterances = sorted(p for p in SPEECH.glob("*.wav"))
+    report = {"minutes": a.minutes, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with tempfile.TemporaryDirectory(prefix="hark-load-") as d:
+        tmp = Path(d)
+        wav = tmp / "stream.wav"
+        seconds = long_stream_wav(wav, a.minutes, utterances)
+        print(f"each stream: {seconds / 60:.1f} minutes of real speech, published in real time", flush=True)
+        for name, counts in (("online", a.online), ("full", a.full)):
+            if counts:
+                report[name] = run_config(name, [int(x) for x in counts.split(",")], wav, tmp)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "load.json").write_text(json.dumps(report, indent=1))
+    for name in ("online", "full"):
+        if name in report:
+            print(f"largest N with partial p95 <= 1 s and zero loss, {report[name]['replicas']}: "
+                  f"{report[name]['largest_passing']}")
+    print(f"report: {OUT / 'load.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Tenants and their tokens: who may publish, and whose streams a reader may see.
+
+A tokens file (``HARK_TOKENS_FILE``) holds one line per token: ``<sha256 of the token> <tenant>``.
+Only hashes are stored, so the file leaks no credential; ``hark token create TENANT`` adds a line
+and prints the token once. With a tokens file, ingest requires a token and stamps every record of
+the stream with the token's tenant, and the captions server shows a token only its tenant's
+streams. Without one (the embedded default for a single user) access is open and the tenant is
+whatever the producer names ("default" unless told).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from pathlib import Path
+
+from .config import Settings
+
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class AccessDenied(Exception):
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_tenant(tenant: str) -> str:
+    if not TENANT_RE.match(tenant or ""):
+        raise AccessDenied("bad_tenant", f"invalid tenant {tenant!r} (letters, digits, . _ -, max 64)")
+    return tenant
+
+
+class Access:
+    def __init__(self, hashes: dict[str, str] | None):
+        self._hashes = hashes  # sha256 hex -> tenant; None: open access
+
+    @classmethod
+    def load(cls, settings: Settings) -> "Access":
+        if not settings.tokens_file:
+            return cls(None)
+        hashes = {}
+        for n, line in enumerate(Path(settings.tokens_file).read_text().splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) != 2 or len(parts[0]) != 64:
+                raise ValueError(f"{settings.tokens_file}:{n}: expected '<sha256 hex> <tenant>'")
+            hashes[parts[0].lower()] = check_tenant(parts[1])
+        return cls(hashes)
+
+    @property
+    def open(self) -> bool:
+        return self._hashes is None
+
+    def tenant_of(self, token: str | None) -> str | None:
+        """The token's tenant; None when access is open (every stream is visible)."""
+        if self._hashes is None:
+            return None
+        if not token:
+            raise AccessDenied("unauthorized", "a token is required (Authorization: Bearer TOKEN or ?token=)")
+        digest = token_hash(token)
+        for known, tenant in self._hashes.items():  # constant-time per entry
+            if hmac.compare_digest(known, digest):
+                return tenant
+        raise AccessDenied("unauthorized", "unknown token")
+
+    def publishing_tenant(self, token: str | None, requested: str | None) -> str:
+        """The tenant a producer publishes as: its token's, or with open access the one it names."""
+        tenant = self.tenant_of(token)
+        if tenant is None:
+            return check_tenant(requested or "default")
+        if requested and requested != tenant:
+            raise AccessDenied("forbidden", f"this token publishes as tenant {tenant!r}, not {requested!r}")
+        return tenant
+
+
+def create_token(tokens_file: str | Path, tenant: str) -> str:
+    """Add a token for ``tenant`` to the file (created 0600) and return it; only its hash is kept."""
+    check_tenant(tenant)
+    token = "hark_" + secrets.token_urlsafe(32)
+    path = Path(tokens_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(f"{token_hash(token)} {tenant}\n")
+    return token

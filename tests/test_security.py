@@ -1,0 +1,179 @@
+"""Tenants, tokens, erasure and retention against the live stack, with real service processes."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from websockets.asyncio.client import connect
+
+from hark import kafka, stack
+from hark.erasure import retention_sweep
+from hark.storage import archive_prefix, open_store
+from hark.tenants import create_token
+
+from .conftest import ROOT, run_hark
+from .test_e2e import complete_record
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def secured(live_stack, tmp_path_factory):
+    """An ingest endpoint and a captions server of the live stack that require tenant tokens."""
+    settings, _ = live_stack
+    d = tmp_path_factory.mktemp("secured")
+    tokens = d / "tokens"
+    acme, globex = create_token(tokens, "acme"), create_token(tokens, "globex")
+    ingest_port, captions_port = stack.free_port(), stack.free_port()
+    env = {**os.environ, "HARK_TOKENS_FILE": str(tokens), "HARK_BOOTSTRAP": settings.bootstrap,
+           "HARK_INDEX_PATH": str(d / "index.sqlite"), "HARK_HEALTH_PORT": "0"}
+    procs = [subprocess.Popen([sys.executable, "-m", "services.ingest", "--port", str(ingest_port)], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=open(d / "ingest.log", "wb")),
+             subprocess.Popen([sys.executable, "-m", "hark", "serve", "--port", str(captions_port)], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=open(d / "captions.log", "wb"))]
+    base = f"http://127.0.0.1:{captions_port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(base + "/api/streams", timeout=1)
+        except urllib.error.HTTPError:  # 401: it is up
+            break
+        except OSError:
+            time.sleep(0.2)
+    try:
+        yield {"ingest": f"ws://127.0.0.1:{ingest_port}/v1/streams", "captions": base, "acme": acme,
+               "globex": globex, "tokens": tokens, "index": d / "index.sqlite"}
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
+def upload(url: str, data: bytes, headers: dict | None = None) -> dict:
+    async def client():
+        async with connect(url, additional_headers=headers or {}) as ws:
+            first = json.loads(await ws.recv())
+            if first["type"] != "ready":
+                return first
+            for i in range(0, len(data), 16384):
+                await ws.send(data[i:i + 16384])
+            await ws.send(json.dumps({"type": "end"}))
+            return json.loads(await ws.recv())
+    return asyncio.run(client())
+
+
+def get(url: str, token: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_tokens_map_to_tenants_and_each_tenant_sees_only_its_streams(live_stack, secured, speech_dir):
+    settings, _ = live_stack
+    data = (speech_dir / "goforward.wav").read_bytes()
+    t = time.time_ns()
+    # no token, an unknown token, another tenant's name: refused with a reason, nothing published
+    assert upload(f"{secured['ingest']}?stream_id=anon-{t}&format=file", data) == {
+        "type": "error", "error": "unauthorized", "reason": "a token is required (Authorization: Bearer TOKEN or ?token=)"}
+    assert upload(f"{secured['ingest']}?stream_id=bad-{t}&format=file&token=nope", data)["error"] == "unauthorized"
+    assert upload(f"{secured['ingest']}?stream_id=spoof-{t}&format=file&tenant=globex",
+                  data, {"Authorization": f"Bearer {secured['acme']}"})["error"] == "forbidden"
+
+    a, g = f"acme-{t}", f"globex-{t}"
+    assert upload(f"{secured['ingest']}?stream_id={a}&format=file", data,
+                  {"Authorization": f"Bearer {secured['acme']}"})["type"] == "done"
+    assert upload(f"{secured['ingest']}?stream_id={g}&format=file&token={secured['globex']}", data)["type"] == "done"
+    # a stream id is a global key: another tenant cannot publish into it
+    assert upload(f"{secured['ingest']}?stream_id={a}&format=file&token={secured['globex']}", data)["error"] == "stream_exists"
+    assert complete_record(settings, a)["tenant"] == "acme"
+    assert complete_record(settings, g)["tenant"] == "globex"
+
+    base = secured["captions"]
+    deadline = time.monotonic() + 30  # the captions server indexes asynchronously
+    while time.monotonic() < deadline:
+        code, body = get(f"{base}/api/streams/{a}/export?format=json", secured["acme"])
+        if code == 200:
+            break
+        time.sleep(0.3)
+    assert code == 200 and json.loads(body)["stream_id"] == a
+    assert get(f"{base}/api/streams")[0] == 401
+    assert get(f"{base}/api/streams", "wrong")[0] == 401
+    streams = {s["stream_id"]: s["tenant"] for s in json.loads(get(f"{base}/api/streams", secured["acme"])[1])}
+    assert a in streams and g not in streams and set(streams.values()) == {"acme"}
+    hits = json.loads(get(f"{base}/api/search?q=forward", secured["acme"])[1])["hits"]
+    assert hits and {h["stream_id"] for h in hits} <= set(streams)
+    assert get(f"{base}/api/streams/{g}/export?format=vtt", secured["acme"])[0] == 404  # as if it did not exist
+    assert get(f"{base}/api/streams/{g}/events", secured["acme"])[0] == 404
+    assert get(f"{base}/api/streams/{g}/export?format=vtt", secured["globex"])[0] == 200
+    # the page sets a cookie from ?token= so its own requests carry it
+    with urllib.request.urlopen(f"{base}/?token={secured['acme']}", timeout=10) as r:
+        assert "hark_token=" in r.headers.get("Set-Cookie", "") and "HttpOnly" in r.headers.get("Set-Cookie", "")
+
+
+def test_erase_removes_audio_index_entries_and_results_and_is_audited(live_stack, secured, speech_dir):
+    settings, _ = live_stack
+    sid = f"erase-me-{time.time_ns()}"
+    data = (speech_dir / "forever_input_2_16k.wav").read_bytes()
+    assert upload(f"{secured['ingest']}?stream_id={sid}&format=file&token={secured['acme']}", data)["type"] == "done"
+    complete_record(settings, sid)
+    base, token = secured["captions"], secured["acme"]
+    deadline = time.monotonic() + 30
+    while get(f"{base}/api/streams/{sid}/export?format=vtt", token)[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    store = open_store(settings)
+    assert store.list(archive_prefix(sid))
+
+    proc = run_hark("erase", sid, "--reason", "test", "--bootstrap", settings.bootstrap)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["archive_objects"] >= 3 and report["tombstones"] == [settings.results_topic]
+    assert store.list(archive_prefix(sid)) == []
+    # the secured captions server has its own index: it erases the stream when it reads the tombstone
+    deadline = time.monotonic() + 30
+    while get(f"{base}/api/streams/{sid}/export?format=vtt", token)[0] != 404 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert get(f"{base}/api/streams/{sid}/export?format=vtt", token)[0] == 404
+    assert sid not in get(f"{base}/api/streams", token)[1]
+    assert all(h["stream_id"] != sid for h in json.loads(get(f"{base}/api/search?q=forever", token)[1])["hits"])
+    # the stack's own captions index too (erased directly by `hark erase`)
+    assert run_hark("export", sid, "--format", "json").returncode == 1
+    # the tombstone is on the results topic, after the stream's records
+    c = kafka.tail_consumer(settings, settings.results_topic, from_beginning=True)
+    try:
+        tomb, deadline = None, time.monotonic() + 20
+        while tomb is None and time.monotonic() < deadline:
+            for m in c.consume(500, 0.2):
+                if not m.error() and m.key() == sid.encode() and m.value() is None:
+                    tomb = m
+    finally:
+        c.close()
+    assert tomb is not None
+    audit = [json.loads(line) for line in (settings.data_dir / "audit" / "erasures.jsonl").read_text().splitlines()]
+    entry = next(e for e in audit if e["stream_id"] == sid)
+    assert entry["tenant"] == "acme" and entry["reason"] == "test" and "text" not in json.dumps(entry)
+
+
+def test_retention_sweep_erases_only_streams_older_than_the_period(live_stack, speech_dir, tmp_path):
+    settings, _ = live_stack
+    from hark.storage import FilesystemStore
+    from services.ingest.publisher import Ingest
+
+    store = FilesystemStore(tmp_path / "archive")  # its own archive: the sweep must not touch other tests'
+    sid = Ingest(settings, store=store).publish_file(speech_dir / "goforward.wav").stream_id
+    s = type(settings)(**{**settings.__dict__, "archive_retention_days": 1.0})
+    now = int(time.time() * 1000)
+    assert sid not in [e["stream_id"] for e in retention_sweep(s, store, now_ms=now)]
+    assert store.list(archive_prefix(sid))
+    erased = retention_sweep(s, store, now_ms=now + 2 * 86_400_000)  # two days later
+    assert sid in [e["stream_id"] for e in erased]
+    assert store.list(archive_prefix(sid)) == []
