@@ -15,16 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constrai
 	$(BIN)/hark models install
 	touch $@
 
-set# Fault injection at a larger scale than CI's: every service killed mid-stream, a broker restart.
-chaos: $(STAMP)
-	HARK_CHAOS_STREAMS=$${HARK_CHAOS_STREAMS:-20} HARK_CHAOS_BROKER_STREAMS=$${HARK_CHAOS_BROKER_STREAMS:-8} \
-	  $(BIN)/python -m pytest -q -s tests/test_chaos.py
-
-# The largest number of concurrent real-time streams with partial p95 <= 1 s and zero loss.
-load: $(STAMP)
-	$(BIN)/python -m bench.load $(LOAD_ARGS)
-
-up: $(STAMP)
+setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/hark run data/speech/austen_passage.flac data/speech/forever_input_2_16k.wav \
