@@ -1,4 +1,6 @@
 """Config, WER, storage and the results merger."""
+import time
+
 import pytest
 
 from hark.config import Settings
@@ -155,3 +157,10 @@ def test_merger_ignores_re_sent_finals_and_late_records_of_completed_streams():
     (done,) = m.on_online(_online("STREAM_END", 1, ""))
     assert done["kind"] == "STREAM_COMPLETE" and done["text"] == "hello world"
     assert m.on_online(_online("STREAM_END", 1, "")) == [] and not m.streams
+
+
+def test_merger_drops_a_stray_stream_without_completing_it():
+    m = ResultsMerger(wait_for=("online",), offline_timeout_s=0.05)
+    m.on_online(_online("FINAL", 3, "a re-sent final", ["a"]))  # its stream completed before a restart
+    time.sleep(0.1)
+    assert m.expire() == [] and not m.streams and m.abandoned == 1

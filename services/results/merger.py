@@ -67,6 +67,7 @@ class StreamTranscript:
     online_ended_at: float | None = None  # monotonic, for the offline timeout
     turns: list[dict] = field(default_factory=list)  # incremental speaker turns so far
     full_turns: list[dict] | None = None  # the diarizer's FULL turns once it ended
+    last_seen: float = field(default_factory=time.monotonic)
 
 
 def assign_speakers(words: list[dict], turns: list[dict], reach_ms: int = 1000) -> list[dict]:
@@ -107,6 +108,7 @@ class ResultsMerger:
         self.max_words, self.wait_for, self.offline_timeout_s = max_words, tuple(wait_for), offline_timeout_s
         self.streams: dict[str, StreamTranscript] = {}
         self.completed: OrderedDict[str, None] = OrderedDict()  # recent ids, to drop late re-sends
+        self.abandoned = 0
 
     def is_open(self, stream_id: str) -> bool:
         return stream_id in self.streams
@@ -120,6 +122,7 @@ class ResultsMerger:
         if st is None:
             st = self.streams[rec["stream_id"]] = StreamTranscript(rec["tenant"])
         st.last_published_at_ms = max(st.last_published_at_ms, rec["audio_published_at_ms"])
+        st.last_seen = time.monotonic()
         return st
 
     def on_online(self, rec: dict) -> list[dict]:
@@ -195,6 +198,12 @@ class ResultsMerger:
         for sid, st in list(self.streams.items()):
             if st.online_ended_at is not None and now - st.online_ended_at > self.offline_timeout_s:
                 out += self._complete(sid, reason="offline pass did not finish in time")
+            elif st.online_ended_at is None and now - st.last_seen > self.offline_timeout_s:
+                # no record for that long and no online end (online_asr closes idle streams in
+                # seconds): stray re-sends of a stream completed before a restart. Dropped, not
+                # completed: a second STREAM_COMPLETE would be wrong.
+                del self.streams[sid]
+                self.abandoned += 1
         return out
 
     def _maybe_complete(self, sid: str, rec: dict) -> list[dict]:

@@ -62,6 +62,9 @@ class Results(ConsumerService):
     def tick(self) -> None:
         if self.sweep_due():
             self._publish(self.merger.expire())
+            for sid in [s for s in self.partitions_of if not self.merger.is_open(s)]:
+                self._forget(sid)  # abandoned by the merger: release its holds
+            self.metrics.set("streams_abandoned", self.merger.abandoned)
 
     def partitions_revoked(self, partitions):
         # Streams on revoked partitions are rebuilt by their new owner from the held offsets.
