@@ -31,13 +31,17 @@ class Case:
     why: str
 
 
-def encode(pcm: np.ndarray, rate: int, container: str, codec: str, fmt: str = "s16") -> bytes:
+def encode(pcm: np.ndarray, rate: int, container: str, codec: str, channels: int = 1) -> bytes:
+    """Encode mono PCM (int16, or float32 in [-1, 1]) into a real file of that container/codec."""
     buf = io.BytesIO()
+    layout = "mono" if channels == 1 else "stereo"
+    fmt = "flt" if pcm.dtype == np.float32 else "s16"
     with av.open(buf, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(pcm[None, :], format=fmt, layout="mono")
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        interleaved = np.repeat(pcm, channels)[None, :]
+        frame = av.AudioFrame.from_ndarray(interleaved, format=fmt, layout=layout)
         frame.sample_rate = rate
-        to_codec = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=rate)
+        to_codec = av.AudioResampler(format=stream.codec_context.format.name, layout=layout, rate=rate)
         for f in to_codec.resample(frame) + to_codec.resample(None):
             for packet in stream.encode(f):
                 out.mux(packet)
@@ -88,8 +92,8 @@ def bad_inputs(speech: np.ndarray) -> list[Case]:
              "sample rate 4 GHz (the container refuses it)"),
         Case("channels-0.wav", wav_header(16000, channels=0, data_len=32000) + bytes(32000), "bad_channels",
              "zero channels"),
-        Case("nan.wav", encode(nan, 16000, "wav", "pcm_f32le", "flt"), "non_finite", "float WAV with NaN samples"),
-        Case("inf.flac.wav", encode(inf, 16000, "wav", "pcm_f32le", "flt"), "non_finite", "float WAV with +inf"),
+        Case("nan.wav", encode(nan, 16000, "wav", "pcm_f32le"), "non_finite", "float WAV with NaN samples"),
+        Case("inf.wav", encode(inf, 16000, "wav", "pcm_f32le"), "non_finite", "float WAV with +inf"),
         Case("silence.wav", encode(np.zeros(16000 * 3, dtype=np.int16), 16000, "wav", "pcm_s16le"), ACCEPTED,
              "3 s of digital silence: a stream with no words"),
         Case("speech.ogg", ogg, ACCEPTED, "Ogg/Opus (control: must pass)"),

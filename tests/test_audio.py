@@ -7,25 +7,9 @@ import pytest
 
 from hark.audio import TARGET_RATE, AudioError, Chunker, DecodedAudio, PcmResampler, read_pcm_file
 
+from .corpus import encode
+
 SOURCE = "sense_and_sensibility_01_austen_64kb-0880.wav"
-
-
-def encode(pcm: np.ndarray, rate: int, container: str, codec: str, channels: int = 1) -> bytes:
-    """Encode int16 mono PCM into a real file of the given container/codec with PyAV."""
-    buf = io.BytesIO()
-    layout = "mono" if channels == 1 else "stereo"
-    with av.open(buf, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout=layout)
-        interleaved = np.repeat(pcm, channels).astype("<i2")[None, :]
-        frame = av.AudioFrame.from_ndarray(interleaved, format="s16", layout=layout)
-        frame.sample_rate = rate
-        to_codec = av.AudioResampler(format=stream.codec_context.format.name, layout=layout, rate=rate)
-        for f in to_codec.resample(frame) + to_codec.resample(None):
-            for packet in stream.encode(f):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buf.getvalue()
 
 
 def resample(pcm: np.ndarray, rate: int) -> np.ndarray:
