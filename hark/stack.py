@@ -198,18 +198,17 @@ class Supervisor:
             if self.broker_storage.startswith("memory:") or self._stopping:
                 # nothing survived it: topics, data and offsets are gone, so the stack is over
                 raise RuntimeError(f"broker exited with {self.broker.proc.returncode}; see {self.broker.log}")
-            # durable storage (s3://): the same broker on the same port finds everything again
-            if time.monotonic() - self.broker.last_start >= min(30.0, 0.5 * 2 ** min(self.broker.restarts, 6)):
-                self.broker.restarts += 1
-                self.broker.start()
-                self.write_state()
+            self._restart(self.broker)  # durable storage (s3://): on the same port it finds everything again
         for c in self.children:
             if c.proc.poll() is not None and not self._stopping:
-                backoff = min(30.0, 0.5 * 2 ** min(c.restarts, 6))
-                if time.monotonic() - c.last_start >= backoff:
-                    c.restarts += 1
-                    c.start()
-                    self.write_state()
+                self._restart(c)
+
+    def _restart(self, child: Child) -> None:
+        """Start a dead child again, with exponential backoff (0.5 s doubling, at most 30 s)."""
+        if time.monotonic() - child.last_start >= min(30.0, 0.5 * 2 ** min(child.restarts, 6)):
+            child.restarts += 1
+            child.start()
+            self.write_state()
 
     def monitor(self) -> None:
         while not self._stopping:

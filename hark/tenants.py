@@ -56,10 +56,6 @@ class Access:
             hashes[parts[0].lower()] = check_tenant(parts[1])
         return cls(hashes)
 
-    @property
-    def open(self) -> bool:
-        return self._hashes is None
-
     def tenant_of(self, token: str | None) -> str | None:
         """The token's tenant; None when access is open (every stream is visible)."""
         if self._hashes is None:
@@ -80,6 +76,15 @@ class Access:
         if requested and requested != tenant:
             raise AccessDenied("forbidden", f"this token publishes as tenant {tenant!r}, not {requested!r}")
         return tenant
+
+
+def request_token(authorization: str | None, *fallbacks: str | None) -> str | None:
+    """The token of a request: ``Authorization: Bearer TOKEN``, else the first fallback given
+    (a ``?token=`` parameter, a cookie)."""
+    auth = authorization or ""
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return next((f for f in fallbacks if f), None)
 
 
 def create_token(tokens_file: str | Path, tenant: str) -> str:

@@ -35,7 +35,7 @@ from starlette.routing import Route
 from hark import kafka, serde
 from hark.config import Settings
 from hark.runtime import DeadLetters, HealthServer, Metrics, key_of, kv, now_ms, service_settings
-from hark.tenants import Access, AccessDenied
+from hark.tenants import Access, AccessDenied, request_token
 
 from . import exports
 from .index import TranscriptIndex, majority_speaker
@@ -184,10 +184,8 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
 
     def tenant_of(request: Request) -> str | None:
         """The caller's tenant (None: open access, everything visible); AccessDenied without a good token."""
-        auth = request.headers.get("authorization", "")
-        token = (auth[7:].strip() if auth.lower().startswith("bearer ") else None) \
-            or request.query_params.get("token") or request.cookies.get("hark_token")
-        return access.tenant_of(token)
+        return access.tenant_of(request_token(request.headers.get("authorization"),
+                                              request.query_params.get("token"), request.cookies.get("hark_token")))
 
     def visible(st: dict | None, tenant: str | None) -> bool:
         return st is not None and (tenant is None or st["tenant"] == tenant)
@@ -248,17 +246,14 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
 
     async def api_events(request: Request, tenant: str | None) -> Response:
         sid = request.path_params["stream_id"]
-        if tenant is not None:
+        if tenant is not None:  # a stream not indexed yet has no tenant to check: 404 until it is
             idx = index_reader()
             try:
                 st = idx.stream(sid)
             finally:
                 idx.close()
-            # a stream not indexed yet has no tenant to check: wait for it rather than leak it
-            if st is not None and st["tenant"] != tenant:
+            if not visible(st, tenant):
                 return PlainTextResponse(f"no stream {sid!r}\n", status_code=404)
-            if st is None:
-                return PlainTextResponse(f"no stream {sid!r} (yet)\n", status_code=404)
         hub.loop = asyncio.get_running_loop()
         queue = hub.subscribe(sid)  # before reading history: nothing falls between the two
 

@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, PcmResampler, SourceInfo
 from hark.config import Settings
 from hark.runtime import HealthServer, Metrics, kv, service_settings
-from hark.tenants import Access, AccessDenied
+from hark.tenants import Access, AccessDenied, request_token
 
 from .publisher import Ingest, SegmentWriter, StreamPublisher, check_stream_id, new_stream_id
 
@@ -53,8 +53,7 @@ class IngestServer:
             await _error(ws, AudioError("not_found", f"unknown path {url.path} (use /v1/streams)"))
             return
         stream_id = q.get("stream_id") or new_stream_id("live")
-        auth = ws.request.headers.get("Authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else q.get("token")
+        token = request_token(ws.request.headers.get("Authorization"), q.get("token"))
         try:
             tenant = self.access.publishing_tenant(token, q.get("tenant"))
         except AccessDenied as e:  # refused before anything is read; not dead-lettered (nothing to keep)
