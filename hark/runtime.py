@@ -214,6 +214,13 @@ class ChunkOrder:
     def __init__(self, next_seq: int, metrics: "Metrics", window: int = 50):
         self.next_seq, self.metrics, self.window = next_seq, metrics, window
         self.waiting: dict[int, tuple[dict, Message]] = {}
+        self.last_offset: int | None = None  # of the last chunk released in order
+        self.refetched_for: int | None = None  # the missing seq a re-read was asked for
+
+    @property
+    def missing(self) -> int | None:
+        """The seq that later chunks wait for, if any."""
+        return self.next_seq if self.waiting and self.next_seq not in self.waiting else None
 
     def push(self, rec: dict, msg: Message) -> list[tuple[dict, Message]]:
         seq = rec["seq"]
@@ -242,6 +249,7 @@ class ChunkOrder:
                 force = len(self.waiting) > self.window
                 continue
             out.append(self.waiting.pop(self.next_seq))
+            self.last_offset = out[-1][1].offset()
             self.next_seq += 1
         return out
 
@@ -262,8 +270,8 @@ class Checkpoints:
         except KeyError:
             return {}
 
-    def save(self, topic: str, partition: int, data: dict) -> None:
-        self.store.put(self.key(topic, partition), json.dumps(data, separators=(",", ":")).encode())
+    def save(self, topic: str, partition: int, text: str) -> None:
+        self.store.put(self.key(topic, partition), text.encode())
 
 
 # ---- the consumer loop ----------------------------------------------------------------------
@@ -468,21 +476,25 @@ class ConsumerService:
             return
         self.replaying = msg.offset() < self._replay_until.get(tp, -1)
         try:
-            rtype, record = serde.decode(msg.value())
-            self.handle(rtype, record, msg)
-        except serde.SerdeError as e:
-            self._dead_letter("malformed_record", str(e), msg)
-        except InputError as e:
-            self._dead_letter(e.kind, e.reason, msg)
-        except Exception as e:  # a bug must not stop other streams; the record is kept in the DLQ
-            log.exception("failed to process record")
-            self._dead_letter("internal_error", f"{type(e).__name__}: {e}", msg)
+            self.guarded(msg, lambda: self.handle(*serde.decode(msg.value()), msg))
         finally:
             self.replaying = False
-        self._positions[tp] = msg.offset() + 1
+        self._positions[tp] = max(self._positions.get(tp, 0), msg.offset() + 1)  # a re-read never moves it back
 
-    def _dead_letter(self, kind: str, reason: str, msg: Message) -> None:
-        if not self.replaying:  # dead-lettered before the last checkpoint already
+    def guarded(self, msg: Message, work) -> None:
+        """Run ``work`` for ``msg``; whatever it fails with goes to the dead-letter topic as msg's
+        failure (unless replaying: it was dead-lettered before the last checkpoint already)."""
+        try:
+            work()
+            return
+        except serde.SerdeError as e:
+            kind, reason = "malformed_record", str(e)
+        except InputError as e:
+            kind, reason = e.kind, e.reason
+        except Exception as e:  # a bug must not stop other streams; the record is kept in the DLQ
+            log.exception("failed to process record")
+            kind, reason = "internal_error", f"{type(e).__name__}: {e}"
+        if not self.replaying:
             self.deadletters.send(kind, reason, msg=msg, stream_id=key_of(msg))
 
     def _commit(self) -> None:
@@ -509,14 +521,18 @@ class ConsumerService:
     def _save_checkpoints(self) -> None:
         """Before offsets are committed: what was processed (its outputs are acknowledged) and how
         each held stream resumes. Unchanged partitions are not rewritten."""
+        by_tp: dict[tuple[str, int], list[str]] = {}
+        for k, (topic, partition, _) in self._holds.items():
+            by_tp.setdefault((topic, partition), []).append(k)
         for tp, processed in self._positions.items():
-            streams = {k: {"offset": h[2], "state": self._hold_states[k]} for k, h in self._holds.items()
-                       if (h[0], h[1]) == tp and k in self._hold_states}
-            held = sorted(k for k, h in self._holds.items() if (h[0], h[1]) == tp)
-            data = json.dumps({"processed": processed, "held": held, "streams": streams}, sort_keys=True)
-            if self._saved.get(tp) != data:
-                self.checkpoints.save(tp[0], tp[1], json.loads(data))
-                self._saved[tp] = data
+            held = sorted(by_tp.get(tp, ()))
+            streams = {k: {"offset": self._holds[k][2], "state": self._hold_states[k]}
+                       for k in held if k in self._hold_states}
+            text = json.dumps({"processed": processed, "held": held, "streams": streams},
+                              sort_keys=True, separators=(",", ":"))
+            if self._saved.get(tp) != text:
+                self.checkpoints.save(tp[0], tp[1], text)
+                self._saved[tp] = text
 
     def _on_assign(self, consumer, partitions):
         for p in partitions:
@@ -559,6 +575,7 @@ class AudioStreamService(ConsumerService):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self._order: dict[str, ChunkOrder] = {}
+        self._rereading: dict[tuple[str, int], str] = {}  # partition -> the stream a re-read repairs
 
     @property
     def topics(self) -> list[str]:
@@ -570,6 +587,13 @@ class AudioStreamService(ConsumerService):
             raise InputError("key_mismatch", f"record key {msg.key()!r} differs from stream id {sid!r}")
         if rtype not in ("StreamStart", "AudioChunk", "StreamEnd"):
             raise InputError("unexpected_record", f"{rtype} does not belong on the audio topic")
+        tp = (msg.topic(), msg.partition())
+        if tp in self._rereading:
+            if msg.offset() < self._positions.get(tp, 0):  # read before: only the repaired stream's chunks
+                if rtype != "AudioChunk" or sid != self._rereading[tp]:
+                    return
+            else:
+                del self._rereading[tp]
         restored = self.restored(sid)
         if restored is not None and msg.offset() < restored["offset"]:
             return  # covered by the checkpointed state the stream resumes from
@@ -578,27 +602,38 @@ class AudioStreamService(ConsumerService):
         if rtype == "StreamStart":
             self._order[sid] = ChunkOrder(1, self.metrics)
             self.on_start(sid, rec, msg)
-        elif rtype == "AudioChunk":
+            return
+        if rtype == "AudioChunk":
             order = self._order.get(sid)
             if order is None:  # joined mid-stream (a resume): this chunk's seq comes next
                 order = self._order[sid] = ChunkOrder(rec["seq"], self.metrics)
-            for r, m in order.push(rec, msg):
-                self._on_chunk_of(sid, r, m)
+            released = order.push(rec, msg)
+            self._reread_if_skipped(sid, order, msg)
         else:
             order = self._order.pop(sid, None)
-            for r, m in (order.drain() if order else []):
-                self._on_chunk_of(sid, r, m)
+            released = order.drain() if order else []
+        for r, m in released:  # a bad chunk is dead-lettered as itself; the ones after it still run
+            self.guarded(m, lambda r=r, m=m: self.on_chunk(sid, r, m))
+        if rtype == "StreamEnd":
             self.on_end(sid, rec, msg)
 
-    def _on_chunk_of(self, sid: str, rec: dict, msg: Message) -> None:
-        """One released chunk; a bad one is dead-lettered as itself, the ones after it still run."""
-        try:
-            self.on_chunk(sid, rec, msg)
-        except InputError as e:
-            self._dead_letter(e.kind, e.reason, msg)
-        except Exception as e:
-            log.exception("failed to process chunk")
-            self._dead_letter("internal_error", f"{type(e).__name__}: {e}", msg)
+    def _reread_if_skipped(self, sid: str, order: ChunkOrder, msg: Message) -> None:
+        """A chunk is missing although later ones of its stream arrived. One partition holds a
+        stream in order, so the fetch skipped it: measured on Tansu, a consumer connected across a
+        broker restart can lose a record that is in the log. Read the partition again from after
+        the stream's last in-order chunk, once per missing chunk; what was read before is skipped
+        (duplicate chunks are dropped by ChunkOrder). A chunk that is really gone is given up
+        after ``window`` chunks, as before."""
+        tp = (msg.topic(), msg.partition())
+        missing = order.missing
+        if missing is None or missing == order.refetched_for or order.last_offset is None or tp in self._rereading:
+            return
+        order.refetched_for = missing
+        self._rereading[tp] = sid
+        self.metrics.inc("rereads_total")
+        log.warning("chunk missing from the fetch, re-reading the partition",
+                    extra=kv(stream_id=sid, seq=missing, partition=msg.partition(), offset=order.last_offset + 1))
+        self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), order.last_offset + 1))
 
     def reordering(self, sid: str) -> bool:
         """True while chunks of ``sid`` wait for a missing one (a hold must not move past them)."""

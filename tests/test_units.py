@@ -132,20 +132,28 @@ def test_assign_speakers_prefers_overlap_then_the_nearest_turn():
 def test_chunk_order_drops_duplicates_reorders_and_bounds_waiting():
     from hark.runtime import ChunkOrder, Metrics
 
+    class Msg:  # the Kafka message a chunk came in: only its offset matters here
+        def __init__(self, offset):
+            self._offset = offset
+
+        def offset(self):
+            return self._offset
+
     m = Metrics("t")
     order = ChunkOrder(1, m, window=3)
     rec = lambda seq: {"stream_id": "s", "seq": seq}  # noqa: E731
     out = lambda pairs: [r["seq"] for r, _ in pairs]  # noqa: E731
-    assert out(order.push(rec(1), "m1")) == [1]
-    assert out(order.push(rec(1), "m1")) == []  # duplicate
-    assert out(order.push(rec(3), "m3")) == []  # early: waits for 2
-    assert out(order.push(rec(2), "m2")) == [2, 3]
-    assert out(order.push(rec(2), "m2")) == []
+    assert out(order.push(rec(1), Msg(1))) == [1]
+    assert out(order.push(rec(1), Msg(1))) == []  # duplicate
+    assert out(order.push(rec(3), Msg(3))) == []  # early: waits for 2
+    assert order.missing == 2 and order.last_offset == 1
+    assert out(order.push(rec(2), Msg(2))) == [2, 3]
+    assert out(order.push(rec(2), Msg(2))) == []
     for seq in (5, 6, 7):
-        assert out(order.push(rec(seq), "m")) == []
-    assert out(order.push(rec(8), "m")) == [5, 6, 7, 8]  # 4 waiting > window 3: the gap (4) is given up
-    assert out(order.push(rec(4), "m")) == []  # too late now: dropped as a duplicate
-    assert out(order.push(rec(10), "m")) == [] and out(order.drain()) == [10]
+        assert out(order.push(rec(seq), Msg(seq))) == []
+    assert out(order.push(rec(8), Msg(8))) == [5, 6, 7, 8]  # 4 waiting > window 3: the gap (4) is given up
+    assert out(order.push(rec(4), Msg(4))) == []  # too late now: dropped as a duplicate
+    assert out(order.push(rec(10), Msg(10))) == [] and out(order.drain()) == [10]
     assert m.get("duplicate_chunks_total") == 3 and m.get("sequence_gaps_total") == 2
 
 
