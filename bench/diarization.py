@@ -9,6 +9,7 @@ time). Peak RSS of this process. Writes bench/out/diarization.json.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import time
@@ -27,9 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 
 
-def recordings() -> list[tuple[str, Path, Path]]:
-    conv = ROOT / "data" / "conversations"
+def recordings(folder: Path | None = None) -> list[tuple[str, Path, Path]]:
+    conv = folder or ROOT / "data" / "conversations"
     out = [(p.stem, p, p.with_suffix(".rttm")) for p in sorted(conv.glob("*.flac"))]
+    if folder:
+        return out
     sample = models.package_dir("pyannote.audio") / "sample"
     return out + [("pyannote sample (real)", sample / "sample.wav", sample / "sample.rttm")]
 
@@ -55,10 +58,14 @@ def run(d: Diarizer, audio: Path, **hints) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, help="score the conversations in this folder instead "
+                        "(e.g. the held-out set of data/conversations/make.py --held-out DIR)")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     d = Diarizer()
     report = []
-    for name, audio, rttm in recordings():
+    for name, audio, rttm in recordings(args.dir):
         ref = read_rttm(rttm)
         n = len({t.speaker for t in ref})
         plain, hinted = run(d, audio), run(d, audio, num_speakers=n)
@@ -77,6 +84,8 @@ def main() -> None:
     correct = sum(r["full"]["hyp_speakers"] == r["ref_speakers"] for r in report)
     print(f"speaker count correct (full pass, no hint): {correct}/{len(report)}; peak RSS {peak:.0f} MB "
           f"(1 torch thread)")
+    if args.dir:
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "diarization.json").write_text(json.dumps({"recordings": report, "peak_rss_mb": round(peak)}, indent=1))
 

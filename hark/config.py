@@ -87,9 +87,10 @@ class Settings:
     # diarizer (defaults tuned on data/conversations and the pyannote sample: README "Diarization")
     diarizer_block_s: float = 6.0  # incremental turns run this far (plus compute) behind the audio
     diarizer_context_s: float = 4.0
-    diarizer_link_threshold: float = 0.6  # cosine similarity to join an existing speaker
+    diarizer_link_threshold: float = 0.65  # cosine similarity to join an existing speaker
     diarizer_cluster_threshold: float = 0.4  # cosine distance, sub-segments within a block
     diarizer_merge_threshold: float = 0.8  # full pass: merge speakers more similar than this
+    diarizer_min_speaker_s: float = 2.0  # full pass: less speech than this (or 10%) is not a speaker of its own
     diarizer_threads: int = 1  # torch threads: on 2 cores the decoders need the rest
     diarizer_nice: int = 19  # its labels trail the audio by seconds anyway: the online pass goes first
 

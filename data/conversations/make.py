@@ -1,6 +1,7 @@
 """Synthetic multi-speaker conversations with exact reference turns, for the diarizer.
 
     python data/conversations/make.py      # needs Debian's flite and espeak-ng
+    python data/conversations/make.py --held-out DIR   # 4 more, other voices and seed, not committed
 
 Voices: flite slt, awb, rms, kal16 and espeak-ng en-us+f3. Each turn is a sentence spoken by
 one voice, trimmed of its leading/trailing silence so the RTTM reference is exact; turns are
@@ -102,7 +103,21 @@ def make(name: str, voices: list[str], turns: int, overlaps: int, snr: float | N
         print(f"{name}: {len(audio) / 16000:.1f} s, {len(voices)} speakers, {turns} turns, {overlaps} overlaps")
 
 
+HELD_OUT = {  # never used to choose a threshold: a check that the defaults are not fitted to the above
+    "h_2spk_noisy": (["kal16", "f3"], 14, 2, 20),
+    "h_3spk": (["awb", "f3", "slt"], 18, 3, 30),
+    "h_4spk_clean": (["rms", "kal16", "f3", "awb"], 20, 0, None),
+    "h_5spk": (["slt", "awb", "rms", "kal16", "f3"], 24, 3, 25),
+}
+
 if __name__ == "__main__":
-    rng = random.Random(20261121)
-    for name, spec in CONVERSATIONS.items():
-        make(name, *spec, rng)
+    if len(sys.argv) == 3 and sys.argv[1] == "--held-out":  # make.py --held-out DIR
+        HERE = Path(sys.argv[2])
+        HERE.mkdir(parents=True, exist_ok=True)
+        rng = random.Random(777)
+        for name, spec in HELD_OUT.items():
+            make(name, *spec, rng)
+    else:
+        rng = random.Random(20261121)
+        for name, spec in CONVERSATIONS.items():
+            make(name, *spec, rng)

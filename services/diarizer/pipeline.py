@@ -132,12 +132,36 @@ class Diarizer:
         """Turns (pyannote's local labels, in time order) and seconds spent."""
         t0 = time.perf_counter()
         wave = torch.from_numpy(pcm.astype(np.float32) / 32768.0)[None]
-        out = self.pipeline({"waveform": wave, "sample_rate": SAMPLE_RATE}, num_speakers=num_speakers,
-                            min_speakers=min_speakers, max_speakers=max_speakers)
-        annotation = getattr(out, "speaker_diarization", out)
+        file = {"waveform": wave, "sample_rate": SAMPLE_RATE, "uri": "stream"}
+        if len(pcm) <= self.pipeline._segmentation.duration * SAMPLE_RATE and not (num_speakers or min_speakers):
+            annotation = self._one_chunk(file, max_speakers)
+        else:
+            out = self.pipeline(file, num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers)
+            annotation = getattr(out, "speaker_diarization", out)
         turns = [Turn(label, int(round(seg.start * 1000)), int(round(seg.end * 1000)))
                  for seg, _, label in annotation.itertracks(yield_label=True)]
         return sorted(turns, key=lambda t: (t.start_ms, t.speaker)), time.perf_counter() - t0
+
+
+    def _one_chunk(self, file: dict, max_speakers: int | None):
+        """The pipeline's own steps for audio that fits one segmentation chunk, without its embedding
+        and clustering: within one chunk every local speaker is its own cluster, so the turns are the
+        same (checked on the real sample) and the block costs ~4x less."""
+        pipe = self.pipeline
+        segmentations = pipe.get_segmentations(file)  # powerset model: already binary
+        count = pipe.speaker_count(segmentations, pipe._segmentation.model.receptive_field, warm_up=(0.0, 0.0))
+        if np.nanmax(count.data) == 0:
+            from pyannote.core import Annotation
+
+            return Annotation()
+        if max_speakers:
+            count.data = np.minimum(count.data, max_speakers).astype(np.int8)
+        chunks, _, local = segmentations.data.shape
+        clusters = np.tile(np.arange(local), (chunks, 1))
+        clusters[segmentations.data.sum(axis=1) == 0] = -2  # inactive local speakers
+        discrete = pipe.reconstruct(segmentations, clusters, count)
+        annotation = pipe.to_annotation(discrete, min_duration_on=0.0, min_duration_off=pipe.segmentation.min_duration_off)
+        return annotation.rename_labels({k: f"SPEAKER_{k:02d}" for k in annotation.labels()})
 
 
 def _version(dist: str) -> str:

@@ -76,7 +76,8 @@ class DiarizerService(AudioStreamService):
         s = self.settings
         return StreamDiarizer(self.diarizer, block_s=s.diarizer_block_s, context_s=s.diarizer_context_s,
                               link_threshold=s.diarizer_link_threshold, cluster_threshold=s.diarizer_cluster_threshold,
-                              merge_threshold=s.diarizer_merge_threshold, **hints)
+                              merge_threshold=s.diarizer_merge_threshold,
+                              min_speaker_s=s.diarizer_min_speaker_s, **hints)
 
     # -- records --------------------------------------------------------------------------------
     def on_start(self, sid: str, rec: dict, msg: Message) -> None:
