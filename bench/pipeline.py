@@ -144,7 +144,12 @@ def start_stack(tmp: Path, name: str, replicas: str, **overrides):
     state = stack.launch(settings, name=name, replicas=replicas)
     settings.bootstrap = state["bootstrap"]
     procs = {"broker": psutil.Process(state["broker"]["pid"])}
-    procs.update({s["name"]: psutil.Process(s["pid"]) for s in state["services"]})
+    # replicas get their own rows (one name per replica would keep only the last one's CPU)
+    replicas = {s["name"]: 0 for s in state["services"]}
+    for s in state["services"]:
+        replicas[s["name"]] += 1
+    procs.update({(s["name"] if replicas[s["name"]] == 1 else f"{s['name']}#{s['replica']}"): psutil.Process(s["pid"])
+                  for s in state["services"]})
     procs["client (hark run: publisher + results reader)"] = psutil.Process()
     return settings, procs, Sampler(procs), Ingest(settings)
 

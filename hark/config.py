@@ -62,6 +62,7 @@ class Settings:
     prewarm_decoders: int = 4
     nbest: int = 5
     keep_lattices: bool = True
+    online_max_hmm_per_frame: int = 3000  # pocketsphinx search cap: cost vs WER (recognizer.py)
 
     # offline_asr
     offline_model: str = "base"  # base | tiny.en | path to a CTranslate2 Whisper folder

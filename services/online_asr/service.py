@@ -42,7 +42,7 @@ class OnlineASR(AudioStreamService):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        self.pool = DecoderPool(settings.max_streams)
+        self.pool = DecoderPool(settings.max_streams, settings.online_max_hmm_per_frame)
         self.pool.prewarm(settings.prewarm_decoders)
         self.streams: dict[str, StreamState] = {}
         self.store = open_store(settings) if settings.keep_lattices else None
