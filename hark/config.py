@@ -111,6 +111,9 @@ class Settings:
     # Offsets (and the checkpoint written before them) at most this often: a crash replays at most
     # this much input with output suppressed, and re-sends at most this much output.
     commit_interval_s: float = 1.0
+    # Checkpoints live in the archive, which outlives an embedded memory:// broker: the embedded
+    # stack gives each broker's log its own scope, or a new log would be "replayed" up to an old mark.
+    checkpoint_scope: str = ""
     health_host: str = "127.0.0.1"
     health_port: int = 0
     log_level: str = "INFO"

@@ -258,8 +258,8 @@ class Checkpoints:
     """One JSON object per (group, topic, partition) in the object store: the offsets processed and
     acknowledged before the commit that follows it, and the resume states of held streams."""
 
-    def __init__(self, store: ObjectStore, group: str):
-        self.store, self.prefix = store, f"checkpoints/{group}/"
+    def __init__(self, store: ObjectStore, group: str, scope: str = ""):
+        self.store, self.prefix = store, f"checkpoints/{scope + '/' if scope else ''}{group}/"
 
     def key(self, topic: str, partition: int) -> str:
         return f"{self.prefix}{topic}/{partition:05d}.json"
@@ -298,7 +298,7 @@ class ConsumerService:
         self._replay_until: dict[tuple[str, int], int] = {}  # outputs below these offsets exist already
         self._was_held: set[str] = set()  # keys open (held) at the checkpoints read back
         self.replaying = False  # the record being handled was processed before: produce nothing
-        self.checkpoints = Checkpoints(open_store(settings), self.group)
+        self.checkpoints = Checkpoints(open_store(settings), self.group, settings.checkpoint_scope)
         self._saved: dict[tuple[str, int], str] = {}  # last checkpoint written per partition
         self._last_commit = 0.0
         self._last_sweep = time.monotonic()

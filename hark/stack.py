@@ -8,6 +8,7 @@ the process that asked for it, e.g. ``hark run``, is gone). Its state file
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def checkpoint_scope(broker_storage: str) -> str:
+    """Where this broker's consumers keep their checkpoints in the (shared, lasting) archive: a
+    memory:// log starts empty at offset 0 every time, so its checkpoints are its own; a durable
+    log's outlive the broker process (restarts resume from them)."""
+    if broker_storage.startswith("memory:"):
+        return f"memory-{uuid.uuid4().hex[:16]}"
+    return "log-" + hashlib.sha256(broker_storage.encode()).hexdigest()[:16]
 
 
 def stack_dir(settings: Settings, name: str = "default") -> Path:
@@ -158,6 +169,7 @@ class Supervisor:
         absent = {"offline": "offline_asr", "diarizer": "diarizer"}
         self.settings.results_wait_for = ",".join(
             p for p in passes if p not in absent or self.replicas.get(absent[p], 1) > 0)
+        self.settings.checkpoint_scope = checkpoint_scope(self.broker_storage)
         base_env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         for name, (module, _topic) in SERVICES.items():
             for i in range(self.replicas.get(name, 1)):

@@ -172,3 +172,19 @@ def test_merger_drops_a_stray_stream_without_completing_it():
     m.on_online(_online("FINAL", 3, "a re-sent final", ["a"]))  # its stream completed before a restart
     time.sleep(0.1)
     assert m.expire() == [] and not m.streams and m.abandoned == 1
+
+
+def test_checkpoints_of_a_memory_broker_do_not_outlive_it(tmp_path):
+    """The archive outlives an embedded memory:// broker whose log restarts at offset 0: a second
+    stack must not take the first one's marks (it skipped the start of every stream as replayed)."""
+    from hark.runtime import Checkpoints
+    from hark.stack import checkpoint_scope
+    from hark.storage import open_store
+
+    first, second = checkpoint_scope("memory://tansu/"), checkpoint_scope("memory://tansu/")
+    assert first != second
+    assert checkpoint_scope("s3://tansu/") == checkpoint_scope("s3://tansu/")  # durable: restarts resume
+    store = open_store(Settings(archive_uri=tmp_path.as_uri()))
+    Checkpoints(store, "g", first).save("hark.audio", 0, '{"processed": 36}')
+    assert Checkpoints(store, "g", first).load("hark.audio", 0) == {"processed": 36}
+    assert Checkpoints(store, "g", second).load("hark.audio", 0) == {}
