@@ -18,6 +18,7 @@ import platform
 import tempfile
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from hark.config import Settings
 from hark.session import Display, file_runs, follow
 from hark.wer import WerScore, load_references, score
 from services.ingest.publisher import Ingest
-from services.online_asr.recognizer import DecoderPool, StreamRecognizer
+from services.online_asr.recognizer import MAX_HMM_PER_FRAME, DecoderPool, StreamRecognizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEECH = ROOT / "data" / "speech"
@@ -84,8 +85,8 @@ def phase(procs, sampler, into: dict):
                                "peak_rss_mb": round(sampler.peak.get(n, 0) / 2 ** 20, 1)}
 
 
-def direct_decode(files: list[Path], refs: dict[str, str]) -> dict:
-    pool = DecoderPool(1)
+def direct_decode(files: list[Path], refs: dict[str, str], max_hmm_per_frame: int = MAX_HMM_PER_FRAME) -> dict:
+    pool = DecoderPool(1, max_hmm_per_frame)
     pool.prewarm(1)
     total, audio_s, hyps = WerScore(0, 0), 0.0, {}
     audio = {f: read_pcm_file(f).tobytes() for f in files}  # file decoding is not part of the comparison
@@ -145,9 +146,7 @@ def start_stack(tmp: Path, name: str, replicas: str, **overrides):
     settings.bootstrap = state["bootstrap"]
     procs = {"broker": psutil.Process(state["broker"]["pid"])}
     # replicas get their own rows (one name per replica would keep only the last one's CPU)
-    replicas = {s["name"]: 0 for s in state["services"]}
-    for s in state["services"]:
-        replicas[s["name"]] += 1
+    replicas = Counter(s["name"] for s in state["services"])
     procs.update({(s["name"] if replicas[s["name"]] == 1 else f"{s['name']}#{s['replica']}"): psutil.Process(s["pid"])
                   for s in state["services"]})
     procs["client (hark run: publisher + results reader)"] = psutil.Process()

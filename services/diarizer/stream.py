@@ -2,9 +2,9 @@
 
 Incremental: every ``block_s`` of new audio, pyannote's segmentation runs on that block plus
 ``context_s`` of audio before it and finds the speech turns. CAM++ embeddings of ~0.5 s pieces of
-those turns (each embedded with 1.5 s around it) are clustered within the block (``cluster_threshold``), and the block's clusters are linked
-to the stream's speakers by the cosine similarity of their centroids (Hungarian assignment); a
-cluster with no match above ``link_threshold`` becomes a new speaker. Turns of the new part are
+those turns (each embedded with 1.5 s around it) are clustered within the block
+(``cluster_threshold``), and the block's clusters are linked to the stream's speakers by the
+cosine similarity of their centroids (Hungarian assignment); a cluster with no match above ``link_threshold`` becomes a new speaker. Turns of the new part are
 emitted at once and their labels never change: they run ``block_s`` plus compute behind the audio.
 
 Full: at the end, every block's clusters are re-assigned with the whole stream known (see
@@ -120,10 +120,9 @@ class StreamDiarizer:
         window = self._buf[a:b]
         turns, secs = self.diarizer(window, max_speakers=self.max_speakers)
         t0 = time.perf_counter()
-        # pyannote's segmentation finds the speech (and where it changes); on a short window its
-        # local speaker labels can merge similar voices, so identity comes from CAM++ embeddings
-        # of short sub-segments, clustered within the block and linked to the stream's speakers.
-        # sub-segments stay inside pyannote's turns: its change points and overlaps are kept
+        # pyannote's segmentation finds the speech and where it changes (its turns, overlaps
+        # included); identity comes from CAM++ embeddings of short pieces of those turns, clustered
+        # within the block and linked to the stream's speakers.
         speech = [(start_ms + t.start_ms, start_ms + t.end_ms) for t in turns]
         subs = []  # (start_ms, end_ms) of the new part, each with an embedding window around it
         regions = []  # where each sub-segment's embedding window may reach
@@ -184,14 +183,10 @@ class StreamDiarizer:
         return merge_turns(emitted)
 
     def _embed(self, waves: list[np.ndarray]) -> np.ndarray:
-        """One CAM++ batch per window length (most are EMBED_MS): padding would change the embedding."""
+        """(pieces, dim) CAM++ embeddings; NaN rows for windows too short to embed."""
         emb = np.full((len(waves), self.diarizer.embedding.dimension), np.nan)
-        by_length: dict[int, list[int]] = {}
-        for i, w in enumerate(waves):
-            by_length.setdefault(len(w), []).append(i)
-        for rows in by_length.values():
-            batch = torch.from_numpy(np.stack([waves[i] for i in rows]))[:, None]
-            emb[rows] = self.diarizer.embedding(batch)
+        for i, w in enumerate(waves):  # one at a time: batching (per length) measured no faster on CPU
+            emb[i] = self.diarizer.embedding(torch.from_numpy(w)[None, None])[0]
         return emb
 
     def _link(self, local: np.ndarray, speech_ms: np.ndarray, order: list[int] | None = None) -> dict[int, int | None]:

@@ -59,9 +59,9 @@ class Event:
 
 
 # Search cap: pocketsphinx keeps at most this many HMMs active per frame (its default, 30000, is
-# never reached on easy audio but is on ours). Measured on data/speech (174 words, in-process):
-# 30000: WER 27.0%, 0.133 CPU-s per audio second; 5000: 26.4%, 0.093; 3000: 27.0%, 0.081;
-# 2000: 30.5%, 0.071; 1500: 35.1%, 0.066.
+# never reached on easy audio but is on ours). `python -m bench.online_search` on data/speech
+# (174 words): 30000: WER 27.0%, 0.119 CPU-s per audio second; 5000: 26.4%, 0.087;
+# 3000: 27.0%, 0.078; 2000: 30.5%, 0.067; 1500: 35.1%, 0.062.
 MAX_HMM_PER_FRAME = 3000
 
 

@@ -1,0 +1,32 @@
+"""The online decoder's search cap: WER and CPU per audio second for several values.
+
+    python -m bench.online_search                # 30000 (pocketsphinx's default) 5000 3000 2000 1500
+    python -m bench.online_search --caps 3000,4000
+
+Decodes all of data/speech in this process (the 12 utterances and the joined passage, 174 words),
+fed in 100 ms chunks as online_asr feeds it; the faster of two passes per value. No Kafka.
+"""
+from __future__ import annotations
+
+import argparse
+
+from hark.wer import load_references
+
+from .pipeline import SPEECH, direct_decode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.online_search")
+    ap.add_argument("--caps", default="30000,5000,3000,2000,1500", help="max active HMMs per frame to try")
+    a = ap.parse_args()
+    refs = load_references(SPEECH / "references.tsv")
+    files = [SPEECH / n for n in refs]
+    for cap in (int(x) for x in a.caps.split(",")):
+        runs = [direct_decode(files, refs, max_hmm_per_frame=cap) for _ in range(2)]
+        best = min(runs, key=lambda r: r["cpu_s"])
+        print(f"max HMMs per frame {cap:>6}: WER {best['wer']:.1%} ({best['ref_words']} words), "
+              f"{best['rtf']:.3f} CPU-s per audio second", flush=True)
+
+
+if __name__ == "__main__":
+    main()
