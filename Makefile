@@ -41,7 +41,7 @@ bench: $(STAMP) $(CHROMIUM_STAMP)
 
 # Fault injection at a larger scale than CI's: every service killed mid-stream, a broker restart.
 chaos: $(STAMP)
-	HARK_CHAOS_STREAMS=$${HARK_CHAOS_STREAMS:-20} HARK_CHAOS_BROKER_STREAMS=$${HARK_CHAOS_BROKER_STREAMS:-8} HARK_CHAOS_BROKER=1 \
+	HARK_CHAOS_STREAMS=$${HARK_CHAOS_STREAMS:-20} HARK_CHAOS_BROKER_STREAMS=$${HARK_CHAOS_BROKER_STREAMS:-10} \
 	  $(BIN)/python -m pytest -q -s tests/test_chaos.py
 
 # The largest number of concurrent real-time streams with partial p95 <= 1 s and zero loss.

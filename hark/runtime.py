@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from confluent_kafka import KafkaError, Message, TopicPartition
@@ -209,9 +210,14 @@ class ChunkOrder:
 
     A duplicate (a seq already passed or waiting) is dropped; a chunk that arrives early waits
     for the missing ones, but at most ``window`` chunks wait (bounded memory): then the gap is
-    accepted and counted. StreamEnd releases whatever waits."""
+    accepted and counted. StreamEnd releases whatever waits.
 
-    def __init__(self, next_seq: int, metrics: "Metrics", window: int = 50):
+    The window covers a broker outage: a batch the restarted broker acknowledged without writing
+    is produced again (``kafka.GuardedProducer``) behind every chunk queued during the outage,
+    ~5 s of them in the chaos test, which overflowed a 50-chunk window. 300 chunks (30 s of
+    100 ms chunks, ~1 MB) wait at most, and only while a chunk is missing."""
+
+    def __init__(self, next_seq: int, metrics: "Metrics", window: int = 300):
         self.next_seq, self.metrics, self.window = next_seq, metrics, window
         self.waiting: dict[int, tuple[dict, Message]] = {}
         self.last_offset: int | None = None  # of the last chunk released in order
@@ -287,7 +293,7 @@ class ConsumerService:
         self.deadletters = DeadLetters(self.producer, settings, self.name, self.metrics)
         self._stop = threading.Event()
         self._positions: dict[tuple[str, int], int] = {}  # next offset to read, per partition
-        self._delivery_error: KafkaError | None = None
+        self._sought: set[tuple[str, int]] = set()  # re-read this loop: the rest of the batch comes again
         self._last_loop = time.monotonic()
         self._assigned: set[tuple[str, int]] = set()
         # key -> (topic, partition, offset): the earliest record an open stream needs re-read
@@ -378,12 +384,23 @@ class ConsumerService:
         return positions
 
     # -- helpers --------------------------------------------------------------------------------
-    def produce(self, topic: str, key: str, rtype: str, record: dict) -> None:
+    def produce(self, topic: str, key: str, rtype: str, record: dict, last: bool = False) -> None:
+        """``last``: the stream's end record on ``topic``. What was produced before it is
+        acknowledged first, so a copy the producer re-sends (``kafka.GuardedProducer``) cannot land
+        behind the end, where a consumer that closed the stream would drop it."""
         if self.replaying:  # produced (and acknowledged) before the last checkpoint
             self.metrics.inc("outputs_suppressed_total", topic=topic)
             return
-        self.producer.produce(topic, key=key.encode(), value=serde.encode(rtype, record), on_delivery=self._delivered)
+        if last:
+            self.producer.flush(30)
+        self.producer.produce(topic, key=key.encode(), value=serde.encode(rtype, record))
         self.metrics.inc("records_out_total", topic=topic)
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        """Read the partition again from ``offset``. The records of it still in this loop's batch
+        are skipped: the re-read delivers them again, after the ones before them."""
+        self.consumer.seek(TopicPartition(topic, partition, offset))
+        self._sought.add((topic, partition))
 
     def observe_decode(self, decode_s: float, audio_s: float, **labels) -> None:
         """Decoder time against audio time: counters, and their ratio as the ``decode_rtf`` gauge."""
@@ -419,10 +436,6 @@ class ConsumerService:
                 committed = max(low, 0)
             self.metrics.set("consumer_lag_records", max(0, high - committed), topic=topic, partition=partition)
 
-    def _delivered(self, err, msg) -> None:
-        if err is not None:
-            self._delivery_error = err
-
     def healthy(self) -> tuple[bool, dict]:
         stalled = time.monotonic() - self._last_loop
         return stalled < 15.0, {"loop_stalled_s": round(stalled, 2), "partitions": len(self._assigned)}
@@ -446,7 +459,9 @@ class ConsumerService:
                 self._last_loop = time.monotonic()
                 msgs = self.consumer.consume(num_messages=200, timeout=0.05)
                 for msg in msgs:
-                    self._process(msg)
+                    if (msg.topic(), msg.partition()) not in self._sought:
+                        self._process(msg)
+                self._sought.clear()
                 self.tick()
                 if time.monotonic() - self._last_lag >= 5.0:
                     self._last_lag = time.monotonic()
@@ -499,10 +514,14 @@ class ConsumerService:
 
     def _commit(self) -> None:
         self._last_commit = time.monotonic()
-        self.producer.flush(30)
-        if self._delivery_error is not None:
+        unacknowledged = self.producer.flush(30)
+        self.metrics.set("records_resent", self.producer.resent)
+        if self.producer.delivery_error is not None:
             # Outputs for these offsets may be lost: do not commit; exit so a restart re-reads them.
-            raise RuntimeError(f"produce failed, not committing: {self._delivery_error}")
+            raise RuntimeError(f"produce failed, not committing: {self.producer.delivery_error}")
+        if unacknowledged:  # the broker is away: commit once the outputs are acknowledged
+            log.warning("outputs not acknowledged yet, not committing", extra=kv(records=unacknowledged))
+            return
         positions = self.commit_positions()
         if not positions:
             return
@@ -572,10 +591,13 @@ class AudioStreamService(ConsumerService):
     (``ChunkOrder``) and routes records by stream event. A stream restored from a checkpoint
     skips its records before the checkpointed offset (another stream's hold may start earlier)."""
 
+    ENDED_REMEMBERED = 10_000  # stream ids (~1 MB)
+
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self._order: dict[str, ChunkOrder] = {}
         self._rereading: dict[tuple[str, int], str] = {}  # partition -> the stream a re-read repairs
+        self._ended: OrderedDict[str, None] = OrderedDict()  # recent StreamEnds: later copies are dropped
 
     @property
     def topics(self) -> list[str]:
@@ -599,6 +621,9 @@ class AudioStreamService(ConsumerService):
             return  # covered by the checkpointed state the stream resumes from
         if self.finished_before_checkpoint(sid):
             return
+        if sid in self._ended or (rtype == "StreamStart" and sid in self._order):
+            self.metrics.inc("duplicate_records_total")  # a producer's copy (kafka.GuardedProducer)
+            return
         if rtype == "StreamStart":
             self._order[sid] = ChunkOrder(1, self.metrics)
             self.on_start(sid, rec, msg)
@@ -615,15 +640,18 @@ class AudioStreamService(ConsumerService):
         for r, m in released:  # a bad chunk is dead-lettered as itself; the ones after it still run
             self.guarded(m, lambda r=r, m=m: self.on_chunk(sid, r, m))
         if rtype == "StreamEnd":
+            self._ended[sid] = None
+            while len(self._ended) > self.ENDED_REMEMBERED:
+                self._ended.popitem(last=False)
             self.on_end(sid, rec, msg)
 
     def _reread_if_skipped(self, sid: str, order: ChunkOrder, msg: Message) -> None:
-        """A chunk is missing although later ones of its stream arrived. One partition holds a
-        stream in order, so the fetch skipped it: measured on Tansu, a consumer connected across a
-        broker restart can lose a record that is in the log. Read the partition again from after
-        the stream's last in-order chunk, once per missing chunk; what was read before is skipped
-        (duplicate chunks are dropped by ChunkOrder). A chunk that is really gone is given up
-        after ``window`` chunks, as before."""
+        """A chunk is missing although later ones of its stream arrived (one partition holds a
+        stream in order). Either the fetch skipped it (seen on Tansu across a broker restart) or
+        its copy comes later (re-sent by the producer, ``kafka.GuardedProducer``). Read the
+        partition again from after the stream's last in-order chunk, once per missing chunk; what
+        was read before is skipped (duplicate chunks are dropped by ChunkOrder). A chunk that is
+        really gone is given up after ``window`` chunks."""
         tp = (msg.topic(), msg.partition())
         missing = order.missing
         if missing is None or missing == order.refetched_for or order.last_offset is None or tp in self._rereading:
@@ -633,7 +661,7 @@ class AudioStreamService(ConsumerService):
         self.metrics.inc("rereads_total")
         log.warning("chunk missing from the fetch, re-reading the partition",
                     extra=kv(stream_id=sid, seq=missing, partition=msg.partition(), offset=order.last_offset + 1))
-        self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), order.last_offset + 1))
+        self.seek(msg.topic(), msg.partition(), order.last_offset + 1)
 
     def reordering(self, sid: str) -> bool:
         """True while chunks of ``sid`` wait for a missing one (a hold must not move past them)."""

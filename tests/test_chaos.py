@@ -223,13 +223,10 @@ def test_every_service_killed_mid_stream_loses_and_duplicates_nothing(tmp_path, 
         run_hark("down", env_extra=env)
 
 
-@pytest.mark.skipif(os.environ.get("HARK_CHAOS_BROKER") != "1",
-                    reason="Tansu sometimes does not deliver a record to a consumer that stayed connected "
-                           "across its restart (README, 'Guarantees'), so this fails about half the time "
-                           "for the broker's sake; `make chaos` runs it")
 def test_broker_restart_on_s3_storage_loses_and_duplicates_nothing(tmp_path, speech_dir):
     """Tansu on s3:// storage (SeaweedFS) is killed mid-stream; the supervisor restarts it on the
-    same port and every client reconnects: topics, data and committed offsets survived."""
+    same port and every client reconnects: topics, data and committed offsets survived, and what
+    the restarted broker acknowledged without writing was produced again (kafka.GuardedProducer)."""
     s3, port = seaweed.start(tmp_path / "s3", buckets=("tansu",))
     n_streams = int(os.environ.get("HARK_CHAOS_BROKER_STREAMS", "4"))
     env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "4", "HARK_IDLE_TIMEOUT_S": "30",

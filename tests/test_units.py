@@ -188,3 +188,71 @@ def test_checkpoints_of_a_memory_broker_do_not_outlive_it(tmp_path):
     Checkpoints(store, "g", first).save("hark.audio", 0, '{"processed": 36}')
     assert Checkpoints(store, "g", first).load("hark.audio", 0) == {"processed": 36}
     assert Checkpoints(store, "g", second).load("hark.audio", 0) == {}
+
+
+class _Delivered:
+    """What librdkafka hands a delivery callback, for the producer's own logic."""
+
+    def __init__(self, offset, partition=0):
+        self._offset, self._partition = offset, partition
+
+    def offset(self):
+        return self._offset
+
+    def partition(self):
+        return self._partition
+
+    def topic(self):
+        return "hark.audio"
+
+    def key(self):
+        return b"s1"
+
+    def value(self):
+        return b"record"
+
+    def headers(self):
+        return None
+
+
+def test_producer_resends_what_the_broker_may_not_have_written_and_keeps_failures():
+    from confluent_kafka import KafkaError
+
+    from hark import kafka
+
+    class Recording(kafka.GuardedProducer):
+        def produce(self, topic, key=None, value=None, headers=None, on_delivery=None):
+            sent.append((topic, key, value))
+
+    sent = []
+    p = Recording({"bootstrap.servers": "127.0.0.1:9"})
+    for offset in (16, 17):  # written in order: nothing to do
+        p._delivered(None, _Delivered(offset))
+    p._delivered(None, _Delivered(3, partition=1))  # offsets are per partition
+    assert (p.resent, sent, p.failures) == (0, [], 0)
+    p._delivered(None, _Delivered(None))  # "duplicate sequence": maybe written before, maybe not
+    p._delivered(None, _Delivered(5))  # a batch of two acknowledged below offsets already written
+    p._delivered(None, _Delivered(6))
+    assert p.resent == 3 and sent == [("hark.audio", b"s1", b"record")] * 3  # each produced again, as new
+    p._delivered(None, _Delivered(18))
+    p._delivered(None, _Delivered(19, partition=1))
+    assert p.resent == 3
+    p._delivered(None, _Delivered(2), copy=True)  # a copy is never copied again
+    assert p.resent == 3
+    for offset in (0, 1):  # a new partition, written from 0
+        p._delivered(None, _Delivered(offset, partition=3))
+    assert p.resent == 3
+    p._client_error(KafkaError(KafkaError._ALL_BROKERS_DOWN))  # then the broker restarts
+    for offset in (0, 1, 2):  # a batch "written" at 0.. on a partition this producer knows nothing of
+        p._delivered(None, _Delivered(offset, partition=2))
+    assert p.resent == 6
+    p._delivered(None, _Delivered(40, partition=2))  # the next batch, where the log really ends
+    p._delivered(None, _Delivered(41, partition=2))
+    assert p.resent == 6
+    p._delivered(None, _Delivered(5000))
+    for offset in range(kafka.GuardedProducer.LOG_RESTARTED_AFTER + 5):  # the log restarted at 0
+        p._delivered(None, _Delivered(offset))
+    assert p.resent == 6 + kafka.GuardedProducer.LOG_RESTARTED_AFTER  # bounded, then its offsets are adopted
+    p._delivered(KafkaError(KafkaError._MSG_TIMED_OUT), _Delivered(None))
+    p._delivered(KafkaError(KafkaError._TRANSPORT), _Delivered(None))
+    assert p.failures == 2 and p.delivery_error.code() == KafkaError._MSG_TIMED_OUT

@@ -98,6 +98,7 @@ class StreamPublisher:
         self.seq = 0
         self._t0: float | None = None
         self._finished = False
+        self._failures_before = getattr(ingest.producer, "failures", 0)
 
     def _key(self) -> bytes:
         return self.stream_id.encode()
@@ -154,10 +155,16 @@ class StreamPublisher:
                 self._send_chunk(chunk)
         self.pcm_archive.close()
         self.summary.status, self.summary.reason = status, reason
+        self.ingest.producer.flush(30)  # chunks (and re-sent copies, kafka.GuardedProducer) before the end
         self._produce("StreamEnd", {
             "stream_id": self.stream_id, "tenant": self.tenant, "seq": self.seq + 1,
             "total_samples": self.summary.samples, "status": status, "reason": reason, "ended_at_ms": now_ms()})
-        self.ingest.producer.flush(30)
+        unacknowledged = self.ingest.producer.flush(30)
+        if unacknowledged or getattr(self.ingest.producer, "failures", 0) > self._failures_before:
+            # the log may lack part of the stream: the producer must know, and not see COMPLETE
+            self._meta(status="ERROR", reason="not acknowledged by the broker", total_samples=self.summary.samples)
+            raise AudioError("not_acknowledged", f"the broker did not acknowledge all of stream {self.stream_id}'s "
+                                                 "records; publish it again under a new stream id")
         self._meta(status=status, reason=reason, total_samples=self.summary.samples,
                    chunks=self.summary.chunks, pcm_segments=self.pcm_archive.count, ended_at_ms=now_ms())
         log.info("stream published", extra=kv(stream_id=self.stream_id, status=status,

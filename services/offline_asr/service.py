@@ -137,7 +137,7 @@ class OfflineASR(AudioStreamService):
             self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
                 sid, tenant, "STREAM_END", st.segments if st else 0, end, end, "", [], [],
                 st.language if st else "en", 0, st.last_published_at_ms if st else 0, end_status=status,
-                decoder=decoder))
+                decoder=decoder), last=True)
         log.info("stream decoded", extra=kv(stream_id=sid, status=status, segments=st.segments if st else 0))
 
     def _from_archive(self, sid: str, tenant: str) -> OfflineStream | None:

@@ -118,7 +118,7 @@ class OnlineASR(AudioStreamService):
             utterances, position = 0, 0
         self.metrics.set("open_streams", len(self.streams))
         self.produce(self.settings.online_topic, sid, "OnlineTranscript", self._record(
-            sid, tenant, "STREAM_END", utterances, "", position, position, seq, 0, end_status=status))
+            sid, tenant, "STREAM_END", utterances, "", position, position, seq, 0, end_status=status), last=True)
         log.info("stream closed", extra=kv(stream_id=sid, status=status, utterances=utterances))
 
     # -- output ---------------------------------------------------------------------------------
