@@ -205,6 +205,23 @@ def check_chunk(rec: dict) -> bytes:
     return pcm
 
 
+class RecentIds:
+    """The last ``size`` ids added, oldest forgotten first: enough to drop late copies of records
+    of finished streams without remembering every stream forever."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, key: str) -> None:
+        self._ids[key] = None
+        while len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._ids
+
+
 class ChunkOrder:
     """Puts one stream's AudioChunks back in sequence order.
 
@@ -597,7 +614,7 @@ class AudioStreamService(ConsumerService):
         super().__init__(settings)
         self._order: dict[str, ChunkOrder] = {}
         self._rereading: dict[tuple[str, int], str] = {}  # partition -> the stream a re-read repairs
-        self._ended: OrderedDict[str, None] = OrderedDict()  # recent StreamEnds: later copies are dropped
+        self._ended = RecentIds(self.ENDED_REMEMBERED)  # streams whose StreamEnd came: later copies are dropped
 
     @property
     def topics(self) -> list[str]:
@@ -640,9 +657,7 @@ class AudioStreamService(ConsumerService):
         for r, m in released:  # a bad chunk is dead-lettered as itself; the ones after it still run
             self.guarded(m, lambda r=r, m=m: self.on_chunk(sid, r, m))
         if rtype == "StreamEnd":
-            self._ended[sid] = None
-            while len(self._ended) > self.ENDED_REMEMBERED:
-                self._ended.popitem(last=False)
+            self._ended.add(sid)
             self.on_end(sid, rec, msg)
 
     def _reread_if_skipped(self, sid: str, order: ChunkOrder, msg: Message) -> None:

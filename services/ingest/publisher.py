@@ -98,7 +98,7 @@ class StreamPublisher:
         self.seq = 0
         self._t0: float | None = None
         self._finished = False
-        self._failures_before = getattr(ingest.producer, "failures", 0)
+        self._failures_before = ingest.producer.failures
 
     def _key(self) -> bytes:
         return self.stream_id.encode()
@@ -160,7 +160,7 @@ class StreamPublisher:
             "stream_id": self.stream_id, "tenant": self.tenant, "seq": self.seq + 1,
             "total_samples": self.summary.samples, "status": status, "reason": reason, "ended_at_ms": now_ms()})
         unacknowledged = self.ingest.producer.flush(30)
-        if unacknowledged or getattr(self.ingest.producer, "failures", 0) > self._failures_before:
+        if unacknowledged or self.ingest.producer.failures > self._failures_before:
             # the log may lack part of the stream: the producer must know, and not see COMPLETE
             self._meta(status="ERROR", reason="not acknowledged by the broker", total_samples=self.summary.samples)
             raise AudioError("not_acknowledged", f"the broker did not acknowledge all of stream {self.stream_id}'s "

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from hark.runtime import now_ms
+from hark.runtime import RecentIds, now_ms
 
 PASSES = ("online", "offline", "diarizer")
-MAX_TURNS = 20000
-MAX_COMPLETED = 100_000  # stream ids remembered after completion (~5 MB)  # incremental turns kept per stream to label words (~16 h of conversation)
+MAX_TURNS = 20000  # incremental turns kept per stream to label words (~16 h of conversation)
+MAX_COMPLETED = 100_000  # stream ids remembered after completion (~5 MB)
 
 
 @dataclass
@@ -107,7 +106,7 @@ class ResultsMerger:
             raise ValueError(f"wait_for must include 'online' and only name {PASSES}, got {wait_for}")
         self.max_words, self.wait_for, self.offline_timeout_s = max_words, tuple(wait_for), offline_timeout_s
         self.streams: dict[str, StreamTranscript] = {}
-        self.completed: OrderedDict[str, None] = OrderedDict()  # recent ids, to drop late re-sends
+        self.completed = RecentIds(MAX_COMPLETED)  # to drop late re-sends
         self.abandoned = 0
 
     def is_open(self, stream_id: str) -> bool:
@@ -214,9 +213,7 @@ class ResultsMerger:
 
     def _complete(self, sid: str, reason: str | None = None) -> list[dict]:
         st = self.streams.pop(sid)
-        self.completed[sid] = None
-        while len(self.completed) > MAX_COMPLETED:
-            self.completed.popitem(last=False)
+        self.completed.add(sid)
         online, offline = st.passes["online"], st.passes["offline"]
         final, source = (offline, "offline") if offline.ended and offline.parts else (online, "online")
         ordered = final.ordered()
