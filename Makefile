@@ -38,6 +38,7 @@ bench: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m bench.captions
 	$(BIN)/python -m bench.diarization
 	$(BIN)/python -m bench.online_search
+	$(BIN)/python -m bench.broker_fetch_cost
 
 # Fault injection at a larger scale than CI's: every service killed mid-stream, a broker restart.
 chaos: $(STAMP)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,11 +42,40 @@ def dead_letters(settings) -> int:
     return n
 
 
+class BrokerTimeline:
+    """The broker's CPU (% of one core) minute by minute: on Tansu it grows with the log (README "Load")."""
+
+    def __init__(self, broker, every_s: float = 60.0):
+        self.broker, self.every_s, self.pct = broker, every_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _cpu(self) -> float:
+        t = self.broker.cpu_times()
+        return t.user + t.system
+
+    def _run(self) -> None:
+        last, at = self._cpu(), time.monotonic()
+        while not self._stop.wait(self.every_s):
+            now_cpu, now = self._cpu(), time.monotonic()
+            self.pct.append(round(100 * (now_cpu - last) / (now - at), 1))
+            last, at = now_cpu, now
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def step(settings, procs, sampler, ingest, wav: Path, n: int) -> dict:
     out: dict = {"streams": n}
     before = dead_letters(settings)
-    with phase(procs, sampler, out):
+    with phase(procs, sampler, out), BrokerTimeline(procs["broker"]) as timeline:
         rows = run_streams(settings, ingest, [str(wav)] * n, realtime=True)
+    out["broker_cpu_pct_by_minute"] = timeline.pct
     out.update(latency_stats(rows))
     out["complete"] = sum(r["status"] == "COMPLETE" and bool(r["final_text"]) for r in rows)
     out["dead_letters"] = dead_letters(settings) - before
@@ -66,6 +96,7 @@ def run_config(name: str, counts: list[int], wav: Path, tmp: Path) -> dict:
                   f"dead letters {s['dead_letters']} -> {'pass' if s['passed'] else 'FAIL'}", flush=True)
             for svc, x in s["services"].items():
                 print(f"    {svc:<48} cpu {x['cpu_pct_of_one_core']:6.1f}% of a core   peak RSS {x['peak_rss_mb']:7.1f} MB")
+            print(f"    broker CPU by minute (% of a core): {s['broker_cpu_pct_by_minute']}")
             if not s["passed"]:
                 break
             best = n

@@ -47,6 +47,10 @@ class Settings:
 
     # ingest
     chunk_ms: int = 100
+    # How long ingest's producer waits to batch audio chunks (librdkafka linger.ms). Chunks of many
+    # streams share a partition: on the embedded broker every batch is an object that each live
+    # fetch pays for again (README "Load"), so fewer, larger batches keep its CPU down.
+    audio_linger_ms: int = 50
     max_upload_bytes: int = 256 * 1024 * 1024
     max_stream_seconds: float = 4 * 3600.0
     max_ws_message_bytes: int = 1024 * 1024

@@ -188,7 +188,8 @@ class Ingest:
     def __init__(self, settings: Settings, producer=None, store: ObjectStore | None = None,
                  metrics: Metrics | None = None):
         self.settings = settings
-        self.producer = producer or kafka.producer(settings, **{"client.id": "hark-ingest"})
+        self.producer = producer or kafka.producer(
+            settings, **{"client.id": "hark-ingest", "linger.ms": settings.audio_linger_ms})
         self.store = store or open_store(settings)
         self.metrics = metrics or Metrics("ingest")
         self.deadletters = DeadLetters(self.producer, settings, "ingest", self.metrics)

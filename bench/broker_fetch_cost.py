@@ -1,0 +1,115 @@
+"""What does a live consumer cost the embedded broker as its topic grows? (README "Load".)
+
+Tansu (memory:// storage) keeps every batch it was ever sent as its own object and has no
+retention. This grows one topic to a given number of stored batches, then for 10 s sends 120
+records/s of 3.2 KB (12 keys, like 12 real-time audio streams of 100 ms chunks) and measures
+the broker's CPU three ways: with a consumer reading them live, with no consumer, and with the
+stored batches in another topic instead.
+
+  python -m bench.broker_fetch_cost                       # 0, 40k and 80k stored batches
+  python -m bench.broker_fetch_cost --stored 0,20000 --rate 60
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import threading
+import time
+
+import psutil
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from hark.stack import free_port, tansu_binary
+
+PARTITIONS = 8
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.broker_fetch_cost")
+    ap.add_argument("--stored", default="0,40000,80000", help="batches stored before each measurement")
+    ap.add_argument("--rate", type=int, default=120, help="live records per second")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    a = ap.parse_args(argv)
+    print(f"{'stored batches':>14} {'where':>12} {'consumer':>9} {'broker CPU':>11} {'delivered':>10}")
+    for stored in (int(x) for x in a.stored.split(",")):
+        cases = [("same topic", True), ("same topic", False)] + ([("other topic", True)] if stored else [])
+        for where, consume in cases:
+            with Broker() as b:
+                b.fill("live" if where == "same topic" else "other", stored)
+                pct, delivered = b.measure(a.rate, a.seconds, consume)
+            print(f"{stored:>14} {where:>12} {'yes' if consume else 'no':>9} {pct:>10.1f}% "
+                  f"{delivered if consume else '-':>10}", flush=True)
+
+
+class Broker:
+    def __enter__(self):
+        port = free_port()
+        url, self.bootstrap = f"tcp://127.0.0.1:{port}", f"127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"], env={**os.environ, "RUST_LOG": "warn"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        for _ in range(100):
+            try:
+                admin.list_topics(timeout=1)
+                break
+            except Exception:
+                time.sleep(0.1)
+        for f in admin.create_topics([NewTopic(t, PARTITIONS, 1) for t in ("live", "other")]).values():
+            f.result()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def fill(self, topic: str, batches: int) -> None:
+        """`batches` one-record batches: one per partition per flush."""
+        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 0})
+        for i in range(batches):
+            p.produce(topic, partition=i % PARTITIONS, value=b"x" * 3200)
+            if i % PARTITIONS == PARTITIONS - 1:
+                p.flush()
+        p.flush()
+
+    def measure(self, rate: int, seconds: float, consume: bool) -> tuple[float, int]:
+        stop, delivered = threading.Event(), [0]
+        consumer = None
+        if consume:
+            consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "live", "fetch.wait.max.ms": 50,
+                                 "enable.auto.commit": False})
+            # the live records are marked: Tansu's end offset can point into the last stored batch
+            consumer.assign([TopicPartition("live", i, consumer.get_watermark_offsets(TopicPartition("live", i))[1])
+                             for i in range(PARTITIONS)])
+
+            def read() -> None:
+                while not stop.is_set():
+                    delivered[0] += sum(1 for m in consumer.consume(500, 0.05)
+                                        if not m.error() and m.value().startswith(b"live"))
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            time.sleep(2)
+        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+        broker = psutil.Process(self.proc.pid)
+        c0, t0 = broker.cpu_times(), time.monotonic()
+        n = int(rate * seconds)
+        for i in range(n):
+            p.produce("live", key=str(i % 12).encode(), value=b"live" + b"x" * 3196)
+            p.poll(0)
+            time.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
+        p.flush()
+        c1, t1 = broker.cpu_times(), time.monotonic()
+        if consumer is not None:
+            time.sleep(1)
+            stop.set()
+            reader.join()
+            consumer.close()
+        return 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / (t1 - t0), delivered[0]
+
+
+if __name__ == "__main__":
+    main()
