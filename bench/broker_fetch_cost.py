@@ -7,7 +7,7 @@ the broker's CPU three ways: with a consumer reading them live, with no consumer
 stored batches in another topic instead.
 
   python -m bench.broker_fetch_cost                       # 0, 40k and 80k stored batches
-  python -m bench.broker_fetch_cost --stored 0,20000 --rate 60
+  python -m bench.broker_fetch_cost --stored 0,20000 --rate 60 --partitions 1
 """
 from __future__ import annotations
 
@@ -23,20 +23,18 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from hark.stack import free_port, tansu_binary
 
-PARTITIONS = 8
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.broker_fetch_cost")
     ap.add_argument("--stored", default="0,40000,80000", help="batches stored before each measurement")
     ap.add_argument("--rate", type=int, default=120, help="live records per second")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--partitions", type=int, default=8)
     a = ap.parse_args(argv)
     print(f"{'stored batches':>14} {'where':>12} {'consumer':>9} {'broker CPU':>11} {'delivered':>10}")
     for stored in (int(x) for x in a.stored.split(",")):
         cases = [("same topic", True), ("same topic", False)] + ([("other topic", True)] if stored else [])
         for where, consume in cases:
-            with Broker() as b:
+            with Broker(a.partitions) as b:
                 b.fill("live" if where == "same topic" else "other", stored)
                 pct, delivered = b.measure(a.rate, a.seconds, consume)
             print(f"{stored:>14} {where:>12} {'yes' if consume else 'no':>9} {pct:>10.1f}% "
@@ -44,6 +42,9 @@ def main(argv=None) -> None:
 
 
 class Broker:
+    def __init__(self, partitions: int):
+        self.partitions = partitions
+
     def __enter__(self):
         port = free_port()
         url, self.bootstrap = f"tcp://127.0.0.1:{port}", f"127.0.0.1:{port}"
@@ -58,7 +59,7 @@ class Broker:
                 break
             except Exception:
                 time.sleep(0.1)
-        for f in admin.create_topics([NewTopic(t, PARTITIONS, 1) for t in ("live", "other")]).values():
+        for f in admin.create_topics([NewTopic(t, self.partitions, 1) for t in ("live", "other")]).values():
             f.result()
         return self
 
@@ -70,8 +71,8 @@ class Broker:
         """`batches` one-record batches: one per partition per flush."""
         p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 0})
         for i in range(batches):
-            p.produce(topic, partition=i % PARTITIONS, value=b"x" * 3200)
-            if i % PARTITIONS == PARTITIONS - 1:
+            p.produce(topic, partition=i % self.partitions, value=b"x" * 3200)
+            if i % self.partitions == self.partitions - 1:
                 p.flush()
         p.flush()
 
@@ -83,7 +84,7 @@ class Broker:
                                  "enable.auto.commit": False})
             # the live records are marked: Tansu's end offset can point into the last stored batch
             consumer.assign([TopicPartition("live", i, consumer.get_watermark_offsets(TopicPartition("live", i))[1])
-                             for i in range(PARTITIONS)])
+                             for i in range(self.partitions)])
 
             def read() -> None:
                 while not stop.is_set():

@@ -99,13 +99,14 @@ def test_tokens_map_to_tenants_and_each_tenant_sees_only_its_streams(live_stack,
     assert complete_record(settings, g)["tenant"] == "globex"
 
     base = secured["captions"]
-    deadline = time.monotonic() + 30  # the captions server indexes asynchronously
-    while time.monotonic() < deadline:
-        code, body = get(f"{base}/api/streams/{a}/export?format=json", secured["acme"])
-        if code == 200:
-            break
-        time.sleep(0.3)
-    assert code == 200 and json.loads(body)["stream_id"] == a
+    for sid, token in ((a, secured["acme"]), (g, secured["globex"])):
+        deadline = time.monotonic() + 30  # the captions server indexes asynchronously
+        while time.monotonic() < deadline:
+            code, body = get(f"{base}/api/streams/{sid}/export?format=json", token)
+            if code == 200:
+                break
+            time.sleep(0.3)
+        assert code == 200 and json.loads(body)["stream_id"] == sid
     assert get(f"{base}/api/streams")[0] == 401
     assert get(f"{base}/api/streams", "wrong")[0] == 401
     streams = {s["stream_id"]: s["tenant"] for s in json.loads(get(f"{base}/api/streams", secured["acme"])[1])}
