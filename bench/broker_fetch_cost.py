@@ -8,10 +8,15 @@ stored batches in another topic instead.
 
   python -m bench.broker_fetch_cost                       # 0, 40k and 80k stored batches
   python -m bench.broker_fetch_cost --stored 0,20000 --rate 60 --partitions 1
+
+Then it shows what ingest's audio batching (``HARK_AUDIO_LINGER_MS``) buys: 24 streams' worth of
+100 ms chunks at staggered times for 50 s into an empty topic, read live, producer linger 5 ms
+and 50 ms; the broker's CPU over the last 10 s and the batches sent.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import threading
@@ -21,7 +26,9 @@ import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from hark.stack import free_port, tansu_binary
+from hark import kafka
+from hark.config import Settings
+from hark.stack import free_port, tansu_command
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.broker_fetch_cost")
@@ -29,6 +36,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rate", type=int, default=120, help="live records per second")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--partitions", type=int, default=8)
+    ap.add_argument("--lingers", default="5,50", help="producer linger.ms values for the batching test ('' skips it)")
     a = ap.parse_args(argv)
     print(f"{'stored batches':>14} {'where':>12} {'consumer':>9} {'broker CPU':>11} {'delivered':>10}")
     for stored in (int(x) for x in a.stored.split(",")):
@@ -39,6 +47,12 @@ def main(argv=None) -> None:
                 pct, delivered = b.measure(a.rate, a.seconds, consume)
             print(f"{stored:>14} {where:>12} {'yes' if consume else 'no':>9} {pct:>10.1f}% "
                   f"{delivered if consume else '-':>10}", flush=True)
+    if a.lingers:
+        print(f"\n{'linger.ms':>9} {'records':>8} {'batches':>8} {'broker CPU, last 10 s':>22}")
+    for linger in (int(x) for x in a.lingers.split(",") if x):
+        with Broker(a.partitions) as b:
+            records, batches, pct = b.batching(linger)
+        print(f"{linger:>9} {records:>8} {batches:>8} {pct:>21.1f}%", flush=True)
 
 
 class Broker:
@@ -47,18 +61,11 @@ class Broker:
 
     def __enter__(self):
         port = free_port()
-        url, self.bootstrap = f"tcp://127.0.0.1:{port}", f"127.0.0.1:{port}"
-        self.proc = subprocess.Popen(
-            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"], env={**os.environ, "RUST_LOG": "warn"},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.bootstrap = f"127.0.0.1:{port}"
+        self.proc = subprocess.Popen(tansu_command(port, "memory://tansu/"), env={**os.environ, "RUST_LOG": "warn"},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kafka.wait_for_broker(Settings(bootstrap=self.bootstrap))
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        for _ in range(100):
-            try:
-                admin.list_topics(timeout=1)
-                break
-            except Exception:
-                time.sleep(0.1)
         for f in admin.create_topics([NewTopic(t, self.partitions, 1) for t in ("live", "other")]).values():
             f.result()
         return self
@@ -110,6 +117,45 @@ class Broker:
             reader.join()
             consumer.close()
         return 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / (t1 - t0), delivered[0]
+
+    def batching(self, linger: int, streams: int = 24, seconds: float = 50.0) -> tuple[int, int, float]:
+        """Chunks of `streams` real-time streams (10/s each, staggered) read live; the broker's CPU at the end."""
+        batches = [0]
+
+        def count(stats: str) -> None:
+            topic = json.loads(stats).get("topics", {}).get("live")
+            if topic:
+                batches[0] += topic["batchcnt"]["cnt"]  # batches sent since the last report
+
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "live", "fetch.wait.max.ms": 50,
+                             "enable.auto.commit": False})
+        consumer.assign([TopicPartition("live", i, 0) for i in range(self.partitions)])
+        stop = threading.Event()
+
+        def read() -> None:
+            while not stop.is_set():
+                consumer.consume(500, 0.05)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": linger, "enable.idempotence": True,
+                      "statistics.interval.ms": 1000, "stats_cb": count})
+        broker = psutil.Process(self.proc.pid)
+        t0, n, c0 = time.monotonic(), int(seconds * 10 * streams), None
+        for i in range(n):
+            time.sleep(max(0.0, t0 + i * 0.1 / streams - time.monotonic()))
+            p.produce("live", key=str(i % streams).encode(), value=b"x" * 3200)
+            p.poll(0)
+            if c0 is None and i >= n - 100 * streams:  # the last 10 s
+                c0, t1 = broker.cpu_times(), time.monotonic()
+        c1, t2 = broker.cpu_times(), time.monotonic()
+        p.flush()
+        time.sleep(1.5)  # one more statistics report
+        p.poll(0)
+        stop.set()
+        reader.join()
+        consumer.close()
+        return n, batches[0], 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / (t2 - t1)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ from pathlib import Path
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from hark import kafka
+from hark.config import Settings
 from hark.kafka import GuardedProducer
-from hark.stack import free_port, tansu_binary
+from hark.stack import free_port, tansu_command
 from tests import seaweed
 
 
@@ -44,18 +46,12 @@ def run(d: Path, a) -> None:
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": seaweed.ACCESS_KEY,
            "AWS_SECRET_ACCESS_KEY": seaweed.SECRET_KEY, "RUST_LOG": "warn"}
     port = free_port()
-    url, bootstrap = f"tcp://127.0.0.1:{port}", f"127.0.0.1:{port}"
-    cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-           "--storage-engine", "s3://tansu/"]
+    bootstrap = f"127.0.0.1:{port}"
+    cmd = tansu_command(port, "s3://tansu/")
     broker = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        kafka.wait_for_broker(Settings(bootstrap=bootstrap))
         adm = AdminClient({"bootstrap.servers": bootstrap})
-        for _ in range(100):
-            try:
-                adm.list_topics(timeout=1)
-                break
-            except Exception:
-                time.sleep(0.1)
         for f in adm.create_topics([NewTopic("t", 4, 1)]).values():
             f.result()
         acked: dict[int, tuple[int, int | None]] = {}

@@ -46,6 +46,13 @@ def tansu_binary() -> Path:
     return path
 
 
+def tansu_command(port: int, storage: str) -> list[str]:
+    """Tansu on loopback only (its default listener is 0.0.0.0:9092)."""
+    url = f"tcp://127.0.0.1:{port}"
+    return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", storage]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -154,12 +161,9 @@ class Supervisor:
         logs = self.dir / "logs"
         logs.mkdir(exist_ok=True)
         port = free_port()
-        url = f"tcp://127.0.0.1:{port}"
         self.settings.bootstrap = f"127.0.0.1:{port}"
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
-        self.broker = Child("broker", 0, [str(tansu_binary()), "broker", "--listener-url", url,
-                                          "--advertised-listener-url", url, "--storage-engine",
-                                          self.broker_storage], env, logs / "broker.log", 0)
+        self.broker = Child("broker", 0, tansu_command(port, self.broker_storage), env, logs / "broker.log", 0)
         self.broker.start()
         self.write_state()
         kafka.wait_for_broker(self.settings, timeout=30)
