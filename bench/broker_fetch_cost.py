@@ -8,10 +8,16 @@ stored batches in another topic instead.
 
   python -m bench.broker_fetch_cost                       # 0, 40k and 80k stored batches
   python -m bench.broker_fetch_cost --stored 0,20000 --rate 60 --partitions 1
+  python -m bench.broker_fetch_cost --stored "" --lingers "" --chunks 100,200,400
 
 Then it shows what ingest's audio batching (``HARK_AUDIO_LINGER_MS``) buys: 24 streams' worth of
 100 ms chunks at staggered times for 50 s into an empty topic, read live, producer linger 5 ms
 and 50 ms; the broker's CPU over the last 10 s and the batches sent.
+
+Last, the chunk test: 12 keyed streams that have each already sent ``--stored-seconds`` of audio
+go on live for 10 s, in 100 ms and in 200 ms records (``HARK_CHUNK_MS``). A stream's partition is
+listed once per fetch that finds new data in it, and holds one object per chunk sent, so the cost
+of a stream grows with the square of its chunk rate.
 """
 from __future__ import annotations
 
@@ -37,9 +43,12 @@ def main(argv=None) -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--lingers", default="5,50", help="producer linger.ms values for the batching test ('' skips it)")
+    ap.add_argument("--chunks", default="100,200", help="audio chunk lengths (ms) for the chunk test ('' skips it)")
+    ap.add_argument("--stored-seconds", type=float, default=300.0, help="audio each stream has sent before the chunk test")
     a = ap.parse_args(argv)
-    print(f"{'stored batches':>14} {'where':>12} {'consumer':>9} {'broker CPU':>11} {'delivered':>10}")
-    for stored in (int(x) for x in a.stored.split(",")):
+    if a.stored:
+        print(f"{'stored batches':>14} {'where':>12} {'consumer':>9} {'broker CPU':>11} {'delivered':>10}")
+    for stored in (int(x) for x in a.stored.split(",") if x):
         cases = [("same topic", True), ("same topic", False)] + ([("other topic", True)] if stored else [])
         for where, consume in cases:
             with Broker(a.partitions) as b:
@@ -53,6 +62,13 @@ def main(argv=None) -> None:
         with Broker(a.partitions) as b:
             records, batches, pct = b.batching(linger)
         print(f"{linger:>9} {records:>8} {batches:>8} {pct:>21.1f}%", flush=True)
+    if a.chunks:
+        print(f"\n12 streams, {a.stored_seconds:.0f} s of audio each already stored, then {a.seconds:.0f} s live")
+        print(f"{'chunk ms':>8} {'stored records':>15} {'broker CPU':>11}")
+    for chunk_ms in (int(x) for x in a.chunks.split(",") if x):
+        with Broker(a.partitions) as b:
+            stored, pct = b.chunks(chunk_ms, a.stored_seconds, a.seconds)
+        print(f"{chunk_ms:>8} {stored:>15} {pct:>10.1f}%", flush=True)
 
 
 class Broker:
@@ -156,6 +172,45 @@ class Broker:
         reader.join()
         consumer.close()
         return n, batches[0], 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / (t2 - t1)
+
+    def chunks(self, chunk_ms: int, stored_seconds: float, seconds: float, streams: int = 12) -> tuple[int, float]:
+        """Real-time audio of `streams` keyed streams in `chunk_ms` records (the same bytes per second
+        whatever the length), after each stream has already sent `stored_seconds` of it."""
+        size = 32 * chunk_ms  # 16 kHz 16-bit PCM
+        keys = [f"stream-{i}".encode() for i in range(streams)]
+        fill = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 0})
+        rounds = int(stored_seconds * 1000 / chunk_ms)
+        for _ in range(rounds):  # one batch per partition per round, as streams sharing a partition share batches
+            for k in keys:
+                fill.produce("live", key=k, value=b"x" * size)
+            fill.flush()
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "live", "fetch.wait.max.ms": 50,
+                             "enable.auto.commit": False})
+        consumer.assign([TopicPartition("live", i, consumer.get_watermark_offsets(TopicPartition("live", i))[1])
+                         for i in range(self.partitions)])
+        stop = threading.Event()
+
+        def read() -> None:
+            while not stop.is_set():
+                consumer.consume(500, 0.05)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(2)
+        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": Settings().audio_linger_ms})
+        broker = psutil.Process(self.proc.pid)
+        c0, t0 = broker.cpu_times(), time.monotonic()
+        n = int(seconds * 1000 / chunk_ms) * streams
+        for i in range(n):  # the streams' chunks at staggered times, as real clients send them
+            time.sleep(max(0.0, t0 + i * chunk_ms / 1000 / streams - time.monotonic()))
+            p.produce("live", key=keys[i % streams], value=b"x" * size)
+            p.poll(0)
+        c1, t1 = broker.cpu_times(), time.monotonic()
+        p.flush()
+        stop.set()
+        reader.join()
+        consumer.close()
+        return rounds * streams, 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / (t1 - t0)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ the latency, the CPU (% of one core) and peak RSS of every service, and the larg
 
   python -m bench.load                       # 10 minutes per step (the issue's definition)
   python -m bench.load --minutes 1 --online 8,12,16 --full 2,4,6
+  HARK_CHUNK_MS=200 python -m bench.load --online 12 --full "" --online-replicas 4   # any HARK_* applies
 """
 from __future__ import annotations
 
@@ -110,7 +111,9 @@ def main(argv=None) -> None:
     ap.add_argument("--minutes", type=float, default=10.0, help="length of every stream of a step")
     ap.add_argument("--online", default="8,12,16,20", help="stream counts for the online-only stack")
     ap.add_argument("--full", default="2,4,6", help="stream counts with online + offline + diarizer")
+    ap.add_argument("--online-replicas", type=int, default=2, help="online_asr replicas of the online-only stack")
     a = ap.parse_args(argv)
+    CONFIGS["online"] = f"online_asr={a.online_replicas},offline_asr=0,diarizer=0,captions=0"
     utterances = sorted(p for p in SPEECH.glob("*.wav"))
     report = {"minutes": a.minutes, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     with tempfile.TemporaryDirectory(prefix="hark-load-") as d:

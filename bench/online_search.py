@@ -2,6 +2,7 @@
 
     python -m bench.online_search                # 30000 (pocketsphinx's default) 5000 3000 2000 1500
     python -m bench.online_search --caps 3000,4000
+    python -m bench.online_search --caps 3000 --options ds=2,topn=2,pl_window=10   # other search settings, one at a time
 
 Decodes all of data/speech in this process (the 12 utterances and the joined passage, 174 words),
 fed in 100 ms chunks as online_asr feeds it; the faster of two passes per value. No Kafka.
@@ -18,14 +19,19 @@ from .pipeline import SPEECH, direct_decode
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.online_search")
     ap.add_argument("--caps", default="30000,5000,3000,2000,1500", help="max active HMMs per frame to try")
+    ap.add_argument("--options", default="", help="pocketsphinx options name=value to try one at a time, at each cap")
     a = ap.parse_args()
     refs = load_references(SPEECH / "references.tsv")
     files = [SPEECH / n for n in refs]
+    options = [{}] + [dict([kv.split("=", 1)]) for kv in a.options.split(",") if kv]
     for cap in (int(x) for x in a.caps.split(",")):
-        runs = [direct_decode(files, refs, max_hmm_per_frame=cap) for _ in range(2)]
-        best = min(runs, key=lambda r: r["cpu_s"])
-        print(f"max HMMs per frame {cap:>6}: WER {best['wer']:.1%} ({best['ref_words']} words), "
-              f"{best['rtf']:.3f} CPU-s per audio second", flush=True)
+        for opt in options:
+            extra = {k: int(v) for k, v in opt.items()}
+            runs = [direct_decode(files, refs, max_hmm_per_frame=cap, **extra) for _ in range(2)]
+            best = min(runs, key=lambda r: r["cpu_s"])
+            label = "".join(f", {k}={v}" for k, v in extra.items())
+            print(f"max HMMs per frame {cap:>6}{label}: WER {best['wer']:.1%} ({best['ref_words']} words), "
+                  f"{best['rtf']:.3f} CPU-s per audio second", flush=True)
 
 
 if __name__ == "__main__":

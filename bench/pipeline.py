@@ -85,8 +85,9 @@ def phase(procs, sampler, into: dict):
                                "peak_rss_mb": round(sampler.peak.get(n, 0) / 2 ** 20, 1)}
 
 
-def direct_decode(files: list[Path], refs: dict[str, str], max_hmm_per_frame: int = MAX_HMM_PER_FRAME) -> dict:
-    pool = DecoderPool(1, max_hmm_per_frame)
+def direct_decode(files: list[Path], refs: dict[str, str], max_hmm_per_frame: int = MAX_HMM_PER_FRAME,
+                  **search_options) -> dict:
+    pool = DecoderPool(1, max_hmm_per_frame, **search_options)
     pool.prewarm(1)
     total, audio_s, hyps = WerScore(0, 0), 0.0, {}
     audio = {f: read_pcm_file(f).tobytes() for f in files}  # file decoding is not part of the comparison

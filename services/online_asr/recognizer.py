@@ -66,9 +66,10 @@ MAX_HMM_PER_FRAME = 3000
 
 
 class DecoderPool:
-    def __init__(self, max_size: int, max_hmm_per_frame: int = MAX_HMM_PER_FRAME):
+    def __init__(self, max_size: int, max_hmm_per_frame: int = MAX_HMM_PER_FRAME, **search_options):
         self.max_size = max_size
         self.max_hmm_per_frame = max_hmm_per_frame
+        self.search_options = search_options  # more pocketsphinx options (bench.online_search tries some)
         self._free: list[Decoder] = []
         self._lock = threading.Lock()
         self.in_use = 0
@@ -79,7 +80,7 @@ class DecoderPool:
         # partials showed instead of rewriting it. Measured on data/speech (105 words): WER 31.1%
         # vs 36.9% with both passes, RTF 0.139 vs 0.154, words first shown by a final 1 vs 8.
         d = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL", fwdflat=False, bestpath=False,
-                    maxhmmpf=self.max_hmm_per_frame)
+                    maxhmmpf=self.max_hmm_per_frame, **self.search_options)
         if self._initial_cmn is None:
             self._initial_cmn = d.get_cmn(False)
         d.set_cmn(self._initial_cmn)  # the same state as a pooled one (acquire): results never depend on which
