@@ -22,6 +22,7 @@ of a stream grows with the square of its chunk rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -100,39 +101,47 @@ class Broker:
         p.flush()
 
     def measure(self, rate: int, seconds: float, consume: bool) -> tuple[float, int]:
-        stop, delivered = threading.Event(), [0]
-        consumer = None
-        if consume:
-            consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "live", "fetch.wait.max.ms": 50,
-                                 "enable.auto.commit": False})
-            # the live records are marked: Tansu's end offset can point into the last stored batch
-            consumer.assign([TopicPartition("live", i, consumer.get_watermark_offsets(TopicPartition("live", i))[1])
-                             for i in range(self.partitions)])
+        with self.reading(from_end=True) if consume else contextlib.nullcontext([0]) as delivered:
+            if consume:
+                time.sleep(2)
+            p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+            broker = psutil.Process(self.proc.pid)
+            c0, t0 = broker.cpu_times(), time.monotonic()
+            n = int(rate * seconds)
+            for i in range(n):
+                p.produce("live", key=str(i % 12).encode(), value=b"live" + b"x" * 3196)
+                p.poll(0)
+                time.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
+            p.flush()
+            c1, t1 = broker.cpu_times(), time.monotonic()
+            if consume:
+                time.sleep(1)
+        return 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / (t1 - t0), delivered[0]
 
-            def read() -> None:
-                while not stop.is_set():
-                    delivered[0] += sum(1 for m in consumer.consume(500, 0.05)
-                                        if not m.error() and m.value().startswith(b"live"))
+    @contextlib.contextmanager
+    def reading(self, from_end: bool):
+        """A consumer reading topic "live" on its own thread, as a live service does. Yields a
+        one-item list: how many records marked b"live" it has read (Tansu's end offset can point
+        into the last stored batch, so the stored ones may show up too)."""
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "live", "fetch.wait.max.ms": 50,
+                             "enable.auto.commit": False})
+        consumer.assign([TopicPartition("live", i, consumer.get_watermark_offsets(TopicPartition("live", i))[1]
+                                        if from_end else 0) for i in range(self.partitions)])
+        stop, seen = threading.Event(), [0]
 
-            reader = threading.Thread(target=read)
-            reader.start()
-            time.sleep(2)
-        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
-        broker = psutil.Process(self.proc.pid)
-        c0, t0 = broker.cpu_times(), time.monotonic()
-        n = int(rate * seconds)
-        for i in range(n):
-            p.produce("live", key=str(i % 12).encode(), value=b"live" + b"x" * 3196)
-            p.poll(0)
-            time.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
-        p.flush()
-        c1, t1 = broker.cpu_times(), time.monotonic()
-        if consumer is not None:
-            time.sleep(1)
+        def read() -> None:
+            while not stop.is_set():
+                seen[0] += sum(1 for m in consumer.consume(500, 0.05)
+                               if not m.error() and m.value().startswith(b"live"))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            yield seen
+        finally:
             stop.set()
             reader.join()
             consumer.close()
-        return 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / (t1 - t0), delivered[0]
 
     def batching(self, linger: int, streams: int = 24, seconds: float = 50.0) -> tuple[int, int, float]:
         """Chunks of `streams` real-time streams (10/s each, staggered) read live; the broker's CPU at the end."""
@@ -143,34 +152,21 @@ class Broker:
             if topic:
                 batches[0] += topic["batchcnt"]["cnt"]  # batches sent since the last report
 
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "live", "fetch.wait.max.ms": 50,
-                             "enable.auto.commit": False})
-        consumer.assign([TopicPartition("live", i, 0) for i in range(self.partitions)])
-        stop = threading.Event()
-
-        def read() -> None:
-            while not stop.is_set():
-                consumer.consume(500, 0.05)
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": linger, "enable.idempotence": True,
-                      "statistics.interval.ms": 1000, "stats_cb": count})
-        broker = psutil.Process(self.proc.pid)
-        t0, n, c0 = time.monotonic(), int(seconds * 10 * streams), None
-        for i in range(n):
-            time.sleep(max(0.0, t0 + i * 0.1 / streams - time.monotonic()))
-            p.produce("live", key=str(i % streams).encode(), value=b"x" * 3200)
+        with self.reading(from_end=False):
+            p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": linger, "enable.idempotence": True,
+                          "statistics.interval.ms": 1000, "stats_cb": count})
+            broker = psutil.Process(self.proc.pid)
+            t0, n, c0 = time.monotonic(), int(seconds * 10 * streams), None
+            for i in range(n):
+                time.sleep(max(0.0, t0 + i * 0.1 / streams - time.monotonic()))
+                p.produce("live", key=str(i % streams).encode(), value=b"x" * 3200)
+                p.poll(0)
+                if c0 is None and i >= n - 100 * streams:  # the last 10 s
+                    c0, t1 = broker.cpu_times(), time.monotonic()
+            c1, t2 = broker.cpu_times(), time.monotonic()
+            p.flush()
+            time.sleep(1.5)  # one more statistics report
             p.poll(0)
-            if c0 is None and i >= n - 100 * streams:  # the last 10 s
-                c0, t1 = broker.cpu_times(), time.monotonic()
-        c1, t2 = broker.cpu_times(), time.monotonic()
-        p.flush()
-        time.sleep(1.5)  # one more statistics report
-        p.poll(0)
-        stop.set()
-        reader.join()
-        consumer.close()
         return n, batches[0], 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / (t2 - t1)
 
     def chunks(self, chunk_ms: int, stored_seconds: float, seconds: float, streams: int = 12) -> tuple[int, float]:
@@ -184,32 +180,18 @@ class Broker:
             for k in keys:
                 fill.produce("live", key=k, value=b"x" * size)
             fill.flush()
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "live", "fetch.wait.max.ms": 50,
-                             "enable.auto.commit": False})
-        consumer.assign([TopicPartition("live", i, consumer.get_watermark_offsets(TopicPartition("live", i))[1])
-                         for i in range(self.partitions)])
-        stop = threading.Event()
-
-        def read() -> None:
-            while not stop.is_set():
-                consumer.consume(500, 0.05)
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        time.sleep(2)
-        p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": Settings().audio_linger_ms})
-        broker = psutil.Process(self.proc.pid)
-        c0, t0 = broker.cpu_times(), time.monotonic()
-        n = int(seconds * 1000 / chunk_ms) * streams
-        for i in range(n):  # the streams' chunks at staggered times, as real clients send them
-            time.sleep(max(0.0, t0 + i * chunk_ms / 1000 / streams - time.monotonic()))
-            p.produce("live", key=keys[i % streams], value=b"x" * size)
-            p.poll(0)
-        c1, t1 = broker.cpu_times(), time.monotonic()
-        p.flush()
-        stop.set()
-        reader.join()
-        consumer.close()
+        with self.reading(from_end=True):
+            time.sleep(2)
+            p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": Settings().audio_linger_ms})
+            broker = psutil.Process(self.proc.pid)
+            c0, t0 = broker.cpu_times(), time.monotonic()
+            n = int(seconds * 1000 / chunk_ms) * streams
+            for i in range(n):  # the streams' chunks at staggered times, as real clients send them
+                time.sleep(max(0.0, t0 + i * chunk_ms / 1000 / streams - time.monotonic()))
+                p.produce("live", key=keys[i % streams], value=b"x" * size)
+                p.poll(0)
+            c1, t1 = broker.cpu_times(), time.monotonic()
+            p.flush()
         return rounds * streams, 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / (t1 - t0)
 
 
