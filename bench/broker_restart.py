@@ -123,8 +123,7 @@ def run(d: Path, a) -> None:
             print(f"records produced again by the guard: {producer.resent}")
     finally:
         broker.kill()
-        s3.terminate()
-        s3.wait(10)
+        seaweed.stop(s3)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,14 @@ def start(d: Path, buckets: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int
         if not client.bucket_exists(b):
             client.make_bucket(b)
     return proc, s3
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL: `weed mini` sometimes takes longer than 10 s to flush and exit, and a
+    test's teardown must not fail on that."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

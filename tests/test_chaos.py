@@ -254,5 +254,4 @@ def test_broker_restart_on_s3_storage_loses_and_duplicates_nothing(tmp_path, spe
         finally:
             run_hark("down", env_extra=env)
     finally:
-        s3.terminate()
-        s3.wait(10)
+        seaweed.stop(s3)

@@ -16,8 +16,7 @@ def s3_server(tmp_path_factory):
     proc, port = seaweed.start(tmp_path_factory.mktemp("seaweed"))
     yield Settings.load({}, archive_uri="s3://hark-test/archive", s3_endpoint=f"127.0.0.1:{port}",
                         s3_access_key=seaweed.ACCESS_KEY, s3_secret_key=seaweed.SECRET_KEY)
-    proc.terminate()
-    proc.wait(10)
+    seaweed.stop(proc)
 
 
 @pytest.fixture(params=["file", "s3"])
