@@ -37,6 +37,12 @@ from hark import kafka
 from hark.config import Settings
 from hark.stack import free_port, tansu_command
 
+
+def cpu_pct(c0, c1, seconds: float) -> float:
+    """% of one core between two psutil cpu_times readings."""
+    return 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / seconds
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.broker_fetch_cost")
     ap.add_argument("--stored", default="0,40000,80000", help="batches stored before each measurement")
@@ -116,7 +122,7 @@ class Broker:
             c1, t1 = broker.cpu_times(), time.monotonic()
             if consume:
                 time.sleep(1)
-        return 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / (t1 - t0), delivered[0]
+        return cpu_pct(c0, c1, t1 - t0), delivered[0]
 
     @contextlib.contextmanager
     def reading(self, from_end: bool):
@@ -167,7 +173,7 @@ class Broker:
             p.flush()
             time.sleep(1.5)  # one more statistics report
             p.poll(0)
-        return n, batches[0], 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / (t2 - t1)
+        return n, batches[0], cpu_pct(c0, c1, t2 - t1)
 
     def chunks(self, chunk_ms: int, stored_seconds: float, seconds: float, streams: int = 12) -> tuple[int, float]:
         """Real-time audio of `streams` keyed streams in `chunk_ms` records (the same bytes per second
@@ -192,7 +198,7 @@ class Broker:
                 p.poll(0)
             c1, t1 = broker.cpu_times(), time.monotonic()
             p.flush()
-        return rounds * streams, 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / (t1 - t0)
+        return rounds * streams, cpu_pct(c0, c1, t1 - t0)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from .pipeline import OUT, SPEECH, latency_stats, long_stream_wav, phase, run_st
 # One online_asr process decodes its streams one after another (~0.15 CPU-s per audio second each,
 # pocketsphinx holds the GIL): a single replica saturates one core at ~6 streams, so the online-only
 # configuration runs one replica per core.
-CONFIGS = {"online": "online_asr=2,offline_asr=0,diarizer=0,captions=0", "full": ""}
+CONFIGS = {"online": "online_asr={online_replicas},offline_asr=0,diarizer=0,captions=0", "full": ""}
 
 
 def dead_letters(settings) -> int:
@@ -43,40 +42,14 @@ def dead_letters(settings) -> int:
     return n
 
 
-class BrokerTimeline:
-    """The broker's CPU (% of one core) minute by minute: on Tansu it grows with the log (README "Load")."""
-
-    def __init__(self, broker, every_s: float = 60.0):
-        self.broker, self.every_s, self.pct = broker, every_s, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _cpu(self) -> float:
-        t = self.broker.cpu_times()
-        return t.user + t.system
-
-    def _run(self) -> None:
-        last, at = self._cpu(), time.monotonic()
-        while not self._stop.wait(self.every_s):
-            now_cpu, now = self._cpu(), time.monotonic()
-            self.pct.append(round(100 * (now_cpu - last) / (now - at), 1))
-            last, at = now_cpu, now
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def step(settings, procs, sampler, ingest, wav: Path, n: int) -> dict:
     out: dict = {"streams": n}
     before = dead_letters(settings)
-    with phase(procs, sampler, out), BrokerTimeline(procs["broker"]) as timeline:
+    t0 = time.monotonic()
+    with phase(procs, sampler, out):
         rows = run_streams(settings, ingest, [str(wav)] * n, realtime=True)
-    out["broker_cpu_pct_by_minute"] = timeline.pct
+    # on Tansu the broker's CPU grows with the log through a step (README "Load")
+    out["broker_cpu_pct_by_minute"] = sampler.cpu_pct_by_minute("broker", t0)
     out.update(latency_stats(rows))
     out["complete"] = sum(r["status"] == "COMPLETE" and bool(r["final_text"]) for r in rows)
     out["dead_letters"] = dead_letters(settings) - before
@@ -84,8 +57,8 @@ def step(settings, procs, sampler, ingest, wav: Path, n: int) -> dict:
     return out
 
 
-def run_config(name: str, counts: list[int], wav: Path, tmp: Path) -> dict:
-    settings, procs, sampler, ingest = start_stack(tmp / name, f"load-{name}", CONFIGS[name])
+def run_config(name: str, replicas: str, counts: list[int], wav: Path, tmp: Path) -> dict:
+    settings, procs, sampler, ingest = start_stack(tmp / name, f"load-{name}", replicas)
     steps, best = [], 0
     try:
         run_streams(settings, ingest, [str(SPEECH / "goforward.wav")], realtime=False)  # warm the pools
@@ -103,7 +76,7 @@ def run_config(name: str, counts: list[int], wav: Path, tmp: Path) -> dict:
             best = n
     finally:
         stop_stack(settings, sampler, ingest, f"load-{name}")
-    return {"config": name, "replicas": CONFIGS[name] or "all services", "largest_passing": best, "steps": steps}
+    return {"config": name, "replicas": replicas or "all services", "largest_passing": best, "steps": steps}
 
 
 def main(argv=None) -> None:
@@ -113,7 +86,6 @@ def main(argv=None) -> None:
     ap.add_argument("--full", default="2,4,6", help="stream counts with online + offline + diarizer")
     ap.add_argument("--online-replicas", type=int, default=2, help="online_asr replicas of the online-only stack")
     a = ap.parse_args(argv)
-    CONFIGS["online"] = f"online_asr={a.online_replicas},offline_asr=0,diarizer=0,captions=0"
     utterances = sorted(p for p in SPEECH.glob("*.wav"))
     report = {"minutes": a.minutes, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     with tempfile.TemporaryDirectory(prefix="hark-load-") as d:
@@ -123,7 +95,8 @@ def main(argv=None) -> None:
         print(f"each stream: {seconds / 60:.1f} minutes of real speech, published in real time", flush=True)
         for name, counts in (("online", a.online), ("full", a.full)):
             if counts:
-                report[name] = run_config(name, [int(x) for x in counts.split(",")], wav, tmp)
+                replicas = CONFIGS[name].format(online_replicas=a.online_replicas)
+                report[name] = run_config(name, replicas, [int(x) for x in counts.split(",")], wav, tmp)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "load.json").write_text(json.dumps(report, indent=1))
     for name in ("online", "full"):

@@ -23,10 +23,9 @@ def main() -> None:
     a = ap.parse_args()
     refs = load_references(SPEECH / "references.tsv")
     files = [SPEECH / n for n in refs]
-    options = [{}] + [dict([kv.split("=", 1)]) for kv in a.options.split(",") if kv]
+    options = [{}] + [{k: int(v)} for k, v in (kv.split("=", 1) for kv in a.options.split(",") if kv)]
     for cap in (int(x) for x in a.caps.split(",")):
-        for opt in options:
-            extra = {k: int(v) for k, v in opt.items()}
+        for extra in options:
             runs = [direct_decode(files, refs, max_hmm_per_frame=cap, **extra) for _ in range(2)]
             best = min(runs, key=lambda r: r["cpu_s"])
             label = "".join(f", {k}={v}" for k, v in extra.items())

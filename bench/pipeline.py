@@ -39,12 +39,14 @@ OUT = ROOT / "bench" / "out"
 
 
 class Sampler:
-    """Samples RSS of every stack process (and this one) twice a second; tracks peaks per phase."""
+    """Samples RSS and CPU time of every stack process (and this one) twice a second; tracks RSS
+    peaks per phase."""
 
     def __init__(self, procs: dict[str, psutil.Process]):
         self.procs = procs
         self.peak: dict[str, int] = {}
         self.series: dict[str, list[tuple[float, int]]] = {n: [] for n in procs}
+        self.cpu: dict[str, list[tuple[float, float]]] = {n: [] for n in procs}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -54,12 +56,26 @@ class Sampler:
             now = time.monotonic()
             for name, p in self.procs.items():
                 try:
-                    rss = p.memory_info().rss
+                    rss, cpu = p.memory_info().rss, p.cpu_times()
                 except psutil.Error:
                     continue
                 self.peak[name] = max(self.peak.get(name, 0), rss)
                 self.series[name].append((now, rss))
+                self.cpu[name].append((now, cpu.user + cpu.system))
             time.sleep(0.5)
+
+    def cpu_pct_by_minute(self, name: str, since: float) -> list[float]:
+        """One process's CPU (% of one core) in each whole minute after `since` (time.monotonic())."""
+        samples = [(t, c) for t, c in self.cpu[name] if t >= since]
+        out: list[float] = []
+        if not samples:
+            return out
+        t0, c0 = samples[0]
+        for t, c in samples[1:]:
+            if t - t0 >= 60:
+                out.append(round(100 * (c - c0) / (t - t0), 1))
+                t0, c0 = t, c
+        return out
 
     def reset_peaks(self):
         self.peak = {}
