@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -40,8 +41,9 @@ def secured(live_stack, tmp_path_factory):
                               stdout=subprocess.DEVNULL, stderr=open(d / "captions.log", "wb"))]
     base = f"http://127.0.0.1:{captions_port}"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # both up: ingest accepts connections, captions answers
         try:
+            socket.create_connection(("127.0.0.1", ingest_port), timeout=1).close()
             urllib.request.urlopen(base + "/api/streams", timeout=1)
         except urllib.error.HTTPError:  # 401: it is up
             break
