@@ -474,7 +474,7 @@ class ConsumerService:
         try:
             while not self._stop.is_set():
                 self._last_loop = time.monotonic()
-                msgs = self.consumer.consume(num_messages=200, timeout=0.05)
+                msgs = kafka.consume_ready(self.consumer, 200, 0.05)
                 for msg in msgs:
                     if (msg.topic(), msg.partition()) not in self._sought:
                         self._process(msg)

@@ -134,7 +134,7 @@ def speaker_lines(words: list[dict]) -> list[str]:
 
 def read_results(consumer, timeout: float):
     """Result records from one poll of a results-topic reader (errors and foreign records skipped)."""
-    for msg in consumer.consume(num_messages=200, timeout=timeout):
+    for msg in kafka.consume_ready(consumer, 200, timeout):
         if msg.error():
             continue
         try:

@@ -221,8 +221,8 @@ def test_producer_resends_what_the_broker_may_not_have_written_and_keeps_failure
     from hark import kafka
 
     class Recording(kafka.GuardedProducer):
-        def produce(self, topic, key=None, value=None, headers=None, on_delivery=None):
-            sent.append((topic, key, value))
+        def produce(self, topic, key=None, value=None, partition=-1, headers=None, on_delivery=None):
+            sent.append((topic, partition, key, value))
 
     sent = []
     p = Recording({"bootstrap.servers": "127.0.0.1:9"})
@@ -233,7 +233,8 @@ def test_producer_resends_what_the_broker_may_not_have_written_and_keeps_failure
     p._delivered(None, _Delivered(None))  # "duplicate sequence": maybe written before, maybe not
     p._delivered(None, _Delivered(5))  # a batch of two acknowledged below offsets already written
     p._delivered(None, _Delivered(6))
-    assert p.resent == 3 and sent == [("hark.audio", b"s1", b"record")] * 3  # each produced again, as new
+    # each produced again, as new, to its own partition (ingest places streams, not the key's hash)
+    assert p.resent == 3 and sent == [("hark.audio", 0, b"s1", b"record")] * 3
     p._delivered(None, _Delivered(18))
     p._delivered(None, _Delivered(19, partition=1))
     assert p.resent == 3

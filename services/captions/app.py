@@ -120,7 +120,7 @@ class ResultsFollower(threading.Thread):
             while not self.stopping.is_set():
                 self.last_loop = time.monotonic()
                 batch = []
-                for m in consumer.consume(500, 0.05):
+                for m in kafka.consume_ready(consumer, 500, 0.05):
                     if m.error():
                         if m.error().code() != KafkaError._PARTITION_EOF:
                             log.warning("consumer error: %s", m.error())
