@@ -51,6 +51,9 @@ class Settings:
     # streams share a partition: on the embedded broker every batch is an object that each live
     # fetch pays for again (README "Load"), so fewer, larger batches keep its CPU down.
     audio_linger_ms: int = 50
+    # balanced: a new stream goes to the audio partition with the fewest streams open on this
+    # ingest, so they spread evenly over online_asr replicas; hash: the stream id's hash
+    audio_placement: str = "balanced"
     max_upload_bytes: int = 256 * 1024 * 1024
     max_stream_seconds: float = 4 * 3600.0
     max_ws_message_bytes: int = 1024 * 1024

@@ -257,3 +257,26 @@ def test_producer_resends_what_the_broker_may_not_have_written_and_keeps_failure
     p._delivered(KafkaError(KafkaError._MSG_TIMED_OUT), _Delivered(None))
     p._delivered(KafkaError(KafkaError._TRANSPORT), _Delivered(None))
     assert p.failures == 2 and p.delivery_error.code() == KafkaError._MSG_TIMED_OUT
+
+
+def test_partition_placer_spreads_open_streams_and_takes_ties_in_turn():
+    from services.ingest.publisher import PartitionPlacer
+
+    placer = PartitionPlacer("balanced", 8)
+    first = [placer.acquire() for _ in range(12)]  # 12 streams at once: 0..7, then 0..3 again
+    assert first == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]
+    # two replicas of a group own 0,2,4,6 and 1,3,5,7 (round-robin assignment): 6 streams each
+    assert sum(p % 2 == 0 for p in first) == 6
+    placer.release(5)
+    placer.release(6)
+    assert [placer.acquire(), placer.acquire()] == [5, 6]  # freed partitions are the least loaded
+    assert placer.acquire() == 7  # then ties again, in turn after the last one taken
+    # one stream after another does not pile onto one partition
+    placer, sequential = PartitionPlacer("balanced", 8), []
+    for _ in range(8):
+        sequential.append(placer.acquire())
+        placer.release(sequential[-1])
+    assert sorted(sequential) == list(range(8))
+    assert PartitionPlacer("hash", 8).acquire() is None  # the producer hashes the key
+    with pytest.raises(ValueError):
+        PartitionPlacer("random", 8)

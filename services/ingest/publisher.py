@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -63,6 +64,42 @@ class SegmentWriter:
         self.count += 1
 
 
+class PartitionPlacer:
+    """Which audio partition a new stream goes to. All of a stream's records go to that one
+    partition (keyed by the stream id as before), so per-stream order holds either way.
+
+    "balanced" (default): the partition with the fewest streams this ingest has open, ties taken
+    in turn. A consumer group assigns partitions round-robin (cooperative-sticky: 2 online_asr
+    replicas get 0,2,4,6 and 1,3,5,7), so streams spread evenly over the replicas, where hashing
+    the stream id splits 12 streams 8/4 or worse one time in three and the busy replica (one core,
+    pocketsphinx holds the GIL) falls behind (README "Load"). "hash": the producer's key hash.
+    """
+
+    def __init__(self, mode: str, partitions: int):
+        if mode not in ("balanced", "hash"):
+            raise ValueError(f"audio placement must be balanced or hash, not {mode!r}")
+        self.mode = mode
+        self._open = [0] * partitions
+        self._next = 0  # ties go round the partitions, so streams one after another spread over all of them
+        self._lock = threading.Lock()
+
+    def acquire(self) -> int | None:
+        """A partition for a new stream (None: let the producer hash the key)."""
+        if self.mode == "hash":
+            return None
+        with self._lock:
+            n, fewest = len(self._open), min(self._open)
+            p = next(p % n for p in range(self._next, self._next + n) if self._open[p % n] == fewest)
+            self._open[p] += 1
+            self._next = p + 1
+            return p
+
+    def release(self, partition: int | None) -> None:
+        if partition is not None:
+            with self._lock:
+                self._open[partition] -= 1
+
+
 @dataclass
 class StreamSummary:
     stream_id: str
@@ -96,6 +133,7 @@ class StreamPublisher:
         self.max_samples = int(s.max_stream_seconds * TARGET_RATE)
         self.summary = StreamSummary(stream_id, tenant, info.format)
         self.seq = 0
+        self.partition: int | None = None  # chosen at start(); None: the key's hash
         self._t0: float | None = None
         self._finished = False
         self._failures_before = ingest.producer.failures
@@ -112,6 +150,7 @@ class StreamPublisher:
         self.ingest.store.put(self.prefix + "meta.json", json.dumps(meta, indent=1).encode())
 
     def start(self) -> None:
+        self.partition = self.ingest.placer().acquire()
         self._meta(status="OPEN", started_at_ms=now_ms())
         self._produce("StreamStart", {
             "stream_id": self.stream_id, "tenant": self.tenant, "seq": 0, "language": self.language,
@@ -150,6 +189,12 @@ class StreamPublisher:
         if self._finished:
             return self.summary
         self._finished = True
+        try:
+            return self._finish(status, reason)
+        finally:
+            self.ingest.placer().release(self.partition)
+
+    def _finish(self, status: str, reason: str | None) -> StreamSummary:
         if status == "COMPLETE":
             for chunk in self.chunker.flush():
                 self._send_chunk(chunk)
@@ -175,7 +220,8 @@ class StreamPublisher:
         p = self.ingest.producer
         while True:
             try:
-                p.produce(self.settings.audio_topic, key=self._key(), value=serde.encode(rtype, record))
+                p.produce(self.settings.audio_topic, key=self._key(), value=serde.encode(rtype, record),
+                          **({} if self.partition is None else {"partition": self.partition}))
                 break
             except BufferError:  # local queue full: wait for deliveries instead of growing memory
                 p.poll(0.05)
@@ -193,6 +239,26 @@ class Ingest:
         self.store = store or open_store(settings)
         self.metrics = metrics or Metrics("ingest")
         self.deadletters = DeadLetters(self.producer, settings, "ingest", self.metrics)
+        self._placer: PartitionPlacer | None = None
+        self._placer_lock = threading.Lock()
+
+    def placer(self) -> PartitionPlacer:
+        """Built at the first stream: the audio topic's partition count is the broker's, not config's."""
+        with self._placer_lock:
+            if self._placer is None:
+                if self.settings.audio_placement == "hash":
+                    self._placer = PartitionPlacer("hash", 0)
+                    return self._placer
+                topic = self.settings.audio_topic
+                try:
+                    partitions = len(self.producer.list_topics(topic, timeout=10).topics[topic].partitions)
+                    if not partitions:
+                        raise LookupError("no partitions")
+                except Exception as e:  # no metadata yet: hash this stream, ask again for the next
+                    log.warning("no partition count for %s (%s): placing by hash", topic, e)
+                    return PartitionPlacer("hash", 0)
+                self._placer = PartitionPlacer(self.settings.audio_placement, partitions)
+            return self._placer
 
     def reject(self, err: AudioError, *, stream_id: str | None, tenant: str | None,
                payload: bytes | None = None, payload_size: int = 0) -> None:
