@@ -2,8 +2,9 @@
 
 For each configuration (online only; online + offline + diarizer) the stack is started once and N
 concurrent real-time streams run for ``--minutes`` each (real speech: the project's utterances
-joined into one long recording, every stream its own copy), with N stepping up until a step
-fails. A step passes when the partial-caption latency p95 is <= 1 s and nothing is lost: every
+joined into one long recording; each stream starts at its own point of it and its chunks at its
+own moment, as independent meetings would; ``--lockstep`` sends them all in step), with N stepping
+up until a step fails. A step passes when the partial-caption latency p95 is <= 1 s and nothing is lost: every
 stream completes, with status COMPLETE, a transcript, and no dead letters. It prints, per step,
 the latency, the CPU (% of one core) and peak RSS of every service, and the largest N that passed.
 
@@ -42,12 +43,36 @@ def dead_letters(settings) -> int:
     return n
 
 
-def step(settings, procs, sampler, ingest, wav: Path, n: int) -> dict:
+class StreamAudio:
+    """The audio of a step's streams. Independent (the default): stream i starts its own way into
+    the recording (a golden-ratio rotation, so every i keeps its file whatever the step's N) and
+    its chunk clock is offset by i/N of a chunk, as separate meetings would be. Lockstep: every
+    stream the same audio from the same start, all chunks at once: every stream speaks, pauses and
+    ends its utterances together, the worst case for a decoder replica's queue."""
+
+    def __init__(self, tmp: Path, minutes: float, lockstep: bool):
+        self.tmp, self.minutes, self.lockstep = tmp, minutes, lockstep
+        self.files = sorted(SPEECH.glob("*.wav"))
+        self._made: dict[int, Path] = {}
+
+    def wav(self, i: int) -> Path:
+        i = 0 if self.lockstep else i
+        if i not in self._made:
+            self._made[i] = self.tmp / f"stream-{i}.wav"
+            self.seconds = long_stream_wav(self._made[i], self.minutes, self.files, rotation=(i * 0.618034) % 1.0)
+        return self._made[i]
+
+    def streams(self, n: int, chunk_ms: int) -> tuple[list[str], float]:
+        return [str(self.wav(i)) for i in range(n)], 0.0 if self.lockstep else chunk_ms / n
+
+
+def step(settings, procs, sampler, ingest, audio: StreamAudio, n: int) -> dict:
     out: dict = {"streams": n}
     before = dead_letters(settings)
+    files, stagger_ms = audio.streams(n, settings.chunk_ms)
     t0 = time.monotonic()
     with phase(procs, sampler, out):
-        rows = run_streams(settings, ingest, [str(wav)] * n, realtime=True)
+        rows = run_streams(settings, ingest, files, realtime=True, stagger_ms=stagger_ms)
     # on Tansu the broker's CPU grows with the log through a step (README "Load")
     out["broker_cpu_pct_by_minute"] = sampler.cpu_pct_by_minute("broker", t0)
     out.update(latency_stats(rows))
@@ -57,20 +82,23 @@ def step(settings, procs, sampler, ingest, wav: Path, n: int) -> dict:
     return out
 
 
-def run_config(name: str, replicas: str, counts: list[int], wav: Path, tmp: Path) -> dict:
+def run_config(name: str, replicas: str, counts: list[int], audio: StreamAudio, tmp: Path) -> dict:
     settings, procs, sampler, ingest = start_stack(tmp / name, f"load-{name}", replicas)
     steps, best = [], 0
     try:
         run_streams(settings, ingest, [str(SPEECH / "goforward.wav")], realtime=False)  # warm the pools
         for n in counts:
             print(f"[{name}] {n} concurrent real-time streams ...", flush=True)
-            s = step(settings, procs, sampler, ingest, wav, n)
+            s = step(settings, procs, sampler, ingest, audio, n)
             steps.append(s)
             print(f"[{name}] {n} streams: partial p95 {s['partial_p95_ms']} ms, complete {s['complete']}/{n}, "
                   f"dead letters {s['dead_letters']} -> {'pass' if s['passed'] else 'FAIL'}", flush=True)
             for svc, x in s["services"].items():
                 print(f"    {svc:<48} cpu {x['cpu_pct_of_one_core']:6.1f}% of a core   peak RSS {x['peak_rss_mb']:7.1f} MB")
             print(f"    broker CPU by minute (% of a core): {s['broker_cpu_pct_by_minute']}")
+            print(f"    partial p95 by minute of the streams (ms): {s.get('partial_p95_ms_by_minute')}")
+            print(f"    latency parts, mean (ms): {s.get('latency_parts_mean_ms')}; "
+                  f"slowest 5%: {s.get('latency_parts_slowest_5pct_mean_ms')}")
             if not s["passed"]:
                 break
             best = n
@@ -85,18 +113,21 @@ def main(argv=None) -> None:
     ap.add_argument("--online", default="8,12,16,20", help="stream counts for the online-only stack")
     ap.add_argument("--full", default="2,4,6", help="stream counts with online + offline + diarizer")
     ap.add_argument("--online-replicas", type=int, default=2, help="online_asr replicas of the online-only stack")
+    ap.add_argument("--lockstep", action="store_true",
+                    help="every stream the same audio, chunks published at the same moment (worst case)")
     a = ap.parse_args(argv)
-    utterances = sorted(p for p in SPEECH.glob("*.wav"))
-    report = {"minutes": a.minutes, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    report = {"minutes": a.minutes, "streams": "lockstep" if a.lockstep else "independent",
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     with tempfile.TemporaryDirectory(prefix="hark-load-") as d:
         tmp = Path(d)
-        wav = tmp / "stream.wav"
-        seconds = long_stream_wav(wav, a.minutes, utterances)
-        print(f"each stream: {seconds / 60:.1f} minutes of real speech, published in real time", flush=True)
+        audio = StreamAudio(tmp, a.minutes, a.lockstep)
+        audio.wav(0)
+        print(f"each stream: {audio.seconds / 60:.1f} minutes of real speech, published in real time, "
+              f"{report['streams']}", flush=True)
         for name, counts in (("online", a.online), ("full", a.full)):
             if counts:
                 replicas = CONFIGS[name].format(online_replicas=a.online_replicas)
-                report[name] = run_config(name, replicas, [int(x) for x in counts.split(",")], wav, tmp)
+                report[name] = run_config(name, replicas, [int(x) for x in counts.split(",")], audio, tmp)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "load.json").write_text(json.dumps(report, indent=1))
     for name in ("online", "full"):

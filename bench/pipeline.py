@@ -125,10 +125,13 @@ def direct_decode(files: list[Path], refs: dict[str, str], max_hmm_per_frame: in
             "cpu_s": round(cpu, 3), "rtf": round(cpu / audio_s, 4), "hypotheses": hyps}
 
 
-def run_streams(settings, ingest, files: list[str], realtime: bool) -> list[dict]:
+def run_streams(settings, ingest, files: list[str], realtime: bool, stagger_ms: float = 0.0) -> list[dict]:
+    """Publish ``files`` as concurrent streams; stream i starts ``i * stagger_ms`` after the first."""
     runs = file_runs(ingest, files, realtime, settings)
+    for i, r in enumerate(runs):
+        r.start_delay_s = i * stagger_ms / 1000
     follow(settings, runs, Display(quiet=True), min_timeout_s=120)
-    return [r.summary() | {"_latencies": r.word_latency_ms} for r in runs]
+    return [r.summary() | {"_latencies": r.word_latency_ms, "_latency_parts": r.word_latency_parts} for r in runs]
 
 
 def latency_stats(rows: list[dict]) -> dict:
@@ -137,11 +140,30 @@ def latency_stats(rows: list[dict]) -> dict:
     return {"words": int(lat.size), "partial_p50_ms": round(float(np.percentile(lat, 50)), 1),
             "partial_p95_ms": round(float(np.percentile(lat, 95)), 1),
             "partial_max_ms": round(float(lat.max()), 1),
-            "final_after_close_p50_ms": round(float(np.median(fac)), 1) if fac else None}
+            "final_after_close_p50_ms": round(float(np.median(fac)), 1) if fac else None,
+            **latency_breakdown(rows)}
 
 
-def long_stream_wav(path: Path, minutes: float, files: list[Path]) -> float:
-    """Real speech tiled to `minutes` (at least once), 0.5 s pauses between files, as 16 kHz WAV."""
+def latency_breakdown(rows: list[dict]) -> dict:
+    """Where the partial latency goes (hark/session.py word_latency_parts), for all words and for
+    the slowest 5%, and its p95 per minute of the streams (does it grow as the log grows?)."""
+    parts = np.array([p for r in rows for p in r.get("_latency_parts", [])], dtype=float).reshape(-1, 4)
+    if not len(parts):
+        return {}
+    total = parts[:, 1:].sum(axis=1)
+    slow = total >= np.percentile(total, 95)
+    names = ("waiting_for_audio", "audio_to_results", "results_to_client")
+    minute = (parts[:, 0] // 60000).astype(int)
+    return {"latency_parts_mean_ms": {n: round(float(parts[:, i + 1].mean()), 1) for i, n in enumerate(names)},
+            "latency_parts_slowest_5pct_mean_ms": {n: round(float(parts[slow, i + 1].mean()), 1)
+                                                   for i, n in enumerate(names)},
+            "partial_p95_ms_by_minute": [round(float(np.percentile(total[minute == m], 95)), 1)
+                                         for m in range(minute.max() + 1) if (minute == m).any()]}
+
+
+def long_stream_wav(path: Path, minutes: float, files: list[Path], rotation: float = 0.0) -> float:
+    """Real speech tiled to `minutes` (at least once), 0.5 s pauses between files, as 16 kHz WAV;
+    ``rotation`` (a fraction of one pass over the files) is where in that pass the stream starts."""
     import soundfile as sf
 
     gap = np.zeros(8000, dtype=np.int16)
@@ -149,6 +171,7 @@ def long_stream_wav(path: Path, minutes: float, files: list[Path]) -> float:
     for f in files:
         pieces += [read_pcm_file(f), gap]
     block = np.concatenate(pieces)
+    block = np.roll(block, -int(rotation * len(block)))
     reps = max(1, int(np.ceil(minutes * 60 * 16000 / len(block))))
     with sf.SoundFile(path, "w", 16000, 1, "PCM_16") as out:
         for _ in range(reps):

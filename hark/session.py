@@ -31,6 +31,7 @@ class StreamRun:
     chunk_published_at_ms: list[int] = field(default_factory=list)
     samples_published: int = 0
     expected_seconds: float | None = None
+    start_delay_s: float = 0.0  # a load test's streams do not all start on the same millisecond
     error: str | None = None
     end_published_ms: int | None = None
     complete: dict | None = None
@@ -38,7 +39,11 @@ class StreamRun:
     online_finals: dict[int, str] = field(default_factory=dict)
     partial_text: str = ""
     word_latency_ms: list[int] = field(default_factory=list)
-    _first_seen: dict[int, list[tuple[str, int, int, int]]] = field(default_factory=dict)
+    # per measured word, where its latency went: (word end in the stream, waited for more audio
+    # [newest chunk the record reflects - chunk holding the word's end], audio -> results record
+    # [results emitted - that newest chunk published], results topic -> this client)
+    word_latency_parts: list[tuple[int, int, int, int]] = field(default_factory=list)
+    _first_seen: dict[int, list[tuple[str, int, int, int, int, int]]] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -62,16 +67,20 @@ class StreamRun:
         seen = self._first_seen.setdefault(utt, [])
         for w in rec["words"]:
             if not any(s[0] == w["word"] and _overlap(s[1], s[2], w["start_ms"], w["end_ms"]) for s in seen):
-                seen.append((w["word"], w["start_ms"], w["end_ms"], received_ms))
+                seen.append((w["word"], w["start_ms"], w["end_ms"], received_ms, rec["audio_published_at_ms"],
+                             rec["emitted_at_ms"]))
         if kind == "PARTIAL":
             self.partial_text = rec["text"]
             return None
         for w in rec["words"]:  # FINAL
-            first = min((s[3] for s in seen if s[0] == w["word"] and _overlap(s[1], s[2], w["start_ms"], w["end_ms"])),
-                        default=received_ms)
+            first = min((s[3:] for s in seen if s[0] == w["word"] and _overlap(s[1], s[2], w["start_ms"], w["end_ms"])),
+                        default=(received_ms, rec["audio_published_at_ms"], rec["emitted_at_ms"]))
             if self.chunk_published_at_ms:
                 idx = min(w["end_ms"] // self.chunk_ms, len(self.chunk_published_at_ms) - 1)
-                self.word_latency_ms.append(first - self.chunk_published_at_ms[idx])
+                received, audio_published, emitted = first
+                self.word_latency_ms.append(received - self.chunk_published_at_ms[idx])
+                self.word_latency_parts.append((w["end_ms"], audio_published - self.chunk_published_at_ms[idx],
+                                                emitted - audio_published, received - emitted))
         self._first_seen.pop(utt, None)
         self.online_finals[utt] = rec["text"]
         self.partial_text = ""
@@ -196,6 +205,7 @@ def follow(settings: Settings, runs: list[StreamRun], display: Display, timeout_
 
     def publish(run: StreamRun) -> None:
         try:
+            time.sleep(run.start_delay_s)
             run.publish(run)
             run.end_published_ms = now_ms()
         except AudioError as e:
