@@ -133,6 +133,7 @@ class StreamPublisher:
         self.max_samples = int(s.max_stream_seconds * TARGET_RATE)
         self.summary = StreamSummary(stream_id, tenant, info.format)
         self.seq = 0
+        self._placer = ingest.placer()  # kept, so finish() releases where start() acquired
         self.partition: int | None = None  # chosen at start(); None: the key's hash
         self._t0: float | None = None
         self._finished = False
@@ -150,7 +151,7 @@ class StreamPublisher:
         self.ingest.store.put(self.prefix + "meta.json", json.dumps(meta, indent=1).encode())
 
     def start(self) -> None:
-        self.partition = self.ingest.placer().acquire()
+        self.partition = self._placer.acquire()
         self._meta(status="OPEN", started_at_ms=now_ms())
         self._produce("StreamStart", {
             "stream_id": self.stream_id, "tenant": self.tenant, "seq": 0, "language": self.language,
@@ -192,7 +193,7 @@ class StreamPublisher:
         try:
             return self._finish(status, reason)
         finally:
-            self.ingest.placer().release(self.partition)
+            self._placer.release(self.partition)
 
     def _finish(self, status: str, reason: str | None) -> StreamSummary:
         if status == "COMPLETE":
@@ -221,7 +222,7 @@ class StreamPublisher:
         while True:
             try:
                 p.produce(self.settings.audio_topic, key=self._key(), value=serde.encode(rtype, record),
-                          **({} if self.partition is None else {"partition": self.partition}))
+                          partition=-1 if self.partition is None else self.partition)  # -1: hash the key
                 break
             except BufferError:  # local queue full: wait for deliveries instead of growing memory
                 p.poll(0.05)
@@ -246,18 +247,16 @@ class Ingest:
         """Built at the first stream: the audio topic's partition count is the broker's, not config's."""
         with self._placer_lock:
             if self._placer is None:
-                if self.settings.audio_placement == "hash":
-                    self._placer = PartitionPlacer("hash", 0)
-                    return self._placer
-                topic = self.settings.audio_topic
-                try:
-                    partitions = len(self.producer.list_topics(topic, timeout=10).topics[topic].partitions)
-                    if not partitions:
-                        raise LookupError("no partitions")
-                except Exception as e:  # no metadata yet: hash this stream, ask again for the next
-                    log.warning("no partition count for %s (%s): placing by hash", topic, e)
-                    return PartitionPlacer("hash", 0)
-                self._placer = PartitionPlacer(self.settings.audio_placement, partitions)
+                mode, topic, partitions = self.settings.audio_placement, self.settings.audio_topic, 0
+                if mode != "hash":
+                    try:
+                        partitions = len(self.producer.list_topics(topic, timeout=10).topics[topic].partitions)
+                        if not partitions:
+                            raise LookupError("no partitions")
+                    except Exception as e:  # no metadata yet: hash this stream, ask again for the next
+                        log.warning("no partition count for %s (%s): placing by hash", topic, e)
+                        return PartitionPlacer("hash", 0)
+                self._placer = PartitionPlacer(mode, partitions)
             return self._placer
 
     def reject(self, err: AudioError, *, stream_id: str | None, tenant: str | None,
