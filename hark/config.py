@@ -51,6 +51,9 @@ class Settings:
     # streams share a partition: on the embedded broker every batch is an object that each live
     # fetch pays for again (README "Load"), so fewer, larger batches keep its CPU down.
     audio_linger_ms: int = 50
+    # The same for the services' outputs (transcripts, results): partials of many streams share a
+    # partition too.
+    output_linger_ms: int = 5
     # balanced: a new stream goes to the audio partition with the fewest streams open on this
     # ingest, so they spread evenly over online_asr replicas; hash: the stream id's hash
     audio_placement: str = "balanced"

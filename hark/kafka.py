@@ -102,7 +102,7 @@ def producer(settings: Settings, **overrides) -> GuardedProducer:
     conf.update({
         "enable.idempotence": True,
         "acks": "all",
-        "linger.ms": 5,
+        "linger.ms": settings.output_linger_ms,
         "message.max.bytes": MAX_MESSAGE_BYTES,
     })
     conf.update(overrides)
