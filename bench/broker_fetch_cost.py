@@ -79,8 +79,12 @@ def main(argv=None) -> None:
 
 
 class Broker:
-    def __init__(self, partitions: int):
+    """A bare memory:// Tansu with its topics created: "live" and "other" with ``partitions``
+    each, or ``topics`` (name -> partitions)."""
+
+    def __init__(self, partitions: int, topics: dict[str, int] | None = None):
         self.partitions = partitions
+        self.topics = topics or {"live": partitions, "other": partitions}
 
     def __enter__(self):
         port = free_port()
@@ -89,7 +93,7 @@ class Broker:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kafka.wait_for_broker(Settings(bootstrap=self.bootstrap))
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        for f in admin.create_topics([NewTopic(t, self.partitions, 1) for t in ("live", "other")]).values():
+        for f in admin.create_topics([NewTopic(t, n, 1) for t, n in self.topics.items()]).values():
             f.result()
         return self
 

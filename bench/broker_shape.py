@@ -25,19 +25,14 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import os
-import subprocess
 import threading
 import time
 import zlib
 
 import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
 
-from hark import kafka
-from hark.config import Settings
-from hark.stack import free_port, tansu_command
+from .broker_fetch_cost import Broker
 
 DEFAULT_CASES = "defaults:;batched:partitions=2,audio_linger=100,output_linger=50"
 BASE = {"partitions": 8, "transcript_partitions": 0, "audio_linger": 50, "output_linger": 5, "chunk": 100,
@@ -60,22 +55,13 @@ def parse_cases(text: str) -> list[tuple[str, dict]]:
 
 
 class Traffic:
-    def __init__(self, case: dict):
-        self.case = case
-        port = free_port()
-        self.bootstrap = f"127.0.0.1:{port}"
-        self.proc = subprocess.Popen(tansu_command(port, "memory://tansu/"), env={**os.environ, "RUST_LOG": "warn"},
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        kafka.wait_for_broker(Settings(bootstrap=self.bootstrap))
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        self.tparts = case["transcript_partitions"] or case["partitions"]
-        topics = [NewTopic("audio", case["partitions"], 1)] + [NewTopic(t, self.tparts, 1) for t in TRANSCRIPT_TOPICS]
-        for f in admin.create_topics(topics).values():
-            f.result()
+    def __init__(self, case: dict, broker: Broker):
+        self.case, self.bootstrap, self.broker_pid = case, broker.bootstrap, broker.proc.pid
 
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+    @staticmethod
+    def topics(case: dict) -> dict[str, int]:
+        tparts = case["transcript_partitions"] or case["partitions"]
+        return {"audio": case["partitions"], **{t: tparts for t in TRANSCRIPT_TOPICS}}
 
     def _producer(self, linger_ms: float) -> Producer:
         return Producer({"bootstrap.servers": self.bootstrap, "linger.ms": linger_ms,
@@ -98,7 +84,8 @@ class Traffic:
 
     def run(self, seconds: float, speed: float, live: bool) -> dict:
         """The traffic for ``seconds`` of wall time at ``speed`` x real time (waits scaled alike)."""
-        c, parts, tparts = self.case, self.case["partitions"], self.tparts
+        c = self.case
+        parts, tparts = self.topics(c)["audio"], self.topics(c)["results"]
         ingest = self._producer(c["audio_linger"] / speed)
         replicas = [self._producer(c["output_linger"] / speed) for _ in range(2)]
         results = self._producer(c["output_linger"] / speed)
@@ -113,7 +100,7 @@ class Traffic:
             readers.append(self._reader([(t, p) for t in TRANSCRIPT_TOPICS[:3] for p in range(tparts)], stop, hops))
             readers.append(self._reader([("results", p) for p in range(tparts)], stop, hops))
             time.sleep(3)
-        broker = psutil.Process(self.proc.pid)
+        broker = psutil.Process(self.broker_pid)
         t0, mark = time.time(), None
         while True:
             t, kind, i, k = heapq.heappop(events)
@@ -162,12 +149,10 @@ def main(argv=None) -> None:
     print(f"{'case':<10} {'settings':<100} {'age':>4} {'broker CPU':>11} {'audio hop p50 / p95':>20}")
     for name, case in parse_cases(a.cases):
         for age in (float(x) for x in a.ages.split(",") if x):
-            traffic = Traffic(case)
-            try:
+            with Broker(case["partitions"], Traffic.topics(case)) as broker:
+                traffic = Traffic(case, broker)
                 traffic.run(age * 60 / a.speed, a.speed, live=False)
                 r = traffic.run(a.live, 1.0, live=True)
-            finally:
-                traffic.close()
             settings = ",".join(f"{k}={v}" for k, v in case.items())
             print(f"{name:<10} {settings:<100} {age:>4.0f} {r['broker_cpu_pct']:>10.1f}% "
                   f"{r['audio_hop_p50_ms']:>9} / {r['audio_hop_p95_ms']} ms", flush=True)
