@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import threading
 import time
@@ -75,12 +76,16 @@ class PartitionPlacer:
     pocketsphinx holds the GIL) falls behind (README "Load"). "hash": the producer's key hash.
     """
 
-    def __init__(self, mode: str, partitions: int):
+    def __init__(self, mode: str, partitions: int, start: int | None = None):
         if mode not in ("balanced", "hash"):
             raise ValueError(f"audio placement must be balanced or hash, not {mode!r}")
         self.mode = mode
         self._open = [0] * partitions
-        self._next = 0  # ties go round the partitions, so streams one after another spread over all of them
+        # Ties go round the partitions, so streams one after another spread over all of them. The
+        # round starts at a random partition: placers know only their own streams, and ingest
+        # replicas (or clients with one Ingest per stream) that all began at 0 would pile their
+        # first streams onto partition 0.
+        self._next = random.randrange(max(partitions, 1)) if start is None else start
         self._lock = threading.Lock()
 
     def acquire(self) -> int | None:
