@@ -646,6 +646,9 @@ class AudioStreamService(ConsumerService):
             self.on_start(sid, rec, msg)
             return
         if rtype == "AudioChunk":
+            # How far behind real time this consumer reads, from ingest's publish time: unlike the
+            # offset lag it is right on Tansu too, and it is what a live caption waits for.
+            self.metrics.set("audio_delay_seconds", max(0.0, (now_ms() - rec["published_at_ms"]) / 1000))
             order = self._order.get(sid)
             if order is None:  # joined mid-stream (a resume): this chunk's seq comes next
                 order = self._order[sid] = ChunkOrder(rec["seq"], self.metrics)
@@ -677,6 +680,9 @@ class AudioStreamService(ConsumerService):
         log.warning("chunk missing from the fetch, re-reading the partition",
                     extra=kv(stream_id=sid, seq=missing, partition=msg.partition(), offset=order.last_offset + 1))
         self.seek(msg.topic(), msg.partition(), order.last_offset + 1)
+
+    def idle(self) -> None:
+        self.metrics.set("audio_delay_seconds", 0.0)  # everything read: not behind (the last chunk's age would stick)
 
     def reordering(self, sid: str) -> bool:
         """True while chunks of ``sid`` wait for a missing one (a hold must not move past them)."""

@@ -133,6 +133,7 @@ def test_every_service_exposes_prometheus_metrics(live_stack, speech_dir):
             rtf = value(m["hark_decode_rtf"])
             assert 0 < rtf < 1.5, (svc["name"], rtf)
             assert value(m["hark_audio_seconds"]) > 0
+            assert 0 <= value(m["hark_audio_delay_seconds"]) < 60, svc["name"]
     assert seen == set(stack.SERVICES)
 
 

@@ -122,7 +122,10 @@ class DiarizerService(AudioStreamService):
             self._emit(sid, tenant, "FULL", [], 0, 0, 0, 0, status)
             return
         t0 = time.perf_counter()
+        before, covered = st.diarizer.compute_s, st.diarizer.emitted_ms
         tail = st.diarizer.flush()
+        if st.diarizer.emitted_ms > covered:  # a stream shorter than a block is diarized only here
+            self.observe_decode(st.diarizer.compute_s - before, (st.diarizer.emitted_ms - covered) / 1000)
         if tail:
             self._publish(sid, st, "INCREMENTAL", tail, time.perf_counter() - t0)
         full = st.diarizer.full_turns()

@@ -190,6 +190,7 @@ class OfflineASR(AudioStreamService):
         return st.prompt[-self.settings.offline_prompt_chars:] if self.settings.offline_prompt_chars else None
 
     def idle(self) -> None:
+        super().idle()
         if not self.nbest_jobs:
             return
         sid, tenant, index, w, prompt, language = self.nbest_jobs.popleft()
