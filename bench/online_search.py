@@ -2,7 +2,7 @@
 
     python -m bench.online_search                # 30000 (pocketsphinx's default) 5000 3000 2000 1500
     python -m bench.online_search --caps 3000,4000
-    python -m bench.online_search --caps 3000 --options ds=2,topn=2,pl_window=10   # other search settings, one at a time
+    python -m bench.online_search --caps 3000 --options ds=2,pbeam=1e-40   # other search settings, one at a time
 
 Decodes all of data/speech in this process (the 12 utterances and the joined passage, 174 words),
 fed in 100 ms chunks as online_asr feeds it; the faster of two passes per value. No Kafka.
@@ -16,6 +16,14 @@ from hark.wer import load_references
 from .pipeline import SPEECH, direct_decode
 
 
+def number(text: str) -> int | float:
+    """pocketsphinx takes integers (ds=2) and floats (beams such as pbeam=1e-40)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.online_search")
     ap.add_argument("--caps", default="30000,5000,3000,2000,1500", help="max active HMMs per frame to try")
@@ -23,7 +31,7 @@ def main() -> None:
     a = ap.parse_args()
     refs = load_references(SPEECH / "references.tsv")
     files = [SPEECH / n for n in refs]
-    options = [{}] + [{k: int(v)} for k, v in (kv.split("=", 1) for kv in a.options.split(",") if kv)]
+    options = [{}] + [{k: number(v)} for k, v in (kv.split("=", 1) for kv in a.options.split(",") if kv)]
     for cap in (int(x) for x in a.caps.split(",")):
         for extra in options:
             runs = [direct_decode(files, refs, max_hmm_per_frame=cap, **extra) for _ in range(2)]

@@ -104,11 +104,19 @@ class DiarizerService(AudioStreamService):
         st.next_seq = rec["seq"] + 1
         st.last_seen = time.monotonic()
         st.published_at_ms = rec["published_at_ms"]
+        block = self._diarize(st, lambda: st.diarizer.push(np.frombuffer(pcm, dtype="<i2")))
+        if block is not None:
+            self._publish(sid, st, "INCREMENTAL", *block)
+
+    def _diarize(self, st: DiarizedStream, step) -> tuple[list[Turn], float] | None:
+        """Run ``step`` (push or flush); if it diarized a block, count its decode time and return
+        its turns and compute seconds."""
         before, covered = st.diarizer.compute_s, st.diarizer.emitted_ms
-        turns = st.diarizer.push(np.frombuffer(pcm, dtype="<i2"))
-        if st.diarizer.emitted_ms > covered:  # a block was diarized
-            self.observe_decode(st.diarizer.compute_s - before, (st.diarizer.emitted_ms - covered) / 1000)
-            self._publish(sid, st, "INCREMENTAL", turns, st.diarizer.compute_s - before)
+        turns = step()
+        if st.diarizer.emitted_ms <= covered:
+            return None
+        self.observe_decode(st.diarizer.compute_s - before, (st.diarizer.emitted_ms - covered) / 1000)
+        return turns, st.diarizer.compute_s - before
 
     def on_end(self, sid: str, rec: dict, msg: Message) -> None:
         self._close(sid, rec["tenant"], str(rec["status"]))
@@ -122,12 +130,9 @@ class DiarizerService(AudioStreamService):
             self._emit(sid, tenant, "FULL", [], 0, 0, 0, 0, status)
             return
         t0 = time.perf_counter()
-        before, covered = st.diarizer.compute_s, st.diarizer.emitted_ms
-        tail = st.diarizer.flush()
-        if st.diarizer.emitted_ms > covered:  # a stream shorter than a block is diarized only here
-            self.observe_decode(st.diarizer.compute_s - before, (st.diarizer.emitted_ms - covered) / 1000)
-        if tail:
-            self._publish(sid, st, "INCREMENTAL", tail, time.perf_counter() - t0)
+        tail = self._diarize(st, st.diarizer.flush)  # a stream shorter than a block is diarized only here
+        if tail is not None and tail[0]:
+            self._publish(sid, st, "INCREMENTAL", tail[0], time.perf_counter() - t0)
         full = st.diarizer.full_turns()
         self._emit(sid, st.tenant, "FULL", full, st.diarizer.emitted_ms, len({t.speaker for t in full}),
                    int((time.perf_counter() - t0) * 1000), st.published_at_ms, status)
