@@ -9,6 +9,10 @@ stored batches in another topic instead.
   python -m bench.broker_fetch_cost                       # 0, 40k and 80k stored batches
   python -m bench.broker_fetch_cost --stored 0,20000 --rate 60 --partitions 1
   python -m bench.broker_fetch_cost --stored "" --lingers "" --chunks 100,200,400
+  python -m bench.broker_fetch_cost --storage s3 --stored 0,5000 --lingers "" --chunks ""
+
+``--storage s3`` runs the first part on Tansu's s3:// storage in SeaweedFS (the engine the broker
+restart test uses) and reports SeaweedFS's CPU beside the broker's.
 
 Then it shows what ingest's audio batching (``HARK_AUDIO_LINGER_MS``) buys: 24 streams' worth of
 100 ms chunks at staggered times for 50 s into an empty topic, read live, producer linger 5 ms
@@ -26,8 +30,10 @@ import contextlib
 import json
 import os
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -52,17 +58,21 @@ def main(argv=None) -> None:
     ap.add_argument("--lingers", default="5,50", help="producer linger.ms values for the batching test ('' skips it)")
     ap.add_argument("--chunks", default="100,200", help="audio chunk lengths (ms) for the chunk test ('' skips it)")
     ap.add_argument("--stored-seconds", type=float, default=300.0, help="audio each stream has sent before the chunk test")
+    ap.add_argument("--storage", choices=("memory", "s3"), default="memory",
+                    help="the broker's storage for the stored-batches part (s3: SeaweedFS, its CPU shown too)")
     a = ap.parse_args(argv)
     if a.stored:
-        print(f"{'stored batches':>14} {'where':>12} {'consumer':>9} {'broker CPU':>11} {'delivered':>10}")
+        print(f"{'stored batches':>14} {'where':>12} {'consumer':>9} {'broker CPU':>11} {'delivered':>10}"
+              + (f" {'SeaweedFS CPU':>14}" if a.storage == "s3" else ""))
     for stored in (int(x) for x in a.stored.split(",") if x):
         cases = [("same topic", True), ("same topic", False)] + ([("other topic", True)] if stored else [])
         for where, consume in cases:
-            with Broker(a.partitions) as b:
+            with Broker(a.partitions, storage=a.storage) as b:
                 b.fill("live" if where == "same topic" else "other", stored)
-                pct, delivered = b.measure(a.rate, a.seconds, consume)
+                pct, delivered, storage_pct = b.measure(a.rate, a.seconds, consume)
             print(f"{stored:>14} {where:>12} {'yes' if consume else 'no':>9} {pct:>10.1f}% "
-                  f"{delivered if consume else '-':>10}", flush=True)
+                  f"{delivered if consume else '-':>10}" + (f" {storage_pct:>13.1f}%" if a.storage == "s3" else ""),
+                  flush=True)
     if a.lingers:
         print(f"\n{'linger.ms':>9} {'records':>8} {'batches':>8} {'broker CPU, last 10 s':>22}")
     for linger in (int(x) for x in a.lingers.split(",") if x):
@@ -79,17 +89,25 @@ def main(argv=None) -> None:
 
 
 class Broker:
-    """A bare memory:// Tansu with its topics created: "live" and "other" with ``partitions``
-    each, or ``topics`` (name -> partitions)."""
+    """A bare Tansu with its topics created: "live" and "other" with ``partitions`` each, or
+    ``topics`` (name -> partitions); on memory:// storage, or on s3:// in a SeaweedFS of its own."""
 
-    def __init__(self, partitions: int, topics: dict[str, int] | None = None):
-        self.partitions = partitions
+    def __init__(self, partitions: int, topics: dict[str, int] | None = None, storage: str = "memory"):
+        self.partitions, self.storage = partitions, storage
         self.topics = topics or {"live": partitions, "other": partitions}
+        self.s3: subprocess.Popen | None = None
 
     def __enter__(self):
         port = free_port()
         self.bootstrap = f"127.0.0.1:{port}"
-        self.proc = subprocess.Popen(tansu_command(port, "memory://tansu/"), env={**os.environ, "RUST_LOG": "warn"},
+        env = {**os.environ, "RUST_LOG": "warn"}
+        if self.storage == "s3":
+            from tests import seaweed
+
+            self.s3_dir = tempfile.TemporaryDirectory(prefix="hark-fetch-cost-")
+            self.s3, s3port = seaweed.start(Path(self.s3_dir.name), buckets=("tansu",))
+            env.update(seaweed.tansu_env(s3port))
+        self.proc = subprocess.Popen(tansu_command(port, "s3://tansu/" if self.s3 else "memory://tansu/"), env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kafka.wait_for_broker(Settings(bootstrap=self.bootstrap))
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
@@ -100,6 +118,19 @@ class Broker:
     def __exit__(self, *exc) -> None:
         self.proc.kill()
         self.proc.wait()
+        if self.s3 is not None:
+            from tests import seaweed
+
+            seaweed.stop(self.s3)
+            self.s3_dir.cleanup()
+
+    def storage_cpu_seconds(self) -> float:
+        """CPU seconds of the storage server so far (0 for memory://)."""
+        if self.s3 is None:
+            return 0.0
+        procs = [psutil.Process(self.s3.pid)]
+        procs += procs[0].children(recursive=True)
+        return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
 
     def fill(self, topic: str, batches: int) -> None:
         """`batches` one-record batches: one per partition per flush."""
@@ -110,23 +141,24 @@ class Broker:
                 p.flush()
         p.flush()
 
-    def measure(self, rate: int, seconds: float, consume: bool) -> tuple[float, int]:
+    def measure(self, rate: int, seconds: float, consume: bool) -> tuple[float, int, float]:
+        """Broker CPU (% of one core), live records delivered, storage server CPU (%)."""
         with self.reading(from_end=True) if consume else contextlib.nullcontext([0]) as delivered:
             if consume:
                 time.sleep(2)
             p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
             broker = psutil.Process(self.proc.pid)
-            c0, t0 = broker.cpu_times(), time.monotonic()
+            c0, s0, t0 = broker.cpu_times(), self.storage_cpu_seconds(), time.monotonic()
             n = int(rate * seconds)
             for i in range(n):
                 p.produce("live", key=str(i % 12).encode(), value=b"live" + b"x" * 3196)
                 p.poll(0)
                 time.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
             p.flush()
-            c1, t1 = broker.cpu_times(), time.monotonic()
+            c1, s1, t1 = broker.cpu_times(), self.storage_cpu_seconds(), time.monotonic()
             if consume:
                 time.sleep(1)
-        return cpu_pct(c0, c1, t1 - t0), delivered[0]
+        return cpu_pct(c0, c1, t1 - t0), delivered[0], 100 * (s1 - s0) / (t1 - t0)
 
     @contextlib.contextmanager
     def reading(self, from_end: bool):

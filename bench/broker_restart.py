@@ -42,9 +42,7 @@ def main(argv=None) -> None:
 
 def run(d: Path, a) -> None:
     s3, s3port = seaweed.start(d / "s3", buckets=("tansu",))
-    env = {**os.environ, "AWS_ENDPOINT": f"http://127.0.0.1:{s3port}", "AWS_ALLOW_HTTP": "true",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": seaweed.ACCESS_KEY,
-           "AWS_SECRET_ACCESS_KEY": seaweed.SECRET_KEY, "RUST_LOG": "warn"}
+    env = {**os.environ, **seaweed.tansu_env(s3port), "RUST_LOG": "warn"}
     port = free_port()
     bootstrap = f"127.0.0.1:{port}"
     cmd = tansu_command(port, "s3://tansu/")

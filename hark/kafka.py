@@ -7,6 +7,7 @@ because Tansu does not wake a waiting fetch when data arrives (STACK.md).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -40,6 +41,12 @@ class GuardedProducer(Producer):
     test a stream's first 33 records). So such a record is produced again, as a new record. Where
     the broker did write it the copy is a duplicate, which every hark consumer drops by the
     record's identity (stream + sequence, utterance or segment index).
+
+    Delivery reports are served by one thread at a time (``poll``, ``flush``). librdkafka hands
+    them out in the order the broker acknowledged them, but when two threads serve the queue at
+    once (ingest publishes concurrent streams from several threads) their callbacks interleave, a
+    later acknowledgement is seen first, and the earlier ones then look lower than it: measured,
+    22 needless copies for 13 files published at once to a healthy broker, 255 for 39.
     """
 
     SUSPECT_AFTER_LOSS_S = 120.0  # how long after a lost broker connection offset 0 is suspect
@@ -54,7 +61,32 @@ class GuardedProducer(Producer):
         self._suspect_at: dict[tuple[str, int], int] = {}  # offset of the last suspect one
         self._broker_lost_at: float | None = None
         self._error_cb = conf.pop("error_cb", None)
+        self._serving = threading.Lock()  # held while delivery reports are served
         super().__init__({**conf, "on_delivery": self._delivered, "error_cb": self._client_error})
+
+    def poll(self, timeout: float = -1) -> int:
+        """As Producer.poll; ``poll(0)`` returns at once if another thread is serving reports."""
+        if not self._serving.acquire(timeout=-1 if timeout is None or timeout < 0 else timeout):
+            return 0
+        try:
+            return super().poll(timeout)
+        finally:
+            self._serving.release()
+
+    def flush(self, timeout: float = -1) -> int:
+        """As Producer.flush, in slices so that other threads' flushes and polls get their turn."""
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        while True:
+            step = 0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic()))
+            if self._serving.acquire(timeout=step):
+                try:
+                    left = super().flush(step)
+                finally:
+                    self._serving.release()
+            else:
+                left = len(self)
+            if left == 0 or (deadline is not None and time.monotonic() >= deadline):
+                return left
 
     def _client_error(self, err: KafkaError) -> None:
         if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):

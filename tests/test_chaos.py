@@ -230,8 +230,7 @@ def test_broker_restart_on_s3_storage_loses_and_duplicates_nothing(tmp_path, spe
     s3, port = seaweed.start(tmp_path / "s3", buckets=("tansu",))
     n_streams = int(os.environ.get("HARK_CHAOS_BROKER_STREAMS", "4"))
     env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "4", "HARK_IDLE_TIMEOUT_S": "30",
-           "AWS_ENDPOINT": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ACCESS_KEY_ID": seaweed.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": seaweed.SECRET_KEY}
+           **seaweed.tansu_env(port)}
     try:
         settings, sdir = up(env, "--broker-storage", "s3://tansu/", "--replicas", "diarizer=0")
         try:
