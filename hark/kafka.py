@@ -66,7 +66,8 @@ class GuardedProducer(Producer):
 
     def poll(self, timeout: float = -1) -> int:
         """As Producer.poll; ``poll(0)`` returns at once if another thread is serving reports."""
-        if not self._serving.acquire(timeout=-1 if timeout is None or timeout < 0 else timeout):
+        timeout = -1 if timeout is None or timeout < 0 else timeout
+        if not self._serving.acquire(timeout=timeout):
             return 0
         try:
             return super().poll(timeout)

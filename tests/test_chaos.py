@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+import urllib.parse
 import wave
 from pathlib import Path
 
@@ -122,6 +123,24 @@ def summary(seen: dict) -> dict:
             "final_text": complete[0][0]}
 
 
+def wait_for_online_checkpoint(settings, prefix: str, timeout: float = 90.0) -> None:
+    """Until online_asr has checkpointed a resume state for one of the streams (it does at an
+    utterance end): a kill before that replays every stream from its start and tests no resume.
+    With 20 streams on 2 cores the replicas run behind, and a kill at a fixed time came too early."""
+    root = Path(urllib.parse.urlparse(settings.archive).path) / "checkpoints"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for f in root.glob("**/hark-online-asr/**/*.json"):
+            try:
+                streams = json.loads(f.read_text()).get("streams", {})
+            except (OSError, ValueError):  # being replaced
+                continue
+            if any(k.startswith(prefix) for k in streams):
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"online_asr wrote no resume state for a {prefix}* stream in {timeout:.0f} s")
+
+
 def service(state: dict, name: str, replica: int = 0) -> dict:
     return next(s for s in state["services"] if s["name"] == name and s["replica"] == replica)
 
@@ -205,6 +224,9 @@ def test_every_service_killed_mid_stream_loses_and_duplicates_nothing(tmp_path, 
                         first = service(stack.read_state(sdir), "online_asr", 0)
                     svc = service(stack.read_state(sdir), "online_asr", 1)
                 else:
+                    if victim == "online_asr":
+                        wait_for_online_checkpoint(settings, "chaos-")
+                        state = stack.read_state(sdir)
                     svc = service(state, victim)
                 os.kill(svc["pid"], signal.SIGKILL)
                 killed.append((victim, svc["pid"]))
