@@ -42,6 +42,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from hark import kafka
 from hark.config import Settings
 from hark.stack import free_port, tansu_command
+from tests import seaweed
 
 
 def cpu_pct(c0, c1, seconds: float) -> float:
@@ -102,8 +103,6 @@ class Broker:
         self.bootstrap = f"127.0.0.1:{port}"
         env = {**os.environ, "RUST_LOG": "warn"}
         if self.storage == "s3":
-            from tests import seaweed
-
             self.s3_dir = tempfile.TemporaryDirectory(prefix="hark-fetch-cost-")
             self.s3, s3port = seaweed.start(Path(self.s3_dir.name), buckets=("tansu",))
             env.update(seaweed.tansu_env(s3port))
@@ -119,8 +118,6 @@ class Broker:
         self.proc.kill()
         self.proc.wait()
         if self.s3 is not None:
-            from tests import seaweed
-
             seaweed.stop(self.s3)
             self.s3_dir.cleanup()
 

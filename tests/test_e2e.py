@@ -210,16 +210,18 @@ def test_concurrent_streams_are_spread_over_the_audio_partitions(live_stack, spe
     assert len(records) == len(sids)
     c = kafka.tail_consumer(settings, settings.audio_topic, from_beginning=True)
     seen: dict[str, list[tuple[int, int]]] = {sid: [] for sid in sids}  # (partition, seq) per record
+
+    def read(timeout: float) -> None:
+        for m in c.consume(500, timeout):
+            if not m.error() and m.key() and m.key().decode() in seen and m.value():
+                seen[m.key().decode()].append((m.partition(), serde.decode(m.value())[1]["seq"]))
+
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline and any(len(seen[sid]) < n for sid, n in records.items()):
-            for m in c.consume(500, 0.1):
-                if not m.error() and m.key() and m.key().decode() in seen and m.value():
-                    seen[m.key().decode()].append((m.partition(), serde.decode(m.value())[1]["seq"]))
+            read(0.1)
         time.sleep(0.5)  # anything more (a copy) would have arrived by now
-        for m in c.consume(500, 0.5):
-            if not m.error() and m.key() and m.key().decode() in seen and m.value():
-                seen[m.key().decode()].append((m.partition(), serde.decode(m.value())[1]["seq"]))
+        read(0.5)
     finally:
         c.close()
     partitions = {sid: {p for p, _ in recs} for sid, recs in seen.items()}
