@@ -3,11 +3,12 @@
 Which partition counts and batching waits keep Tansu's CPU down late in a long load step? A
 10-minute `make load` step takes 12 minutes; this replays the same shape of traffic at a given
 age in about a minute: 12 streams of 100 ms audio chunks (3.2 KB, each stream on its own clock,
-placed round-robin on the audio partitions as ingest places them), a 400-byte partial on the
-online topic every 2nd chunk from the replica that owns the stream's audio partition, and a
-500-byte result for it on the results topic. The history (``--ages``, minutes) is written first at
-``--speed`` times real time with every wait scaled down alike, so it holds the same number of
-batches a real run of that age would; then the traffic runs live for ``--live`` seconds read by
+placed round-robin on the audio partitions as ingest places them), and every 2nd chunk a 500-byte
+partial result on the results topic from the replica that owns the stream's audio partition
+(``direct_partials=0``: as before online_asr wrote partials there itself, a 400-byte partial on the
+online topic and the results service's copy of it on the results topic). The history (``--ages``,
+minutes) is written first at ``--speed`` times real time with every wait scaled down alike, so it
+holds the same number of batches a real run of that age would; then the traffic runs live for ``--live`` seconds read by
 the stack's consumers (two audio readers splitting the partitions, one reader of the three
 transcript topics, one of the results topic), and the broker's CPU over the last 10 s is reported.
 
@@ -19,7 +20,8 @@ batched case needs a third of the defaults' broker CPU here, yet lost in the rea
 "Load"); the likely reason is that chunks arriving together are decoded one after another.
 
 Case keys: partitions, transcript_partitions (0: as partitions), audio_linger, output_linger (ms),
-chunk (ms), partial_every (chunks; 0: no partials), streams, fetch_wait (ms).
+chunk (ms), partial_every (chunks; 0: no partials), streams, fetch_wait (ms), direct_partials (0: via
+the online topic and the results service).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from .broker_fetch_cost import Broker
 
 DEFAULT_CASES = "defaults:;batched:partitions=2,audio_linger=100,output_linger=50"
 BASE = {"partitions": 8, "transcript_partitions": 0, "audio_linger": 50, "output_linger": 5, "chunk": 100,
-        "partial_every": 2, "streams": 12, "fetch_wait": 50}
+        "partial_every": 2, "streams": 12, "fetch_wait": 50, "direct_partials": 1}
 TRANSCRIPT_TOPICS = ("online", "offline", "speakers", "results")
 
 
@@ -118,9 +120,12 @@ class Traffic:
                     heapq.heappush(events, (t + 0.03, 1, i, k))
             elif kind == 1:
                 p = replicas[(i % parts) % 2]
-                p.produce("online", key=sid, partition=zlib.crc32(sid.encode()) % tparts, value=b"p" * 400)
+                if c["direct_partials"]:
+                    p.produce("results", key=sid, partition=zlib.crc32(sid.encode()) % tparts, value=b"r" * 500)
+                else:
+                    p.produce("online", key=sid, partition=zlib.crc32(sid.encode()) % tparts, value=b"p" * 400)
+                    heapq.heappush(events, (t + 0.06, 2, i, k))
                 p.poll(0)
-                heapq.heappush(events, (t + 0.06, 2, i, k))
             else:
                 results.produce("results", key=sid, partition=zlib.crc32(sid.encode()) % tparts, value=b"r" * 500)
                 results.poll(0)

@@ -1,6 +1,8 @@
 """Per-stream merge of decoder outputs into Result records; no Kafka here.
 
-- Online PARTIAL/FINAL become caption updates (source "online").
+- Online FINALs become caption updates (source "online"). online_asr writes its PARTIALs onto the
+  results topic itself (they need no merging; a hop less for the live captions); one found on the
+  online topic (an online_asr from before that change) is passed on as before.
 - An offline SEGMENT becomes a FINAL with source "offline" covering [start_ms, end_ms): caption
   consumers replace the online text of that range with it. Offline NBEST become ALTERNATIVES.
 - STREAM_COMPLETE is emitted once every pass in ``wait_for`` has ended for the stream; its text
@@ -23,6 +25,7 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
+from hark.records import result_record
 from hark.runtime import RecentIds, now_ms
 
 PASSES = ("online", "offline", "diarizer")
@@ -89,16 +92,6 @@ def assign_speakers(words: list[dict], turns: list[dict], reach_ms: int = 1000) 
     return out
 
 
-def _result(rec: dict, kind: str, source: str, index: int, **fields) -> dict:
-    out = {"stream_id": rec["stream_id"], "tenant": rec["tenant"], "kind": kind, "source": source,
-           "utterance_id": index, "text": rec["text"], "start_ms": rec["start_ms"], "end_ms": rec["end_ms"],
-           "words": rec["words"], "nbest": rec["nbest"], "online_text": None, "turns": [], "status": None,
-           "final_source": None, "truncated": False, "audio_published_at_ms": rec["audio_published_at_ms"],
-           "emitted_at_ms": now_ms(), "model_name": rec["model_name"], "model_version": rec["model_version"]}
-    out.update(fields)
-    return out
-
-
 class ResultsMerger:
     def __init__(self, max_words: int = 20000, wait_for: tuple[str, ...] = PASSES, offline_timeout_s: float = 600.0):
         unknown = set(wait_for) - set(PASSES)
@@ -130,12 +123,12 @@ class ResultsMerger:
         kind, st = str(rec["kind"]), self._state(rec)
         p = st.passes["online"]
         p.model = (rec["model_name"], rec["model_version"])
-        if kind == "PARTIAL":
-            return [_result(rec, "PARTIAL", "online", rec["utterance_id"])]
+        if kind == "PARTIAL":  # online_asr now writes these to the results topic itself; an older one did not
+            return [result_record(rec, "PARTIAL", "online", rec["utterance_id"])]
         if kind == "FINAL":
             if not p.add(rec["utterance_id"], rec, self.max_words):
                 return []
-            return [self._labelled(rec, _result(rec, "FINAL", "online", rec["utterance_id"]))]
+            return [self._labelled(rec, result_record(rec, "FINAL", "online", rec["utterance_id"]))]
         if kind == "STREAM_END":
             p.ended = rec.get("end_status") or "COMPLETE"
             st.online_ended_at = time.monotonic()
@@ -176,7 +169,7 @@ class ResultsMerger:
             return []  # an A/B candidate's output: kept on the offline topic, not served
         kind = str(rec["kind"])
         if kind == "NBEST":  # may arrive after the stream completed: no state needed
-            return [_result(rec, "ALTERNATIVES", "offline", rec["segment_index"], words=[])]
+            return [result_record(rec, "ALTERNATIVES", "offline", rec["segment_index"], words=[])]
         if self.late(rec):
             return []
         st = self._state(rec)
@@ -185,7 +178,7 @@ class ResultsMerger:
         if kind == "SEGMENT":
             if not p.add(rec["segment_index"], rec, self.max_words):
                 return []
-            return [self._labelled(rec, _result(rec, "FINAL", "offline", rec["segment_index"]))]
+            return [self._labelled(rec, result_record(rec, "FINAL", "offline", rec["segment_index"]))]
         if kind == "STREAM_END":
             p.ended = rec.get("end_status") or "COMPLETE"
             return self._maybe_complete(rec["stream_id"], rec)
