@@ -190,7 +190,7 @@ class InputError(ValueError):
         self.kind, self.reason = kind, reason
 
 
-MAX_CHUNK_BYTES = 16000 * 2 * 10  # 10 s; a chunk is 100 ms by default, anything this big is an error
+MAX_CHUNK_BYTES = 16000 * 2 * 10  # 10 s; a chunk is 200 ms by default, anything this big is an error
 
 
 def check_chunk(rec: dict) -> bytes:
@@ -231,8 +231,8 @@ class ChunkOrder:
 
     The window covers a broker outage: a batch the restarted broker acknowledged without writing
     is produced again (``kafka.GuardedProducer``) behind every chunk queued during the outage,
-    ~5 s of them in the chaos test, which overflowed a 50-chunk window. 300 chunks (30 s of
-    100 ms chunks, ~1 MB) wait at most, and only while a chunk is missing."""
+    ~5 s of them in the chaos test, which overflowed a 50-chunk window. 300 chunks (60 s of
+    200 ms chunks, ~2 MB) wait at most, and only while a chunk is missing."""
 
     def __init__(self, next_seq: int, metrics: "Metrics", window: int = 300):
         self.next_seq, self.metrics, self.window = next_seq, metrics, window

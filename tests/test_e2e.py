@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+import wave
 
 import pytest
 from websockets.asyncio.client import connect
@@ -192,7 +193,7 @@ def test_concurrent_streams_are_spread_over_the_audio_partitions(live_stack, spe
     from services.ingest.publisher import Ingest
 
     settings, _ = live_stack
-    wav = (speech_dir / "goforward.wav").read_bytes()  # 2.7 s: 29 records a stream
+    wav = (speech_dir / "goforward.wav").read_bytes()  # 2.7 s: 16 records a stream
     ingest, run = Ingest(settings), time.time_ns()
     partition_count = kafka.topic_partitions(settings)[settings.audio_topic]
     sids = [f"spread-{run}-{i}" for i in range(2 * partition_count)]
@@ -327,7 +328,7 @@ def test_publish_and_tail_clis(live_stack, speech_dir):
         pub = run_hark("publish", str(speech_dir / "austen_passage.flac"), "--stream-id", sid,
                        "--bootstrap", settings.bootstrap)
         assert pub.returncode == 0, pub.stderr
-        assert pub.stdout.startswith(sid) and "288 chunks" in pub.stdout  # 287 full 100 ms chunks + a 30 ms one
+        assert pub.stdout.startswith(sid) and "144 chunks" in pub.stdout  # 143 full 200 ms chunks + a 130 ms one
         out, err = tail.communicate(timeout=60)
     finally:
         tail.kill()
@@ -356,7 +357,9 @@ def test_websocket_file_upload(live_stack, speech_dir, references):
             return json.loads(await ws.recv())
 
     done = asyncio.run(client())
-    assert done["type"] == "done" and done["chunks"] == 28
+    with wave.open(str(speech_dir / "goforward.wav")) as w:  # 2.7 s: 14 chunks of 200 ms
+        chunks = -(-w.getnframes() * 1000 // (w.getframerate() * settings.chunk_ms))
+    assert done["type"] == "done" and done["chunks"] == chunks
     assert "forward" in complete_record(settings, sid)["text"]
 
 

@@ -1,6 +1,6 @@
 """Turns one input into one stream on the audio topic, and archives it for replay.
 
-A stream on the audio topic is StreamStart (seq 0), AudioChunk (seq 1..n, 100 ms of 16 kHz
+A stream on the audio topic is StreamStart (seq 0), AudioChunk (seq 1..n, 200 ms of 16 kHz
 mono s16le each by default) and StreamEnd (seq n+1), all keyed by the stream id so they stay
 ordered on one partition. The archive keeps the original bytes and the normalised PCM in
 30 s segments, so replay and the offline pass read bounded windows of any stream.
