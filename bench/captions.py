@@ -2,8 +2,9 @@
 
   page    a real-time stream (the 28.7 s passage) followed by the captions page in headless
           Chromium: for every live caption event, the page's arrival time minus the Result's
-          ``emitted_at_ms`` (set by the results service just before it produces the record, so
-          this includes the hop onto the results topic)
+          ``emitted_at_ms`` (set by the producer just before it produces the record, online_asr for
+          partials and the results service for the rest, so this includes the hop onto the
+          results topic)
   search  the real decoder output of the real-speech set (every Result record of one run:
           online finals with n-best, offline segments and n-best, final transcripts), copied
           under new stream ids until the index holds >= 10 hours of audio; then word, rare
