@@ -94,6 +94,7 @@ class Traffic:
         chunk_s = c["chunk"] / 1000
         audio = b"x" * (32 * c["chunk"])
         events = [(i * chunk_s / c["streams"], 0, i, 0) for i in range(c["streams"])]  # (t, kind, stream, chunk)
+        transcript_part = [zlib.crc32(f"stream-{i}".encode()) % tparts for i in range(c["streams"])]  # keyed: one per stream
         heapq.heapify(events)
         stop, hops, readers = threading.Event(), [], []
         if live:
@@ -121,13 +122,13 @@ class Traffic:
             elif kind == 1:
                 p = replicas[(i % parts) % 2]
                 if c["direct_partials"]:
-                    p.produce("results", key=sid, partition=zlib.crc32(sid.encode()) % tparts, value=b"r" * 500)
+                    p.produce("results", key=sid, partition=transcript_part[i], value=b"r" * 500)
                 else:
-                    p.produce("online", key=sid, partition=zlib.crc32(sid.encode()) % tparts, value=b"p" * 400)
+                    p.produce("online", key=sid, partition=transcript_part[i], value=b"p" * 400)
                     heapq.heappush(events, (t + 0.06, 2, i, k))
                 p.poll(0)
             else:
-                results.produce("results", key=sid, partition=zlib.crc32(sid.encode()) % tparts, value=b"r" * 500)
+                results.produce("results", key=sid, partition=transcript_part[i], value=b"r" * 500)
                 results.poll(0)
         for p in (ingest, results, *replicas):
             p.flush()
