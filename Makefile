@@ -6,8 +6,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test bench chaos load up down status clean
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constraints.txt pyproject.toml broker/pom.xml
+	@command -v java >/dev/null || { echo "hark needs Java 17+ for its Kafka broker (apt-get install openjdk-17-jre-headless)"; exit 1; }
+	@command -v mvn >/dev/null || { echo "hark fetches its Kafka broker with Maven (apt-get install maven)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	rm -rf $(VENV)/kafka/libs
+	mvn -q -B -f broker/pom.xml dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/$(VENV)/kafka/libs
 	$(BIN)/pip install -q -r requirements-dev.txt -c constraints.txt
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	$(BIN)/pip uninstall -q -y torchcodec  # CUDA-linked, unusable here; the diarizer passes tensors
@@ -38,7 +42,6 @@ bench: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m bench.captions
 	$(BIN)/python -m bench.diarization
 	$(BIN)/python -m bench.online_search
-	$(BIN)/python -m bench.broker_fetch_cost
 
 # Fault injection at a larger scale than CI's: every service killed mid-stream, a broker restart.
 chaos: $(STAMP)

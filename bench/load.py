@@ -73,7 +73,7 @@ def step(settings, procs, sampler, ingest, audio: StreamAudio, n: int) -> dict:
     t0 = time.monotonic()
     with phase(procs, sampler, out):
         rows = run_streams(settings, ingest, files, realtime=True, stagger_ms=stagger_ms)
-    # on Tansu the broker's CPU grows with the log through a step (README "Load")
+    # a broker whose cost grows with its log shows here first
     out["broker_cpu_pct_by_minute"] = sampler.cpu_pct_by_minute("broker", t0)
     out.update(latency_stats(rows))
     out["complete"] = sum(r["status"] == "COMPLETE" and bool(r["final_text"]) for r in rows)

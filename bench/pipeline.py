@@ -2,7 +2,7 @@
 
 Phases (one embedded stack with every service, started here):
   direct    online decoding of the real-speech set in this process, no Kafka (baseline CPU and WER)
-  pipeline  the same set through ingest -> Tansu -> online_asr + offline_asr -> results, as fast as
+  pipeline  the same set through ingest -> Kafka -> online_asr + offline_asr -> results, as fast as
             possible: online and offline WER side by side, CPU per service
   rt1/rt4   1 and 4 concurrent streams at real-time pace (offline pass running too): partial latency
   short/long real-time streams under 15 s and over 40 s: final result after the stream's end

@@ -34,7 +34,9 @@ def _connect(a, settings: Settings) -> Settings:
 # ---- stack -------------------------------------------------------------------------------------
 def cmd_up(a) -> int:
     s = _settings(a)
-    state = stack.launch(s, replicas=a.replicas, broker_storage=a.broker_storage)
+    if a.bootstrap:
+        s.bootstrap = a.bootstrap
+    state = stack.launch(s, replicas=a.replicas, external_broker=bool(a.bootstrap))
     print(f"hark stack up: broker {state['bootstrap']}, ingest {state.get('ingest_url')}, archive {state['archive']}")
     if state.get("captions_url"):
         print(f"captions page, search and exports: {state['captions_url']}")
@@ -59,13 +61,20 @@ def cmd_status(a) -> int:
     print(f"stack {state['status']}  broker {state['bootstrap']}  archive {state['archive']}")
     print(f"{'service':<12} {'replica':>7} {'pid':>8} {'health':>10} {'partitions':>10} {'restarts':>8}")
     b = state["broker"]
-    print(f"{'broker':<12} {0:>7} {b['pid']:>8} {b['health']:>10} {'-':>10} {0:>8}")
+    if b:
+        print(f"{'broker':<12} {0:>7} {b['pid']:>8} {b['health']:>10} {'-':>10} {b['restarts']:>8}")
     for svc in state["services"]:
         parts = svc.get("partitions_assigned")
         print(f"{svc['name']:<12} {svc['replica']:>7} {svc['pid']:>8} {svc['health']:>10} "
               f"{'-' if parts is None or svc['name'] == 'ingest' else parts:>10} {svc['restarts']:>8}")
     for topic, n in (state.get("topics") or {}).items():
         print(f"topic {topic}: {n} partitions")
+    for group, lag in (state.get("lag") or {}).items():
+        if "error" in lag:
+            print(f"group {group}: {lag['error']}")
+            continue
+        parts = "  ".join(f"{r['topic'].rsplit('.', 1)[-1]}[{r['partition']}]={r['lag']}" for r in lag["partitions"] if r["lag"])
+        print(f"group {group}: lag {lag['lag']} records{'  ' + parts if parts else ''}")
     return 0
 
 
@@ -147,7 +156,7 @@ def _run_session(a, make_runs) -> int:
         kafka.ensure_topics(s)
     else:
         name = f"run-{os.getpid()}"
-        state = stack.launch(s, name=name, parent_pid=os.getpid())
+        state = stack.launch(s, name=name, parent_pid=os.getpid(), ephemeral=True)
         s.bootstrap, started = state["bootstrap"], stack.stack_dir(s, name)
     signal.signal(signal.SIGTERM, _interrupt)
     ingest = None
@@ -375,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     up = sub.add_parser("up", help="start the embedded stack (broker, archive, services) in the background")
     up.add_argument("--replicas", default="", help="e.g. online_asr=2")
     up.add_argument("--partitions", type=int, help="partitions per topic (default 8)")
-    up.add_argument("--broker-storage", default="memory://tansu/", help="Tansu storage engine URL")
+    up.add_argument("--bootstrap", help="run the services against this Kafka cluster instead of an embedded broker")
     up.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop what `hark up` started").set_defaults(fn=cmd_down)
     st = sub.add_parser("status", help="services, pids, health and topic partitions")

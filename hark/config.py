@@ -36,8 +36,11 @@ class Settings:
     partitions: int = 8
     replication_factor: int = 1
     # retention.ms of every topic (audio and transcripts expire with it); the results topic is
-    # also compacted, so an erased stream's tombstone removes its results (hark/erasure.py)
+    # also compacted, so an erased stream's tombstone removes its results (hark/erasure.py).
+    # replication_factor > 1 also sets min.insync.replicas 2 (producers use acks=all).
     topic_retention_hours: float = 168.0
+    # retention.bytes of each audio partition (the bulk of the log); 0: by time only
+    audio_retention_mb: float = 2048.0
 
     # access: a file of "<sha256 of token> <tenant>" lines (`hark token create`); empty: open access
     tokens_file: str = ""
@@ -46,16 +49,12 @@ class Settings:
     archive_retention_days: float = 0.0
 
     # ingest
-    # Audio per chunk record. 200 ms rather than 100: on the embedded broker a stream's cost grows
-    # with the square of its chunk rate (README "Load"), and partial latency barely moved (12
-    # streams for 10 minutes: p95 539 ms; with 100 ms chunks fine until minute 7, then seconds).
+    # Audio per chunk record: a partial waits half a chunk on average for its audio to be captured.
     chunk_ms: int = 200
-    # How long ingest's producer waits to batch audio chunks (librdkafka linger.ms). Chunks of many
-    # streams share a partition: on the embedded broker every batch is an object that each live
-    # fetch pays for again (README "Load"), so fewer, larger batches keep its CPU down.
-    audio_linger_ms: int = 50
-    # The same for the services' outputs (transcripts, results): partials of many streams share a
-    # partition too.
+    # How long ingest's producer waits to batch audio chunks (librdkafka linger.ms): every ms here
+    # is a ms of caption latency.
+    audio_linger_ms: int = 5
+    # The same for the services' outputs (transcripts, results).
     output_linger_ms: int = 5
     # balanced: a new stream goes to the audio partition with the fewest streams open on this
     # ingest, so they spread evenly over online_asr replicas; hash: the stream id's hash
@@ -118,15 +117,17 @@ class Settings:
     captions_port: int = 0
     index_path: str = ""  # SQLite file; default <data_dir>/index/transcripts.sqlite
 
-    # consumers: Tansu does not wake a waiting fetch when data arrives, so the fetch wait
-    # bounds per-hop latency (~wait/2) and costs broker CPU when short (STACK.md).
-    fetch_wait_ms: int = 50
-    # Offsets (and the checkpoint written before them) at most this often: a crash replays at most
-    # this much input with output suppressed, and re-sends at most this much output.
-    commit_interval_s: float = 1.0
-    # Checkpoints live in the archive, which outlives an embedded memory:// broker: the embedded
-    # stack gives each broker's log its own scope, or a new log would be "replayed" up to an old mark.
-    checkpoint_scope: str = ""
+    # Consume-transform-produce services commit their input offsets and their output in one Kafka
+    # transaction this often while there is work; read_committed readers see output only then.
+    commit_interval_s: float = 0.1
+    # A transaction left open by a crashed process blocks read_committed readers of its output
+    # partitions until the broker aborts it after this long (a restarted replica aborts it at once).
+    transaction_timeout_s: float = 60.0
+    # A replica that dies without leaving its group hands its partitions on after this long.
+    session_timeout_s: float = 10.0
+    # Identity of this replica: its transactional id is "<group>-<instance_id>". Stable across
+    # restarts of one replica (the embedded stack sets "<service>-<n>"); default the host name.
+    instance_id: str = ""
     health_host: str = "127.0.0.1"
     health_port: int = 0
     log_level: str = "INFO"

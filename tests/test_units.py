@@ -9,11 +9,11 @@ from services.results.merger import ResultsMerger
 
 
 def test_settings_from_env_with_kafka_passthrough(tmp_path):
-    env = {"HARK_BOOTSTRAP": "kafka:9092", "HARK_PARTITIONS": "12", "HARK_FETCH_WAIT_MS": "20",
+    env = {"HARK_BOOTSTRAP": "kafka:9092", "HARK_PARTITIONS": "12", "HARK_SESSION_TIMEOUT_S": "20",
            "HARK_KEEP_LATTICES": "false", "HARK_DATA_DIR": str(tmp_path),
            "HARK_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "HARK_KAFKA_SASL_MECHANISM": "PLAIN"}
     s = Settings.load(env)
-    assert (s.bootstrap, s.partitions, s.fetch_wait_ms, s.keep_lattices) == ("kafka:9092", 12, 20, False)
+    assert (s.bootstrap, s.partitions, s.session_timeout_s, s.keep_lattices) == ("kafka:9092", 12, 20.0, False)
     assert s.kafka_extra == {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN"}
     assert s.archive == (tmp_path / "archive").as_uri()
     assert Settings.load(s.to_env()) == s
@@ -150,32 +150,14 @@ def test_assign_speakers_prefers_overlap_then_the_nearest_turn():
     assert [w["speaker"] for w in assign_speakers(words, turns)] == ["A", "B", "B", "B", None]
 
 
-def test_chunk_order_drops_duplicates_reorders_and_bounds_waiting():
-    from hark.runtime import ChunkOrder, Metrics
-
-    class Msg:  # the Kafka message a chunk came in: only its offset matters here
-        def __init__(self, offset):
-            self._offset = offset
-
-        def offset(self):
-            return self._offset
+def test_sequence_check_drops_repeats_and_counts_gaps():
+    from hark.runtime import Metrics, SequenceCheck
 
     m = Metrics("t")
-    order = ChunkOrder(1, m, window=3)
+    check = SequenceCheck(1, m)
     rec = lambda seq: {"stream_id": "s", "seq": seq}  # noqa: E731
-    out = lambda pairs: [r["seq"] for r, _ in pairs]  # noqa: E731
-    assert out(order.push(rec(1), Msg(1))) == [1]
-    assert out(order.push(rec(1), Msg(1))) == []  # duplicate
-    assert out(order.push(rec(3), Msg(3))) == []  # early: waits for 2
-    assert order.missing == 2 and order.last_offset == 1
-    assert out(order.push(rec(2), Msg(2))) == [2, 3]
-    assert out(order.push(rec(2), Msg(2))) == []
-    for seq in (5, 6, 7):
-        assert out(order.push(rec(seq), Msg(seq))) == []
-    assert out(order.push(rec(8), Msg(8))) == [5, 6, 7, 8]  # 4 waiting > window 3: the gap (4) is given up
-    assert out(order.push(rec(4), Msg(4))) == []  # too late now: dropped as a duplicate
-    assert out(order.push(rec(10), Msg(10))) == [] and out(order.drain()) == [10]
-    assert m.get("duplicate_chunks_total") == 3 and m.get("sequence_gaps_total") == 2
+    assert [check.accept(rec(q)) for q in (1, 1, 2, 4, 3, 5)] == [True, False, True, True, False, True]
+    assert m.get("duplicate_chunks_total") == 2 and m.get("sequence_gaps_total") == 1
 
 
 def test_merger_ignores_re_sent_finals_and_late_records_of_completed_streams():
@@ -195,89 +177,44 @@ def test_merger_drops_a_stray_stream_without_completing_it():
     assert m.expire() == [] and not m.streams and m.abandoned == 1
 
 
-def test_checkpoints_of_a_memory_broker_do_not_outlive_it(tmp_path):
-    """The archive outlives an embedded memory:// broker whose log restarts at offset 0: a second
-    stack must not take the first one's marks (it skipped the start of every stream as replayed)."""
-    from hark.runtime import Checkpoints
-    from hark.stack import checkpoint_scope
-    from hark.storage import open_store
-
-    first, second = checkpoint_scope("memory://tansu/"), checkpoint_scope("memory://tansu/")
-    assert first != second
-    assert checkpoint_scope("s3://tansu/") == checkpoint_scope("s3://tansu/")  # durable: restarts resume
-    store = open_store(Settings(archive_uri=tmp_path.as_uri()))
-    Checkpoints(store, "g", first).save("hark.audio", 0, '{"processed": 36}')
-    assert Checkpoints(store, "g", first).load("hark.audio", 0) == {"processed": 36}
-    assert Checkpoints(store, "g", second).load("hark.audio", 0) == {}
-
-
-class _Delivered:
-    """What librdkafka hands a delivery callback, for the producer's own logic."""
-
-    def __init__(self, offset, partition=0):
-        self._offset, self._partition = offset, partition
-
-    def offset(self):
-        return self._offset
-
-    def partition(self):
-        return self._partition
-
-    def topic(self):
-        return "hark.audio"
-
-    def key(self):
-        return b"s1"
-
-    def value(self):
-        return b"record"
-
-    def headers(self):
-        return None
-
-
-def test_producer_resends_what_the_broker_may_not_have_written_and_keeps_failures():
+def test_producer_keeps_its_first_delivery_failure():
     from confluent_kafka import KafkaError
 
     from hark import kafka
 
-    class Recording(kafka.GuardedProducer):
-        def produce(self, topic, key=None, value=None, partition=-1, headers=None, on_delivery=None):
-            sent.append((topic, partition, key, value))
-
-    sent = []
-    p = Recording({"bootstrap.servers": "127.0.0.1:9"})
-    for offset in (16, 17):  # written in order: nothing to do
-        p._delivered(None, _Delivered(offset))
-    p._delivered(None, _Delivered(3, partition=1))  # offsets are per partition
-    assert (p.resent, sent, p.failures) == (0, [], 0)
-    p._delivered(None, _Delivered(None))  # "duplicate sequence": maybe written before, maybe not
-    p._delivered(None, _Delivered(5))  # a batch of two acknowledged below offsets already written
-    p._delivered(None, _Delivered(6))
-    # each produced again, as new, to its own partition (ingest places streams, not the key's hash)
-    assert p.resent == 3 and sent == [("hark.audio", 0, b"s1", b"record")] * 3
-    p._delivered(None, _Delivered(18))
-    p._delivered(None, _Delivered(19, partition=1))
-    assert p.resent == 3
-    p._delivered(None, _Delivered(2), copy=True)  # a copy is never copied again
-    assert p.resent == 3
-    for offset in (0, 1):  # a new partition, written from 0
-        p._delivered(None, _Delivered(offset, partition=3))
-    assert p.resent == 3
-    p._client_error(KafkaError(KafkaError._ALL_BROKERS_DOWN))  # then the broker restarts
-    for offset in (0, 1, 2):  # a batch "written" at 0.. on a partition this producer knows nothing of
-        p._delivered(None, _Delivered(offset, partition=2))
-    assert p.resent == 6
-    p._delivered(None, _Delivered(40, partition=2))  # the next batch, where the log really ends
-    p._delivered(None, _Delivered(41, partition=2))
-    assert p.resent == 6
-    p._delivered(None, _Delivered(5000))
-    for offset in range(kafka.GuardedProducer.LOG_RESTARTED_AFTER + 5):  # the log restarted at 0
-        p._delivered(None, _Delivered(offset))
-    assert p.resent == 6 + kafka.GuardedProducer.LOG_RESTARTED_AFTER  # bounded, then its offsets are adopted
-    p._delivered(KafkaError(KafkaError._MSG_TIMED_OUT), _Delivered(None))
-    p._delivered(KafkaError(KafkaError._TRANSPORT), _Delivered(None))
+    p = kafka.ReportingProducer({"bootstrap.servers": "127.0.0.1:9"})
+    p._delivered(None, object())
+    assert (p.failures, p.delivery_error) == (0, None)
+    p._delivered(KafkaError(KafkaError._MSG_TIMED_OUT), object())
+    p._delivered(KafkaError(KafkaError._TRANSPORT), object())
     assert p.failures == 2 and p.delivery_error.code() == KafkaError._MSG_TIMED_OUT
+
+
+def test_broker_node_config_is_loopback_explicit_and_replicated_when_clustered(tmp_path):
+    from hark import broker
+
+    node = broker.single_node(tmp_path / "k")
+    props = node.properties()
+    assert props["listeners"].count("127.0.0.1") == 2 and "0.0.0.0" not in str(props)
+    assert props["auto.create.topics.enable"] == "false" and props["log.dirs"] == str(tmp_path / "k" / "log")
+    assert props["offsets.topic.replication.factor"] == "1"
+    nodes = broker.cluster(tmp_path / "c", 3)
+    assert len({n.port for n in nodes}) == 3 and len({n.voters for n in nodes}) == 1
+    assert all(n.properties()["min.insync.replicas"] == "2" for n in nodes)
+    assert nodes[0].properties()["transaction.state.log.replication.factor"] == "3"
+    node.write_config()
+    again = broker.load_node(tmp_path / "k")  # a restart reuses the node's identity
+    assert (again.cluster_id, again.port) == (node.cluster_id, node.port)
+
+
+def test_topic_configs_bound_audio_and_compact_results():
+    from hark.kafka import topic_config
+
+    s = Settings(replication_factor=3)
+    audio, results = topic_config(s, s.audio_topic), topic_config(s, s.results_topic)
+    assert int(audio["retention.bytes"]) == int(s.audio_retention_mb * 1024 * 1024)
+    assert audio["min.insync.replicas"] == "2" and "cleanup.policy" not in audio
+    assert results["cleanup.policy"] == "compact,delete" and "retention.bytes" not in results
 
 
 def test_partition_placer_spreads_open_streams_and_takes_ties_in_turn():

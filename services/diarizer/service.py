@@ -150,7 +150,7 @@ class DiarizerService(AudioStreamService):
             "turns": [{"speaker": t.speaker, "start_ms": t.start_ms, "end_ms": t.end_ms} for t in turns],
             "covered_until_ms": covered, "num_speakers": speakers, "end_status": status, "compute_ms": compute_ms,
             "audio_published_at_ms": published_at, "emitted_at_ms": now_ms(), "model_name": MODEL_NAME,
-            "model_version": self.diarizer.model_version}, last=kind == "FULL")
+            "model_version": self.diarizer.model_version})
 
 
 def main(argv: list[str] | None = None) -> None:

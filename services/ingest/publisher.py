@@ -206,7 +206,6 @@ class StreamPublisher:
                 self._send_chunk(chunk)
         self.pcm_archive.close()
         self.summary.status, self.summary.reason = status, reason
-        self.ingest.producer.flush(30)  # chunks (and re-sent copies, kafka.GuardedProducer) before the end
         self._produce("StreamEnd", {
             "stream_id": self.stream_id, "tenant": self.tenant, "seq": self.seq + 1,
             "total_samples": self.summary.samples, "status": status, "reason": reason, "ended_at_ms": now_ms()})

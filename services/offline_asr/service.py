@@ -137,7 +137,7 @@ class OfflineASR(AudioStreamService):
             self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
                 sid, tenant, "STREAM_END", st.segments if st else 0, end, end, "", [], [],
                 st.language if st else "en", 0, st.last_published_at_ms if st else 0, end_status=status,
-                decoder=decoder), last=True)
+                decoder=decoder))
         log.info("stream decoded", extra=kv(stream_id=sid, status=status, segments=st.segments if st else 0))
 
     def _from_archive(self, sid: str, tenant: str) -> OfflineStream | None:
@@ -199,7 +199,6 @@ class OfflineASR(AudioStreamService):
         self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
             sid, tenant, "NBEST", index, w.start_ms, w.end_ms, hyps[0][0] if hyps else "", [],
             [{"text": t, "score": sc} for t, sc in hyps], language, int((time.perf_counter() - t0) * 1000), 0))
-        self.producer.flush(10)
 
     def _record(self, sid, tenant, kind, index, start_ms, end_ms, text, words, nbest, language, decode_ms,
                 published_at, end_status=None, decoder: WhisperDecoder | None = None) -> dict:

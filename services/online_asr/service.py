@@ -88,7 +88,7 @@ class OnlineASR(AudioStreamService):
         self.observe_decode(time.perf_counter() - t0, len(pcm) / 32000)
         self._emit(sid, st, events, rec["seq"])
         boundary = st.recognizer.boundary
-        if boundary is not None and not self.reordering(sid):
+        if boundary is not None:
             # an end of speech in this chunk: resumable from this chunk with this state
             self.hold(sid, msg, msg.offset(), state={**boundary, "next_seq": rec["seq"],
                                                       "published_at_ms": st.last_chunk_published_at_ms})
@@ -104,7 +104,7 @@ class OnlineASR(AudioStreamService):
         st.recognizer.restore(state)
         st.last_chunk_published_at_ms = state["published_at_ms"]
         self.hold(sid, msg, restored["offset"], state=state)
-        log.info("stream resumed from checkpoint", extra=kv(stream_id=sid, utterance_id=state["utterance_id"]))
+        log.info("stream resumed from its committed state", extra=kv(stream_id=sid, utterance_id=state["utterance_id"]))
         return st
 
     def _close(self, sid: str, tenant: str, status: str, seq: int) -> None:
@@ -120,7 +120,7 @@ class OnlineASR(AudioStreamService):
             utterances, position = 0, 0
         self.metrics.set("open_streams", len(self.streams))
         self.produce(self.settings.online_topic, sid, "OnlineTranscript", self._record(
-            sid, tenant, "STREAM_END", utterances, "", position, position, seq, 0, end_status=status), last=True)
+            sid, tenant, "STREAM_END", utterances, "", position, position, seq, 0, end_status=status))
         log.info("stream closed", extra=kv(stream_id=sid, status=status, utterances=utterances))
 
     # -- output ---------------------------------------------------------------------------------

@@ -51,8 +51,7 @@ class Results(ConsumerService):
 
     def _publish(self, results: list[dict]) -> None:
         for result in results:
-            self.produce(self.settings.results_topic, result["stream_id"], "Result", result,
-                         last=result["kind"] == "STREAM_COMPLETE")
+            self.produce(self.settings.results_topic, result["stream_id"], "Result", result)
             if result["kind"] == "STREAM_COMPLETE":
                 self._forget(result["stream_id"])
 

@@ -1,0 +1,213 @@
+"""The embedded Apache Kafka broker: a KRaft node (broker and controller in one JVM) on loopback.
+
+``make setup`` copies the pinned Kafka jars (``broker/pom.xml``) into ``<venv>/kafka/libs`` with
+Maven, which checks their checksums. This module formats a node's log directory once and
+builds the ``java ... kafka.Kafka server.properties`` command; ``hark.stack`` runs it under its
+supervisor, and the tests start one node or a three-node cluster with the same code.
+
+A node's ports are chosen at its first start and kept in ``node.json`` beside its log, so a
+restarted node (the supervisor restarts a dead broker) comes back where its clients and the
+other voters of its quorum look for it.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+KAFKA_VERSION = "4.1.1"  # broker/pom.xml pins the same; docker-compose.yml runs the same image
+ROOT = Path(__file__).resolve().parent.parent
+
+# The largest record hark writes (a 30 s PCM window, a Result with a long transcript) and the
+# largest offset metadata it commits (the resume states of a partition's open streams, runtime.py).
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MAX_OFFSET_METADATA_BYTES = 1024 * 1024
+
+LOG4J2 = """\
+Configuration:
+  Appenders:
+    Console:
+      name: STDOUT
+      PatternLayout:
+        pattern: "[%d] %p %m (%c)%n"
+  Loggers:
+    Root:
+      level: WARN
+      AppenderRef:
+        - ref: STDOUT
+    Logger:
+      - name: kafka.server.KafkaRaftServer
+        level: INFO
+"""
+
+
+class BrokerUnavailable(RuntimeError):
+    """Java or the Kafka jars are missing: one line that says what to do."""
+
+
+def libs_dir() -> Path:
+    """Where ``make setup`` puts the jars: inside the virtual environment, or HARK_KAFKA_LIBS."""
+    return Path(os.environ.get("HARK_KAFKA_LIBS") or Path(sys.prefix) / "kafka" / "libs")
+
+
+def java_binary() -> str:
+    home = os.environ.get("JAVA_HOME")
+    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if not java or not os.access(java, os.X_OK):
+        raise BrokerUnavailable("the embedded Kafka broker needs Java 17 or newer: install a JDK "
+                                "(e.g. apt-get install openjdk-17-jre-headless) or set JAVA_HOME")
+    return java
+
+
+def check_installed() -> Path:
+    libs = libs_dir()
+    if not any(libs.glob(f"kafka_2.13-{KAFKA_VERSION}.jar")):
+        raise BrokerUnavailable(f"the Kafka {KAFKA_VERSION} jars are not in {libs}: run `make setup` "
+                                "(mvn -f broker/pom.xml dependency:copy-dependencies)")
+    java_binary()
+    return libs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@dataclass
+class Node:
+    """One KRaft node of a cluster (``voters`` lists every controller as id@host:port)."""
+
+    directory: Path
+    node_id: int
+    port: int
+    controller_port: int
+    voters: str
+    cluster_id: str
+    partitions: int = 8
+    replication_factor: int = 1
+    heap_mb: int = 512
+    extra: dict | None = None  # more server.properties (tests, security)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.directory / "log"
+
+    def properties(self) -> dict[str, str]:
+        rf = self.replication_factor
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self.voters,
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.log_dir),
+            # topics are created by hark with explicit configs (kafka.ensure_topics)
+            "auto.create.topics.enable": "false",
+            "num.partitions": str(self.partitions),
+            "default.replication.factor": str(rf),
+            "min.insync.replicas": str(min(2, rf)),
+            "offsets.topic.replication.factor": str(rf),
+            "transaction.state.log.replication.factor": str(rf),
+            "transaction.state.log.min.isr": str(min(2, rf)),
+            "offsets.topic.num.partitions": "8",
+            "transaction.state.log.num.partitions": "8",
+            # a single-developer broker: a group forms as soon as its first member asks
+            "group.initial.rebalance.delay.ms": "0",
+            "message.max.bytes": str(MAX_MESSAGE_BYTES + 65536),
+            "replica.fetch.max.bytes": str(MAX_MESSAGE_BYTES + 65536),
+            "offset.metadata.max.bytes": str(MAX_OFFSET_METADATA_BYTES),
+            # unclean leader election would lose acknowledged records after a leader's death
+            "unclean.leader.election.enable": "false",
+        }
+        props.update(self.extra or {})
+        return props
+
+    def write_config(self) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / "server.properties"
+        path.write_text("".join(f"{k}={v}\n" for k, v in self.properties().items()))
+        (self.directory / "log4j2.yaml").write_text(LOG4J2)
+        (self.directory / "node.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
+                                                              for k, v in asdict(self).items()}, indent=1))
+        return path
+
+    def java(self, main: str, *args: str) -> list[str]:
+        libs = check_installed()
+        return [java_binary(), f"-Xms{min(256, self.heap_mb)}m", f"-Xmx{self.heap_mb}m", "-XX:+UseG1GC",
+                "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={self.directory / 'log4j2.yaml'}",
+                "-cp", f"{libs}/*", main, *args]
+
+    def format(self) -> None:
+        """Write the node's config and, on first use of its log directory, format it."""
+        config = self.write_config()
+        if (self.log_dir / "meta.properties").exists():
+            return
+        out = subprocess.run(self.java("kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(config),
+                                       "--ignore-formatted"), capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"formatting the Kafka log in {self.log_dir} failed: {out.stderr[-2000:] or out.stdout}")
+
+    def command(self) -> list[str]:
+        return self.java("kafka.Kafka", str(self.directory / "server.properties"))
+
+
+def new_cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def load_node(directory: Path) -> Node | None:
+    try:
+        raw = json.loads((directory / "node.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    raw["directory"] = Path(raw["directory"])
+    return Node(**raw)
+
+
+def single_node(directory: Path, partitions: int = 8, heap_mb: int = 512, extra: dict | None = None) -> Node:
+    """The embedded broker of ``directory``: the one formatted there before (same cluster, same ports
+    where they are still free), or a new one."""
+    node = load_node(directory)
+    if node is not None and (node.log_dir / "meta.properties").exists():
+        if not (port_free(node.port) and port_free(node.controller_port)):
+            node.port, node.controller_port = free_port(), free_port()  # static voters: a new port is fine
+            node.voters = f"{node.node_id}@127.0.0.1:{node.controller_port}"
+        node.partitions, node.heap_mb, node.extra = partitions, heap_mb, extra
+        return node
+    port, cport = free_port(), free_port()
+    return Node(directory, 1, port, cport, f"1@127.0.0.1:{cport}", new_cluster_id(), partitions, 1, heap_mb, extra)
+
+
+def cluster(directory: Path, size: int = 3, partitions: int = 8, heap_mb: int = 384,
+            extra: dict | None = None) -> list[Node]:
+    """``size`` nodes, each broker and controller, replication factor min(3, size)."""
+    ports = [(free_port(), free_port()) for _ in range(size)]
+    voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports))
+    cid = new_cluster_id()
+    return [Node(directory / f"node{i + 1}", i + 1, p, c, voters, cid, partitions, min(3, size), heap_mb, extra)
+            for i, (p, c) in enumerate(ports)]
