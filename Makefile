@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench chaos load up down status clean
+.PHONY: setup demo test bench chaos load soak up down status clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constraints.txt pyproject.toml broker/pom.xml
 	@command -v java >/dev/null || { echo "hark needs Java 17+ for its Kafka broker (apt-get install openjdk-17-jre-headless)"; exit 1; }
@@ -42,15 +42,24 @@ bench: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m bench.captions
 	$(BIN)/python -m bench.diarization
 	$(BIN)/python -m bench.online_search
+	$(BIN)/python -m bench.broker
+	$(BIN)/python -m bench.merge_state --minutes 60
 
-# Fault injection at a larger scale than CI's: every service killed mid-stream, a broker restart.
+# Fault injection at a larger scale than CI's: every service killed mid-stream, the embedded broker
+# killed, the audio leader of a three-broker cluster killed.
 chaos: $(STAMP)
 	HARK_CHAOS_STREAMS=$${HARK_CHAOS_STREAMS:-20} HARK_CHAOS_BROKER_STREAMS=$${HARK_CHAOS_BROKER_STREAMS:-10} \
+	  HARK_CHAOS_CLUSTER_STREAMS=$${HARK_CHAOS_CLUSTER_STREAMS:-10} \
 	  $(BIN)/python -m pytest -q -s tests/test_chaos.py
 
 # The largest number of concurrent real-time streams with partial p95 <= 1 s and zero loss.
 load: $(STAMP)
 	$(BIN)/python -m bench.load $(LOAD_ARGS)
+
+# A stack that lasts: 12 online-only real-time streams for 60 minutes; broker CPU and every
+# process's RSS flat (last 10 minutes against the first 10), partial p95 <= 1 s every minute.
+soak: $(STAMP)
+	$(BIN)/python -m bench.load --online 12 --full "" --minutes 60 --soak $(SOAK_ARGS)
 
 up: $(STAMP)
 	$(BIN)/hark up

@@ -11,6 +11,7 @@ the latency, the CPU (% of one core) and peak RSS of every service, and the larg
   python -m bench.load                       # 10 minutes per step (the issue's definition)
   python -m bench.load --minutes 1 --online 8,12,16 --full 2,4,6
   HARK_CHUNK_MS=200 python -m bench.load --online 12 --full "" --online-replicas 4   # any HARK_* applies
+  python -m bench.load --online 12 --full "" --minutes 60 --soak   # make soak
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ def step(settings, procs, sampler, ingest, audio: StreamAudio, n: int) -> dict:
         rows = run_streams(settings, ingest, files, realtime=True, stagger_ms=stagger_ms)
     # a broker whose cost grows with its log shows here first
     out["broker_cpu_pct_by_minute"] = sampler.cpu_pct_by_minute("broker", t0)
+    out["rss_mb_by_minute"] = {name: sampler.rss_mb_by_minute(name, t0) for name in procs}
     out.update(latency_stats(rows))
     out["complete"] = sum(r["status"] == "COMPLETE" and bool(r["final_text"]) for r in rows)
     out["dead_letters"] = dead_letters(settings) - before
@@ -82,7 +84,29 @@ def step(settings, procs, sampler, ingest, audio: StreamAudio, n: int) -> dict:
     return out
 
 
-def run_config(name: str, replicas: str, counts: list[int], audio: StreamAudio, tmp: Path) -> dict:
+def flat(series: list[float], window: int, tolerance: float) -> tuple[bool, float, float]:
+    """The mean of the last ``window`` values within ``tolerance`` (a fraction) of the first's."""
+    first, last = series[:window], series[-window:]
+    a, b = sum(first) / max(len(first), 1), sum(last) / max(len(last), 1)
+    return (len(series) >= 2 * window and a > 0 and abs(b - a) <= tolerance * a), round(a, 1), round(b, 1)
+
+
+def soak_verdict(s: dict, window: int = 10) -> dict:
+    """`make soak`: broker CPU of the last 10 minutes within 20% of the first 10, partial p95 <= 1 s
+    in every minute, and every process's RSS of the last 10 minutes within 10% of the first 10."""
+    cpu_ok, cpu_first, cpu_last = flat(s["broker_cpu_pct_by_minute"], window, 0.20)
+    p95 = s.get("partial_p95_ms_by_minute") or []
+    rss = {name: flat(series, window, 0.10) for name, series in s["rss_mb_by_minute"].items()
+           if not name.startswith("client")}
+    return {"broker_cpu_first_last_pct": [cpu_first, cpu_last], "broker_cpu_flat": cpu_ok,
+            "partial_p95_worst_minute_ms": max(p95) if p95 else None,
+            "rss_first_last_mb": {n: [a, b] for n, (_, a, b) in rss.items()},
+            "rss_flat": all(ok for ok, _, _ in rss.values()),
+            "passed": cpu_ok and bool(p95) and max(p95) <= 1000 and all(ok for ok, _, _ in rss.values())}
+
+
+def run_config(name: str, replicas: str, counts: list[int], audio: StreamAudio, tmp: Path,
+               soak: bool = False) -> dict:
     settings, procs, sampler, ingest = start_stack(tmp / name, f"load-{name}", replicas)
     steps, best = [], 0
     try:
@@ -99,6 +123,10 @@ def run_config(name: str, replicas: str, counts: list[int], audio: StreamAudio, 
             print(f"    partial p95 by minute of the streams (ms): {s.get('partial_p95_ms_by_minute')}")
             print(f"    latency parts, mean (ms): {s.get('latency_parts_mean_ms')}; "
                   f"slowest 5%: {s.get('latency_parts_slowest_5pct_mean_ms')}")
+            if soak:
+                s["soak"] = soak_verdict(s)
+                print(f"    soak: {json.dumps(s['soak'])}")
+                s["passed"] = s["passed"] and s["soak"]["passed"]
             if not s["passed"]:
                 break
             best = n
@@ -113,6 +141,8 @@ def main(argv=None) -> None:
     ap.add_argument("--online", default="8,12,16,20", help="stream counts for the online-only stack")
     ap.add_argument("--full", default="2,4,6", help="stream counts with online + offline + diarizer")
     ap.add_argument("--online-replicas", type=int, default=2, help="online_asr replicas of the online-only stack")
+    ap.add_argument("--soak", action="store_true",
+                    help="also require flat broker CPU and RSS over the step (make soak: 12 streams, 60 minutes)")
     ap.add_argument("--lockstep", action="store_true",
                     help="every stream the same audio, chunks published at the same moment (worst case)")
     a = ap.parse_args(argv)
@@ -127,14 +157,14 @@ def main(argv=None) -> None:
         for name, counts in (("online", a.online), ("full", a.full)):
             if counts:
                 replicas = CONFIGS[name].format(online_replicas=a.online_replicas)
-                report[name] = run_config(name, replicas, [int(x) for x in counts.split(",")], audio, tmp)
+                report[name] = run_config(name, replicas, [int(x) for x in counts.split(",")], audio, tmp, a.soak)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "load.json").write_text(json.dumps(report, indent=1))
+    (OUT / ("soak.json" if a.soak else "load.json")).write_text(json.dumps(report, indent=1))
     for name in ("online", "full"):
         if name in report:
             print(f"largest N with partial p95 <= 1 s and zero loss, {report[name]['replicas']}: "
                   f"{report[name]['largest_passing']}")
-    print(f"report: {OUT / 'load.json'}")
+    print(f"report: {OUT / ('soak.json' if a.soak else 'load.json')}")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,19 @@ class Sampler:
                 t0, c0 = t, c
         return out
 
+    def rss_mb_by_minute(self, name: str, since: float) -> list[float]:
+        """One process's peak RSS (MB) in each whole minute after `since`."""
+        out: list[float] = []
+        start, peak = since, 0
+        for t, rss in self.series[name]:
+            if t < since:
+                continue
+            if t - start >= 60:
+                out.append(round(peak / 2**20, 1))
+                start, peak = t, 0
+            peak = max(peak, rss)
+        return out
+
     def reset_peaks(self):
         self.peak = {}
 

@@ -167,8 +167,10 @@ class Node:
         config = self.write_config()
         if (self.log_dir / "meta.properties").exists():
             return
-        out = subprocess.run(self.java("kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(config),
-                                       "--ignore-formatted"), capture_output=True, text=True, timeout=120)
+        # "--cluster-id=ID": a base64 id may begin with "-", which would read as an option
+        out = subprocess.run(self.java("kafka.tools.StorageTool", "format", f"--cluster-id={self.cluster_id}",
+                                       f"--config={config}", "--ignore-formatted"),
+                             capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"formatting the Kafka log in {self.log_dir} failed: {out.stderr[-2000:] or out.stdout}")
 

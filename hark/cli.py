@@ -112,17 +112,15 @@ def _metadata(a) -> dict:
 
 
 def cmd_tail(a) -> int:
-    from .records import FinalsSeen
     from .session import Display, caption_line, read_results
 
     s = _connect(a, _settings(a))
     c = kafka.tail_consumer(s, s.results_topic, from_beginning=a.from_beginning)
     display = Display(sys.stdout)
-    finals = FinalsSeen()
     try:
         while True:
             for rec in read_results(c, 0.2):
-                if (a.stream and rec["stream_id"] != a.stream) or not finals.update(rec):
+                if a.stream and rec["stream_id"] != a.stream:
                     continue
                 kind, prefix = str(rec["kind"]), "" if a.stream else f"[{rec['stream_id']}] "
                 if kind == "PARTIAL" and display.tty:

@@ -22,22 +22,27 @@ def default_data_dir() -> Path:
 
 @dataclass
 class Settings:
+    # Kafka bootstrap servers (host:port,...); `hark up` and `hark run` set their own broker's
     bootstrap: str = "127.0.0.1:9092"
+    # the archive, indexes, audit log and embedded stacks (their broker logs) live here
     data_dir: Path = field(default_factory=default_data_dir)
     # file:///abs/path (default: <data_dir>/archive) or s3://bucket/prefix (MinIO/S3)
     archive_uri: str = ""
+    # S3/MinIO endpoint (host:port), credentials, TLS and region for an s3:// archive
     s3_endpoint: str = ""
     s3_access_key: str = ""
     s3_secret_key: str = ""
     s3_secure: bool = False
     s3_region: str = "us-east-1"
 
+    # every topic's name starts with this
     topic_prefix: str = "hark."
+    # partitions of each topic: the most replicas a service can spread over
     partitions: int = 8
+    # replicas of each topic; above 1 also min.insync.replicas 2 (producers use acks=all)
     replication_factor: int = 1
     # retention.ms of every topic (audio and transcripts expire with it); the results topic is
-    # also compacted, so an erased stream's tombstone removes its results (hark/erasure.py).
-    # replication_factor > 1 also sets min.insync.replicas 2 (producers use acks=all).
+    # also compacted, so an erased stream's tombstone removes its results (hark/erasure.py)
     topic_retention_hours: float = 168.0
     # retention.bytes of each audio partition (the bulk of the log); 0: by time only
     audio_retention_mb: float = 2048.0
@@ -59,21 +64,21 @@ class Settings:
     # balanced: a new stream goes to the audio partition with the fewest streams open on this
     # ingest, so they spread evenly over online_asr replicas; hash: the stream id's hash
     audio_placement: str = "balanced"
-    max_upload_bytes: int = 256 * 1024 * 1024
-    max_stream_seconds: float = 4 * 3600.0
-    max_ws_message_bytes: int = 1024 * 1024
-    ingest_host: str = "127.0.0.1"
+    max_upload_bytes: int = 256 * 1024 * 1024  # an encoded file larger than this is refused
+    max_stream_seconds: float = 4 * 3600.0  # a stream is cut (too_long) past this
+    max_ws_message_bytes: int = 1024 * 1024  # a larger WebSocket message closes the connection (1009)
+    ingest_host: str = "127.0.0.1"  # the WebSocket endpoint (port 0: any free port)
     ingest_port: int = 0
-    archive_segment_seconds: float = 30.0
+    archive_segment_seconds: float = 30.0  # archived PCM is written in segments this long
 
     # online_asr
-    partial_interval_ms: int = 100
-    idle_timeout_s: float = 30.0
-    max_streams: int = 32
+    partial_interval_ms: int = 100  # at most one partial per this much audio (and per chunk)
+    idle_timeout_s: float = 30.0  # a stream without audio this long is closed as IDLE_TIMEOUT
+    max_streams: int = 32  # open streams per online_asr/diarizer replica; beyond: dead-lettered (capacity)
     # Building a decoder takes ~0.3 s holding the GIL (every stream stalls): build these at start.
     prewarm_decoders: int = 4
-    nbest: int = 5
-    keep_lattices: bool = True
+    nbest: int = 5  # online n-best list length per final
+    keep_lattices: bool = True  # archive each utterance's word lattice
     online_max_hmm_per_frame: int = 3000  # pocketsphinx search cap: cost vs WER (recognizer.py)
 
     # offline_asr
@@ -81,25 +86,25 @@ class Settings:
     offline_device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
     offline_compute_type: str = "auto"  # auto: float16 on cuda, int8 on cpu
     offline_cpu_threads: int = 0  # 0: all cores
-    offline_beam_size: int = 5
+    offline_beam_size: int = 5  # Whisper beam width
     offline_nbest: int = 5  # 0: no n-best pass
     # Characters of the stream's previous offline text given to Whisper as its prompt. 0 (off): on
     # the real-speech set it changed nothing, on repetitive speech it set off repetition loops
-    # (2x decode time, 2x WER), see README.
+    # (2x decode time, 2x WER), docs/decisions/stack-choices.md.
     offline_prompt_chars: int = 0
-    offline_min_window_s: float = 10.0
-    offline_max_window_s: float = 30.0
+    offline_min_window_s: float = 10.0  # decode once this much audio is pending and a pause is reached
+    offline_max_window_s: float = 30.0  # never a longer window (Whisper's field)
     # The online pass is latency-critical, the offline one is not: lower its CPU priority.
     offline_nice: int = 10
     # A/B rollout: this share of streams (chosen by a stable hash of the stream id, so every
     # replica and every replay agrees) is also decoded by a candidate model. Its records carry
     # variant "candidate" and their model version; results serve the primary model's text.
     offline_candidate_model: str = ""  # e.g. tiny.en; empty: no candidate
-    offline_candidate_fraction: float = 0.0
+    offline_candidate_fraction: float = 0.0  # share of streams also decoded by the candidate
 
-    # diarizer (defaults tuned on data/conversations and the pyannote sample: README "Diarization")
+    # diarizer (defaults tuned on data/conversations and the pyannote sample: docs/architecture.md)
     diarizer_block_s: float = 6.0  # incremental turns run this far (plus compute) behind the audio
-    diarizer_context_s: float = 4.0
+    diarizer_context_s: float = 4.0  # audio before each block given to the segmentation model
     diarizer_link_threshold: float = 0.65  # cosine similarity to join an existing speaker
     diarizer_cluster_threshold: float = 0.4  # cosine distance, sub-segments within a block
     diarizer_merge_threshold: float = 0.8  # full pass: merge speakers more similar than this
@@ -108,7 +113,7 @@ class Settings:
     diarizer_nice: int = 19  # its labels trail the audio by seconds anyway: the online pass goes first
 
     # results
-    max_transcript_words: int = 20000
+    max_transcript_words: int = 20000  # per pass kept for STREAM_COMPLETE (then truncated)
     results_wait_for: str = "online,offline,diarizer"  # passes that must end before STREAM_COMPLETE
     offline_timeout_s: float = 600.0  # after the online end, give up waiting for offline
 
@@ -123,14 +128,20 @@ class Settings:
     # A transaction left open by a crashed process blocks read_committed readers of its output
     # partitions until the broker aborts it after this long (a restarted replica aborts it at once).
     transaction_timeout_s: float = 60.0
-    # A replica that dies without leaving its group hands its partitions on after this long.
-    session_timeout_s: float = 10.0
-    # Identity of this replica: its transactional id is "<group>-<instance_id>". Stable across
-    # restarts of one replica (the embedded stack sets "<service>-<n>"); default the host name.
+    # A member that stops heartbeating loses its partitions after this long. Long enough to ride
+    # out a broker restart (~16 s measured) without a rebalance; a replica restarted with the same
+    # instance_id takes its partitions back at once (static membership), whatever this says.
+    session_timeout_s: float = 45.0
+    # Identity of this replica, stable across its restarts: its transactional id is
+    # "<group>-<instance_id>" (a restart aborts what its predecessor left open at once) and its
+    # static group membership (a restart rejoins without a rebalance). The embedded stack sets
+    # "<service>-<n>"; "@hostname" takes the host name (one replica per container). Empty: the
+    # host name and process id, safe for any number of replicas on a host, but a crashed
+    # replica's open transaction then blocks read_committed readers until transaction_timeout_s.
     instance_id: str = ""
-    health_host: str = "127.0.0.1"
+    health_host: str = "127.0.0.1"  # /healthz and /metrics (port 0: any free port)
     health_port: int = 0
-    log_level: str = "INFO"
+    log_level: str = "INFO"  # JSON log lines on stderr
 
     kafka_extra: dict[str, str] = field(default_factory=dict)
 
@@ -221,3 +232,33 @@ def _coerce(f: dataclasses.Field, raw: str, current):
     if isinstance(current, Path):
         return Path(raw)
     return raw
+
+
+def reference_markdown() -> str:
+    """The settings table of docs/configuration.md, from this class: each field's environment
+    variable, default and the comment above it (``python -m hark.config > table``)."""
+    import inspect
+    import re
+
+    rows, comment = [], []
+    for line in inspect.getsource(Settings).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            text = stripped.lstrip("# ").strip()
+            if not re.fullmatch(r"[a-z_ ]+(\(.*\))?", text):  # "# ingest", "# results": section titles
+                comment.append(text)
+            continue
+        m = re.match(r"(\w+): [^=]+= (.+?)(?:\s+#\s*(.*))?$", stripped)
+        if m and not line.startswith("        "):
+            name, default, trailing = m.groups()
+            if name != "kafka_extra":
+                value = getattr(Settings(), name)
+                shown = "~/.local/share/hark" if name == "data_dir" else repr(value) if isinstance(value, str) else str(value)
+                text = " ".join(comment + ([trailing] if trailing else [])).replace("|", "\\|")
+                rows.append(f"| `HARK_{name.upper()}` | `{shown}` | {text} |")
+        comment = []
+    return "| variable | default | meaning |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

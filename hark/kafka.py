@@ -78,9 +78,8 @@ def consumer(settings: Settings, group: str, **overrides) -> Consumer:
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
-        # a replica that dies without leaving the group hands its partitions on after this
         "session.timeout.ms": int(settings.session_timeout_s * 1000),
-        "heartbeat.interval.ms": max(500, int(settings.session_timeout_s * 1000) // 5),
+        "heartbeat.interval.ms": 3000,
         # a decode between two polls (a 30 s offline window, an archive fallback) is far shorter
         "max.poll.interval.ms": 600_000,
         # librdkafka prefetches up to 64 MB by default: a consumer slower than its input (the offline
@@ -201,13 +200,14 @@ def group_lag(settings: Settings, groups: list[str], timeout: float = 10.0) -> d
     return out
 
 
-def wait_for_broker(settings: Settings, timeout: float = 30.0) -> None:
+def wait_for_broker(settings: Settings, timeout: float = 30.0, brokers: int = 1) -> None:
+    """Until the cluster answers metadata requests with at least ``brokers`` registered brokers."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
             md = admin(settings).list_topics(timeout=2)
-            if md.brokers:
+            if len(md.brokers) >= brokers:
                 return
         except KafkaException as e:
             last = e

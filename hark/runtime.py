@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -246,6 +247,16 @@ class SequenceCheck:
 
 
 # ---- the consumer loop ----------------------------------------------------------------------
+COMMIT_DEADLINE_S = 30.0  # a commit takes ~40 ms; a broker restart ~16 s
+
+
+def _wedged(transactional_id: str) -> None:
+    log.error("a transaction commit did not finish in %.0f s: exiting to restart from the last commit",
+              COMMIT_DEADLINE_S, extra=kv(transactional_id=transactional_id))
+    logging.shutdown()
+    os._exit(70)
+
+
 class ConsumerService:
     name = "service"
     group = "hark-service"
@@ -253,9 +264,16 @@ class ConsumerService:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics(self.name)
-        self.transactional_id = f"{self.group}-{settings.instance_id or socket.gethostname()}"
+        instance = settings.instance_id
+        static = bool(instance)
+        if instance == "@hostname":
+            instance = socket.gethostname()
+        elif not instance:
+            instance = f"{socket.gethostname()}-{os.getpid()}"
+        self.transactional_id = f"{self.group}-{instance}"
         self.producer = kafka.transactional(settings, self.transactional_id, **{"client.id": f"hark-{self.name}"})
-        self.consumer = kafka.consumer(settings, self.group, **{"client.id": f"hark-{self.name}"})
+        self.consumer = kafka.consumer(settings, self.group, **{"client.id": f"hark-{self.name}"},
+                                       **({"group.instance.id": instance} if static else {}))
         self.deadletters = DeadLetters(self.producer, settings, self.name, self.metrics, before_send=self._begin)
         self._stop = threading.Event()
         self._positions: dict[tuple[str, int], int] = {}  # next offset to read, per partition
@@ -482,6 +500,12 @@ class ConsumerService:
         """Commit the open transaction: the output produced since the last commit, the input
         offsets it came from and the resume metadata, all or nothing. Nothing to commit: no-op."""
         self._last_commit = time.monotonic()
+        # librdkafka's position steps over transaction markers that follow the last record read;
+        # committing it (not last offset + 1) lets a caught-up group show lag 0
+        if self._positions:
+            for p in self.consumer.position([TopicPartition(t, n) for t, n in self._positions]):
+                if p.offset > self._positions.get((p.topic, p.partition), p.offset):
+                    self._positions[(p.topic, p.partition)] = p.offset
         by_tp: dict[tuple[str, int], list[str]] = {}
         for k, (topic, partition, _) in self._holds.items():
             by_tp.setdefault((topic, partition), []).append(k)
@@ -493,6 +517,13 @@ class ConsumerService:
                 sent[tp] = (offset, meta)
         if not offsets and not self._in_transaction:
             return
+        # librdkafka's send_offsets_to_transaction ignores its timeout and can wait forever once
+        # the group coordinator it cached went away (librdkafka issues 5456 and 5511; seen here
+        # after every broker restart): a commit that does not finish in time ends the process,
+        # and its restart resumes from the last commit.
+        watchdog = threading.Timer(COMMIT_DEADLINE_S, _wedged, args=(self.transactional_id,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             self._begin()
             if offsets:
@@ -502,6 +533,8 @@ class ConsumerService:
             # The batch's output is not visible and its offsets are not committed: this process's
             # state is ahead of the log. Exit; the restart resumes from the last commit.
             raise RuntimeError(f"transaction failed, restarting from the last commit: {e}") from e
+        finally:
+            watchdog.cancel()
         self._in_transaction = False
         self._sent.update(sent)
         for tp, (offset, _) in sent.items():

@@ -64,8 +64,6 @@ class StreamRun:
         if rec["source"] == "offline":
             return caption_line(rec)
         utt = rec["utterance_id"]
-        if kind == "PARTIAL" and (utt in self.online_finals or self.complete is not None):
-            return None  # a re-sent partial behind its utterance's final (hark.records.FinalsSeen)
         seen = self._first_seen.setdefault(utt, [])
         for w in rec["words"]:
             if not any(s[0] == w["word"] and _overlap(s[1], s[2], w["start_ms"], w["end_ms"]) for s in seen):

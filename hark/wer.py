@@ -1,4 +1,4 @@
-"""Word error rate with the normalisation used for every figure in the README.
+"""Word error rate with the normalisation used for every figure in docs/measurements.md.
 
 Lower case, punctuation dropped, digits spelt out as words, the usual spoken forms of a few
 abbreviations (as Whisper's English normaliser does: "Mr." is scored as "mister"); then

@@ -282,13 +282,13 @@ def test_audio_leader_killed_in_a_three_broker_cluster_loses_and_duplicates_noth
     leading most audio partitions is killed with SIGKILL and stays down. Leadership moves to the
     in-sync followers, coordinators move, transactions in flight abort and their services restart
     from their last commit: every stream completes with every final once and the same text."""
-    n_streams = int(os.environ.get("HARK_CHAOS_CLUSTER_STREAMS", "10"))
+    n_streams = int(os.environ.get("HARK_CHAOS_CLUSTER_STREAMS", "4"))
     nodes, procs = start_cluster(tmp_path / "cluster")
     bootstrap = ",".join(n.bootstrap for n in nodes)
     env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "4", "HARK_IDLE_TIMEOUT_S": "30",
            "HARK_REPLICATION_FACTOR": "3", "HARK_BOOTSTRAP": bootstrap}
     try:
-        kafka.wait_for_broker(Settings(bootstrap=bootstrap), timeout=120)
+        kafka.wait_for_broker(Settings(bootstrap=bootstrap), timeout=120, brokers=len(nodes))
         settings, sdir = up(env, "--bootstrap", bootstrap, "--replicas", "diarizer=0")
         try:
             md = kafka.admin(settings).list_topics(settings.audio_topic, timeout=10).topics[settings.audio_topic]

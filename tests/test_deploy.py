@@ -186,6 +186,20 @@ def test_replicas_split_partitions_and_no_stream_is_lost_when_one_dies(tmp_path,
             if f == "goforward.wav":
                 assert "forward" in rec["text"].lower(), rec["text"]
         assert "Dashwood" in complete_record(settings, ids[0])["text"]
+
+        # Every stream ended: each group's holds are released, so its lag drains to 0 (the
+        # committed offsets catch up with the ends of the partitions it read).
+        deadline, lag = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:
+            lag = json.loads(run_hark("status", "--json", env_extra=env).stdout)["lag"]
+            if all(lag[g].get("partitions") and lag[g]["lag"] == 0 for g in stack.GROUPS):
+                break
+            time.sleep(1)
+        assert all(lag[g]["partitions"] and lag[g]["lag"] == 0 for g in stack.GROUPS), lag
+        audio = [r for r in lag["hark-online-asr"]["partitions"] if r["topic"] == settings.audio_topic]
+        assert {r["partition"] for r in audio} == {0, 1, 2, 3} and all(r["end"] > 0 for r in audio), audio
+        text = run_hark("status", env_extra=env).stdout
+        assert "group hark-online-asr: lag 0 records" in text, text
     finally:
         run_hark("down", env_extra=env)
 

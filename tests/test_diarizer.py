@@ -79,7 +79,7 @@ def test_real_two_speaker_recording(diarizer):
     audio, rttm = sample()
     _, full, _ = run_stream(diarizer, audio)
     score = der(read_rttm(rttm), full)
-    assert score["hyp_speakers"] == 2 and score["der"] <= 0.10, score  # measured 4.3% (README)
+    assert score["hyp_speakers"] == 2 and score["der"] <= 0.10, score  # measured 4.3% (docs/measurements.md)
 
 
 def test_speaker_count_without_hints_on_the_noisy_four_speaker_conversation(diarizer):

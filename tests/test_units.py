@@ -53,27 +53,6 @@ def test_merger_turns_online_output_into_captions_and_a_transcript():
     assert not m.is_open("s")
 
 
-def test_partials_behind_their_final_are_stale():
-    """Partials reach the results topic from online_asr, finals through the results service: a
-    re-sent partial can land after its utterance's final, and readers drop it."""
-    from hark.records import FinalsSeen, result_record
-
-    def res(kind, utt, sid="s", source="online"):
-        return result_record(_online("FINAL", utt, "x", sid=sid), kind, source, utt)
-
-    seen = FinalsSeen(max_streams=2)
-    assert seen.update(res("PARTIAL", 0)) and seen.update(res("PARTIAL", 0))
-    assert seen.update(res("FINAL", 0))
-    assert not seen.update(res("PARTIAL", 0))  # behind its final
-    assert seen.update(res("PARTIAL", 1))
-    assert seen.update(res("FINAL", 5, source="offline")) and seen.update(res("PARTIAL", 1))  # offline: other numbering
-    assert seen.update(res("PARTIAL", 0, sid="other"))  # streams are independent
-    assert seen.update(res("STREAM_COMPLETE", -1))
-    assert not seen.update(res("PARTIAL", 7))  # behind the stream's end
-    seen.update(res("FINAL", 3, sid="b")), seen.update(res("FINAL", 3, sid="c"))  # bounded: "s" is forgotten
-    assert seen.update(res("PARTIAL", 7)) and len(seen._last_final) == 2
-
-
 def test_merger_memory_is_capped_per_stream():
     m = ResultsMerger(max_words=3, wait_for=("online",))
     m.on_online(_online("FINAL", 0, "a b", ["a", "b"]))
@@ -241,3 +220,15 @@ def test_partition_placer_spreads_open_streams_and_takes_ties_in_turn():
     assert PartitionPlacer("hash", 8).acquire() is None  # the producer hashes the key
     with pytest.raises(ValueError):
         PartitionPlacer("random", 8)
+
+
+def test_configuration_reference_is_current():
+    """docs/configuration.md's settings table is generated from Settings: regenerate it with
+    `python -m hark.config` when a setting changes."""
+    from pathlib import Path
+
+    from hark.config import reference_markdown
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    table = doc.split("<!-- settings:begin -->\n", 1)[1].split("<!-- settings:end -->", 1)[0]
+    assert table == reference_markdown()

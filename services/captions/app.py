@@ -34,7 +34,6 @@ from starlette.routing import Route
 
 from hark import kafka, serde
 from hark.config import Settings
-from hark.records import FinalsSeen
 from hark.runtime import DeadLetters, HealthServer, Metrics, key_of, kv, now_ms, service_settings
 from hark.tenants import Access, AccessDenied, request_token
 
@@ -105,7 +104,6 @@ class ResultsFollower(threading.Thread):
         super().__init__(name="results-follower", daemon=True)
         self.settings, self.hub, self.metrics = settings, hub, metrics
         self.partials: OrderedDict[str, dict] = OrderedDict()
-        self.finals = FinalsSeen()
         self.last_loop = time.monotonic()
         self.partitions = 0
         self.stopping = threading.Event()
@@ -154,9 +152,6 @@ class ResultsFollower(threading.Thread):
             index.close()
 
     def _live(self, rec: dict) -> None:
-        if not self.finals.update(rec):  # a re-sent partial behind its utterance's final
-            self.metrics.inc("stale_partials_total")
-            return
         sid, kind = rec["stream_id"], str(rec["kind"])
         event = caption_event(rec)
         if kind == "PARTIAL":

@@ -9,7 +9,7 @@
 
 Nothing is downloaded: setup installs and sha256-checks the files (``hark models install``).
 pyannote's telemetry is off. Audio is passed as a tensor (torchcodec, pyannote's file decoder,
-is a CUDA build here and is not installed; see README).
+is a CUDA build here and is not installed; see docs/decisions/stack-choices.md).
 """
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ class PartitionPlacer:
     in turn. A consumer group assigns partitions round-robin (cooperative-sticky: 2 online_asr
     replicas get 0,2,4,6 and 1,3,5,7), so streams spread evenly over the replicas, where hashing
     the stream id splits 12 streams 8/4 or worse one time in three and the busy replica (one core,
-    pocketsphinx holds the GIL) falls behind (README "Load"). "hash": the producer's key hash.
+    pocketsphinx holds the GIL) falls behind. "hash": the producer's key hash.
     """
 
     def __init__(self, mode: str, partitions: int, start: int | None = None):

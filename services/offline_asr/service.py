@@ -3,7 +3,7 @@
 Triggers: a window is decoded as soon as the stream has moved past a pause with at least
 ``offline_min_window_s`` of audio pending (so long streams are improved while they run), and
 the rest at StreamEnd (the previous offline text can be the prompt: ``offline_prompt_chars``,
-off by default, see README). n-best lists are
+off by default, docs/decisions/stack-choices.md). n-best lists are
 computed when the service is otherwise idle (they cost another decode and nobody waits on them).
 
 Audio source: the stream's chunks as they arrive on the audio topic, buffered per stream up to

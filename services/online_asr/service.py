@@ -134,8 +134,7 @@ class OnlineASR(AudioStreamService):
                                st.last_chunk_published_at_ms, words=[w.as_record() for w in ev.words],
                                nbest=[{"text": t, "score": sc} for t, sc in ev.nbest], lattice_key=lattice_key)
             if ev.kind == "PARTIAL":
-                # a partial needs no merging: straight to the captions, a broker hop sooner (and on
-                # the embedded broker half the partial traffic, README "Load")
+                # a partial needs no merging: straight to the captions, a broker hop sooner
                 self.produce(self.settings.results_topic, sid, "Result",
                              result_record(rec, "PARTIAL", "online", ev.utterance_id))
                 self.metrics.inc("partials_total")

@@ -43,7 +43,7 @@ class PassState:
     model: tuple[str, str] | None = None
 
     def add(self, index: int, rec: dict, max_words: int) -> bool:
-        """False for a record seen before (a producer re-sent it after a crash)."""
+        """False for an index seen before (the merge stays right if an input record repeats)."""
         if index in self.parts or index in self.dropped:
             return False
         if self.words + len(rec["words"]) > max_words:
@@ -99,14 +99,14 @@ class ResultsMerger:
             raise ValueError(f"wait_for must include 'online' and only name {PASSES}, got {wait_for}")
         self.max_words, self.wait_for, self.offline_timeout_s = max_words, tuple(wait_for), offline_timeout_s
         self.streams: dict[str, StreamTranscript] = {}
-        self.completed = RecentIds(MAX_COMPLETED)  # to drop late re-sends
+        self.completed = RecentIds(MAX_COMPLETED)  # a record after its stream completed must not reopen it
         self.abandoned = 0
 
     def is_open(self, stream_id: str) -> bool:
         return stream_id in self.streams
 
     def late(self, rec: dict) -> bool:
-        """A record of a stream completed already (re-sent by a producer that crashed): ignored."""
+        """A record of a stream completed already (an NBEST computed late, a repeated input): ignored."""
         return rec["stream_id"] in self.completed and rec["stream_id"] not in self.streams
 
     def _state(self, rec: dict) -> StreamTranscript:
@@ -192,8 +192,8 @@ class ResultsMerger:
                 out += self._complete(sid, reason="offline pass did not finish in time")
             elif st.online_ended_at is None and now - st.last_seen > self.offline_timeout_s:
                 # no record for that long and no online end (online_asr closes idle streams in
-                # seconds): stray re-sends of a stream completed before a restart. Dropped, not
-                # completed: a second STREAM_COMPLETE would be wrong.
+                # seconds): records of a stream whose start this process never saw (it joined
+                # mid-way). Dropped, not completed: its STREAM_COMPLETE would be partial.
                 del self.streams[sid]
                 self.abandoned += 1
         return out

@@ -1,9 +1,10 @@
-"""results service: online and offline transcripts in, Result records out (one topic, keyed by stream).
+"""results service: online and offline transcripts and speaker turns in, Result records out (one
+topic, keyed by stream).
 
-Written with confluent-kafka rather than faust-streaming: this state must survive restarts,
-and on the embedded Tansu broker Faust's table recovery stops at a wrong end offset and its
-transactions fail (README, "Stack choices"). The state is instead rebuilt from the input
-topics themselves: commits are held at each open stream's first record on each topic.
+A consume-transform-produce loop on confluent-kafka transactions like every other service, not a
+faust-streaming app: a changelog table holding each stream's merge state would rewrite that state
+on every record (docs/decisions/0003-results-merge.md). The state is rebuilt from the input topics
+themselves: commits are held at each open stream's first record on each topic.
 """
 from __future__ import annotations
 
