@@ -30,7 +30,8 @@ def transaction_ms(bootstrap: str, backoff_ms: int, n: int, tag: str) -> list[fl
     topic = f"bench-{tag}"
     from confluent_kafka.admin import NewTopic
 
-    kafka.admin(settings).create_topics([NewTopic(topic, 1, 1)])[topic].result()
+    adm = kafka.admin(settings)  # kept: its futures fail once the client is collected
+    adm.create_topics([NewTopic(topic, 1, 1)])[topic].result()
     p = Producer({"bootstrap.servers": bootstrap})
     for _ in range(n + 1):
         p.produce(topic, b"x")

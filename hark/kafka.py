@@ -161,7 +161,8 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
 
 def describe_topic_configs(settings: Settings, topic: str, timeout: float = 10.0) -> dict[str, str]:
     res = ConfigResource(ConfigResource.Type.TOPIC, topic)
-    entries = admin(settings).describe_configs([res], request_timeout=timeout)[res].result()
+    adm = admin(settings)  # kept until the future resolves: it fails once the client is collected
+    entries = adm.describe_configs([res], request_timeout=timeout)[res].result()
     return {k: v.value for k, v in entries.items()}
 
 
@@ -173,14 +174,15 @@ def topic_partitions(settings: Settings, timeout: float = 5.0) -> dict[str, int]
 def group_lag(settings: Settings, groups: list[str], timeout: float = 10.0) -> dict[str, dict]:
     """Per consumer group: its committed offset, the partition's end and the lag, per partition of
     every topic it has committed on (read_committed ends: what a member can read)."""
-    from confluent_kafka import ConsumerGroupTopicPartitions, IsolationLevel, OffsetSpec
+    from confluent_kafka import ConsumerGroupTopicPartitions, IsolationLevel
+    from confluent_kafka.admin import OffsetSpec
 
     adm = admin(settings)
     out: dict[str, dict] = {}
-    futures = adm.list_consumer_group_offsets([ConsumerGroupTopicPartitions(g) for g in groups],
-                                              request_timeout=timeout)
-    for group, fut in futures.items():
+    for group in groups:  # the admin API takes one group per request
         try:
+            fut = adm.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)],
+                                                  request_timeout=timeout)[group]
             committed = [tp for tp in fut.result().topic_partitions if tp.offset >= 0]
         except KafkaException as e:
             out[group] = {"error": str(e)}

@@ -197,7 +197,7 @@ def test_replicas_split_partitions_and_no_stream_is_lost_when_one_dies(tmp_path,
             time.sleep(1)
         assert all(lag[g]["partitions"] and lag[g]["lag"] == 0 for g in stack.GROUPS), lag
         audio = [r for r in lag["hark-online-asr"]["partitions"] if r["topic"] == settings.audio_topic]
-        assert {r["partition"] for r in audio} == {0, 1, 2, 3} and all(r["end"] > 0 for r in audio), audio
+        assert audio and all(r["end"] > 0 and r["committed"] == r["end"] for r in audio), audio
         text = run_hark("status", env_extra=env).stdout
         assert "group hark-online-asr: lag 0 records" in text, text
     finally:

@@ -232,3 +232,15 @@ def test_configuration_reference_is_current():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
     table = doc.split("<!-- settings:begin -->\n", 1)[1].split("<!-- settings:end -->", 1)[0]
     assert table == reference_markdown()
+
+
+def test_missing_java_is_one_clear_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
+    env.update(PATH=str(tmp_path), HARK_DATA_DIR=str(tmp_path / "d"))  # no java on the PATH
+    out = subprocess.run([sys.executable, "-m", "hark", "up"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out
+    assert out.stderr.strip().count("\n") == 0 and "needs Java 17" in out.stderr, out.stderr
