@@ -30,6 +30,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from . import kafka, serde
 from .config import Settings
+from .transactions import Transactions
 
 log = logging.getLogger("hark")
 
@@ -156,12 +157,12 @@ class HealthServer:
 
 # ---- dead letters ---------------------------------------------------------------------------
 class DeadLetters:
-    """``before_send`` runs before each record is produced (a transactional service opens its
-    transaction there, so the dead letter commits with the offset of the record it replaces)."""
+    """``send_record(topic, key, value)`` produces (a transactional service passes its own, so the
+    dead letter commits with the offset of the record it replaces); default the producer's."""
 
-    def __init__(self, producer, settings: Settings, service: str, metrics: Metrics, before_send=None):
+    def __init__(self, producer, settings: Settings, service: str, metrics: Metrics, send_record=None):
         self.producer, self.topic, self.service, self.metrics = producer, settings.deadletter_topic, service, metrics
-        self.before_send = before_send
+        self.send_record = send_record or (lambda topic, key, value: producer.produce(topic, key=key, value=value))
 
     def send(self, error_type: str, reason: str, *, msg: Message | None = None, stream_id: str | None = None,
              tenant: str | None = None, payload: bytes | None = None, payload_size: int | None = None) -> None:
@@ -178,10 +179,7 @@ class DeadLetters:
             "payload": payload[:DEADLETTER_PAYLOAD_CAP] if payload else None,
             "payload_size": size, "failed_at_ms": now_ms(),
         }
-        key = record["key"]
-        if self.before_send is not None:
-            self.before_send()
-        self.producer.produce(self.topic, key=key, value=serde.encode("DeadLetter", record))
+        self.send_record(self.topic, record["key"], serde.encode("DeadLetter", record))
         self.metrics.inc("deadletters_total")
         log.warning("dead-lettered: %s", reason, extra=kv(error_type=error_type, stream_id=stream_id))
 
@@ -247,16 +245,6 @@ class SequenceCheck:
 
 
 # ---- the consumer loop ----------------------------------------------------------------------
-COMMIT_DEADLINE_S = 30.0  # a commit takes ~40 ms; a broker restart ~16 s
-
-
-def _wedged(transactional_id: str) -> None:
-    log.error("a transaction commit did not finish in %.0f s: exiting to restart from the last commit",
-              COMMIT_DEADLINE_S, extra=kv(transactional_id=transactional_id))
-    logging.shutdown()
-    os._exit(70)
-
-
 class ConsumerService:
     name = "service"
     group = "hark-service"
@@ -274,10 +262,11 @@ class ConsumerService:
         self.producer = kafka.transactional(settings, self.transactional_id, **{"client.id": f"hark-{self.name}"})
         self.consumer = kafka.consumer(settings, self.group, **{"client.id": f"hark-{self.name}"},
                                        **({"group.instance.id": instance} if static else {}))
-        self.deadletters = DeadLetters(self.producer, settings, self.name, self.metrics, before_send=self._begin)
+        self.transactions = Transactions(self.producer, self.transactional_id)
+        self.deadletters = DeadLetters(self.producer, settings, self.name, self.metrics,
+                                       send_record=self.transactions.send)
         self._stop = threading.Event()
         self._positions: dict[tuple[str, int], int] = {}  # next offset to read, per partition
-        self._in_transaction = False
         self._last_loop = time.monotonic()
         self._assigned: set[tuple[str, int]] = set()
         # key -> (topic, partition, offset): the earliest record an open stream needs re-read
@@ -371,8 +360,7 @@ class ConsumerService:
         if self.replaying:  # committed before, with the offsets it was made from
             self.metrics.inc("outputs_suppressed_total", topic=topic)
             return
-        self._begin()
-        self.producer.produce(topic, key=key.encode(), value=serde.encode(rtype, record))
+        self.transactions.send(topic, key.encode(), serde.encode(rtype, record))
         self.metrics.inc("records_out_total", topic=topic)
 
     def observe_decode(self, decode_s: float, audio_s: float, **labels) -> None:
@@ -425,7 +413,7 @@ class ConsumerService:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
-        self.producer.init_transactions(60)  # aborts what a predecessor with our transactional id left open
+        self.transactions.init()
         self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
         try:
@@ -434,6 +422,8 @@ class ConsumerService:
                 msgs = kafka.consume_ready(self.consumer, 200, 0.05)
                 for msg in msgs:
                     self._process(msg)
+                    if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
+                        self._commit(batch_done=False)  # a long batch's output is not held back
                 self.tick()
                 if time.monotonic() - self._last_lag >= 5.0:
                     self._last_lag = time.monotonic()
@@ -445,7 +435,9 @@ class ConsumerService:
                 if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
                     self._commit()
             self._commit()
+            self.transactions.wait()
         finally:
+            self.transactions.close()
             self.consumer.close()
             self.health.close()
             log.info("stopped")
@@ -484,11 +476,6 @@ class ConsumerService:
         if not self.replaying:
             self.deadletters.send(kind, reason, msg=msg, stream_id=key_of(msg))
 
-    def _begin(self) -> None:
-        if not self._in_transaction:
-            self.producer.begin_transaction()
-            self._in_transaction = True
-
     def _metadata(self, tp: tuple[str, int], held: list[str]) -> str:
         """What the next owner of ``tp`` needs beside the committed offset: how far input was
         processed (its output is in this transaction) and how each held stream resumes."""
@@ -496,13 +483,14 @@ class ConsumerService:
         return json.dumps({"processed": self._positions[tp], "held": held, "streams": streams},
                           sort_keys=True, separators=(",", ":"))
 
-    def _commit(self) -> None:
-        """Commit the open transaction: the output produced since the last commit, the input
-        offsets it came from and the resume metadata, all or nothing. Nothing to commit: no-op."""
+    def _commit(self, batch_done: bool = True) -> None:
+        """Start committing the output produced since the last commit with the input offsets it
+        came from and the resume metadata, all or nothing (hark/transactions.py). ``batch_done``:
+        every record delivered so far is processed."""
         self._last_commit = time.monotonic()
-        # librdkafka's position steps over transaction markers that follow the last record read;
-        # committing it (not last offset + 1) lets a caught-up group show lag 0
-        if self._positions:
+        if batch_done and self._positions:
+            # librdkafka's position steps over transaction markers that follow the last record
+            # read; committing it (not last offset + 1) lets a caught-up group show lag 0
             for p in self.consumer.position([TopicPartition(t, n) for t, n in self._positions]):
                 if p.offset > self._positions.get((p.topic, p.partition), p.offset):
                     self._positions[(p.topic, p.partition)] = p.offset
@@ -515,31 +503,12 @@ class ConsumerService:
             if self._sent.get(tp) != (offset, meta):
                 offsets.append(TopicPartition(tp[0], tp[1], offset, metadata=meta))
                 sent[tp] = (offset, meta)
-        if not offsets and not self._in_transaction:
+        if not self.transactions.commit(offsets, self.consumer.consumer_group_metadata()):
             return
-        # librdkafka's send_offsets_to_transaction ignores its timeout and can wait forever once
-        # the group coordinator it cached went away (librdkafka issues 5456 and 5511; seen here
-        # after every broker restart): a commit that does not finish in time ends the process,
-        # and its restart resumes from the last commit.
-        watchdog = threading.Timer(COMMIT_DEADLINE_S, _wedged, args=(self.transactional_id,))
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            self._begin()
-            if offsets:
-                self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
-            self.producer.commit_transaction(60)
-        except KafkaException as e:
-            # The batch's output is not visible and its offsets are not committed: this process's
-            # state is ahead of the log. Exit; the restart resumes from the last commit.
-            raise RuntimeError(f"transaction failed, restarting from the last commit: {e}") from e
-        finally:
-            watchdog.cancel()
-        self._in_transaction = False
-        self._sent.update(sent)
+        self._sent.update(sent)  # a failed commit ends the process, so what is sent counts as done
         for tp, (offset, _) in sent.items():
             self._committed[tp] = offset
-        self.metrics.inc("transactions_total")
+        self.metrics.inc("transactions_total")  # started; a failed one ends the process
 
     def _on_assign(self, consumer, partitions):
         try:
@@ -558,6 +527,7 @@ class ConsumerService:
 
     def _on_revoke(self, consumer, partitions):
         self._commit()  # hand the partitions over with everything done so far committed
+        self.transactions.wait()
         self._forget([(p.topic, p.partition) for p in partitions])
 
     def _on_lost(self, consumer, partitions):
