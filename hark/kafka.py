@@ -11,7 +11,7 @@ import logging
 import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from .broker import MAX_MESSAGE_BYTES
 from .config import Settings
@@ -157,13 +157,6 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
         except KafkaException as e:
             if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
-
-
-def describe_topic_configs(settings: Settings, topic: str, timeout: float = 10.0) -> dict[str, str]:
-    res = ConfigResource(ConfigResource.Type.TOPIC, topic)
-    adm = admin(settings)  # kept until the future resolves: it fails once the client is collected
-    entries = adm.describe_configs([res], request_timeout=timeout)[res].result()
-    return {k: v.value for k, v in entries.items()}
 
 
 def topic_partitions(settings: Settings, timeout: float = 5.0) -> dict[str, int]:

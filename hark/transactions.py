@@ -46,7 +46,6 @@ class Transactions:
         self._inflight: concurrent.futures.Future | None = None
         self._waiting: list[tuple[str, bytes | None, bytes]] = []
         self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="commit")
-        self.commits = 0
 
     def init(self) -> None:
         self.producer.init_transactions(60)  # aborts what a predecessor with this id left open
@@ -82,7 +81,6 @@ class Transactions:
         except KafkaException as e:
             raise RuntimeError(f"transaction failed, restarting from the last commit: {e}") from e
         self._open = False
-        self.commits += 1
         waiting, self._waiting = self._waiting, []
         for topic, key, value in waiting:
             self._produce(topic, key, value)
