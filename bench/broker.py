@@ -9,6 +9,7 @@ Starts a fresh single-node broker (hark.broker) in a temporary folder and prints
 
   python -m bench.broker [--transactions 50]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,21 +37,36 @@ def transaction_ms(bootstrap: str, backoff_ms: int, n: int, tag: str) -> list[fl
     for _ in range(n + 1):
         p.produce(topic, b"x")
     p.flush()
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"g-{tag}", "enable.auto.commit": False,
-                  "auto.offset.reset": "earliest"})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"g-{tag}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
     c.subscribe([topic])
     while c.poll(1) is None:  # joined and reading
         pass
-    tp = Producer({"bootstrap.servers": bootstrap, "transactional.id": f"t-{tag}", "retry.backoff.ms": backoff_ms,
-                   "enable.idempotence": True, "acks": "all", "linger.ms": 5})
+    tp = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "transactional.id": f"t-{tag}",
+            "retry.backoff.ms": backoff_ms,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+        }
+    )
     tp.init_transactions(60)
     out = []
     for i in range(n):
         t0 = time.perf_counter()
         tp.begin_transaction()
         tp.produce(topic, b"y")
-        tp.send_offsets_to_transaction([TopicPartition(topic, 0, i + 1, metadata='{"processed":1}')],
-                                       c.consumer_group_metadata(), 30)
+        tp.send_offsets_to_transaction(
+            [TopicPartition(topic, 0, i + 1, metadata='{"processed":1}')], c.consumer_group_metadata(), 30
+        )
         tp.commit_transaction(30)
         out.append((time.perf_counter() - t0) * 1000)
     c.close()
@@ -73,13 +89,17 @@ def main(argv: list[str] | None = None) -> None:
             started = time.monotonic() - t0
             time.sleep(5)
             idle_mb = psutil.Process(proc.pid).memory_info().rss / 2**20
-            print(f"Kafka {broker.KAFKA_VERSION}: format {formatted:.1f} s, start to first metadata answer "
-                  f"{started:.1f} s, RSS idle {idle_mb:.0f} MB (-Xmx{node.heap_mb}m)")
+            print(
+                f"Kafka {broker.KAFKA_VERSION}: format {formatted:.1f} s, start to first metadata answer "
+                f"{started:.1f} s, RSS idle {idle_mb:.0f} MB (-Xmx{node.heap_mb}m)"
+            )
             for backoff in (100, 5):
                 ms = transaction_ms(node.bootstrap, backoff, a.transactions, f"b{backoff}")
-                print(f"transaction (begin, produce, send offsets, commit), retry.backoff.ms={backoff}: "
-                      f"median {statistics.median(ms):.1f} ms, p95 {sorted(ms)[int(0.95 * len(ms)) - 1]:.1f} ms "
-                      f"over {len(ms)}")
+                print(
+                    f"transaction (begin, produce, send offsets, commit), retry.backoff.ms={backoff}: "
+                    f"median {statistics.median(ms):.1f} ms, p95 {sorted(ms)[int(0.95 * len(ms)) - 1]:.1f} ms "
+                    f"over {len(ms)}"
+                )
             print(f"RSS after the transactions {psutil.Process(proc.pid).memory_info().rss / 2**20:.0f} MB")
         finally:
             proc.terminate()

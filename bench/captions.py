@@ -11,6 +11,7 @@
           word, phrase, alternative-only and absent queries, each timed many times
 Prints a report and writes bench/out/captions.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,15 +45,22 @@ def page_delay(settings: Settings, state: dict, streams: int) -> dict:
     sids = [f"bench-page-{i}-{time.time_ns()}" for i in range(streams)]
     delays: list[int] = []
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
-                                     args=["--no-sandbox", "--headless=new"])
+        browser = pw.chromium.launch(
+            executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=["--no-sandbox", "--headless=new"]
+        )
         pages = []
         for sid in sids:
             page = browser.new_page()
             page.goto(f"{state['captions_url']}streams/{sid}")
             pages.append(page)
-        threads = [threading.Thread(target=ingest.publish_file, args=(SPEECH / "austen_passage.flac",),
-                                    kwargs={"stream_id": sid, "realtime": True}) for sid in sids]
+        threads = [
+            threading.Thread(
+                target=ingest.publish_file,
+                args=(SPEECH / "austen_passage.flac",),
+                kwargs={"stream_id": sid, "realtime": True},
+            )
+            for sid in sids
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -62,8 +70,13 @@ def page_delay(settings: Settings, state: dict, streams: int) -> dict:
             events = page.evaluate("window.harkEvents")
             delays += [e["received_ms"] - e["emitted_at_ms"] for e in events if not e["history"]]
         browser.close()
-    return {"streams": streams, "events": len(delays), "p50_ms": pct(delays, 50), "p95_ms": pct(delays, 95),
-            "max_ms": max(delays)}
+    return {
+        "streams": streams,
+        "events": len(delays),
+        "p50_ms": pct(delays, 50),
+        "p95_ms": pct(delays, 95),
+        "max_ms": max(delays),
+    }
 
 
 def results_of_a_run(settings: Settings) -> list[dict]:
@@ -79,7 +92,7 @@ def results_of_a_run(settings: Settings) -> list[dict]:
             for m in c.consume(500, 0.2):
                 if m.error():
                     continue
-                t, r = serde.decode(m.value())
+                _t, r = serde.decode(m.value())
                 if r["stream_id"] in sids:
                     out.append(r)
                     if str(r["kind"]) == "STREAM_COMPLETE":
@@ -87,7 +100,7 @@ def results_of_a_run(settings: Settings) -> list[dict]:
         time.sleep(5)  # late offline n-best (ALTERNATIVES) records
         for m in c.consume(5000, 1.0):
             if not m.error():
-                t, r = serde.decode(m.value())
+                _t, r = serde.decode(m.value())
                 if r["stream_id"] in sids:
                     out.append(r)
     finally:
@@ -113,8 +126,13 @@ def search_bench(records: list[dict], hours: float, tmp: Path, repeats: int) -> 
     alts = idx.db.execute("SELECT norm FROM hyps WHERE source = 'alternative' LIMIT 5000").fetchall()
     best_words = {w for r in best for w in r[0].split()}
     alt_only = sorted({w for r in alts for w in r[0].split()} - best_words, key=len, reverse=True)
-    queries = {"frequent word": "the", "name": "dashwood", "phrase": "ill disposed young man",
-               "alternative-only word": alt_only[0] if alt_only else "crudely", "absent word": "zyzzyva"}
+    queries = {
+        "frequent word": "the",
+        "name": "dashwood",
+        "phrase": "ill disposed young man",
+        "alternative-only word": alt_only[0] if alt_only else "crudely",
+        "absent word": "zyzzyva",
+    }
     timings, hits = {}, {}
     for label, q in queries.items():
         times = []
@@ -122,14 +140,27 @@ def search_bench(records: list[dict], hours: float, tmp: Path, repeats: int) -> 
             t = time.perf_counter()
             result = idx.search(q, limit=20)
             times.append(1000 * (time.perf_counter() - t))
-        timings[label] = {"query": q, "p50_ms": pct(times, 50), "p95_ms": pct(times, 95), "max_ms": round(max(times), 2)}
+        timings[label] = {
+            "query": q,
+            "p50_ms": pct(times, 50),
+            "p95_ms": pct(times, 95),
+            "max_ms": round(max(times), 2),
+        }
         hits[label] = len(result)
     all_times = [v["p95_ms"] for v in timings.values()]
     idx.close()
     size_mb = (tmp / "bench-index.sqlite").stat().st_size / 1e6
-    return {"hours_indexed": round(copies * audio_ms / 3600_000, 2), "streams": rows[2], "rows": rows[0],
-            "rows_1best": rows[1], "index_mb": round(size_mb, 1), "build_s": round(build_s, 1),
-            "queries": timings, "hits": hits, "worst_p95_ms": max(all_times)}
+    return {
+        "hours_indexed": round(copies * audio_ms / 3600_000, 2),
+        "streams": rows[2],
+        "rows": rows[0],
+        "rows_1best": rows[1],
+        "index_mb": round(size_mb, 1),
+        "build_s": round(build_s, 1),
+        "queries": timings,
+        "hits": hits,
+        "worst_p95_ms": max(all_times),
+    }
 
 
 def main(argv=None) -> None:
@@ -156,14 +187,20 @@ def main(argv=None) -> None:
         search = search_bench(records, a.hours, tmp, a.repeats)
     report = {"page": page, "search": search, "machine": {"cpus": __import__("os").cpu_count()}}
     (OUT / "captions.json").write_text(json.dumps(report, indent=1))
-    print(f"\ncaption delay, results topic -> page ({page['streams']} real-time streams, {page['events']} events): "
-          f"p50 {page['p50_ms']} ms, p95 {page['p95_ms']} ms, max {page['max_ms']} ms   (target p95 <= 500 ms)")
+    print(
+        f"\ncaption delay, results topic -> page ({page['streams']} real-time streams, {page['events']} events): "
+        f"p50 {page['p50_ms']} ms, p95 {page['p95_ms']} ms, max {page['max_ms']} ms   (target p95 <= 500 ms)"
+    )
     s = search
-    print(f"search index: {s['hours_indexed']} h of audio, {s['streams']} streams, {s['rows']} hypotheses "
-          f"({s['rows_1best']} 1-best), {s['index_mb']} MB, built in {s['build_s']} s")
+    print(
+        f"search index: {s['hours_indexed']} h of audio, {s['streams']} streams, {s['rows']} hypotheses "
+        f"({s['rows_1best']} 1-best), {s['index_mb']} MB, built in {s['build_s']} s"
+    )
     for label, t in s["queries"].items():
-        print(f"  {label:<22} {t['query']!r:<26} p50 {t['p50_ms']:7.2f} ms  p95 {t['p95_ms']:7.2f} ms  "
-              f"max {t['max_ms']:7.2f} ms  ({s['hits'][label]} hits)")
+        print(
+            f"  {label:<22} {t['query']!r:<26} p50 {t['p50_ms']:7.2f} ms  p95 {t['p95_ms']:7.2f} ms  "
+            f"max {t['max_ms']:7.2f} ms  ({s['hits'][label]} hits)"
+        )
     print(f"  worst p95 {s['worst_p95_ms']} ms   (target < 50 ms)")
 
 

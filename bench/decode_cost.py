@@ -7,6 +7,7 @@ audio second. A replica of online_asr is one process on one core, so it carries 
 
   python -m bench.decode_cost
 """
+
 from __future__ import annotations
 
 import time
@@ -26,16 +27,23 @@ def main() -> None:
     pcm = np.concatenate([read_pcm_file(p) for p in sorted(SPEECH.glob("*.wav"))]).tobytes()
     pool = DecoderPool(1, s.online_max_hmm_per_frame)
     pool.prewarm(1)
-    rec = StreamRecognizer(pool.acquire(), base_ms=0, partial_interval_ms=s.partial_interval_ms, nbest=s.nbest,
-                           keep_lattice=s.keep_lattices)
+    rec = StreamRecognizer(
+        pool.acquire(),
+        base_ms=0,
+        partial_interval_ms=s.partial_interval_ms,
+        nbest=s.nbest,
+        keep_lattice=s.keep_lattices,
+    )
     step = s.chunk_ms * 32  # bytes of 16 kHz s16le per chunk
     t0 = time.process_time()
     for i in range(0, len(pcm), step):
-        rec.feed(pcm[i:i + step])
+        rec.feed(pcm[i : i + step])
     rec.finish()
     cpu, audio = time.process_time() - t0, len(pcm) / 32000
-    print(f"online decoder: {audio:.1f} s of real speech, {cpu:.2f} CPU-s: {cpu / audio:.3f} CPU-s per audio second, "
-          f"at most {audio / cpu:.1f} real-time streams per core")
+    print(
+        f"online decoder: {audio:.1f} s of real speech, {cpu:.2f} CPU-s: {cpu / audio:.3f} CPU-s per audio second, "
+        f"at most {audio / cpu:.1f} real-time streams per core"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ found; RTF; and the incremental label latency: how far behind the audio a turn's
 published (position of each 100 ms of speech to the end of its block, plus that block's compute
 time). Peak RSS of this process. Writes bench/out/diarization.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,7 @@ def run(d: Diarizer, audio: Path, **hints) -> dict:
     t0 = time.perf_counter()
     for i in range(0, len(pcm), 1600):
         before_ms, before_s = sd.emitted_ms, sd.compute_s
-        turns = sd.push(pcm[i:i + 1600])
+        turns = sd.push(pcm[i : i + 1600])
         if sd.emitted_ms > before_ms:
             compute_ms = 1000 * (sd.compute_s - before_s)
             for t in turns:  # every 100 ms of labelled speech: its distance to the block end, plus compute
@@ -53,14 +54,17 @@ def run(d: Diarizer, audio: Path, **hints) -> dict:
     inc += sd.flush()
     full = sd.full_turns()
     wall = time.perf_counter() - t0
-    return {"inc": inc, "full": full, "rtf": wall / (len(pcm) / 16000), "latency_ms": lat,
-            "audio_s": len(pcm) / 16000}
+    return {"inc": inc, "full": full, "rtf": wall / (len(pcm) / 16000), "latency_ms": lat, "audio_s": len(pcm) / 16000}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, help="score the conversations in this folder instead "
-                        "(e.g. the held-out set of data/conversations/make.py --held-out DIR)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        help="score the conversations in this folder instead "
+        "(e.g. the held-out set of data/conversations/make.py --held-out DIR)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     d = Diarizer()
@@ -69,21 +73,31 @@ def main() -> None:
         ref = read_rttm(rttm)
         n = len({t.speaker for t in ref})
         plain, hinted = run(d, audio), run(d, audio, num_speakers=n)
-        row = {"recording": name, "audio_s": round(plain["audio_s"], 1), "ref_speakers": n,
-               "incremental": der(ref, plain["inc"]), "full": der(ref, plain["full"]),
-               "full_with_hint": der(ref, hinted["full"]), "rtf": round(plain["rtf"], 3),
-               "label_latency_p50_ms": round(float(np.percentile(plain["latency_ms"], 50))),
-               "label_latency_p95_ms": round(float(np.percentile(plain["latency_ms"], 95)))}
+        row = {
+            "recording": name,
+            "audio_s": round(plain["audio_s"], 1),
+            "ref_speakers": n,
+            "incremental": der(ref, plain["inc"]),
+            "full": der(ref, plain["full"]),
+            "full_with_hint": der(ref, hinted["full"]),
+            "rtf": round(plain["rtf"], 3),
+            "label_latency_p50_ms": round(float(np.percentile(plain["latency_ms"], 50))),
+            "label_latency_p95_ms": round(float(np.percentile(plain["latency_ms"], 95))),
+        }
         report.append(row)
-        print(f"{name:<24} {row['audio_s']:5.1f} s {n} spk | incremental DER {row['incremental']['der']:6.1%} "
-              f"({row['incremental']['hyp_speakers']} spk) | full {row['full']['der']:6.1%} "
-              f"({row['full']['hyp_speakers']} spk) | full+hint {row['full_with_hint']['der']:6.1%} | "
-              f"RTF {row['rtf']:.3f} | label latency p50 {row['label_latency_p50_ms']} ms, "
-              f"p95 {row['label_latency_p95_ms']} ms", flush=True)
+        print(
+            f"{name:<24} {row['audio_s']:5.1f} s {n} spk | incremental DER {row['incremental']['der']:6.1%} "
+            f"({row['incremental']['hyp_speakers']} spk) | full {row['full']['der']:6.1%} "
+            f"({row['full']['hyp_speakers']} spk) | full+hint {row['full_with_hint']['der']:6.1%} | "
+            f"RTF {row['rtf']:.3f} | label latency p50 {row['label_latency_p50_ms']} ms, "
+            f"p95 {row['label_latency_p95_ms']} ms",
+            flush=True,
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     correct = sum(r["full"]["hyp_speakers"] == r["ref_speakers"] for r in report)
-    print(f"speaker count correct (full pass, no hint): {correct}/{len(report)}; peak RSS {peak:.0f} MB "
-          f"(1 torch thread)")
+    print(
+        f"speaker count correct (full pass, no hint): {correct}/{len(report)}; peak RSS {peak:.0f} MB (1 torch thread)"
+    )
     if args.dir:
         return
     OUT.mkdir(parents=True, exist_ok=True)

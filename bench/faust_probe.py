@@ -9,6 +9,7 @@ records per key in a changelog-backed Table and sends each count to an output to
 processing_guarantee="exactly_once", then reads the output and the changelog back with
 read_committed and prints what it found.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,7 @@ from confluent_kafka.admin import NewTopic
 from hark import broker, kafka
 from hark.config import Settings
 
-APP = textwrap.dedent('''
+APP = textwrap.dedent("""
     import os, faust
     app = faust.App("probe", broker="kafka://" + os.environ["PROBE_BOOTSTRAP"], processing_guarantee="exactly_once",
                     store="memory://", topic_partitions=2, web_enabled=False)
@@ -38,12 +39,18 @@ APP = textwrap.dedent('''
         async for key, value in stream.items():
             counts[key] += 1
             await out.send(key=key, value=str(counts[key]).encode())
-''')
+""")
 
 
 def read_all(bootstrap: str, topic: str) -> tuple[int, list[tuple[int, int]]]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{time.time_ns()}",
-                  "isolation.level": "read_committed", "enable.auto.commit": False})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"read-{time.time_ns()}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+        }
+    )
     tps = [TopicPartition(topic, p, 0) for p in range(2)]
     c.assign(tps)
     n, quiet = 0, 0
@@ -75,22 +82,29 @@ def main() -> None:
                 p.produce("probe-in", key=f"k{i % 5}".encode(), value=b"x")
             p.flush()
             (Path(tmp) / "probe_app.py").write_text(APP)
-            worker = subprocess.Popen([sys.executable, "-m", "faust", "-A", "probe_app", "worker", "-l", "warn"],
-                                      cwd=tmp, env={**os.environ, "PROBE_BOOTSTRAP": node.bootstrap},
-                                      stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "worker.log", "wb"))
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "faust", "-A", "probe_app", "worker", "-l", "warn"],
+                cwd=tmp,
+                env={**os.environ, "PROBE_BOOTSTRAP": node.bootstrap},
+                stdout=subprocess.DEVNULL,
+                stderr=open(Path(tmp) / "worker.log", "wb"),
+            )
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and read_all(node.bootstrap, "probe-out")[0] < 100:
                 time.sleep(2)
-            import faust as f
             import aiokafka
+            import faust as f
+
             n_out, ends_out = read_all(node.bootstrap, "probe-out")
             changelog = next(t for t in adm.list_topics(timeout=10).topics if t.endswith("changelog"))
             n_log, ends_log = read_all(node.bootstrap, changelog)
             markers_out = sum(e[1] for e in ends_out) - n_out  # offsets taken by transaction markers
             markers_log = sum(e[1] for e in ends_log) - n_log
-            print(f"faust-streaming {f.__version__}, aiokafka {aiokafka.__version__}, Kafka {broker.KAFKA_VERSION}: "
-                  f"100 records in; read_committed: {n_out} output records ({markers_out} transaction markers), "
-                  f"{n_log} changelog records ({markers_log} transaction markers)")
+            print(
+                f"faust-streaming {f.__version__}, aiokafka {aiokafka.__version__}, Kafka {broker.KAFKA_VERSION}: "
+                f"100 records in; read_committed: {n_out} output records ({markers_out} transaction markers), "
+                f"{n_log} changelog records ({markers_log} transaction markers)"
+            )
         except Exception:
             print((Path(tmp) / "worker.log").read_text()[-3000:], file=sys.stderr)
             raise

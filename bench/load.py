@@ -13,6 +13,7 @@ the latency, the CPU (% of one core) and peak RSS of every service, and the larg
   HARK_CHUNK_MS=200 python -m bench.load --online 12 --full "" --online-replicas 4   # any HARK_* applies
   python -m bench.load --online 12 --full "" --minutes 60 --soak   # make soak
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,17 +97,22 @@ def soak_verdict(s: dict, window: int = 10) -> dict:
     in every minute, and every process's RSS of the last 10 minutes within 10% of the first 10."""
     cpu_ok, cpu_first, cpu_last = flat(s["broker_cpu_pct_by_minute"], window, 0.20)
     p95 = s.get("partial_p95_ms_by_minute") or []
-    rss = {name: flat(series, window, 0.10) for name, series in s["rss_mb_by_minute"].items()
-           if not name.startswith("client")}
-    return {"broker_cpu_first_last_pct": [cpu_first, cpu_last], "broker_cpu_flat": cpu_ok,
-            "partial_p95_worst_minute_ms": max(p95) if p95 else None,
-            "rss_first_last_mb": {n: [a, b] for n, (_, a, b) in rss.items()},
-            "rss_flat": all(ok for ok, _, _ in rss.values()),
-            "passed": cpu_ok and bool(p95) and max(p95) <= 1000 and all(ok for ok, _, _ in rss.values())}
+    rss = {
+        name: flat(series, window, 0.10)
+        for name, series in s["rss_mb_by_minute"].items()
+        if not name.startswith("client")
+    }
+    return {
+        "broker_cpu_first_last_pct": [cpu_first, cpu_last],
+        "broker_cpu_flat": cpu_ok,
+        "partial_p95_worst_minute_ms": max(p95) if p95 else None,
+        "rss_first_last_mb": {n: [a, b] for n, (_, a, b) in rss.items()},
+        "rss_flat": all(ok for ok, _, _ in rss.values()),
+        "passed": cpu_ok and bool(p95) and max(p95) <= 1000 and all(ok for ok, _, _ in rss.values()),
+    }
 
 
-def run_config(name: str, replicas: str, counts: list[int], audio: StreamAudio, tmp: Path,
-               soak: bool = False) -> dict:
+def run_config(name: str, replicas: str, counts: list[int], audio: StreamAudio, tmp: Path, soak: bool = False) -> dict:
     settings, procs, sampler, ingest = start_stack(tmp / name, f"load-{name}", replicas)
     steps, best = [], 0
     try:
@@ -115,14 +121,21 @@ def run_config(name: str, replicas: str, counts: list[int], audio: StreamAudio, 
             print(f"[{name}] {n} concurrent real-time streams ...", flush=True)
             s = step(settings, procs, sampler, ingest, audio, n)
             steps.append(s)
-            print(f"[{name}] {n} streams: partial p95 {s['partial_p95_ms']} ms, complete {s['complete']}/{n}, "
-                  f"dead letters {s['dead_letters']} -> {'pass' if s['passed'] else 'FAIL'}", flush=True)
+            print(
+                f"[{name}] {n} streams: partial p95 {s['partial_p95_ms']} ms, complete {s['complete']}/{n}, "
+                f"dead letters {s['dead_letters']} -> {'pass' if s['passed'] else 'FAIL'}",
+                flush=True,
+            )
             for svc, x in s["services"].items():
-                print(f"    {svc:<48} cpu {x['cpu_pct_of_one_core']:6.1f}% of a core   peak RSS {x['peak_rss_mb']:7.1f} MB")
+                print(
+                    f"    {svc:<48} cpu {x['cpu_pct_of_one_core']:6.1f}% of a core   peak RSS {x['peak_rss_mb']:7.1f} MB"
+                )
             print(f"    broker CPU by minute (% of a core): {s['broker_cpu_pct_by_minute']}")
             print(f"    partial p95 by minute of the streams (ms): {s.get('partial_p95_ms_by_minute')}")
-            print(f"    latency parts, mean (ms): {s.get('latency_parts_mean_ms')}; "
-                  f"slowest 5%: {s.get('latency_parts_slowest_5pct_mean_ms')}")
+            print(
+                f"    latency parts, mean (ms): {s.get('latency_parts_mean_ms')}; "
+                f"slowest 5%: {s.get('latency_parts_slowest_5pct_mean_ms')}"
+            )
             if soak:
                 s["soak"] = soak_verdict(s)
                 print(f"    soak: {json.dumps(s['soak'])}")
@@ -141,19 +154,31 @@ def main(argv=None) -> None:
     ap.add_argument("--online", default="8,12,16,20", help="stream counts for the online-only stack")
     ap.add_argument("--full", default="2,4,6", help="stream counts with online + offline + diarizer")
     ap.add_argument("--online-replicas", type=int, default=2, help="online_asr replicas of the online-only stack")
-    ap.add_argument("--soak", action="store_true",
-                    help="also require flat broker CPU and RSS over the step (make soak: 12 streams, 60 minutes)")
-    ap.add_argument("--lockstep", action="store_true",
-                    help="every stream the same audio, chunks published at the same moment (worst case)")
+    ap.add_argument(
+        "--soak",
+        action="store_true",
+        help="also require flat broker CPU and RSS over the step (make soak: 12 streams, 60 minutes)",
+    )
+    ap.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="every stream the same audio, chunks published at the same moment (worst case)",
+    )
     a = ap.parse_args(argv)
-    report = {"minutes": a.minutes, "streams": "lockstep" if a.lockstep else "independent",
-              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    report = {
+        "minutes": a.minutes,
+        "streams": "lockstep" if a.lockstep else "independent",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     with tempfile.TemporaryDirectory(prefix="hark-load-") as d:
         tmp = Path(d)
         audio = StreamAudio(tmp, a.minutes, a.lockstep)
         audio.wav(0)
-        print(f"each stream: {audio.seconds / 60:.1f} minutes of real speech, published in real time, "
-              f"{report['streams']}", flush=True)
+        print(
+            f"each stream: {audio.seconds / 60:.1f} minutes of real speech, published in real time, "
+            f"{report['streams']}",
+            flush=True,
+        )
         for name, counts in (("online", a.online), ("full", a.full)):
             if counts:
                 replicas = CONFIGS[name].format(online_replicas=a.online_replicas)
@@ -162,8 +187,10 @@ def main(argv=None) -> None:
     (OUT / ("soak.json" if a.soak else "load.json")).write_text(json.dumps(report, indent=1))
     for name in ("online", "full"):
         if name in report:
-            print(f"largest N with partial p95 <= 1 s and zero loss, {report[name]['replicas']}: "
-                  f"{report[name]['largest_passing']}")
+            print(
+                f"largest N with partial p95 <= 1 s and zero loss, {report[name]['replicas']}: "
+                f"{report[name]['largest_passing']}"
+            )
     print(f"report: {OUT / ('soak.json' if a.soak else 'load.json')}")
 
 

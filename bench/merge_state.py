@@ -10,6 +10,7 @@ bytes such a table would write, against the bytes of the input records themselve
 
   python -m bench.merge_state --minutes 60
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,13 +20,30 @@ from services.results.merger import ResultsMerger
 
 
 def words(n: int, start_ms: int, step_ms: int) -> list[dict]:
-    return [{"word": f"word{i % 97}", "start_ms": start_ms + i * step_ms, "end_ms": start_ms + (i + 1) * step_ms - 40,
-             "confidence": 0.8, "speaker": None} for i in range(n)]
+    return [
+        {
+            "word": f"word{i % 97}",
+            "start_ms": start_ms + i * step_ms,
+            "end_ms": start_ms + (i + 1) * step_ms - 40,
+            "confidence": 0.8,
+            "speaker": None,
+        }
+        for i in range(n)
+    ]
 
 
 def base(kind: str, **fields) -> dict:
-    return {"stream_id": "s", "tenant": "default", "kind": kind, "audio_published_at_ms": 0, "emitted_at_ms": 0,
-            "model_name": "m", "model_version": "1", "end_status": None, **fields}
+    return {
+        "stream_id": "s",
+        "tenant": "default",
+        "kind": kind,
+        "audio_published_at_ms": 0,
+        "emitted_at_ms": 0,
+        "model_name": "m",
+        "model_version": "1",
+        "end_status": None,
+        **fields,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,19 +55,57 @@ def main(argv: list[str] | None = None) -> None:
     events = []
     for i, t in enumerate(range(0, total_ms, 4000)):
         w = words(10, t, 380)
-        events.append((t + 4000, "online", base("FINAL", utterance_id=i, text=" ".join(x["word"] for x in w),
-                                                 start_ms=t, end_ms=t + 3800, words=w,
-                                                 nbest=[{"text": "a hypothesis of ten words or so", "score": -1.0}] * 5,
-                                                 lattice_key=f"streams/s/lattices/{i:06d}.lat", audio_seq=i)))
+        events.append(
+            (
+                t + 4000,
+                "online",
+                base(
+                    "FINAL",
+                    utterance_id=i,
+                    text=" ".join(x["word"] for x in w),
+                    start_ms=t,
+                    end_ms=t + 3800,
+                    words=w,
+                    nbest=[{"text": "a hypothesis of ten words or so", "score": -1.0}] * 5,
+                    lattice_key=f"streams/s/lattices/{i:06d}.lat",
+                    audio_seq=i,
+                ),
+            )
+        )
     for i, t in enumerate(range(0, total_ms, 20000)):
         w = words(50, t, 390)
-        events.append((t + 24000, "offline", base("SEGMENT", segment_index=i, text=" ".join(x["word"] for x in w),
-                                                   start_ms=t, end_ms=t + 20000, words=w, nbest=[], language="en",
-                                                   decode_ms=1, variant="primary")))
+        events.append(
+            (
+                t + 24000,
+                "offline",
+                base(
+                    "SEGMENT",
+                    segment_index=i,
+                    text=" ".join(x["word"] for x in w),
+                    start_ms=t,
+                    end_ms=t + 20000,
+                    words=w,
+                    nbest=[],
+                    language="en",
+                    decode_ms=1,
+                    variant="primary",
+                ),
+            )
+        )
     for t in range(0, total_ms, 6000):
-        events.append((t + 6000, "speakers", base("INCREMENTAL", turns=[{"speaker": "SPEAKER_00", "start_ms": t,
-                                                                          "end_ms": t + 5000}],
-                                                   covered_until_ms=t + 6000, num_speakers=1, compute_ms=1)))
+        events.append(
+            (
+                t + 6000,
+                "speakers",
+                base(
+                    "INCREMENTAL",
+                    turns=[{"speaker": "SPEAKER_00", "start_ms": t, "end_ms": t + 5000}],
+                    covered_until_ms=t + 6000,
+                    num_speakers=1,
+                    compute_ms=1,
+                ),
+            )
+        )
     events.sort(key=lambda e: e[0])
     handlers = {"online": merger.on_online, "offline": merger.on_offline, "speakers": merger.on_speakers}
     state_bytes = record_bytes = peak = 0
@@ -59,9 +115,11 @@ def main(argv: list[str] | None = None) -> None:
         state_bytes += size
         peak = max(peak, size)
         record_bytes += len(pickle.dumps(rec, protocol=5))
-    print(f"{a.minutes:g}-minute stream: {len(events)} input records, {record_bytes / 1e6:.1f} MB of input records; "
-          f"a per-stream table value would write {state_bytes / 1e6:.1f} MB to its changelog "
-          f"({state_bytes / max(record_bytes, 1):.0f}x), the last value {peak / 1e6:.2f} MB")
+    print(
+        f"{a.minutes:g}-minute stream: {len(events)} input records, {record_bytes / 1e6:.1f} MB of input records; "
+        f"a per-stream table value would write {state_bytes / 1e6:.1f} MB to its changelog "
+        f"({state_bytes / max(record_bytes, 1):.0f}x), the last value {peak / 1e6:.2f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 Decodes all of data/speech in this process (the 12 utterances and the joined passage, 174 words),
 fed in 100 ms chunks as online_asr feeds it; the faster of two passes per value. No Kafka.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,11 @@ def main() -> None:
             runs = [direct_decode(files, refs, max_hmm_per_frame=cap, **extra) for _ in range(2)]
             best = min(runs, key=lambda r: r["cpu_s"])
             label = "".join(f", {k}={v}" for k, v in extra.items())
-            print(f"max HMMs per frame {cap:>6}{label}: WER {best['wer']:.1%} ({best['ref_words']} words), "
-                  f"{best['rtf']:.3f} CPU-s per audio second", flush=True)
+            print(
+                f"max HMMs per frame {cap:>6}{label}: WER {best['wer']:.1%} ({best['ref_words']} words), "
+                f"{best['rtf']:.3f} CPU-s per audio second",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

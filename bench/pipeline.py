@@ -9,6 +9,7 @@ Phases (one embedded stack with every service, started here):
   soak      one long stream (default 20 min of real speech, published fast): RSS over time
 Prints a report and writes bench/out/results.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -110,12 +111,16 @@ def phase(procs, sampler, into: dict):
     for n, p in procs.items():
         c1 = p.cpu_times()
         cpu = (c1.user + c1.system) - (cpu0[n].user + cpu0[n].system)
-        into["services"][n] = {"cpu_s": round(cpu, 2), "cpu_pct_of_one_core": round(100 * cpu / wall, 1),
-                               "peak_rss_mb": round(sampler.peak.get(n, 0) / 2 ** 20, 1)}
+        into["services"][n] = {
+            "cpu_s": round(cpu, 2),
+            "cpu_pct_of_one_core": round(100 * cpu / wall, 1),
+            "peak_rss_mb": round(sampler.peak.get(n, 0) / 2**20, 1),
+        }
 
 
-def direct_decode(files: list[Path], refs: dict[str, str], max_hmm_per_frame: int = MAX_HMM_PER_FRAME,
-                  **search_options) -> dict:
+def direct_decode(
+    files: list[Path], refs: dict[str, str], max_hmm_per_frame: int = MAX_HMM_PER_FRAME, **search_options
+) -> dict:
     pool = DecoderPool(1, max_hmm_per_frame, **search_options)
     pool.prewarm(1)
     total, audio_s, hyps = WerScore(0, 0), 0.0, {}
@@ -128,14 +133,20 @@ def direct_decode(files: list[Path], refs: dict[str, str], max_hmm_per_frame: in
         r = StreamRecognizer(d)
         events = []
         for i in range(0, len(pcm), 3200):
-            events += r.feed(pcm[i:i + 3200])
+            events += r.feed(pcm[i : i + 3200])
         events += r.finish()
         pool.release(d)
         hyps[f.name] = " ".join(e.text for e in events if e.kind == "FINAL")
         total += score(refs[f.name], hyps[f.name])
     cpu = time.process_time() - cpu0
-    return {"wer": round(total.wer, 4), "ref_words": total.ref_words, "audio_s": round(audio_s, 2),
-            "cpu_s": round(cpu, 3), "rtf": round(cpu / audio_s, 4), "hypotheses": hyps}
+    return {
+        "wer": round(total.wer, 4),
+        "ref_words": total.ref_words,
+        "audio_s": round(audio_s, 2),
+        "cpu_s": round(cpu, 3),
+        "rtf": round(cpu / audio_s, 4),
+        "hypotheses": hyps,
+    }
 
 
 def run_streams(settings, ingest, files: list[str], realtime: bool, stagger_ms: float = 0.0) -> list[dict]:
@@ -150,11 +161,14 @@ def run_streams(settings, ingest, files: list[str], realtime: bool, stagger_ms: 
 def latency_stats(rows: list[dict]) -> dict:
     lat = np.array([x for r in rows for x in r["_latencies"]])
     fac = [r["latency"]["final_after_close_ms"] for r in rows if r["latency"]["final_after_close_ms"] is not None]
-    return {"words": int(lat.size), "partial_p50_ms": round(float(np.percentile(lat, 50)), 1),
-            "partial_p95_ms": round(float(np.percentile(lat, 95)), 1),
-            "partial_max_ms": round(float(lat.max()), 1),
-            "final_after_close_p50_ms": round(float(np.median(fac)), 1) if fac else None,
-            **latency_breakdown(rows)}
+    return {
+        "words": int(lat.size),
+        "partial_p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "partial_p95_ms": round(float(np.percentile(lat, 95)), 1),
+        "partial_max_ms": round(float(lat.max()), 1),
+        "final_after_close_p50_ms": round(float(np.median(fac)), 1) if fac else None,
+        **latency_breakdown(rows),
+    }
 
 
 def latency_breakdown(rows: list[dict]) -> dict:
@@ -167,11 +181,17 @@ def latency_breakdown(rows: list[dict]) -> dict:
     slow = total >= np.percentile(total, 95)
     names = ("waiting_for_audio", "audio_to_results", "results_to_client")
     minute = (parts[:, 0] // 60000).astype(int)
-    return {"latency_parts_mean_ms": {n: round(float(parts[:, i + 1].mean()), 1) for i, n in enumerate(names)},
-            "latency_parts_slowest_5pct_mean_ms": {n: round(float(parts[slow, i + 1].mean()), 1)
-                                                   for i, n in enumerate(names)},
-            "partial_p95_ms_by_minute": [round(float(np.percentile(total[minute == m], 95)), 1)
-                                         for m in range(minute.max() + 1) if (minute == m).any()]}
+    return {
+        "latency_parts_mean_ms": {n: round(float(parts[:, i + 1].mean()), 1) for i, n in enumerate(names)},
+        "latency_parts_slowest_5pct_mean_ms": {
+            n: round(float(parts[slow, i + 1].mean()), 1) for i, n in enumerate(names)
+        },
+        "partial_p95_ms_by_minute": [
+            round(float(np.percentile(total[minute == m], 95)), 1)
+            for m in range(minute.max() + 1)
+            if (minute == m).any()
+        ],
+    }
 
 
 def long_stream_wav(path: Path, minutes: float, files: list[Path], rotation: float = 0.0) -> float:
@@ -200,8 +220,12 @@ def start_stack(tmp: Path, name: str, replicas: str, **overrides):
     procs = {"broker": psutil.Process(state["broker"]["pid"])}
     # replicas get their own rows (one name per replica would keep only the last one's CPU)
     replicas = Counter(s["name"] for s in state["services"])
-    procs.update({(s["name"] if replicas[s["name"]] == 1 else f"{s['name']}#{s['replica']}"): psutil.Process(s["pid"])
-                  for s in state["services"]})
+    procs.update(
+        {
+            (s["name"] if replicas[s["name"]] == 1 else f"{s['name']}#{s['replica']}"): psutil.Process(s["pid"])
+            for s in state["services"]
+        }
+    )
     procs["client (hark run: publisher + results reader)"] = psutil.Process()
     return settings, procs, Sampler(procs), Ingest(settings)
 
@@ -230,15 +254,17 @@ def soak(settings, procs, sampler, ingest, tmp: Path, utterances, minutes: float
         rows = run_streams(settings, ingest, [str(wav)], realtime=False)
     out.update({"status": rows[0]["status"], "final_source": rows[0]["final_source"], "words": len(rows[0]["words"])})
     for name in ("online_asr", "offline_asr", "diarizer"):
-        rss = np.array([x for t, x in sampler.series[name] if t >= t0], dtype=float) / 2 ** 20
+        rss = np.array([x for t, x in sampler.series[name] if t >= t0], dtype=float) / 2**20
         # Quarters of the stream: the median shows growth with stream length (a leak), the peak the
         # transient working memory of decoding a window. Growth compares the last quarter with the first.
         q = np.array_split(rss, 4)
-        out[name] = {"median_mb_by_quarter": [round(float(np.median(x)), 1) for x in q],
-                     "peak_mb_by_quarter": [round(float(x.max()), 1) for x in q],
-                     "median_growth": round(float(np.median(q[3]) / np.median(q[0]) - 1), 4),
-                     "peak_growth": round(float(q[3].max() / q[0].max() - 1), 4),
-                     "rss_mb_series_2hz": [round(float(x), 1) for x in rss]}
+        out[name] = {
+            "median_mb_by_quarter": [round(float(np.median(x)), 1) for x in q],
+            "peak_mb_by_quarter": [round(float(x.max()), 1) for x in q],
+            "median_growth": round(float(np.median(q[3]) / np.median(q[0]) - 1), 4),
+            "peak_growth": round(float(q[3].max() / q[0].max() - 1), 4),
+            "rss_mb_series_2hz": [round(float(x), 1) for x in rss],
+        }
     return out
 
 
@@ -269,9 +295,11 @@ def realtime_only(a, tmp: Path) -> None:
     finally:
         stop_stack(settings, sampler, ingest, "bench")
     for key, x in result.items():
-        print(f"{key}: partial latency p50 {x['partial_p50_ms']} ms, p95 {x['partial_p95_ms']} ms "
-              f"(max {x['partial_max_ms']} ms); CPU % of one core: "
-              + ", ".join(f"{n} {v['cpu_pct_of_one_core']:.0f}" for n, v in x["services"].items()))
+        print(
+            f"{key}: partial latency p50 {x['partial_p50_ms']} ms, p95 {x['partial_p95_ms']} ms "
+            f"(max {x['partial_max_ms']} ms); CPU % of one core: "
+            + ", ".join(f"{n} {v['cpu_pct_of_one_core']:.0f}" for n, v in x["services"].items())
+        )
 
 
 def soak_only(a, tmp: Path, utterances) -> None:
@@ -282,8 +310,14 @@ def soak_only(a, tmp: Path, utterances) -> None:
         stop_stack(settings, sampler, ingest, "bench")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "soak.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "rss_mb_series_2hz"} if isinstance(v, dict) else v)
-                      for k, v in result.items()}))
+    print(
+        json.dumps(
+            {
+                k: ({kk: vv for kk, vv in v.items() if kk != "rss_mb_series_2hz"} if isinstance(v, dict) else v)
+                for k, v in result.items()
+            }
+        )
+    )
 
 
 def main(argv=None) -> None:
@@ -291,17 +325,24 @@ def main(argv=None) -> None:
     ap.add_argument("--long-minutes", type=float, default=20.0)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--soak-only", action="store_true", help="only the long-stream memory phase")
-    ap.add_argument("--realtime-only", action="store_true", help="only --concurrency real-time streams, --repeats times")
+    ap.add_argument(
+        "--realtime-only", action="store_true", help="only --concurrency real-time streams, --repeats times"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
 
     refs = load_references(SPEECH / "references.tsv")
     utterances = [SPEECH / n for n in refs if n != "austen_passage.flac"]
     files = [str(f) for f in utterances]
-    report: dict = {"machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-                                "memory_gb": round(psutil.virtual_memory().total / 2 ** 30, 1),
-                                "python": platform.python_version()},
-                    "set": {"files": len(utterances), "source": "pocketsphinx 5.1.1 sdist test/data"}}
+    report: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(),
+        },
+        "set": {"files": len(utterances), "source": "pocketsphinx 5.1.1 sdist test/data"},
+    }
     tmp = Path(tempfile.mkdtemp(prefix="hark-bench-"))
 
     # 1. The online pipeline vs the same decoding without Kafka, on an online-only stack (with the
@@ -312,13 +353,17 @@ def main(argv=None) -> None:
         return realtime_only(a, tmp)
     # One decoder per file built at start: building one costs ~0.3 s CPU, a one-time cost that
     # depends on how many streams happen to overlap, not a per-record overhead of the pipeline.
-    settings, procs, sampler, ingest = start_stack(tmp, "bench-online", "offline_asr=0,diarizer=0,captions=0",
-                                                   prewarm_decoders=len(files))
+    settings, procs, sampler, ingest = start_stack(
+        tmp, "bench-online", "offline_asr=0,diarizer=0,captions=0", prewarm_decoders=len(files)
+    )
     try:
         print("direct decoding (no Kafka) ...", flush=True)
         report["direct"] = direct_decode(utterances, refs)
-        print("online-only pipeline, as fast as possible (after one unmeasured pass: a running "
-              "service's decoder pool is warm) ...", flush=True)
+        print(
+            "online-only pipeline, as fast as possible (after one unmeasured pass: a running "
+            "service's decoder pool is warm) ...",
+            flush=True,
+        )
         run_streams(settings, ingest, files, realtime=False)
         report["online_pipeline"] = {}
         with phase(procs, sampler, report["online_pipeline"]):
@@ -338,35 +383,56 @@ def main(argv=None) -> None:
         with phase(procs, sampler, report["pipeline"]):
             rows = run_streams(settings, ingest, files, realtime=False)
         online, offline = wer_of(rows, refs, "online_text"), wer_of(rows, refs, "final_text")
-        report["pipeline"].update({
-            "online_wer": round(online.wer, 4), "offline_wer": round(offline.wer, 4),
-            "offline_errors": offline.errors, "ref_words": offline.ref_words,
-            "offline_vs_online": round(offline.wer / online.wer, 3) if online.wer else None,
-            "all_complete": all(r["status"] == "COMPLETE" and r["final_source"] == "offline" for r in rows),
-            "offline_cpu_per_audio_s": round(report["pipeline"]["services"]["offline_asr"]["cpu_s"]
-                                             / report["direct"]["audio_s"], 4)})
+        report["pipeline"].update(
+            {
+                "online_wer": round(online.wer, 4),
+                "offline_wer": round(offline.wer, 4),
+                "offline_errors": offline.errors,
+                "ref_words": offline.ref_words,
+                "offline_vs_online": round(offline.wer / online.wer, 3) if online.wer else None,
+                "all_complete": all(r["status"] == "COMPLETE" and r["final_source"] == "offline" for r in rows),
+                "offline_cpu_per_audio_s": round(
+                    report["pipeline"]["services"]["offline_asr"]["cpu_s"] / report["direct"]["audio_s"], 4
+                ),
+            }
+        )
         passage = SPEECH / "austen_passage.flac"
         rows = run_streams(settings, ingest, [str(passage)], realtime=False)
-        report["passage"] = {"online_wer": round(wer_of(rows, refs, "online_text").wer, 4),
-                             "offline_wer": round(wer_of(rows, refs, "final_text").wer, 4),
-                             "ref_words": wer_of(rows, refs, "final_text").ref_words}
+        report["passage"] = {
+            "online_wer": round(wer_of(rows, refs, "online_text").wer, 4),
+            "offline_wer": round(wer_of(rows, refs, "final_text").wer, 4),
+            "ref_words": wer_of(rows, refs, "final_text").ref_words,
+        }
 
         report.update(realtime(settings, procs, sampler, ingest, (1, a.concurrency)))
 
         long_wav = tmp / "long.wav"  # > 40 s: the whole set joined, real utterances with pauses
         long_stream_wav(long_wav, 0, [passage, *utterances])
-        for key, chosen in (("short", [SPEECH / "sense_and_sensibility_01_austen_64kb-0870.wav",
-                                       SPEECH / "sense_and_sensibility_01_austen_64kb-0920.wav",
-                                       SPEECH / "cards_005.wav"]),
-                            ("long", [long_wav])):
+        for key, chosen in (
+            (
+                "short",
+                [
+                    SPEECH / "sense_and_sensibility_01_austen_64kb-0870.wav",
+                    SPEECH / "sense_and_sensibility_01_austen_64kb-0920.wav",
+                    SPEECH / "cards_005.wav",
+                ],
+            ),
+            ("long", [long_wav]),
+        ):
             print(f"final after close, {key} stream(s) at real-time pace ...", flush=True)
             rows = []
             for f in chosen:  # one at a time: the latency of one stream, not of a queue
                 rows += run_streams(settings, ingest, [str(f)], realtime=True)
-            report[key] = [{"file": Path(r["source"]).name, "duration_s": r["duration_s"],
-                            "final_after_close_ms": r["latency"]["final_after_close_ms"],
-                            "target_ms": round(2000 + 150 * r["duration_s"]), "final_source": r["final_source"]}
-                           for r in rows]
+            report[key] = [
+                {
+                    "file": Path(r["source"]).name,
+                    "duration_s": r["duration_s"],
+                    "final_after_close_ms": r["latency"]["final_after_close_ms"],
+                    "target_ms": round(2000 + 150 * r["duration_s"]),
+                    "final_source": r["final_source"],
+                }
+                for r in rows
+            ]
 
         if a.long_minutes > 0:
             report["soak"] = soak(settings, procs, sampler, ingest, tmp, utterances, a.long_minutes)
@@ -380,41 +446,61 @@ def main(argv=None) -> None:
 def print_report(r: dict) -> None:
     m, p = r["machine"], r["pipeline"]
     print(f"\n== hark bench ({m['cpus']} cores, {m['memory_gb']} GB, Python {m['python']}) ==")
-    print(f"real-speech set: {r['set']['files']} utterances, {r['direct']['ref_words']} words, "
-          f"{r['direct']['audio_s']} s ({r['set']['source']})")
-    print(f"WER through the pipeline: online {p['online_wer']:.1%}, offline {p['offline_wer']:.1%} "
-          f"({p['offline_errors']}/{p['ref_words']} words; offline/online {p['offline_vs_online']})")
+    print(
+        f"real-speech set: {r['set']['files']} utterances, {r['direct']['ref_words']} words, "
+        f"{r['direct']['audio_s']} s ({r['set']['source']})"
+    )
+    print(
+        f"WER through the pipeline: online {p['online_wer']:.1%}, offline {p['offline_wer']:.1%} "
+        f"({p['offline_errors']}/{p['ref_words']} words; offline/online {p['offline_vs_online']})"
+    )
     pa = r["passage"]
-    print(f"WER on the 28.7 s passage as one stream ({pa['ref_words']} words): online {pa['online_wer']:.1%}, "
-          f"offline {pa['offline_wer']:.1%}")
+    print(
+        f"WER on the 28.7 s passage as one stream ({pa['ref_words']} words): online {pa['online_wer']:.1%}, "
+        f"offline {pa['offline_wer']:.1%}"
+    )
     print(f"offline_asr CPU per audio second {p['offline_cpu_per_audio_s']} (incl. n-best)")
-    print(f"online-only stack: WER {r['online_pipeline']['wer']:.1%}; direct decoding WER {r['direct']['wer']:.1%}, "
-          f"RTF {r['direct']['rtf']}; online_asr CPU vs direct {r['overhead']['online_asr_cpu_vs_direct']:+.1%}")
+    print(
+        f"online-only stack: WER {r['online_pipeline']['wer']:.1%}; direct decoding WER {r['direct']['wer']:.1%}, "
+        f"RTF {r['direct']['rtf']}; online_asr CPU vs direct {r['overhead']['online_asr_cpu_vs_direct']:+.1%}"
+    )
     for key in [k for k in r if k.startswith("realtime_")]:
         x = r[key]
-        print(f"{key.split('_')[1]} real-time stream(s): partial latency p50 {x['partial_p50_ms']} ms, "
-              f"p95 {x['partial_p95_ms']} ms (max {x['partial_max_ms']} ms, {x['words']} words); "
-              f"online_asr RTF {x['online_asr_rtf']}; diarizer CPU per audio second {x['diarizer_rtf']}; "
-              f"complete {x['all_complete']}")
+        print(
+            f"{key.split('_')[1]} real-time stream(s): partial latency p50 {x['partial_p50_ms']} ms, "
+            f"p95 {x['partial_p95_ms']} ms (max {x['partial_max_ms']} ms, {x['words']} words); "
+            f"online_asr RTF {x['online_asr_rtf']}; diarizer CPU per audio second {x['diarizer_rtf']}; "
+            f"complete {x['all_complete']}"
+        )
     for key in ("short", "long"):
         for x in r.get(key, []):
-            print(f"final after close ({key}): {x['file']} {x['duration_s']:.1f} s -> {x['final_after_close_ms']} ms "
-                  f"(target {x['target_ms']} ms, from {x['final_source']})")
+            print(
+                f"final after close ({key}): {x['file']} {x['duration_s']:.1f} s -> {x['final_after_close_ms']} ms "
+                f"(target {x['target_ms']} ms, from {x['final_source']})"
+            )
     print("\nper service (phase: CPU % of one core, peak RSS MB):")
     phases = [k for k in r if k in ("online_pipeline", "pipeline", "soak") or k.startswith("realtime_")]
     print(f"{'':<48}" + "".join(f"{ph:>20}" for ph in phases))
     for n in r["pipeline"]["services"]:
         cells = [r[ph]["services"].get(n) for ph in phases]
-        print(f"{n:<48}" + "".join(f"{c['cpu_pct_of_one_core']:>11.1f}% {c['peak_rss_mb']:>6.0f}MB" if c else f"{'-':>20}"
-                                   for c in cells))
+        print(
+            f"{n:<48}"
+            + "".join(
+                f"{c['cpu_pct_of_one_core']:>11.1f}% {c['peak_rss_mb']:>6.0f}MB" if c else f"{'-':>20}" for c in cells
+            )
+        )
     if "soak" in r:
         sk = r["soak"]
-        print(f"\n{sk['audio_s'] / 60:.1f}-minute stream ({sk['status']}, final from {sk['final_source']}, "
-              f"{sk['words']} words):")
+        print(
+            f"\n{sk['audio_s'] / 60:.1f}-minute stream ({sk['status']}, final from {sk['final_source']}, "
+            f"{sk['words']} words):"
+        )
         for n in ("online_asr", "offline_asr", "diarizer"):
             x = sk[n]
-            print(f"  {n} RSS by quarter of the stream: median {x['median_mb_by_quarter']} MB "
-                  f"({x['median_growth']:+.1%}), peak {x['peak_mb_by_quarter']} MB ({x['peak_growth']:+.1%})")
+            print(
+                f"  {n} RSS by quarter of the stream: median {x['median_mb_by_quarter']} MB "
+                f"({x['median_growth']:+.1%}), peak {x['peak_mb_by_quarter']} MB ({x['peak_growth']:+.1%})"
+            )
     print(f"\nfull results: {OUT / 'results.json'}")
 
 

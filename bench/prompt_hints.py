@@ -8,6 +8,7 @@ file of the real-speech set this decodes with Whisper base (as offline_asr does)
 and prints corpus WER for each. No Kafka; the online output comes from the same recogniser
 and settings online_asr uses.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,7 +27,7 @@ def online_pass(pool: DecoderPool, pcm: bytes):
         r = StreamRecognizer(d)
         events = []
         for i in range(0, len(pcm), 3200):
-            events += r.feed(pcm[i:i + 3200])
+            events += r.feed(pcm[i : i + 3200])
         return [e for e in events + r.finish() if e.kind == "FINAL"]
     finally:
         pool.release(d)

@@ -5,11 +5,13 @@ Ogg/Opus and whatever else FFmpeg reads. The resampler is streaming, so a file o
 or an endless live stream is converted with constant memory, and live raw PCM uses the same
 resampler as files.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -38,8 +40,9 @@ class SourceInfo:
 
 def _check_source(rate: int | None, channels: int | None) -> None:
     if not rate or not MIN_SOURCE_RATE <= rate <= MAX_SOURCE_RATE:
-        raise AudioError("bad_sample_rate", f"unsupported sample rate {rate} Hz "
-                                            f"(accepted {MIN_SOURCE_RATE}-{MAX_SOURCE_RATE})")
+        raise AudioError(
+            "bad_sample_rate", f"unsupported sample rate {rate} Hz (accepted {MIN_SOURCE_RATE}-{MAX_SOURCE_RATE})"
+        )
     if not channels or not 1 <= channels <= MAX_CHANNELS:
         raise AudioError("bad_channels", f"unsupported channel count {channels}")
 
@@ -67,8 +70,7 @@ class DecodedAudio:
         ctx = self._stream.codec_context
         if ctx is None:  # the container names a codec this build cannot decode
             self._container.close()
-            raise AudioError("unsupported_codec", f"no decoder for the audio codec "
-                                                  f"(in {self._container.format.name})")
+            raise AudioError("unsupported_codec", f"no decoder for the audio codec (in {self._container.format.name})")
         try:
             _check_source(ctx.sample_rate, ctx.channels)
         except AudioError:
@@ -83,15 +85,18 @@ class DecodedAudio:
             for frame in self._container.decode(self._stream):
                 if frame.format.name.startswith(("flt", "dbl")) and not np.isfinite(frame.to_ndarray()).all():
                     # the resampler would turn NaN/inf into full-scale clicks (or undefined values)
-                    raise AudioError("non_finite", f"float audio has NaN or infinite samples after "
-                                                   f"{self.samples / TARGET_RATE:.2f} s")
+                    raise AudioError(
+                        "non_finite",
+                        f"float audio has NaN or infinite samples after {self.samples / TARGET_RATE:.2f} s",
+                    )
                 for out in resampler.resample(frame):
                     yield self._count(_frame_pcm(out))
             for out in resampler.resample(None):
                 yield self._count(_frame_pcm(out))
         except av.error.FFmpegError as e:
-            raise AudioError("corrupt", f"audio data is corrupt after {self.samples / TARGET_RATE:.2f} s "
-                                        f"({_av_reason(e)})") from None
+            raise AudioError(
+                "corrupt", f"audio data is corrupt after {self.samples / TARGET_RATE:.2f} s ({_av_reason(e)})"
+            ) from None
         finally:
             self._container.close()
         if self.samples == 0:
@@ -117,7 +122,9 @@ class PcmResampler:
         self._frame_bytes = BYTES_PER_SAMPLE * channels
         self._residual = b""
         self._passthrough = sample_rate == TARGET_RATE and channels == 1
-        self._resampler = None if self._passthrough else av.AudioResampler(format="s16", layout="mono", rate=TARGET_RATE)
+        self._resampler = (
+            None if self._passthrough else av.AudioResampler(format="s16", layout="mono", rate=TARGET_RATE)
+        )
         self._layout = "mono" if channels == 1 else ("stereo" if channels == 2 else f"{channels}c")
 
     def push(self, data: bytes) -> bytes:

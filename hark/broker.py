@@ -9,6 +9,7 @@ A node's ports are chosen at its first start and kept in ``node.json`` beside it
 restarted node (the supervisor restarts a dead broker) comes back where its clients and the
 other voters of its quorum look for it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -61,16 +62,20 @@ def java_binary() -> str:
     home = os.environ.get("JAVA_HOME")
     java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
     if not java or not os.access(java, os.X_OK):
-        raise BrokerUnavailable("the embedded Kafka broker needs Java 17 or newer: install a JDK "
-                                "(e.g. apt-get install openjdk-17-jre-headless) or set JAVA_HOME")
+        raise BrokerUnavailable(
+            "the embedded Kafka broker needs Java 17 or newer: install a JDK "
+            "(e.g. apt-get install openjdk-17-jre-headless) or set JAVA_HOME"
+        )
     return java
 
 
 def check_installed() -> Path:
     libs = libs_dir()
     if not any(libs.glob(f"kafka_2.13-{KAFKA_VERSION}.jar")):
-        raise BrokerUnavailable(f"the Kafka {KAFKA_VERSION} jars are not in {libs}: run `make setup` "
-                                "(mvn -f broker/pom.xml dependency:copy-dependencies)")
+        raise BrokerUnavailable(
+            f"the Kafka {KAFKA_VERSION} jars are not in {libs}: run `make setup` "
+            "(mvn -f broker/pom.xml dependency:copy-dependencies)"
+        )
     java_binary()
     return libs
 
@@ -152,15 +157,25 @@ class Node:
         path = self.directory / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in self.properties().items()))
         (self.directory / "log4j2.yaml").write_text(LOG4J2)
-        (self.directory / "node.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
-                                                              for k, v in asdict(self).items()}, indent=1))
+        (self.directory / "node.json").write_text(
+            json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}, indent=1)
+        )
         return path
 
     def java(self, main: str, *args: str) -> list[str]:
         libs = check_installed()
-        return [java_binary(), f"-Xms{min(256, self.heap_mb)}m", f"-Xmx{self.heap_mb}m", "-XX:+UseG1GC",
-                "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={self.directory / 'log4j2.yaml'}",
-                "-cp", f"{libs}/*", main, *args]
+        return [
+            java_binary(),
+            f"-Xms{min(256, self.heap_mb)}m",
+            f"-Xmx{self.heap_mb}m",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.directory / 'log4j2.yaml'}",
+            "-cp",
+            f"{libs}/*",
+            main,
+            *args,
+        ]
 
     def format(self) -> None:
         """Write the node's config and, on first use of its log directory, format it."""
@@ -168,9 +183,18 @@ class Node:
         if (self.log_dir / "meta.properties").exists():
             return
         # "--cluster-id=ID": a base64 id may begin with "-", which would read as an option
-        out = subprocess.run(self.java("kafka.tools.StorageTool", "format", f"--cluster-id={self.cluster_id}",
-                                       f"--config={config}", "--ignore-formatted"),
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            self.java(
+                "kafka.tools.StorageTool",
+                "format",
+                f"--cluster-id={self.cluster_id}",
+                f"--config={config}",
+                "--ignore-formatted",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if out.returncode != 0:
             raise RuntimeError(f"formatting the Kafka log in {self.log_dir} failed: {out.stderr[-2000:] or out.stdout}")
 
@@ -205,11 +229,14 @@ def single_node(directory: Path, partitions: int = 8, heap_mb: int = 512, extra:
     return Node(directory, 1, port, cport, f"1@127.0.0.1:{cport}", new_cluster_id(), partitions, 1, heap_mb, extra)
 
 
-def cluster(directory: Path, size: int = 3, partitions: int = 8, heap_mb: int = 384,
-            extra: dict | None = None) -> list[Node]:
+def cluster(
+    directory: Path, size: int = 3, partitions: int = 8, heap_mb: int = 384, extra: dict | None = None
+) -> list[Node]:
     """``size`` nodes, each broker and controller, replication factor min(3, size)."""
     ports = [(free_port(), free_port()) for _ in range(size)]
     voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports))
     cid = new_cluster_id()
-    return [Node(directory / f"node{i + 1}", i + 1, p, c, voters, cid, partitions, min(3, size), heap_mb, extra)
-            for i, (p, c) in enumerate(ports)]
+    return [
+        Node(directory / f"node{i + 1}", i + 1, p, c, voters, cid, partitions, min(3, size), heap_mb, extra)
+        for i, (p, c) in enumerate(ports)
+    ]

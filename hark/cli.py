@@ -1,4 +1,5 @@
 """The ``hark`` command."""
+
 from __future__ import annotations
 
 import argparse
@@ -65,15 +66,19 @@ def cmd_status(a) -> int:
         print(f"{'broker':<12} {0:>7} {b['pid']:>8} {b['health']:>10} {'-':>10} {b['restarts']:>8}")
     for svc in state["services"]:
         parts = svc.get("partitions_assigned")
-        print(f"{svc['name']:<12} {svc['replica']:>7} {svc['pid']:>8} {svc['health']:>10} "
-              f"{'-' if parts is None or svc['name'] == 'ingest' else parts:>10} {svc['restarts']:>8}")
+        print(
+            f"{svc['name']:<12} {svc['replica']:>7} {svc['pid']:>8} {svc['health']:>10} "
+            f"{'-' if parts is None or svc['name'] == 'ingest' else parts:>10} {svc['restarts']:>8}"
+        )
     for topic, n in (state.get("topics") or {}).items():
         print(f"topic {topic}: {n} partitions")
     for group, lag in (state.get("lag") or {}).items():
         if "error" in lag:
             print(f"group {group}: {lag['error']}")
             continue
-        parts = "  ".join(f"{r['topic'].rsplit('.', 1)[-1]}[{r['partition']}]={r['lag']}" for r in lag["partitions"] if r["lag"])
+        parts = "  ".join(
+            f"{r['topic'].rsplit('.', 1)[-1]}[{r['partition']}]={r['lag']}" for r in lag["partitions"] if r["lag"]
+        )
         print(f"group {group}: lag {lag['lag']} records{'  ' + parts if parts else ''}")
     return 0
 
@@ -88,9 +93,14 @@ def cmd_publish(a) -> int:
     ingest, failed = Ingest(s), 0
     for f in a.files:
         try:
-            summary = ingest.publish_file(f, stream_id=a.stream_id, tenant=a.tenant, realtime=a.realtime,
-                                          metadata=_metadata(a),
-                                          language=a.language)
+            summary = ingest.publish_file(
+                f,
+                stream_id=a.stream_id,
+                tenant=a.tenant,
+                realtime=a.realtime,
+                metadata=_metadata(a),
+                language=a.language,
+            )
             print(f"{summary.stream_id}\t{summary.chunks} chunks\t{summary.duration_s:.2f} s\t{f}")
         except AudioError as e:
             print(f"hark: {f}: {e.reason}", file=sys.stderr)
@@ -189,8 +199,10 @@ def _run_session(a, make_runs) -> int:
 
         lines = speaker_lines([{"word": w["word"], "speaker": w["speaker"]} for w in r["words"]])
         print("\n".join(lines) if lines else (r["final_text"] or "(no speech recognised)"))
-        print(f"   partial latency p50 {lat['partial_p50_ms']} ms, p95 {lat['partial_p95_ms']} ms; "
-              f"final {lat['final_after_close_ms']} ms after close")
+        print(
+            f"   partial latency p50 {lat['partial_p50_ms']} ms, p95 {lat['partial_p95_ms']} ms; "
+            f"final {lat['final_after_close_ms']} ms after close"
+        )
         if r["status"] not in ("COMPLETE",):
             failed += 1
             print(f"hark: {r['source']}: stream ended {r['status']}", file=sys.stderr)
@@ -200,8 +212,9 @@ def _run_session(a, make_runs) -> int:
 def cmd_run(a) -> int:
     from .session import file_runs
 
-    return _run_session(a, lambda ingest, s: file_runs(ingest, a.files, not a.fast, s, tenant=a.tenant,
-                                                       metadata=_metadata(a)))
+    return _run_session(
+        a, lambda ingest, s: file_runs(ingest, a.files, not a.fast, s, tenant=a.tenant, metadata=_metadata(a))
+    )
 
 
 def cmd_replay(a) -> int:
@@ -214,7 +227,9 @@ def cmd_replay(a) -> int:
 
         def publish(run):
             return ingest.replay(a.stream_id, new_id=new_id, realtime=not a.fast, on_chunk=run.on_chunk)
+
         return [StreamRun(f"replay:{a.stream_id}", new_id, publish, s.chunk_ms)]
+
     return _run_session(a, make)
 
 
@@ -228,8 +243,10 @@ def cmd_models(a) -> int:
     for p in problems:
         print(f"hark: model check failed: {p}", file=sys.stderr)
     if not problems:
-        print(f"models ok: {models.count_files()} files verified by sha256 "
-              f"(pocketsphinx en-us; whisper {', '.join(models.WHISPER)})")
+        print(
+            f"models ok: {models.count_files()} files verified by sha256 "
+            f"(pocketsphinx en-us; whisper {', '.join(models.WHISPER)})"
+        )
     return 1 if problems else 0
 
 
@@ -244,9 +261,11 @@ def cmd_compare(a) -> int:
 
     def progress(row):
         if not a.quiet:
-            scores = "  ".join(f"{v['model']}: {100 * v['wer']:.1f}%" if "wer" in v else v["model"]
-                               for v in row["versions"])
+            scores = "  ".join(
+                f"{v['model']}: {100 * v['wer']:.1f}%" if "wer" in v else v["model"] for v in row["versions"]
+            )
             print(f"{row['stream_id']}  {scores}", file=sys.stderr)
+
     try:
         report = compare(s, a.replay, models, refs, on_stream=progress)
     except (LookupError, ValueError, FileNotFoundError) as e:
@@ -273,8 +292,10 @@ def _index(a):
 
     s = _settings(a)
     if not s.index_file.exists():
-        raise SystemExit(f"hark: no transcript index at {s.index_file}; the captions service builds it "
-                         f"(`hark up` runs it, or `hark serve`)")
+        raise SystemExit(
+            f"hark: no transcript index at {s.index_file}; the captions service builds it "
+            f"(`hark up` runs it, or `hark serve`)"
+        )
     return TranscriptIndex(s.index_file)
 
 
@@ -312,8 +333,11 @@ def cmd_export(a) -> int:
         print(f"hark: no stream {a.stream_id!r} in the transcript index", file=sys.stderr)
         return 1
     if not st["complete"]:
-        print(f"hark: stream {a.stream_id!r} has no final transcript yet (status {st['status']}); "
-              f"--wait SECONDS to wait for it", file=sys.stderr)
+        print(
+            f"hark: stream {a.stream_id!r} has no final transcript yet (status {st['status']}); "
+            f"--wait SECONDS to wait for it",
+            file=sys.stderr,
+        )
         return 1
     body = exports.export(st["complete"], a.format)
     if a.format == "rttm" and not body:
@@ -360,10 +384,13 @@ def cmd_token(a) -> int:
     try:
         token = create_token(path, a.tenant)
     except AccessDenied as e:
-        raise SystemExit(f"hark: {e.reason}")
+        raise SystemExit(f"hark: {e.reason}") from None
     print(token)
-    print(f"hark: token for tenant {a.tenant!r} added to {path} (only its hash is stored; "
-          f"services read it with HARK_TOKENS_FILE={path})", file=sys.stderr)
+    print(
+        f"hark: token for tenant {a.tenant!r} added to {path} (only its hash is stored; "
+        f"services read it with HARK_TOKENS_FILE={path})",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -398,8 +425,9 @@ def main(argv: list[str] | None = None) -> None:
     pub.add_argument("--tenant", default="default")
     pub.add_argument("--language", default="en-US")
     pub.add_argument("--realtime", action="store_true", help="pace chunks at real time")
-    pub.add_argument("--meta", action="append", metavar="KEY=VALUE", help="stream metadata (repeatable), e.g. "
-                     "max_speakers=4")
+    pub.add_argument(
+        "--meta", action="append", metavar="KEY=VALUE", help="stream metadata (repeatable), e.g. max_speakers=4"
+    )
     pub.add_argument("--speakers", type=int, help="number of speakers, a hint for the diarizer")
     conn(pub)
     pub.set_defaults(fn=cmd_publish)
@@ -420,8 +448,9 @@ def main(argv: list[str] | None = None) -> None:
 
     run = sub.add_parser("run", help="transcribe files end to end (starts the embedded stack unless --bootstrap)")
     run.add_argument("files", nargs="+")
-    run.add_argument("--meta", action="append", metavar="KEY=VALUE", help="stream metadata (repeatable), e.g. "
-                     "max_speakers=4")
+    run.add_argument(
+        "--meta", action="append", metavar="KEY=VALUE", help="stream metadata (repeatable), e.g. max_speakers=4"
+    )
     run.add_argument("--speakers", type=int, help="number of speakers, a hint for the diarizer")
     session_opts(run)
     run.set_defaults(fn=cmd_run)
@@ -454,8 +483,11 @@ def main(argv: list[str] | None = None) -> None:
 
     cp = sub.add_parser("compare", help="re-decode archived streams with two offline model versions: WER / agreement")
     cp.add_argument("--replay", nargs="+", required=True, metavar="STREAM_ID", help="archived stream ids")
-    cp.add_argument("--models", default="base,tiny.en", help="comma-separated: model names or CTranslate2 folders; "
-                                                              "the first is the baseline for agreement")
+    cp.add_argument(
+        "--models",
+        default="base,tiny.en",
+        help="comma-separated: model names or CTranslate2 folders; the first is the baseline for agreement",
+    )
     cp.add_argument("--refs", help="TSV of (stream id or source file name) TAB reference text")
     cp.add_argument("--json", metavar="OUT", help="also write the report, with every stream's texts, as JSON")
     cp.add_argument("--quiet", action="store_true", help="no per-stream progress on stderr")

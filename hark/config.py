@@ -7,6 +7,7 @@ Extra librdkafka properties (SASL/TLS in production) pass through as
 ``HARK_KAFKA_<PROPERTY>`` with dots written as underscores, e.g.
 ``HARK_KAFKA_SECURITY_PROTOCOL=SASL_SSL``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -175,8 +176,14 @@ class Settings:
 
     @property
     def all_topics(self) -> list[str]:
-        return [self.audio_topic, self.online_topic, self.offline_topic, self.speakers_topic, self.results_topic,
-                self.deadletter_topic]
+        return [
+            self.audio_topic,
+            self.online_topic,
+            self.offline_topic,
+            self.speakers_topic,
+            self.results_topic,
+            self.deadletter_topic,
+        ]
 
     @property
     def index_file(self) -> Path:
@@ -188,7 +195,7 @@ class Settings:
 
     # ---- construction ----------------------------------------------------------------
     @classmethod
-    def load(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
+    def load(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
         env = os.environ if environ is None else environ
         s = cls()
         for f in dataclasses.fields(cls):
@@ -198,9 +205,7 @@ class Settings:
             if raw is not None and raw != "":
                 setattr(s, f.name, _coerce(f, raw, getattr(s, f.name)))
         s.kafka_extra = {
-            k[len("HARK_KAFKA_"):].lower().replace("_", "."): v
-            for k, v in env.items()
-            if k.startswith("HARK_KAFKA_")
+            k[len("HARK_KAFKA_") :].lower().replace("_", "."): v for k, v in env.items() if k.startswith("HARK_KAFKA_")
         }
         for k, v in overrides.items():
             if v is None:
@@ -250,10 +255,16 @@ def reference_markdown() -> str:
             continue
         m = re.match(r"(\w+): [^=]+= (.+?)(?:\s+#\s*(.*))?$", stripped)
         if m and not line.startswith("        "):
-            name, default, trailing = m.groups()
+            name, _default, trailing = m.groups()
             if name != "kafka_extra":
                 value = getattr(Settings(), name)
-                shown = "~/.local/share/hark" if name == "data_dir" else repr(value) if isinstance(value, str) else str(value)
+                shown = (
+                    "~/.local/share/hark"
+                    if name == "data_dir"
+                    else repr(value)
+                    if isinstance(value, str)
+                    else str(value)
+                )
                 text = " ".join(comment + ([trailing] if trailing else [])).replace("|", "\\|")
                 rows.append(f"| `HARK_{name.upper()}` | `{shown}` | {text} |")
         comment = []

@@ -11,6 +11,7 @@
 The intermediate topics (audio, transcripts, speakers) are not compacted: their records expire
 with the topic retention (``HARK_TOPIC_RETENTION_HOURS``).
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,15 @@ def erase(settings: Settings, stream_id: str, store: ObjectStore, producer=None,
         if producer.flush(10) != 0:
             raise RuntimeError(f"the tombstone for {stream_id} was not delivered")
         tombstones.append(settings.results_topic)
-    entry = {"stream_id": stream_id, "tenant": meta.get("tenant"), "reason": reason, "erased_at_ms": int(time.time() * 1000),
-             "archive_objects": objects, "index_rows": index_rows, "tombstones": tombstones}
+    entry = {
+        "stream_id": stream_id,
+        "tenant": meta.get("tenant"),
+        "reason": reason,
+        "erased_at_ms": int(time.time() * 1000),
+        "archive_objects": objects,
+        "index_rows": index_rows,
+        "tombstones": tombstones,
+    }
     audit = Path(settings.data_dir) / "audit" / "erasures.jsonl"
     audit.parent.mkdir(parents=True, exist_ok=True)
     with open(audit, "a") as f:
@@ -76,5 +84,7 @@ def expired_streams(store: ObjectStore, days: float, now_ms: int | None = None) 
 
 def retention_sweep(settings: Settings, store: ObjectStore, producer=None, now_ms: int | None = None) -> list[dict]:
     """Erase every archived stream older than ``archive_retention_days`` (0: keep forever)."""
-    return [erase(settings, sid, store, producer, reason=f"retention {settings.archive_retention_days:g} days")
-            for sid in expired_streams(store, settings.archive_retention_days, now_ms)]
+    return [
+        erase(settings, sid, store, producer, reason=f"retention {settings.archive_retention_days:g} days")
+        for sid in expired_streams(store, settings.archive_retention_days, now_ms)
+    ]

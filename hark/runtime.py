@@ -13,6 +13,7 @@ A service subclasses ConsumerService and implements ``handle``. The loop guarant
   suppressed (``replaying``: that output is committed already), and goes on;
 - SIGTERM/SIGINT finish the current batch, commit and leave the group cleanly.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,12 @@ class JsonFormatter(logging.Formatter):
         self.service = service
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 3), "level": record.levelname, "service": self.service,
-               "msg": record.getMessage()}
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "service": self.service,
+            "msg": record.getMessage(),
+        }
         out.update(getattr(record, "fields", {}))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
@@ -125,7 +130,7 @@ class HealthServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 if self.path.startswith("/healthz"):
                     ok, detail = healthy()
                     body = json.dumps({"service": service, "status": "ok" if ok else "unhealthy", **detail})
@@ -164,20 +169,33 @@ class DeadLetters:
         self.producer, self.topic, self.service, self.metrics = producer, settings.deadletter_topic, service, metrics
         self.send_record = send_record or (lambda topic, key, value: producer.produce(topic, key=key, value=value))
 
-    def send(self, error_type: str, reason: str, *, msg: Message | None = None, stream_id: str | None = None,
-             tenant: str | None = None, payload: bytes | None = None, payload_size: int | None = None) -> None:
+    def send(
+        self,
+        error_type: str,
+        reason: str,
+        *,
+        msg: Message | None = None,
+        stream_id: str | None = None,
+        tenant: str | None = None,
+        payload: bytes | None = None,
+        payload_size: int | None = None,
+    ) -> None:
         if msg is not None and payload is None:
             payload = msg.value()
         size = payload_size if payload_size is not None else (len(payload) if payload else 0)
         record = {
-            "service": self.service, "error_type": error_type, "reason": reason[:2000],
-            "stream_id": stream_id, "tenant": tenant,
+            "service": self.service,
+            "error_type": error_type,
+            "reason": reason[:2000],
+            "stream_id": stream_id,
+            "tenant": tenant,
             "source_topic": msg.topic() if msg is not None else None,
             "source_partition": msg.partition() if msg is not None else None,
             "source_offset": msg.offset() if msg is not None else None,
             "key": msg.key() if msg is not None else (stream_id.encode() if stream_id else None),
             "payload": payload[:DEADLETTER_PAYLOAD_CAP] if payload else None,
-            "payload_size": size, "failed_at_ms": now_ms(),
+            "payload_size": size,
+            "failed_at_ms": now_ms(),
         }
         self.send_record(self.topic, record["key"], serde.encode("DeadLetter", record))
         self.metrics.inc("deadletters_total")
@@ -229,7 +247,7 @@ class SequenceCheck:
     (one partition, an idempotent producer), so a number out of line is a producer's fault: a
     repeated chunk is dropped, a missing one counted and logged, and the stream goes on."""
 
-    def __init__(self, next_seq: int, metrics: "Metrics"):
+    def __init__(self, next_seq: int, metrics: Metrics):
         self.next_seq, self.metrics = next_seq, metrics
 
     def accept(self, rec: dict) -> bool:
@@ -260,11 +278,16 @@ class ConsumerService:
             instance = f"{socket.gethostname()}-{os.getpid()}"
         self.transactional_id = f"{self.group}-{instance}"
         self.producer = kafka.transactional(settings, self.transactional_id, **{"client.id": f"hark-{self.name}"})
-        self.consumer = kafka.consumer(settings, self.group, **{"client.id": f"hark-{self.name}"},
-                                       **({"group.instance.id": instance} if static else {}))
+        self.consumer = kafka.consumer(
+            settings,
+            self.group,
+            **{"client.id": f"hark-{self.name}"},
+            **({"group.instance.id": instance} if static else {}),
+        )
         self.transactions = Transactions(self.producer, self.transactional_id)
-        self.deadletters = DeadLetters(self.producer, settings, self.name, self.metrics,
-                                       send_record=self.transactions.send)
+        self.deadletters = DeadLetters(
+            self.producer, settings, self.name, self.metrics, send_record=self.transactions.send
+        )
         self._stop = threading.Event()
         self._positions: dict[tuple[str, int], int] = {}  # next offset to read, per partition
         self._last_loop = time.monotonic()
@@ -408,14 +431,17 @@ class ConsumerService:
     def run(self) -> None:
         s = self.settings
         self.health = HealthServer(s.health_host, s.health_port, self.name, self.healthy, self.metrics)
-        log.info("starting", extra=kv(bootstrap=s.bootstrap, topics=self.topics, group=self.group,
-                                      health_port=self.health.port))
+        log.info(
+            "starting",
+            extra=kv(bootstrap=s.bootstrap, topics=self.topics, group=self.group, health_port=self.health.port),
+        )
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
         self.transactions.init()
-        self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
+        self.consumer.subscribe(
+            self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
         try:
             while not self._stop.is_set():
                 self._last_loop = time.monotonic()
@@ -479,9 +505,12 @@ class ConsumerService:
     def _metadata(self, tp: tuple[str, int], held: list[str]) -> str:
         """What the next owner of ``tp`` needs beside the committed offset: how far input was
         processed (its output is in this transaction) and how each held stream resumes."""
-        streams = {k: {"offset": self._holds[k][2], "state": self._hold_states[k]} for k in held if k in self._hold_states}
-        return json.dumps({"processed": self._positions[tp], "held": held, "streams": streams},
-                          sort_keys=True, separators=(",", ":"))
+        streams = {
+            k: {"offset": self._holds[k][2], "state": self._hold_states[k]} for k in held if k in self._hold_states
+        }
+        return json.dumps(
+            {"processed": self._positions[tp], "held": held, "streams": streams}, sort_keys=True, separators=(",", ":")
+        )
 
     def _commit(self, batch_done: bool = True) -> None:
         """Start committing the output produced since the last commit with the input offsets it

@@ -14,6 +14,7 @@ inlined), in ``schemas/history/`` as ``hark.<Name>.v<N>.avsc``. Records written 
 them onto the current schema (new fields take their defaults), so a rolling upgrade and the
 records already in the log keep working.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,16 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 MAGIC = 0
 _HEADER = struct.Struct(">bI")
 
-RECORD_TYPES = ("StreamStart", "AudioChunk", "StreamEnd", "OnlineTranscript", "OfflineTranscript", "SpeakerTurns",
-                "Result", "DeadLetter")
+RECORD_TYPES = (
+    "StreamStart",
+    "AudioChunk",
+    "StreamEnd",
+    "OnlineTranscript",
+    "OfflineTranscript",
+    "SpeakerTurns",
+    "Result",
+    "DeadLetter",
+)
 
 
 class SerdeError(ValueError):

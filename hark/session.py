@@ -4,15 +4,16 @@ Latency is measured as the issue defines it: for every word of an utterance's fi
 moment it first appeared (in a partial, or in the final itself) on the results topic, as seen
 by this consumer, minus the moment ingest published the chunk holding the word's end.
 """
+
 from __future__ import annotations
 
 import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from .runtime import now_ms
 class StreamRun:
     source: str
     stream_id: str
-    publish: Callable[["StreamRun"], object]  # does the publishing; returns a StreamSummary
+    publish: Callable[[StreamRun], object]  # does the publishing; returns a StreamSummary
     chunk_ms: int
     chunk_published_at_ms: list[int] = field(default_factory=list)
     samples_published: int = 0
@@ -67,20 +68,36 @@ class StreamRun:
         seen = self._first_seen.setdefault(utt, [])
         for w in rec["words"]:
             if not any(s[0] == w["word"] and _overlap(s[1], s[2], w["start_ms"], w["end_ms"]) for s in seen):
-                seen.append((w["word"], w["start_ms"], w["end_ms"], received_ms, rec["audio_published_at_ms"],
-                             rec["emitted_at_ms"]))
+                seen.append(
+                    (
+                        w["word"],
+                        w["start_ms"],
+                        w["end_ms"],
+                        received_ms,
+                        rec["audio_published_at_ms"],
+                        rec["emitted_at_ms"],
+                    )
+                )
         if kind == "PARTIAL":
             self.partial_text = rec["text"]
             return None
         for w in rec["words"]:  # FINAL
-            first = min((s[3:] for s in seen if s[0] == w["word"] and _overlap(s[1], s[2], w["start_ms"], w["end_ms"])),
-                        default=(received_ms, rec["audio_published_at_ms"], rec["emitted_at_ms"]))
+            first = min(
+                (s[3:] for s in seen if s[0] == w["word"] and _overlap(s[1], s[2], w["start_ms"], w["end_ms"])),
+                default=(received_ms, rec["audio_published_at_ms"], rec["emitted_at_ms"]),
+            )
             if self.chunk_published_at_ms:
                 idx = min(w["end_ms"] // self.chunk_ms, len(self.chunk_published_at_ms) - 1)
                 received, audio_published, emitted = first
                 self.word_latency_ms.append(received - self.chunk_published_at_ms[idx])
-                self.word_latency_parts.append((w["end_ms"], audio_published - self.chunk_published_at_ms[idx],
-                                                emitted - audio_published, received - emitted))
+                self.word_latency_parts.append(
+                    (
+                        w["end_ms"],
+                        audio_published - self.chunk_published_at_ms[idx],
+                        emitted - audio_published,
+                        received - emitted,
+                    )
+                )
         self._first_seen.pop(utt, None)
         self.online_finals[utt] = rec["text"]
         self.partial_text = ""
@@ -99,10 +116,20 @@ class StreamRun:
             "duration_s": round(self.samples_published / TARGET_RATE, 3),
             "online_text": online_text or "",
             "final_text": c.get("text", online_text or ""),
-            "words": [{"word": w["word"], "start": w["start_ms"] / 1000, "end": w["end_ms"] / 1000,
-                       "confidence": w["confidence"], "speaker": w["speaker"]} for w in c.get("words", [])],
-            "turns": [{"speaker": t["speaker"], "start": t["start_ms"] / 1000, "end": t["end_ms"] / 1000}
-                      for t in c.get("turns", [])],
+            "words": [
+                {
+                    "word": w["word"],
+                    "start": w["start_ms"] / 1000,
+                    "end": w["end_ms"] / 1000,
+                    "confidence": w["confidence"],
+                    "speaker": w["speaker"],
+                }
+                for w in c.get("words", [])
+            ],
+            "turns": [
+                {"speaker": t["speaker"], "start": t["start_ms"] / 1000, "end": t["end_ms"] / 1000}
+                for t in c.get("turns", [])
+            ],
             "final_source": c.get("final_source"),
             "truncated": c.get("truncated", False),
             "models": {c["final_source"]: f"{c['model_name']} ({c['model_version']})"} if c else {},
@@ -111,7 +138,8 @@ class StreamRun:
                 "partial_p95_ms": None if lat is None else round(float(np.percentile(lat, 95)), 1),
                 "words_measured": 0 if lat is None else int(lat.size),
                 "final_after_close_ms": (self.complete_received_ms - self.end_published_ms)
-                if self.complete_received_ms and self.end_published_ms else None,
+                if self.complete_received_ms and self.end_published_ms
+                else None,
             },
         }
 
@@ -197,8 +225,13 @@ class Display:
             self.out.flush()
 
 
-def follow(settings: Settings, runs: list[StreamRun], display: Display, timeout_factor: float = 2.0,
-           min_timeout_s: float = 60.0) -> None:
+def follow(
+    settings: Settings,
+    runs: list[StreamRun],
+    display: Display,
+    timeout_factor: float = 2.0,
+    min_timeout_s: float = 60.0,
+) -> None:
     """Publish every run concurrently and consume results until each completes, fails or times out."""
     tail = kafka.tail_consumer(settings, settings.results_topic)
     by_id = {r.stream_id: r for r in runs}
@@ -246,15 +279,25 @@ def expected_seconds(path: str) -> float | None:
         return None
 
 
-def file_runs(ingest, files: list[str], realtime: bool, settings: Settings, tenant: str = "default",
-              metadata: dict | None = None) -> list[StreamRun]:
+def file_runs(
+    ingest, files: list[str], realtime: bool, settings: Settings, tenant: str = "default", metadata: dict | None = None
+) -> list[StreamRun]:
     from services.ingest.publisher import new_stream_id
 
     runs = []
     for f in files:
+
         def publish(run: StreamRun, path=f):
-            return ingest.publish_file(path, stream_id=run.stream_id, tenant=tenant, realtime=realtime,
-                                       on_chunk=run.on_chunk, metadata=metadata)
-        runs.append(StreamRun(f, new_stream_id(Path(f).stem), publish, settings.chunk_ms,
-                              expected_seconds=expected_seconds(f)))
+            return ingest.publish_file(
+                path,
+                stream_id=run.stream_id,
+                tenant=tenant,
+                realtime=realtime,
+                on_chunk=run.on_chunk,
+                metadata=metadata,
+            )
+
+        runs.append(
+            StreamRun(f, new_stream_id(Path(f).stem), publish, settings.chunk_ms, expected_seconds=expected_seconds(f))
+        )
     return runs

@@ -10,6 +10,7 @@ The broker is a single KRaft node (``hark.broker``) whose log lives in
 topics, records and committed offsets again. ``hark run``'s own stack is ephemeral: its log is
 deleted when the stack stops.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,18 +96,32 @@ class Child:
     def start(self) -> None:
         self.last_start = time.monotonic()
         logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            self.cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         logf.close()
 
     def info(self) -> dict:
-        return {"name": self.name, "replica": self.replica, "pid": self.proc.pid if self.proc else None,
-                "health_port": self.health_port, "log": str(self.log), "restarts": self.restarts}
+        return {
+            "name": self.name,
+            "replica": self.replica,
+            "pid": self.proc.pid if self.proc else None,
+            "health_port": self.health_port,
+            "log": str(self.log),
+            "restarts": self.restarts,
+        }
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, directory: Path, replicas: dict[str, int],
-                 parent_pid: int | None = None, ephemeral: bool = False, external_broker: bool = False):
+    def __init__(
+        self,
+        settings: Settings,
+        directory: Path,
+        replicas: dict[str, int],
+        parent_pid: int | None = None,
+        ephemeral: bool = False,
+        external_broker: bool = False,
+    ):
         self.settings, self.dir, self.replicas = settings, directory, replicas
         self.parent_pid, self.ephemeral, self.external_broker = parent_pid, ephemeral, external_broker
         self.node: broker.Node | None = None
@@ -116,12 +131,18 @@ class Supervisor:
         self._stopping = False
 
     def write_state(self, **extra) -> None:
-        state = {"status": self.status, "supervisor_pid": os.getpid(), "bootstrap": self.settings.bootstrap,
-                 "data_dir": str(self.settings.data_dir), "archive": self.settings.archive,
-                 "partitions": self.settings.partitions,
-                 "broker_log": str(self.node.log_dir) if self.node else None,
-                 "broker": self.broker.info() if self.broker else None,
-                 "services": [c.info() for c in self.children], **extra}
+        state = {
+            "status": self.status,
+            "supervisor_pid": os.getpid(),
+            "bootstrap": self.settings.bootstrap,
+            "data_dir": str(self.settings.data_dir),
+            "archive": self.settings.archive,
+            "partitions": self.settings.partitions,
+            "broker_log": str(self.node.log_dir) if self.node else None,
+            "broker": self.broker.info() if self.broker else None,
+            "services": [c.info() for c in self.children],
+            **extra,
+        }
         ingest = next((c for c in self.children if c.name == "ingest"), None)
         if ingest:
             state["ingest_url"] = f"ws://127.0.0.1:{ingest.env['HARK_INGEST_PORT']}/v1/streams"
@@ -151,7 +172,8 @@ class Supervisor:
         passes = [p for p in self.settings.results_wait_for.split(",") if p.strip()]
         absent = {"offline": "offline_asr", "diarizer": "diarizer"}
         self.settings.results_wait_for = ",".join(
-            p for p in passes if p not in absent or self.replicas.get(absent[p], 1) > 0)
+            p for p in passes if p not in absent or self.replicas.get(absent[p], 1) > 0
+        )
         base_env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         for name, (module, _topic) in SERVICES.items():
             for i in range(self.replicas.get(name, 1)):
@@ -161,7 +183,9 @@ class Supervisor:
                     env["HARK_INGEST_PORT"] = str(free_port())
                 if name == "captions":
                     env["HARK_CAPTIONS_PORT"] = str(free_port())
-                child = Child(name, i, [sys.executable, "-m", module.rsplit(".", 1)[0]], env, logs / f"{name}-{i}.log", hp)
+                child = Child(
+                    name, i, [sys.executable, "-m", module.rsplit(".", 1)[0]], env, logs / f"{name}-{i}.log", hp
+                )
                 child.start()
                 self.children.append(child)
         self.write_state()
@@ -173,8 +197,11 @@ class Supervisor:
             if not h or h.get("status") != "ok":
                 return False
             assigned[c.name] = assigned.get(c.name, 0) + h.get("partitions", 0)
-        return all(assigned.get(n, 0) >= self.settings.partitions for n, (_, t) in SERVICES.items()
-                   if t and self.replicas.get(n, 1) > 0)
+        return all(
+            assigned.get(n, 0) >= self.settings.partitions
+            for n, (_, t) in SERVICES.items()
+            if t and self.replicas.get(n, 1) > 0
+        )
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
@@ -271,16 +298,29 @@ def parse_replicas(spec: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for part in filter(None, (s.strip() for s in spec.split(","))):
         name, _, n = part.partition("=")
-        if name not in SERVICES or not n.isdigit() or (int(n) < 1 and name not in ("offline_asr", "diarizer", "captions")):
-            raise SystemExit(f"bad --replicas entry {part!r} (e.g. online_asr=2, offline_asr=0, diarizer=0 or captions=0; "
-                             f"services: {', '.join(SERVICES)})")
+        if (
+            name not in SERVICES
+            or not n.isdigit()
+            or (int(n) < 1 and name not in ("offline_asr", "diarizer", "captions"))
+        ):
+            raise SystemExit(
+                f"bad --replicas entry {part!r} (e.g. online_asr=2, offline_asr=0, diarizer=0 or captions=0; "
+                f"services: {', '.join(SERVICES)})"
+            )
         out[name] = int(n)
     return out
 
 
 # ---- client side: what `hark up/down/status/run` call ------------------------------------------
-def launch(settings: Settings, name: str = "default", replicas: str = "", parent_pid: int | None = None,
-           ephemeral: bool = False, external_broker: bool = False, timeout: float = 180.0) -> dict:
+def launch(
+    settings: Settings,
+    name: str = "default",
+    replicas: str = "",
+    parent_pid: int | None = None,
+    ephemeral: bool = False,
+    external_broker: bool = False,
+    timeout: float = 180.0,
+) -> dict:
     """Start a supervisor in the background and wait until its stack is ready. ``external_broker``:
     the services use ``settings.bootstrap`` (a cluster of the caller's) instead of their own broker."""
     if not external_broker:
@@ -288,7 +328,9 @@ def launch(settings: Settings, name: str = "default", replicas: str = "", parent
     d = stack_dir(settings, name)
     state = read_state(d)
     if state and state.get("status") in ("starting", "ready") and pid_alive(state["supervisor_pid"]):
-        raise RuntimeError(f"a stack named {name!r} is already running (pid {state['supervisor_pid']}); `hark down` first")
+        raise RuntimeError(
+            f"a stack named {name!r} is already running (pid {state['supervisor_pid']}); `hark down` first"
+        )
     d.mkdir(parents=True, exist_ok=True)
     (d / "stack.json").unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "hark.stack", "--dir", str(d), "--replicas", replicas]
@@ -300,8 +342,9 @@ def launch(settings: Settings, name: str = "default", replicas: str = "", parent
         cmd.append("--external-broker")
     env = {**os.environ, **settings.to_env()}
     with open(d / "supervisor.log", "ab") as logf:
-        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = read_state(d)

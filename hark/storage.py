@@ -4,6 +4,7 @@
 faster than a local S3 server for small objects). ``s3://bucket/prefix`` talks to MinIO or any
 S3 through the ``minio`` client; endpoint and keys come from Settings.
 """
+
 from __future__ import annotations
 
 import io
@@ -77,8 +78,9 @@ class FilesystemStore(ObjectStore):
         base = self.root / prefix if prefix else self.root
         if not base.exists():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
-                      if p.is_file() and not p.name.startswith(".tmp-"))
+        return sorted(
+            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")
+        )
 
     def delete(self, key):
         self._path(key).unlink(missing_ok=True)
@@ -90,9 +92,13 @@ class S3Store(ObjectStore):
 
         if not settings.s3_endpoint:
             raise ValueError("s3:// archive needs HARK_S3_ENDPOINT (host:port)")
-        self.client = Minio(settings.s3_endpoint, access_key=settings.s3_access_key,
-                            secret_key=settings.s3_secret_key, secure=settings.s3_secure,
-                            region=settings.s3_region)
+        self.client = Minio(
+            settings.s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+        )
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}"
         if not self.client.bucket_exists(bucket):
@@ -105,8 +111,13 @@ class S3Store(ObjectStore):
     def put(self, key, data, length=None):
         if isinstance(data, (bytes, bytearray, memoryview)):
             length, data = len(data), io.BytesIO(data)
-        self.client.put_object(self.bucket, self._k(key), data, length=length if length is not None else -1,
-                               part_size=0 if length is not None else 16 * 1024 * 1024)
+        self.client.put_object(
+            self.bucket,
+            self._k(key),
+            data,
+            length=length if length is not None else -1,
+            part_size=0 if length is not None else 16 * 1024 * 1024,
+        )
 
     def get(self, key):
         from minio.error import S3Error
@@ -148,7 +159,6 @@ def open_store(settings: Settings) -> ObjectStore:
     if uri.scheme == "s3":
         return S3Store(uri.netloc, uri.path, settings)
     raise ValueError(f"unsupported archive URI {settings.archive!r} (use file:// or s3://)")
-
 
 
 # ---- the archive layout (written by ingest, read by replay, offline_asr and `hark compare`) -------

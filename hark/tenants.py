@@ -7,6 +7,7 @@ the stream with the token's tenant, and the captions server shows a token only i
 streams. Without one (the embedded default for a single user) access is open and the tenant is
 whatever the producer names ("default" unless told).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,7 +43,7 @@ class Access:
         self._hashes = hashes  # sha256 hex -> tenant; None: open access
 
     @classmethod
-    def load(cls, settings: Settings) -> "Access":
+    def load(cls, settings: Settings) -> Access:
         if not settings.tokens_file:
             return cls(None)
         hashes = {}

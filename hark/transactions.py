@@ -8,6 +8,7 @@ sends meanwhile wait in memory, and they open the next transaction once the comm
 Everything a commit covers was sent before it started, so each transaction still holds exactly
 the output of the offsets it commits.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -26,8 +27,11 @@ COMMIT_DEADLINE_S = 30.0
 
 
 def _wedged(transactional_id: str) -> None:
-    log.error("a transaction commit did not finish in %.0f s: exiting to restart from the last commit",
-              COMMIT_DEADLINE_S, extra={"fields": {"transactional_id": transactional_id}})
+    log.error(
+        "a transaction commit did not finish in %.0f s: exiting to restart from the last commit",
+        COMMIT_DEADLINE_S,
+        extra={"fields": {"transactional_id": transactional_id}},
+    )
     logging.shutdown()
     os._exit(70)
 

@@ -2,6 +2,7 @@
 
 Shared by online_asr (utterance endpointing) and offline_asr (cutting decode windows at pauses).
 """
+
 from __future__ import annotations
 
 from collections import deque

@@ -4,14 +4,35 @@ Lower case, punctuation dropped, digits spelt out as words, the usual spoken for
 abbreviations (as Whisper's English normaliser does: "Mr." is scored as "mister"); then
 Levenshtein distance over words, summed over a set (corpus WER = edits / reference words).
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " \
-        "sixteen seventeen eighteen nineteen".split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
+_TENS = ["_", "_", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 
 
 def number_words(n: int) -> str:
@@ -58,7 +79,7 @@ class WerScore:
     def wer(self) -> float:
         return self.errors / self.ref_words if self.ref_words else 0.0
 
-    def __add__(self, other: "WerScore") -> "WerScore":
+    def __add__(self, other: WerScore) -> WerScore:
         return WerScore(self.errors + other.errors, self.ref_words + other.ref_words)
 
 

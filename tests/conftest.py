@@ -1,4 +1,5 @@
 """Fixtures: real speech with references, and one real embedded stack (Apache Kafka + services) per session."""
+
 from __future__ import annotations
 
 import os

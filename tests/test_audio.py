@@ -1,4 +1,5 @@
 """Decoding of every accepted format from real speech, resampling, chunking, bad input."""
+
 import io
 
 import av
@@ -17,7 +18,9 @@ def resample(pcm: np.ndarray, rate: int) -> np.ndarray:
     assert r._passthrough
     frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
     frame.sample_rate = TARGET_RATE
-    out = b"".join(f.to_ndarray().tobytes() for f in av.AudioResampler(format="s16", layout="mono", rate=rate).resample(frame))
+    out = b"".join(
+        f.to_ndarray().tobytes() for f in av.AudioResampler(format="s16", layout="mono", rate=rate).resample(frame)
+    )
     return np.frombuffer(out, dtype="<i2")
 
 
@@ -26,13 +29,16 @@ def speech(speech_dir):
     return read_pcm_file(speech_dir / SOURCE)
 
 
-@pytest.mark.parametrize("container, codec, rate, channels", [
-    ("wav", "pcm_s16le", 16000, 1),
-    ("wav", "pcm_s16le", 44100, 2),
-    ("flac", "flac", 48000, 1),
-    ("mp3", "libmp3lame", 44100, 2),
-    ("ogg", "libopus", 48000, 1),
-])
+@pytest.mark.parametrize(
+    "container, codec, rate, channels",
+    [
+        ("wav", "pcm_s16le", 16000, 1),
+        ("wav", "pcm_s16le", 44100, 2),
+        ("flac", "flac", 48000, 1),
+        ("mp3", "libmp3lame", 44100, 2),
+        ("ogg", "libopus", 48000, 1),
+    ],
+)
 def test_formats_decode_to_16k_mono_of_the_right_length(speech, container, codec, rate, channels):
     src = speech if rate == TARGET_RATE else resample(speech, rate)
     data = encode(src, rate, container, codec, channels)
@@ -51,11 +57,14 @@ def test_lossless_round_trip_is_exact(speech):
     assert np.array_equal(out, speech)
 
 
-@pytest.mark.parametrize("data, kind", [
-    (b"", "undecodable"),
-    (b"this is not audio at all" * 40, "undecodable"),
-    (b"RIFF\x24\x00\x00\x00WAVEfmt ", "undecodable"),
-])
+@pytest.mark.parametrize(
+    "data, kind",
+    [
+        (b"", "undecodable"),
+        (b"this is not audio at all" * 40, "undecodable"),
+        (b"RIFF\x24\x00\x00\x00WAVEfmt ", "undecodable"),
+    ],
+)
 def test_unreadable_input_is_refused_with_a_reason(data, kind):
     with pytest.raises(AudioError) as e:
         DecodedAudio(io.BytesIO(data), 60)
@@ -92,14 +101,14 @@ def test_live_pcm_resampler_handles_odd_splits_and_stereo():
     tone = (np.sin(2 * np.pi * 440 * t) * 10000).astype("<i2")
     stereo = np.repeat(tone, 2).tobytes()
     r = PcmResampler(rate, 2)
-    out = b"".join(r.push(stereo[i:i + 777]) for i in range(0, len(stereo), 777)) + r.flush()
+    out = b"".join(r.push(stereo[i : i + 777]) for i in range(0, len(stereo), 777)) + r.flush()
     samples = np.frombuffer(out, dtype="<i2")
     assert abs(len(samples) - TARGET_RATE * secs) < 50
     spectrum = np.abs(np.fft.rfft(samples.astype(float)))
     assert abs(np.argmax(spectrum) * TARGET_RATE / len(samples) - 440) < 5
 
 
-@pytest.mark.parametrize("rate, channels", [(0, 1), (10 ** 7, 1), (16000, 0), (16000, 1000)])
+@pytest.mark.parametrize("rate, channels", [(0, 1), (10**7, 1), (16000, 0), (16000, 1000)])
 def test_absurd_live_formats_are_refused(rate, channels):
     with pytest.raises(AudioError):
         PcmResampler(rate, channels)

@@ -5,6 +5,7 @@ a producer sees) and leaves a dead-letter record with that reason; an accepted o
 Malformed and unknown-version records on every topic are dead-lettered by each service that
 consumes the topic. Afterwards no service has crashed and the good stream has its transcript.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,22 +24,32 @@ from .test_e2e import collect, complete_record
 pytestmark = pytest.mark.e2e
 
 # who consumes what: a bad record on a topic is dead-lettered by each of these
-CONSUMERS = {"audio": {"online_asr", "offline_asr", "diarizer"}, "transcripts.online": {"results"},
-             "transcripts.offline": {"results"}, "speakers": {"results"}, "results": {"captions"}}
+CONSUMERS = {
+    "audio": {"online_asr", "offline_asr", "diarizer"},
+    "transcripts.online": {"results"},
+    "transcripts.offline": {"results"},
+    "speakers": {"results"},
+    "results": {"captions"},
+}
 
 
 def test_bad_input_corpus_is_handled_with_reasons_and_crashes_nothing(live_stack, speech_dir):
-    settings, state = live_stack
+    settings, _state = live_stack
     from services.ingest.publisher import Ingest
 
     speech = read_pcm_file(speech_dir / "goforward.wav")
     small = dataclasses.replace(settings, max_stream_seconds=5.0, max_upload_bytes=1 << 20)
-    cases = [(c, settings) for c in corpus.bad_inputs(speech)] + \
-        [(corpus.too_long(speech, 5.0), small), (corpus.too_large(1 << 20), small)]
+    cases = [(c, settings) for c in corpus.bad_inputs(speech)] + [
+        (corpus.too_long(speech, 5.0), small),
+        (corpus.too_large(1 << 20), small),
+    ]
 
     good_id = f"good-beside-bad-{time.time_ns()}"
-    good = threading.Thread(target=lambda: Ingest(settings).publish_file(
-        speech_dir / "austen_passage.flac", stream_id=good_id, realtime=True))
+    good = threading.Thread(
+        target=lambda: Ingest(settings).publish_file(
+            speech_dir / "austen_passage.flac", stream_id=good_id, realtime=True
+        )
+    )
     good.start()
 
     t = time.time_ns()
@@ -75,7 +86,7 @@ def test_bad_input_corpus_is_handled_with_reasons_and_crashes_nothing(live_stack
 
     expected = {}  # (service, error_type) -> count for bad_sid
     for topic, _, kind in records:
-        for svc in CONSUMERS[topic[len(settings.topic_prefix):]]:
+        for svc in CONSUMERS[topic[len(settings.topic_prefix) :]]:
             expected[(svc, kind)] = expected.get((svc, kind), 0) + 1
 
     def dead(recs):

@@ -1,4 +1,5 @@
 """Downstream consumers: the captions page in real headless Chromium, search over n-best, exports."""
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,9 @@ def test_exports_parse_back(live_stack, passage, tmp_path):
     assert len(captions) >= 4
     assert " ".join(c.text.replace("\n", " ") for c in captions).split()[:3] == ["And", "Mr.", "John"]
     starts = [c.start_in_seconds for c in captions]
-    assert starts == sorted(starts) and all(c.end_in_seconds <= n.start_in_seconds + 1e-3
-                                            for c, n in zip(captions, captions[1:]))
+    assert starts == sorted(starts) and all(
+        c.end_in_seconds <= n.start_in_seconds + 1e-3 for c, n in zip(captions, captions[1:])
+    )
 
     res = run_hark("export", sid, "--format", "srt", env_extra=env)
     subs = list(srt.parse(res.stdout))
@@ -83,22 +85,32 @@ def test_exports_parse_back(live_stack, passage, tmp_path):
     assert len(rttm) == len(final["turns"]) >= 1
     for f, t in zip(rttm, final["turns"]):  # NIST RTTM: SPEAKER file chan start dur <NA> <NA> name <NA> <NA>
         assert f[0] == "SPEAKER" and f[1] == sid and f[7] == t["speaker"] == "SPEAKER_00" and len(f) == 10
-        assert abs(float(f[3]) - t["start_ms"] / 1000) < 1e-3 and abs(float(f[4]) - (t["end_ms"] - t["start_ms"]) / 1000) < 1e-3
+        assert (
+            abs(float(f[3]) - t["start_ms"] / 1000) < 1e-3
+            and abs(float(f[4]) - (t["end_ms"] - t["start_ms"]) / 1000) < 1e-3
+        )
     missing = run_hark("export", "no-such-stream", "--format", "vtt", env_extra=env)
     assert missing.returncode == 1 and "no stream 'no-such-stream'" in missing.stderr
 
 
 def test_speaker_labels_in_caption_exports():
-    words = [{"word": w, "start_ms": i * 400, "end_ms": i * 400 + 300, "confidence": 0.9, "speaker": spk}
-             for i, (w, spk) in enumerate([("hello", "A"), ("there.", "A"), ("hi", "B"), ("you", "B")])]
-    result = {"stream_id": "s", "words": words, "turns": [{"speaker": "A", "start_ms": 0, "end_ms": 700},
-                                                          {"speaker": "B", "start_ms": 800, "end_ms": 1500}]}
+    words = [
+        {"word": w, "start_ms": i * 400, "end_ms": i * 400 + 300, "confidence": 0.9, "speaker": spk}
+        for i, (w, spk) in enumerate([("hello", "A"), ("there.", "A"), ("hi", "B"), ("you", "B")])
+    ]
+    result = {
+        "stream_id": "s",
+        "words": words,
+        "turns": [{"speaker": "A", "start_ms": 0, "end_ms": 700}, {"speaker": "B", "start_ms": 800, "end_ms": 1500}],
+    }
     vtt = webvtt.from_string(exports.to_vtt(result))
     assert [(c.voice, c.text) for c in vtt] == [("A", "hello there."), ("B", "hi you")]
     assert [s.content for s in srt.parse(exports.to_srt(result))] == ["A: hello there.", "B: hi you"]
     rttm = [line.split() for line in exports.to_rttm(result).splitlines()]
-    assert rttm == [["SPEAKER", "s", "1", "0.000", "0.700", "<NA>", "<NA>", "A", "<NA>", "<NA>"],
-                    ["SPEAKER", "s", "1", "0.800", "0.700", "<NA>", "<NA>", "B", "<NA>", "<NA>"]]
+    assert rttm == [
+        ["SPEAKER", "s", "1", "0.000", "0.700", "<NA>", "<NA>", "A", "<NA>", "<NA>"],
+        ["SPEAKER", "s", "1", "0.800", "0.700", "<NA>", "<NA>", "B", "<NA>", "<NA>"],
+    ]
 
 
 # ---- search over 1-best and n-best ----------------------------------------------------------------
@@ -123,19 +135,26 @@ def test_search_finds_a_word_only_in_an_alternative_and_indexing_is_idempotent(l
     assert set(hits[0]) == {"stream_id", "start", "end", "speaker", "text", "source", "pass"}
 
     # a 1-best word: 1-best hits come first, narrowed to the word's own times
-    hits = [json.loads(x) for x in run_hark("search", "Dashwood", "--stream", sid, "--json", env_extra=env)
-            .stdout.splitlines()]
+    hits = [
+        json.loads(x)
+        for x in run_hark("search", "Dashwood", "--stream", sid, "--json", env_extra=env).stdout.splitlines()
+    ]
     assert hits[0]["source"] == "1best" and hits[0]["end"] - hits[0]["start"] < 2.0
     assert [h["source"] for h in hits] == sorted((h["source"] for h in hits), key=lambda s: s != "1best")
 
     # idempotent: the whole results topic indexed, then read again into the same index, changes nothing
     # (a fresh index: the live one keeps growing as late n-best records arrive)
-    records = [(r, settings.results_topic, 0, 0) for t, r in
-               collect(settings, settings.results_topic, completed(sid), timeout=30) if t == "Result"]
+    records = [
+        (r, settings.results_topic, 0, 0)
+        for t, r in collect(settings, settings.results_topic, completed(sid), timeout=30)
+        if t == "Result"
+    ]
     idx = TranscriptIndex(tmp_path / "replayed.sqlite")
     try:
+
         def count():
             return idx.db.execute("SELECT count(*), sum(source = '1best') FROM hyps").fetchone()[:]
+
         idx.apply(records)
         before = count()
         idx.apply(records)
@@ -161,8 +180,11 @@ def test_captions_page_in_headless_chromium(live_stack, speech_dir, passage):
             page.goto(f"{base}streams/{sid}")
             from services.ingest.publisher import Ingest
 
-            publisher = threading.Thread(target=lambda: Ingest(settings).publish_file(
-                speech_dir / "austen_passage.flac", stream_id=sid, realtime=True))
+            publisher = threading.Thread(
+                target=lambda: Ingest(settings).publish_file(
+                    speech_dir / "austen_passage.flac", stream_id=sid, realtime=True
+                )
+            )
             publisher.start()
             page.wait_for_selector("#captions .seg.partial", timeout=20000)  # provisional text while speaking
             page.wait_for_selector("#captions .seg.final", timeout=20000)  # committed online text
@@ -180,8 +202,10 @@ def test_captions_page_in_headless_chromium(live_stack, speech_dir, passage):
             assert len(live) >= 10, "partials arrived live, not only at the end"
             delays = sorted(e["received_ms"] - e["emitted_at_ms"] for e in live)
             p95 = delays[int(0.95 * (len(delays) - 1))]
-            print(f"\ncaption delay results->page over {len(delays)} partials: p50 {delays[len(delays) // 2]} ms, "
-                  f"p95 {p95} ms")
+            print(
+                f"\ncaption delay results->page over {len(delays)} partials: p50 {delays[len(delays) // 2]} ms, "
+                f"p95 {p95} ms"
+            )
             assert p95 < 5000  # a functional bound (live, not batched); the target is measured by make bench
 
             # a finished stream opened later: its history, and the list and search pages

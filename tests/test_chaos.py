@@ -14,12 +14,14 @@ results topic as any reader would and fails on any final that appears twice, on 
 or on a different text. The broker scenarios kill the embedded broker (its durable log comes
 back) and the leader of the audio partitions in a three-broker cluster.
 """
+
 from __future__ import annotations
 
 import io
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import wave
@@ -37,12 +39,19 @@ from .conftest import run_hark
 pytestmark = pytest.mark.e2e
 
 RECORDINGS = {  # ~10-14 s each: several utterances, so kills land inside streams and between utterances
-    "a": ["goforward.wav", "sense_and_sensibility_01_austen_64kb-0870.wav", "cards_001.wav",
-          "forever_input_2_16k.wav"],
-    "b": ["sense_and_sensibility_01_austen_64kb-0880.wav", "cards_002.wav", "sense_and_sensibility_01_austen_64kb-0890.wav",
-          "cards_003.wav"],
-    "c": ["sense_and_sensibility_01_austen_64kb-0920.wav", "cards_004.wav", "sense_and_sensibility_01_austen_64kb-0930.wav",
-          "cards_005.wav"],
+    "a": ["goforward.wav", "sense_and_sensibility_01_austen_64kb-0870.wav", "cards_001.wav", "forever_input_2_16k.wav"],
+    "b": [
+        "sense_and_sensibility_01_austen_64kb-0880.wav",
+        "cards_002.wav",
+        "sense_and_sensibility_01_austen_64kb-0890.wav",
+        "cards_003.wav",
+    ],
+    "c": [
+        "sense_and_sensibility_01_austen_64kb-0920.wav",
+        "cards_004.wav",
+        "sense_and_sensibility_01_austen_64kb-0930.wav",
+        "cards_005.wav",
+    ],
 }
 # online_asr last among the decoders: by then streams are past utterances, so it resumes from a commit's state
 KILL_ORDER = ["offline_asr", "results", "diarizer", "online_asr", "online_asr#rebalance", "captions", "ingest"]
@@ -115,8 +124,12 @@ def summary(seen: dict) -> dict:
     ids = sorted(k[2] for k in seen if k[:2] == ("FINAL", "online"))
     complete = [v for k, v in seen.items() if k[0] == "STREAM_COMPLETE"]
     assert len(complete) == 1
-    return {"online": [o[0] for o in online], "online_ids": ids, "offline": [o[:3] for o in offline],
-            "final_text": complete[0][0]}
+    return {
+        "online": [o[0] for o in online],
+        "online_ids": ids,
+        "offline": [o[:3] for o in offline],
+        "final_text": complete[0][0],
+    }
 
 
 def wait_for_online_resume_state(settings, prefix: str, timeout: float = 90.0) -> None:
@@ -147,8 +160,9 @@ def reference_run(settings, audio: dict[str, bytes]) -> dict[str, dict]:
     from services.ingest.publisher import Ingest
 
     ingest = Ingest(settings)
-    ids = {k: ingest.publish_file(io.BytesIO(a), stream_id=f"ref-{k}-{time.time_ns()}").stream_id
-           for k, a in audio.items()}
+    ids = {
+        k: ingest.publish_file(io.BytesIO(a), stream_id=f"ref-{k}-{time.time_ns()}").stream_id for k, a in audio.items()
+    }
     results = results_of(settings, set(ids.values()), timeout=300)
     reference = {k: summary(finals(results, sid)) for k, sid in ids.items()}
     for ref in reference.values():
@@ -226,14 +240,26 @@ def test_every_service_killed_mid_stream_loses_and_duplicates_nothing(tmp_path, 
 
         faulted_run(settings, audio, reference, n_streams, kill_each_service)
         state = stack.read_state(sdir)
-        restarts = {f'{s["name"]}-{s["replica"]}': s["restarts"] for s in state["services"]}
-        assert all(restarts[k] >= 1 for k in ("online_asr-0", "online_asr-1", "offline_asr-0", "diarizer-0",
-                                              "results-0", "captions-0", "ingest-0")), restarts
+        restarts = {f"{s['name']}-{s['replica']}": s["restarts"] for s in state["services"]}
+        assert all(
+            restarts[k] >= 1
+            for k in (
+                "online_asr-0",
+                "online_asr-1",
+                "offline_asr-0",
+                "diarizer-0",
+                "results-0",
+                "captions-0",
+                "ingest-0",
+            )
+        ), restarts
         logs = "".join(p.read_text() for p in (sdir / "logs").glob("online_asr-*.log"))
         resumed = logs.count("stream resumed from its committed state")
         assert resumed >= 1, "no online stream was resumed from a committed state: the kills missed the streams"
-        print(f"chaos: {resumed} online resumes from committed states, {n_streams} streams, kills "
-              f"{[v for v, _ in killed]}, restarts {restarts}, 0 lost, 0 duplicated finals")
+        print(
+            f"chaos: {resumed} online resumes from committed states, {n_streams} streams, kills "
+            f"{[v for v, _ in killed]}, restarts {restarts}, 0 lost, 0 duplicated finals"
+        )
     finally:
         run_hark("down", env_extra=env)
 
@@ -265,15 +291,17 @@ def test_embedded_broker_killed_mid_stream_loses_and_duplicates_nothing(tmp_path
         run_hark("down", env_extra=env)
 
 
-def start_cluster(directory: Path, size: int = 3) -> tuple[list[broker.Node], dict[int, "subprocess.Popen"]]:
-    import subprocess
-
+def start_cluster(directory: Path, size: int = 3) -> tuple[list[broker.Node], dict[int, subprocess.Popen]]:
     nodes = broker.cluster(directory, size, partitions=4)
     procs = {}
     for n in nodes:
         n.format()
-        procs[n.node_id] = subprocess.Popen(n.command(), stdout=open(n.directory / "broker.log", "ab"),
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        procs[n.node_id] = subprocess.Popen(
+            n.command(),
+            stdout=open(n.directory / "broker.log", "ab"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     return nodes, procs
 
 
@@ -285,11 +313,16 @@ def test_audio_leader_killed_in_a_three_broker_cluster_loses_and_duplicates_noth
     n_streams = int(os.environ.get("HARK_CHAOS_CLUSTER_STREAMS", "4"))
     nodes, procs = start_cluster(tmp_path / "cluster")
     bootstrap = ",".join(n.bootstrap for n in nodes)
-    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "4", "HARK_IDLE_TIMEOUT_S": "30",
-           "HARK_REPLICATION_FACTOR": "3", "HARK_BOOTSTRAP": bootstrap}
+    env = {
+        "HARK_DATA_DIR": str(tmp_path / "d"),
+        "HARK_PARTITIONS": "4",
+        "HARK_IDLE_TIMEOUT_S": "30",
+        "HARK_REPLICATION_FACTOR": "3",
+        "HARK_BOOTSTRAP": bootstrap,
+    }
     try:
         kafka.wait_for_broker(Settings(bootstrap=bootstrap), timeout=120, brokers=len(nodes))
-        settings, sdir = up(env, "--bootstrap", bootstrap, "--replicas", "diarizer=0")
+        settings, _sdir = up(env, "--bootstrap", bootstrap, "--replicas", "diarizer=0")
         try:
             md = kafka.admin(settings).list_topics(settings.audio_topic, timeout=10).topics[settings.audio_topic]
             assert all(len(p.replicas) == 3 for p in md.partitions.values())
@@ -307,8 +340,10 @@ def test_audio_leader_killed_in_a_three_broker_cluster_loses_and_duplicates_noth
             faulted_run(settings, audio, reference, n_streams, kill_audio_leader)
             md = kafka.admin(settings).list_topics(settings.audio_topic, timeout=10).topics[settings.audio_topic]
             assert victim and all(p.leader != victim[0] for p in md.partitions.values())
-            print(f"chaos: broker {victim[0]} (audio leader) killed in a 3-broker cluster, {n_streams} streams, "
-                  f"0 lost, 0 duplicated finals")
+            print(
+                f"chaos: broker {victim[0]} (audio leader) killed in a 3-broker cluster, {n_streams} streams, "
+                f"0 lost, 0 duplicated finals"
+            )
         finally:
             run_hark("down", env_extra=env)
     finally:

@@ -1,4 +1,5 @@
 """Deployment: the compose file against the code, /metrics scraped, local replicas under a kill."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,10 +70,14 @@ def test_compose_addresses_and_ports_agree():
             assert "ports" not in svc and "container_name" not in svc, f"{name} could not be scaled"
     for name, prefix in (("ingest", "HARK_INGEST"), ("captions", "HARK_CAPTIONS")):  # the two with a public port
         svc = COMPOSE["services"][name]
-        host_port, container_port = svc["ports"][0].split(":")
-        assert container_port == svc["environment"][f"{prefix}_PORT"] and svc["environment"][f"{prefix}_HOST"] == "0.0.0.0"
+        _host_port, container_port = svc["ports"][0].split(":")
+        assert (
+            container_port == svc["environment"][f"{prefix}_PORT"] and svc["environment"][f"{prefix}_HOST"] == "0.0.0.0"
+        )
     index_dir = Path(COMPOSE["services"]["captions"]["environment"]["HARK_INDEX_PATH"]).parent
-    assert f"captions-index:{index_dir}" in COMPOSE["services"]["captions"]["volumes"]  # the index outlives the container
+    assert (
+        f"captions-index:{index_dir}" in COMPOSE["services"]["captions"]["volumes"]
+    )  # the index outlives the container
 
 
 def test_compose_names_real_images_kafka_in_kraft_mode_and_minio():
@@ -212,8 +217,12 @@ def test_ab_candidate_model_and_compare_on_archived_streams(tmp_path, speech_dir
 
     from .test_e2e import collect
 
-    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "2",
-           "HARK_OFFLINE_CANDIDATE_MODEL": "tiny.en", "HARK_OFFLINE_CANDIDATE_FRACTION": "0.5"}
+    env = {
+        "HARK_DATA_DIR": str(tmp_path / "d"),
+        "HARK_PARTITIONS": "2",
+        "HARK_OFFLINE_CANDIDATE_MODEL": "tiny.en",
+        "HARK_OFFLINE_CANDIDATE_FRACTION": "0.5",
+    }
     up = run_hark("up", env_extra=env, timeout=180)
     assert up.returncode == 0, up.stderr
     try:
@@ -222,8 +231,12 @@ def test_ab_candidate_model_and_compare_on_archived_streams(tmp_path, speech_dir
         settings.bootstrap = state["bootstrap"]
         from services.ingest.publisher import Ingest
 
-        files = ["sense_and_sensibility_01_austen_64kb-0880.wav", "goforward.wav",
-                 "sense_and_sensibility_01_austen_64kb-0890.wav", "forever_input_2_16k.wav"]
+        files = [
+            "sense_and_sensibility_01_austen_64kb-0880.wav",
+            "goforward.wav",
+            "sense_and_sensibility_01_austen_64kb-0890.wav",
+            "forever_input_2_16k.wav",
+        ]
         ids = [f"ab-{i}" for i in range(len(files))]  # ab-2 and ab-3 hash into the candidate's half
         routed = {sid: routed_to_candidate(sid, 0.5) for sid in ids}
         assert sorted(routed.values()) == [False, False, True, True]
@@ -237,6 +250,7 @@ def test_ab_candidate_model_and_compare_on_archived_streams(tmp_path, speech_dir
         def both_ended(recs):
             ends = {(r["stream_id"], r["variant"]) for t, r in recs if r["kind"] == "STREAM_END"}
             return all((sid, "candidate" if routed[sid] else "primary") in ends for sid in ids)
+
         offline = [r for t, r in collect(settings, settings.offline_topic, both_ended, 60)]
         for sid in ids:
             segments = [r for r in offline if r["stream_id"] == sid and r["kind"] == "SEGMENT"]
@@ -244,8 +258,9 @@ def test_ab_candidate_model_and_compare_on_archived_streams(tmp_path, speech_dir
             assert {r["model_name"] for r in by_variant["primary"]} == {"whisper-base"}
             if routed[sid]:  # same windows, same indices, the candidate's model and version
                 assert {r["model_name"] for r in by_variant["candidate"]} == {"whisper-tiny.en"}
-                assert [(r["segment_index"], r["start_ms"], r["end_ms"]) for r in by_variant["candidate"]] == \
-                       [(r["segment_index"], r["start_ms"], r["end_ms"]) for r in by_variant["primary"]]
+                assert [(r["segment_index"], r["start_ms"], r["end_ms"]) for r in by_variant["candidate"]] == [
+                    (r["segment_index"], r["start_ms"], r["end_ms"]) for r in by_variant["primary"]
+                ]
             else:
                 assert by_variant["candidate"] == []
         assert all(serde.registry().by_name("OfflineTranscript").version == r["schema_version"] for r in offline)
@@ -254,8 +269,18 @@ def test_ab_candidate_model_and_compare_on_archived_streams(tmp_path, speech_dir
 
     # The stack is down: compare reads the archive only.
     out = tmp_path / "compare.json"
-    cmp = run_hark("compare", "--replay", *ids, "--models", "base,tiny.en", "--refs",
-                   str(speech_dir / "references.tsv"), "--json", str(out), env_extra=env)
+    cmp = run_hark(
+        "compare",
+        "--replay",
+        *ids,
+        "--models",
+        "base,tiny.en",
+        "--refs",
+        str(speech_dir / "references.tsv"),
+        "--json",
+        str(out),
+        env_extra=env,
+    )
     assert cmp.returncode == 0, cmp.stderr
     table = cmp.stdout.splitlines()
     assert table[0].split()[:2] == ["model", "streams"] and len(table) == 4

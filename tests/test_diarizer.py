@@ -1,4 +1,5 @@
 """Diarization: the real pyannote + CAM++ models on synthetic conversations and the real 2-speaker sample."""
+
 from __future__ import annotations
 
 import time
@@ -42,13 +43,13 @@ def run_stream(diarizer, audio: Path, **hints) -> tuple[list[Turn], list[Turn], 
     sd = StreamDiarizer(diarizer, **hints)
     incremental = []
     for i in range(0, len(pcm), 1600):  # 100 ms chunks, as they arrive from the audio topic
-        incremental += sd.push(pcm[i:i + 1600])
+        incremental += sd.push(pcm[i : i + 1600])
     incremental += sd.flush()
     return incremental, sd.full_turns(), sd
 
 
 def test_two_speaker_conversation_incremental_and_full(diarizer):
-    inc, full, sd = run_stream(diarizer, CONVERSATIONS / "conv_2spk_clean.flac")
+    inc, full, _sd = run_stream(diarizer, CONVERSATIONS / "conv_2spk_clean.flac")
     ref = read_rttm(CONVERSATIONS / "conv_2spk_clean.rttm")
     for turns in (inc, full):
         score = der(ref, turns)
@@ -60,7 +61,7 @@ def test_incremental_labels_are_published_once_in_time_order(diarizer):
     sd = StreamDiarizer(diarizer, block_s=6.0)
     covered, seen_labels = 0, []
     for i in range(0, len(pcm), 1600):
-        for t in sd.push(pcm[i:i + 1600]):
+        for t in sd.push(pcm[i : i + 1600]):
             assert t.start_ms >= covered - 1 and t.end_ms <= sd.emitted_ms  # only audio not published before
             if t.speaker not in seen_labels:
                 seen_labels.append(t.speaker)
@@ -97,11 +98,15 @@ def test_one_chunk_shortcut_gives_the_pipelines_turns(diarizer):
     audio, _ = sample()
     pcm, _ = sf.read(audio, dtype="int16")
     for start_s in (2, 8, 14, 20):
-        window = pcm[start_s * 16000:(start_s + 10) * 16000]
+        window = pcm[start_s * 16000 : (start_s + 10) * 16000]
         fast, _ = diarizer(window)
-        out = diarizer.pipeline({"waveform": torch.from_numpy(window.astype(np.float32) / 32768.0)[None],
-                                 "sample_rate": 16000})
-        slow = [(round(s.start * 1000), round(s.end * 1000)) for s, _, _ in out.speaker_diarization.itertracks(yield_label=True)]
+        out = diarizer.pipeline(
+            {"waveform": torch.from_numpy(window.astype(np.float32) / 32768.0)[None], "sample_rate": 16000}
+        )
+        slow = [
+            (round(s.start * 1000), round(s.end * 1000))
+            for s, _, _ in out.speaker_diarization.itertracks(yield_label=True)
+        ]
         assert fast, start_s
         # the pipeline may merge local speakers (and so turns); every boundary of its turns is one of ours
         ours = {b for t in fast for b in (t.start_ms, t.end_ms)}
@@ -115,9 +120,12 @@ def test_full_pass_folds_a_speaker_with_too_little_speech_into_its_nearest():
     # three block clusters: A (20 s), B (15 s), and 1 s of something close to A but below the merge threshold
     near_a = a + 1.2 * rng.normal(size=192)
     from services.diarizer.stream import Block
-    sd.blocks = [Block(np.stack([a]), np.array([20000.0]), [(0, 0, 20000)]),
-                 Block(np.stack([b]), np.array([15000.0]), [(0, 20000, 35000)]),
-                 Block(np.stack([near_a]), np.array([1000.0]), [(0, 35000, 36000)])]
+
+    sd.blocks = [
+        Block(np.stack([a]), np.array([20000.0]), [(0, 0, 20000)]),
+        Block(np.stack([b]), np.array([15000.0]), [(0, 20000, 35000)]),
+        Block(np.stack([near_a]), np.array([1000.0]), [(0, 35000, 36000)]),
+    ]
     sd._sums = [a, b, near_a]
     labels = {t.speaker for t in sd.full_turns()}
     assert len(labels) == 2
@@ -137,8 +145,9 @@ def test_speakers_reach_the_final_transcript(live_stack):
     from services.ingest.publisher import Ingest
 
     sid = f"conv-{time.time_ns()}"
-    Ingest(settings).publish_file(CONVERSATIONS / "conv_3spk_overlap.flac", stream_id=sid,
-                                  metadata={"num_speakers": "3"})
+    Ingest(settings).publish_file(
+        CONVERSATIONS / "conv_3spk_overlap.flac", stream_id=sid, metadata={"num_speakers": "3"}
+    )
     final = complete_record(settings, sid, timeout=180)
     turns = [Turn(t["speaker"], t["start_ms"], t["end_ms"]) for t in final["turns"]]
     score = der(read_rttm(CONVERSATIONS / "conv_3spk_overlap.rttm"), turns)
@@ -147,7 +156,15 @@ def test_speakers_reach_the_final_transcript(live_stack):
     records = [r for t, r in collect(settings, settings.results_topic, completed(sid), 30) if r["stream_id"] == sid]
     kinds = [str(r["kind"]) for r in records]
     assert "SPEAKERS" in kinds and kinds.index("SPEAKERS") < kinds.index("STREAM_COMPLETE")  # live, before the end
-    speakers = [r for t, r in collect(settings, settings.speakers_topic, lambda rs: any(
-        r["stream_id"] == sid and str(r["kind"]) == "FULL" for t, r in rs), 30) if r["stream_id"] == sid]
+    speakers = [
+        r
+        for t, r in collect(
+            settings,
+            settings.speakers_topic,
+            lambda rs: any(r["stream_id"] == sid and str(r["kind"]) == "FULL" for t, r in rs),
+            30,
+        )
+        if r["stream_id"] == sid
+    ]
     assert speakers[-1]["kind"] == "FULL" and speakers[-1]["model_version"].startswith("pyannote.audio 4.0.7")
     assert all(r["compute_ms"] > 0 for r in speakers if r["kind"] == "INCREMENTAL" and r["turns"])

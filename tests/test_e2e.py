@@ -1,4 +1,5 @@
 """End to end: real Apache Kafka broker, real service processes, real pocketsphinx, real speech."""
+
 from __future__ import annotations
 
 import asyncio
@@ -43,8 +44,9 @@ def collect(settings, topic: str, until, timeout: float = 60.0) -> list[tuple[st
 
 
 def completed(stream_id):
-    return lambda recs: any(t == "Result" and r["stream_id"] == stream_id and r["kind"] == "STREAM_COMPLETE"
-                            for t, r in recs)
+    return lambda recs: any(
+        t == "Result" and r["stream_id"] == stream_id and r["kind"] == "STREAM_COMPLETE" for t, r in recs
+    )
 
 
 def complete_record(settings, stream_id, timeout=60.0) -> dict:
@@ -91,8 +93,15 @@ def test_hark_run_transcribes_real_speech_and_reports_a_bad_file(tmp_path, speec
 def test_realtime_run_measures_partial_latency(live_stack, speech_dir, tmp_path):
     settings, _ = live_stack
     out = tmp_path / "rt.jsonl"
-    proc = run_hark("run", str(speech_dir / "forever_input_2_16k.wav"), "--json", str(out), "--quiet",
-                    "--bootstrap", settings.bootstrap)
+    proc = run_hark(
+        "run",
+        str(speech_dir / "forever_input_2_16k.wav"),
+        "--json",
+        str(out),
+        "--quiet",
+        "--bootstrap",
+        settings.bootstrap,
+    )
     assert proc.returncode == 0, proc.stderr
     (row,) = map(json.loads, out.read_text().splitlines())
     lat = row["latency"]
@@ -119,7 +128,7 @@ def test_websocket_live_pcm_at_another_rate(live_stack, speech_dir, references):
             assert json.loads(await ws.recv()) == {"type": "ready", "stream_id": sid}
             step = 44100 * 2 * 2 // 10  # 100 ms of stereo s16
             for i in range(0, len(stereo), step):
-                await ws.send(stereo[i:i + step])
+                await ws.send(stereo[i : i + step])
             await ws.send(json.dumps({"type": "end"}))
             return json.loads(await ws.recv())
 
@@ -151,8 +160,9 @@ def test_websocket_refuses_oversize_messages_and_bad_parameters(live_stack):
     assert reply["type"] == "error" and reply["error"] == "bad_sample_rate" and "5 Hz" in reply["reason"]
     # the refused live stream was closed (ABORTED), so downstream released it
     assert complete_record(settings, sid)["status"] == "ABORTED"
-    dl = collect(settings, settings.deadletter_topic,
-                 lambda recs: any(r.get("stream_id") == f"{sid}-rate" for _, r in recs))
+    dl = collect(
+        settings, settings.deadletter_topic, lambda recs: any(r.get("stream_id") == f"{sid}-rate" for _, r in recs)
+    )
     assert any(r["error_type"] == "bad_sample_rate" for _, r in dl if r.get("stream_id") == f"{sid}-rate")
 
 
@@ -163,17 +173,42 @@ def test_malformed_records_are_dead_lettered_and_other_streams_finish(live_stack
     bad = f"bad-{time.time_ns()}"
     p = kafka.producer(settings)
     p.produce(settings.audio_topic, key=bad.encode(), value=b"\x00\x00\x00\x00\x07garbage")
-    p.produce(settings.audio_topic, key=bad.encode(), value=serde.encode("AudioChunk", {
-        "stream_id": bad, "tenant": "t", "seq": 1, "offset_samples": 0, "sample_rate": 16000,
-        "pcm": b"\x01\x02\x03", "published_at_ms": now_ms()}))
-    p.produce(settings.audio_topic, key=bad.encode(), value=serde.encode("AudioChunk", {
-        "stream_id": bad, "tenant": "t", "seq": 2, "offset_samples": 0, "sample_rate": 8000,
-        "pcm": b"\x00\x00" * 800, "published_at_ms": now_ms()}))
+    p.produce(
+        settings.audio_topic,
+        key=bad.encode(),
+        value=serde.encode(
+            "AudioChunk",
+            {
+                "stream_id": bad,
+                "tenant": "t",
+                "seq": 1,
+                "offset_samples": 0,
+                "sample_rate": 16000,
+                "pcm": b"\x01\x02\x03",
+                "published_at_ms": now_ms(),
+            },
+        ),
+    )
+    p.produce(
+        settings.audio_topic,
+        key=bad.encode(),
+        value=serde.encode(
+            "AudioChunk",
+            {
+                "stream_id": bad,
+                "tenant": "t",
+                "seq": 2,
+                "offset_samples": 0,
+                "sample_rate": 8000,
+                "pcm": b"\x00\x00" * 800,
+                "published_at_ms": now_ms(),
+            },
+        ),
+    )
     p.flush(10)
     good = Ingest(settings).publish_file(speech_dir / "goforward.wav")
     assert complete_record(settings, good.stream_id)["text"]
-    dl = collect(settings, settings.deadletter_topic,
-                 lambda recs: sum(r.get("stream_id") == bad for _, r in recs) >= 3)
+    dl = collect(settings, settings.deadletter_topic, lambda recs: sum(r.get("stream_id") == bad for _, r in recs) >= 3)
     reasons = {r["error_type"]: r for _, r in dl if r.get("stream_id") == bad}
     assert {"malformed_record", "bad_pcm", "bad_sample_rate"} <= set(reasons)
     assert reasons["malformed_record"]["source_topic"] == settings.audio_topic
@@ -229,21 +264,40 @@ def test_concurrent_streams_are_spread_over_the_audio_partitions(live_stack, spe
     assert sorted(next(iter(ps)) for ps in partitions.values()) == sorted(list(range(partition_count)) * 2)
     assert all([q for _, q in seen[sid]] == list(range(n)) for sid, n in records.items()), seen
     done = collect(settings, settings.results_topic, lambda recs: all(completed(sid)(recs) for sid in sids))
-    assert {r["stream_id"]: r["status"] for _, r in done if r["stream_id"] in sids and r["kind"] == "STREAM_COMPLETE"} \
-        == dict.fromkeys(sids, "COMPLETE")  # and each stream is transcribed as usual
+    assert {
+        r["stream_id"]: r["status"] for _, r in done if r["stream_id"] in sids and r["kind"] == "STREAM_COMPLETE"
+    } == dict.fromkeys(sids, "COMPLETE")  # and each stream is transcribed as usual
 
 
 def test_replay_reproduces_an_archived_stream(live_stack, speech_dir, tmp_path):
     settings, _ = live_stack
     first = tmp_path / "first.jsonl"
-    proc = run_hark("run", str(speech_dir / "cards_005.wav"), "--fast", "--quiet", "--json", str(first),
-                    "--bootstrap", settings.bootstrap)
+    proc = run_hark(
+        "run",
+        str(speech_dir / "cards_005.wav"),
+        "--fast",
+        "--quiet",
+        "--json",
+        str(first),
+        "--bootstrap",
+        settings.bootstrap,
+    )
     assert proc.returncode == 0, proc.stderr
     original = json.loads(first.read_text())
     again = tmp_path / "again.jsonl"
     new_id = f"replayed-{time.time_ns()}"
-    proc = run_hark("replay", original["stream_id"], "--as", new_id, "--fast", "--quiet", "--json", str(again),
-                    "--bootstrap", settings.bootstrap)
+    proc = run_hark(
+        "replay",
+        original["stream_id"],
+        "--as",
+        new_id,
+        "--fast",
+        "--quiet",
+        "--json",
+        str(again),
+        "--bootstrap",
+        settings.bootstrap,
+    )
     assert proc.returncode == 0, proc.stderr
     replayed = json.loads(again.read_text())
     assert replayed["stream_id"] == new_id
@@ -257,14 +311,44 @@ def test_stream_without_end_is_closed_after_idle_timeout(live_stack, speech_dir)
     sid = f"idle-{time.time_ns()}"
     pcm = read_pcm_file(speech_dir / "goforward.wav").tobytes()
     p = kafka.producer(settings)
-    p.produce(settings.audio_topic, key=sid.encode(), value=serde.encode("StreamStart", {
-        "stream_id": sid, "tenant": "t", "seq": 0, "language": "en-US", "source_format": "test",
-        "source_name": None, "sample_rate": 16000, "source_sample_rate": 16000, "source_channels": 1,
-        "archive_prefix": None, "started_at_ms": now_ms(), "metadata": {}}))
+    p.produce(
+        settings.audio_topic,
+        key=sid.encode(),
+        value=serde.encode(
+            "StreamStart",
+            {
+                "stream_id": sid,
+                "tenant": "t",
+                "seq": 0,
+                "language": "en-US",
+                "source_format": "test",
+                "source_name": None,
+                "sample_rate": 16000,
+                "source_sample_rate": 16000,
+                "source_channels": 1,
+                "archive_prefix": None,
+                "started_at_ms": now_ms(),
+                "metadata": {},
+            },
+        ),
+    )
     for i, off in enumerate(range(0, len(pcm), 3200), start=1):
-        p.produce(settings.audio_topic, key=sid.encode(), value=serde.encode("AudioChunk", {
-            "stream_id": sid, "tenant": "t", "seq": i, "offset_samples": off // 2, "sample_rate": 16000,
-            "pcm": pcm[off:off + 3200], "published_at_ms": now_ms()}))
+        p.produce(
+            settings.audio_topic,
+            key=sid.encode(),
+            value=serde.encode(
+                "AudioChunk",
+                {
+                    "stream_id": sid,
+                    "tenant": "t",
+                    "seq": i,
+                    "offset_samples": off // 2,
+                    "sample_rate": 16000,
+                    "pcm": pcm[off : off + 3200],
+                    "published_at_ms": now_ms(),
+                },
+            ),
+        )
     p.flush(10)
     rec = complete_record(settings, sid, timeout=30)  # HARK_IDLE_TIMEOUT_S=4 in the test stack
     assert rec["status"] == "IDLE_TIMEOUT" and "forward" in rec["text"]
@@ -301,8 +385,10 @@ def test_up_status_down(tmp_path):
         assert {s["name"] for s in state["services"]} == set(stack.SERVICES)
         for s in state["services"]:
             assert s["alive"] and s["health"] == "ok" and s["pid"] > 0
-        assert state["topics"] == {f"hark.{t}": 3 for t in ("audio", "transcripts.online", "transcripts.offline",
-                                                            "speakers", "results", "deadletter")}
+        assert state["topics"] == {
+            f"hark.{t}": 3
+            for t in ("audio", "transcripts.online", "transcripts.offline", "speakers", "results", "deadletter")
+        }
         text = run_hark("status", env_extra=env).stdout
         assert "online_asr" in text and "partitions" in text
         pids = [s["pid"] for s in state["services"]] + [state["broker"]["pid"], state["supervisor_pid"]]
@@ -320,12 +406,18 @@ def test_publish_and_tail_clis(live_stack, speech_dir):
 
     from .conftest import HARK, ROOT
 
-    tail = subprocess.Popen([*HARK, "tail", "--stream", sid, "--exit-on-complete", "--bootstrap", settings.bootstrap],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    tail = subprocess.Popen(
+        [*HARK, "tail", "--stream", sid, "--exit-on-complete", "--bootstrap", settings.bootstrap],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         time.sleep(1.0)  # let tail position itself at the end of the topic first
-        pub = run_hark("publish", str(speech_dir / "austen_passage.flac"), "--stream-id", sid,
-                       "--bootstrap", settings.bootstrap)
+        pub = run_hark(
+            "publish", str(speech_dir / "austen_passage.flac"), "--stream-id", sid, "--bootstrap", settings.bootstrap
+        )
         assert pub.returncode == 0, pub.stderr
         assert pub.stdout.startswith(sid) and "144 chunks" in pub.stdout  # 143 full 200 ms chunks + a 130 ms one
         out, err = tail.communicate(timeout=60)
@@ -351,7 +443,7 @@ def test_websocket_file_upload(live_stack, speech_dir, references):
         async with connect(f"{state['ingest_url']}?stream_id={sid}&format=file") as ws:
             assert json.loads(await ws.recv())["type"] == "ready"
             for i in range(0, len(data), 16384):
-                await ws.send(data[i:i + 16384])
+                await ws.send(data[i : i + 16384])
             await ws.send(json.dumps({"type": "end"}))
             return json.loads(await ws.recv())
 
@@ -371,8 +463,17 @@ def test_online_only_stack(tmp_path, speech_dir):
         state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
         assert {s["name"] for s in state["services"]} == set(stack.SERVICES) - {"offline_asr"}
         out = tmp_path / "o.jsonl"
-        run = run_hark("run", str(speech_dir / "goforward.wav"), "--fast", "--quiet", "--json", str(out),
-                       "--bootstrap", state["bootstrap"], env_extra=env)
+        run = run_hark(
+            "run",
+            str(speech_dir / "goforward.wav"),
+            "--fast",
+            "--quiet",
+            "--json",
+            str(out),
+            "--bootstrap",
+            state["bootstrap"],
+            env_extra=env,
+        )
         assert run.returncode == 0, run.stderr
         row = json.loads(out.read_text())
         assert row["final_source"] == "online" and row["final_text"] == row["online_text"] != ""

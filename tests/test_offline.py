@@ -1,4 +1,5 @@
 """The offline pass without Kafka: where windows are cut, and Whisper on real speech."""
+
 import numpy as np
 import pytest
 
@@ -12,7 +13,7 @@ def windows_of(pcm: bytes, **kw):
     w = StreamWindows(**kw)
     out = []
     for i in range(0, len(pcm), 3200):
-        out += w.push(pcm[i:i + 3200])
+        out += w.push(pcm[i : i + 3200])
     return out + w.flush(), w
 
 
@@ -36,7 +37,7 @@ def test_windows_are_cut_at_pauses_and_bounded(passage):
     assert all(w.end_ms - w.start_ms >= 10000 for w in windows[:-1])
     # every cut falls in a pause: the audio around it is quiet
     for w in windows[:-1]:
-        around = audio[w.end_ms * 16 - 1600: w.end_ms * 16 + 1600]
+        around = audio[w.end_ms * 16 - 1600 : w.end_ms * 16 + 1600]
         assert np.abs(around.astype(float)).mean() < 0.2 * np.abs(passage.astype(float)).mean()
 
 

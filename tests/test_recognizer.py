@@ -1,10 +1,11 @@
 """The streaming recogniser on real speech, without Kafka."""
+
 import numpy as np
 import pytest
 
 from hark.audio import read_pcm_file
-from hark.wer import score
 from hark.vad import SpeechGate
+from hark.wer import score
 from services.online_asr.recognizer import CapacityError, DecoderPool, StreamRecognizer, clean_word
 
 
@@ -19,7 +20,7 @@ def decode(pool, pcm: bytes, chunk: int = 3200, **kw):
         r = StreamRecognizer(d, **kw)
         events = []
         for i in range(0, len(pcm), chunk):
-            events += r.feed(pcm[i:i + chunk])
+            events += r.feed(pcm[i : i + chunk])
         return events + r.finish()
     finally:
         pool.release(d)
@@ -84,7 +85,7 @@ def test_speech_gate_passes_frames_without_lag():
     if starts:  # WebRTC VAD may call white noise speech; when it does, frames flow immediately
         i = starts[0]
         assert len(transitions[i][1]) == gate.maxlen
-        assert all(len(t[1]) == 1 for t in transitions[i + 1:] if t[0] is None)
+        assert all(len(t[1]) == 1 for t in transitions[i + 1 :] if t[0] is None)
 
 
 def test_pool_is_bounded_and_reuses_decoders():
@@ -96,8 +97,9 @@ def test_pool_is_bounded_and_reuses_decoders():
     assert p.acquire() is d
 
 
-@pytest.mark.parametrize("raw, clean", [("was(2)", "was"), ("<sil>", None), ("++noise++", None), ("[noise]", None),
-                                        ("Hello", "hello")])
+@pytest.mark.parametrize(
+    "raw, clean", [("was(2)", "was"), ("<sil>", None), ("++noise++", None), ("[noise]", None), ("Hello", "hello")]
+)
 def test_clean_word(raw, clean):
     assert clean_word(raw) == clean
 
@@ -111,7 +113,7 @@ def test_a_resumed_recognizer_continues_exactly_like_an_uninterrupted_one(pool, 
     try:
         first, events, cut = StreamRecognizer(d1), [], None
         for i in range(0, len(pcm), 3200):
-            events += first.feed(pcm[i:i + 3200])
+            events += first.feed(pcm[i : i + 3200])
             if first.boundary and sum(e.kind == "FINAL" for e in events) == 2:
                 cut, boundary = i, first.boundary
                 break
@@ -123,7 +125,7 @@ def test_a_resumed_recognizer_continues_exactly_like_an_uninterrupted_one(pool, 
         resumed = StreamRecognizer(d2)
         resumed.restore(boundary)
         for i in range(cut, len(pcm), 3200):  # from the chunk the boundary was taken in
-            events += resumed.feed(pcm[i:i + 3200])
+            events += resumed.feed(pcm[i : i + 3200])
         events += resumed.finish()
     finally:
         pool.release(d1)

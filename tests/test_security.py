@@ -1,4 +1,5 @@
 """Tenants, tokens, erasure and retention against the live stack, with real service processes."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,12 +34,29 @@ def secured(live_stack, tmp_path_factory):
     tokens = d / "tokens"
     acme, globex = create_token(tokens, "acme"), create_token(tokens, "globex")
     ingest_port, captions_port = stack.free_port(), stack.free_port()
-    env = {**os.environ, "HARK_TOKENS_FILE": str(tokens), "HARK_BOOTSTRAP": settings.bootstrap,
-           "HARK_INDEX_PATH": str(d / "index.sqlite"), "HARK_HEALTH_PORT": "0"}
-    procs = [subprocess.Popen([sys.executable, "-m", "services.ingest", "--port", str(ingest_port)], env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=open(d / "ingest.log", "wb")),
-             subprocess.Popen([sys.executable, "-m", "hark", "serve", "--port", str(captions_port)], env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=open(d / "captions.log", "wb"))]
+    env = {
+        **os.environ,
+        "HARK_TOKENS_FILE": str(tokens),
+        "HARK_BOOTSTRAP": settings.bootstrap,
+        "HARK_INDEX_PATH": str(d / "index.sqlite"),
+        "HARK_HEALTH_PORT": "0",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "services.ingest", "--port", str(ingest_port)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=open(d / "ingest.log", "wb"),
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "hark", "serve", "--port", str(captions_port)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=open(d / "captions.log", "wb"),
+        ),
+    ]
     base = f"http://127.0.0.1:{captions_port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # both up: ingest accepts connections, captions answers
@@ -50,8 +68,14 @@ def secured(live_stack, tmp_path_factory):
         except OSError:
             time.sleep(0.2)
     try:
-        yield {"ingest": f"ws://127.0.0.1:{ingest_port}/v1/streams", "captions": base, "acme": acme,
-               "globex": globex, "tokens": tokens, "index": d / "index.sqlite"}
+        yield {
+            "ingest": f"ws://127.0.0.1:{ingest_port}/v1/streams",
+            "captions": base,
+            "acme": acme,
+            "globex": globex,
+            "tokens": tokens,
+            "index": d / "index.sqlite",
+        }
     finally:
         for p in procs:
             p.terminate()
@@ -65,9 +89,10 @@ def upload(url: str, data: bytes, headers: dict | None = None) -> dict:
             if first["type"] != "ready":
                 return first
             for i in range(0, len(data), 16384):
-                await ws.send(data[i:i + 16384])
+                await ws.send(data[i : i + 16384])
             await ws.send(json.dumps({"type": "end"}))
             return json.loads(await ws.recv())
+
     return asyncio.run(client())
 
 
@@ -86,17 +111,33 @@ def test_tokens_map_to_tenants_and_each_tenant_sees_only_its_streams(live_stack,
     t = time.time_ns()
     # no token, an unknown token, another tenant's name: refused with a reason, nothing published
     assert upload(f"{secured['ingest']}?stream_id=anon-{t}&format=file", data) == {
-        "type": "error", "error": "unauthorized", "reason": "a token is required (Authorization: Bearer TOKEN or ?token=)"}
+        "type": "error",
+        "error": "unauthorized",
+        "reason": "a token is required (Authorization: Bearer TOKEN or ?token=)",
+    }
     assert upload(f"{secured['ingest']}?stream_id=bad-{t}&format=file&token=nope", data)["error"] == "unauthorized"
-    assert upload(f"{secured['ingest']}?stream_id=spoof-{t}&format=file&tenant=globex",
-                  data, {"Authorization": f"Bearer {secured['acme']}"})["error"] == "forbidden"
+    assert (
+        upload(
+            f"{secured['ingest']}?stream_id=spoof-{t}&format=file&tenant=globex",
+            data,
+            {"Authorization": f"Bearer {secured['acme']}"},
+        )["error"]
+        == "forbidden"
+    )
 
     a, g = f"acme-{t}", f"globex-{t}"
-    assert upload(f"{secured['ingest']}?stream_id={a}&format=file", data,
-                  {"Authorization": f"Bearer {secured['acme']}"})["type"] == "done"
+    assert (
+        upload(f"{secured['ingest']}?stream_id={a}&format=file", data, {"Authorization": f"Bearer {secured['acme']}"})[
+            "type"
+        ]
+        == "done"
+    )
     assert upload(f"{secured['ingest']}?stream_id={g}&format=file&token={secured['globex']}", data)["type"] == "done"
     # a stream id is a global key: another tenant cannot publish into it
-    assert upload(f"{secured['ingest']}?stream_id={a}&format=file&token={secured['globex']}", data)["error"] == "stream_exists"
+    assert (
+        upload(f"{secured['ingest']}?stream_id={a}&format=file&token={secured['globex']}", data)["error"]
+        == "stream_exists"
+    )
     assert complete_record(settings, a)["tenant"] == "acme"
     assert complete_record(settings, g)["tenant"] == "globex"
 

@@ -1,4 +1,5 @@
 """The archive's object-store contract, on the filesystem and on a real S3 server (SeaweedFS)."""
+
 from __future__ import annotations
 
 import io
@@ -14,8 +15,13 @@ from . import seaweed
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
     proc, port = seaweed.start(tmp_path_factory.mktemp("seaweed"))
-    yield Settings.load({}, archive_uri="s3://hark-test/archive", s3_endpoint=f"127.0.0.1:{port}",
-                        s3_access_key=seaweed.ACCESS_KEY, s3_secret_key=seaweed.SECRET_KEY)
+    yield Settings.load(
+        {},
+        archive_uri="s3://hark-test/archive",
+        s3_endpoint=f"127.0.0.1:{port}",
+        s3_access_key=seaweed.ACCESS_KEY,
+        s3_secret_key=seaweed.SECRET_KEY,
+    )
     seaweed.stop(proc)
 
 
@@ -45,7 +51,12 @@ def test_store_contract(store):
 def test_s3_credentials_are_checked(s3_server):
     from minio.error import S3Error
 
-    wrong = Settings.load({}, archive_uri=s3_server.archive_uri, s3_endpoint=s3_server.s3_endpoint,
-                          s3_access_key="hark", s3_secret_key="wrong")
+    wrong = Settings.load(
+        {},
+        archive_uri=s3_server.archive_uri,
+        s3_endpoint=s3_server.s3_endpoint,
+        s3_access_key="hark",
+        s3_secret_key="wrong",
+    )
     with pytest.raises(S3Error):
         open_store(wrong).put("streams/x/meta.json", b"{}")

@@ -1,4 +1,5 @@
 """Config, WER, storage and the results merger."""
+
 import time
 
 import pytest
@@ -9,9 +10,15 @@ from services.results.merger import ResultsMerger
 
 
 def test_settings_from_env_with_kafka_passthrough(tmp_path):
-    env = {"HARK_BOOTSTRAP": "kafka:9092", "HARK_PARTITIONS": "12", "HARK_SESSION_TIMEOUT_S": "20",
-           "HARK_KEEP_LATTICES": "false", "HARK_DATA_DIR": str(tmp_path),
-           "HARK_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "HARK_KAFKA_SASL_MECHANISM": "PLAIN"}
+    env = {
+        "HARK_BOOTSTRAP": "kafka:9092",
+        "HARK_PARTITIONS": "12",
+        "HARK_SESSION_TIMEOUT_S": "20",
+        "HARK_KEEP_LATTICES": "false",
+        "HARK_DATA_DIR": str(tmp_path),
+        "HARK_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "HARK_KAFKA_SASL_MECHANISM": "PLAIN",
+    }
     s = Settings.load(env)
     assert (s.bootstrap, s.partitions, s.session_timeout_s, s.keep_lattices) == ("kafka:9092", 12, 20.0, False)
     assert s.kafka_extra == {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN"}
@@ -34,10 +41,24 @@ def test_wer_normalisation_and_score():
 
 
 def _online(kind, utt, text, words=(), sid="s", end_status=None):
-    return {"stream_id": sid, "tenant": "t", "kind": kind, "utterance_id": utt, "text": text, "start_ms": 0,
-            "end_ms": 10, "words": [{"word": w, "start_ms": 0, "end_ms": 1, "confidence": 1.0, "speaker": None}
-                                    for w in words], "nbest": [], "lattice_key": None, "end_status": end_status,
-            "audio_seq": 1, "audio_published_at_ms": 1, "emitted_at_ms": 2, "model_name": "m", "model_version": "1"}
+    return {
+        "stream_id": sid,
+        "tenant": "t",
+        "kind": kind,
+        "utterance_id": utt,
+        "text": text,
+        "start_ms": 0,
+        "end_ms": 10,
+        "words": [{"word": w, "start_ms": 0, "end_ms": 1, "confidence": 1.0, "speaker": None} for w in words],
+        "nbest": [],
+        "lattice_key": None,
+        "end_status": end_status,
+        "audio_seq": 1,
+        "audio_published_at_ms": 1,
+        "emitted_at_ms": 2,
+        "model_name": "m",
+        "model_version": "1",
+    }
 
 
 def test_merger_turns_online_output_into_captions_and_a_transcript():
@@ -62,17 +83,32 @@ def test_merger_memory_is_capped_per_stream():
 
 
 def _offline(kind, index, text, start, end, words=(), sid="s"):
-    return {"stream_id": sid, "tenant": "t", "kind": kind, "segment_index": index, "start_ms": start, "end_ms": end,
-            "text": text, "words": [{"word": w, "start_ms": start, "end_ms": end, "confidence": 0.9, "speaker": None}
-                                    for w in words], "nbest": [{"text": text, "score": -0.1}] if kind == "NBEST" else [],
-            "language": "en", "decode_ms": 5, "end_status": "COMPLETE" if kind == "STREAM_END" else None,
-            "audio_published_at_ms": 1, "emitted_at_ms": 2, "model_name": "whisper-base", "model_version": "v"}
+    return {
+        "stream_id": sid,
+        "tenant": "t",
+        "kind": kind,
+        "segment_index": index,
+        "start_ms": start,
+        "end_ms": end,
+        "text": text,
+        "words": [{"word": w, "start_ms": start, "end_ms": end, "confidence": 0.9, "speaker": None} for w in words],
+        "nbest": [{"text": text, "score": -0.1}] if kind == "NBEST" else [],
+        "language": "en",
+        "decode_ms": 5,
+        "end_status": "COMPLETE" if kind == "STREAM_END" else None,
+        "audio_published_at_ms": 1,
+        "emitted_at_ms": 2,
+        "model_name": "whisper-base",
+        "model_version": "v",
+    }
 
 
 def test_merger_waits_for_both_passes_and_prefers_offline_text():
     m = ResultsMerger(wait_for=("online", "offline"))
     m.on_online(_online("FINAL", 0, "go forward ten years", ["go", "forward", "ten", "years"]))
-    (caption,) = m.on_offline(_offline("SEGMENT", 0, "Go forward ten meters.", 0, 2800, ["Go", "forward", "ten", "meters."]))
+    (caption,) = m.on_offline(
+        _offline("SEGMENT", 0, "Go forward ten meters.", 0, 2800, ["Go", "forward", "ten", "meters."])
+    )
     assert caption["kind"] == "FINAL" and caption["source"] == "offline" and caption["end_ms"] == 2800
     assert m.on_online(_online("STREAM_END", 1, "", end_status="COMPLETE")) == []  # offline still running
     (alt,) = m.on_offline(_offline("NBEST", 0, "Go forward ten meters.", 0, 2800))
@@ -96,10 +132,20 @@ def test_merger_falls_back_to_online_text_when_offline_is_overdue():
 
 
 def _speakers(kind, turns, covered, sid="s"):
-    return {"stream_id": sid, "tenant": "t", "kind": kind,
-            "turns": [{"speaker": spk, "start_ms": a, "end_ms": b} for spk, a, b in turns], "covered_until_ms": covered,
-            "num_speakers": len({t[0] for t in turns}), "end_status": "COMPLETE" if kind == "FULL" else None,
-            "compute_ms": 3, "audio_published_at_ms": 1, "emitted_at_ms": 2, "model_name": "d", "model_version": "v"}
+    return {
+        "stream_id": sid,
+        "tenant": "t",
+        "kind": kind,
+        "turns": [{"speaker": spk, "start_ms": a, "end_ms": b} for spk, a, b in turns],
+        "covered_until_ms": covered,
+        "num_speakers": len({t[0] for t in turns}),
+        "end_status": "COMPLETE" if kind == "FULL" else None,
+        "compute_ms": 3,
+        "audio_published_at_ms": 1,
+        "emitted_at_ms": 2,
+        "model_name": "d",
+        "model_version": "v",
+    }
 
 
 def test_merger_labels_words_with_speakers_and_waits_for_the_diarizer():
@@ -124,8 +170,16 @@ def test_assign_speakers_prefers_overlap_then_the_nearest_turn():
     from services.results.merger import assign_speakers
 
     turns = [{"speaker": "A", "start_ms": 0, "end_ms": 1000}, {"speaker": "B", "start_ms": 900, "end_ms": 3000}]
-    words = [{"word": w, "start_ms": s, "end_ms": e} for w, s, e in
-             [("a", 100, 500), ("ab", 800, 1200), ("b", 2000, 2500), ("near", 3300, 3600), ("far", 9000, 9500)]]
+    words = [
+        {"word": w, "start_ms": s, "end_ms": e}
+        for w, s, e in [
+            ("a", 100, 500),
+            ("ab", 800, 1200),
+            ("b", 2000, 2500),
+            ("near", 3300, 3600),
+            ("far", 9000, 9500),
+        ]
+    ]
     assert [w["speaker"] for w in assign_speakers(words, turns)] == ["A", "B", "B", "B", None]
 
 

@@ -16,6 +16,7 @@ With a tokens file (``HARK_TOKENS_FILE``) every request needs a token (``Authori
 ``?token=`` or the ``hark_token`` cookie that a ``?token=`` sets for the page's own requests) and
 sees only its tenant's streams: another tenant's stream answers 404, as if it did not exist.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -48,11 +49,19 @@ SUBSCRIBER_QUEUE = 1000  # events a slow page may lag behind before it is droppe
 
 def caption_event(r: dict) -> dict:
     """What a page needs of a Result record."""
-    return {"kind": str(r["kind"]), "source": r["source"], "utterance_id": r["utterance_id"],
-            "start_ms": r["start_ms"], "end_ms": r["end_ms"], "text": r["text"],
-            "speaker": majority_speaker(r.get("words") or []),
-            "status": r.get("status"), "final_source": r.get("final_source"), "emitted_at_ms": r["emitted_at_ms"],
-            **({"turns": r["turns"]} if str(r["kind"]) == "SPEAKERS" else {})}
+    return {
+        "kind": str(r["kind"]),
+        "source": r["source"],
+        "utterance_id": r["utterance_id"],
+        "start_ms": r["start_ms"],
+        "end_ms": r["end_ms"],
+        "text": r["text"],
+        "speaker": majority_speaker(r.get("words") or []),
+        "status": r.get("status"),
+        "final_source": r.get("final_source"),
+        "emitted_at_ms": r["emitted_at_ms"],
+        **({"turns": r["turns"]} if str(r["kind"]) == "SPEAKERS" else {}),
+    }
 
 
 class Hub:
@@ -168,8 +177,12 @@ class ResultsFollower(threading.Thread):
     def healthy(self) -> tuple[bool, dict]:
         stalled = time.monotonic() - self.last_loop
         ok = self.is_alive() and self.error is None and stalled < 15
-        return ok, {"loop_stalled_s": round(stalled, 2), "partitions": self.partitions,
-                    "subscribers": self.hub.subscribers, **({"error": self.error} if self.error else {})}
+        return ok, {
+            "loop_stalled_s": round(stalled, 2),
+            "partitions": self.partitions,
+            "subscribers": self.hub.subscribers,
+            **({"error": self.error} if self.error else {}),
+        }
 
 
 def _sse(event: dict) -> str:
@@ -184,8 +197,13 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
 
     def tenant_of(request: Request) -> str | None:
         """The caller's tenant (None: open access, everything visible); AccessDenied without a good token."""
-        return access.tenant_of(request_token(request.headers.get("authorization"),
-                                              request.query_params.get("token"), request.cookies.get("hark_token")))
+        return access.tenant_of(
+            request_token(
+                request.headers.get("authorization"),
+                request.query_params.get("token"),
+                request.cookies.get("hark_token"),
+            )
+        )
 
     def visible(st: dict | None, tenant: str | None) -> bool:
         return st is not None and (tenant is None or st["tenant"] == tenant)
@@ -201,6 +219,7 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
             if token and tenant is not None:  # the page's own fetches and EventSource carry it from here
                 response.set_cookie("hark_token", token, httponly=True, samesite="strict")
             return response
+
         return wrapper
 
     async def home(request: Request, tenant: str | None) -> Response:
@@ -222,8 +241,12 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
         idx = index_reader()
         try:
             t0 = time.perf_counter()
-            hits = idx.search(q, request.query_params.get("stream") or None,
-                              int(request.query_params.get("limit", "20")), tenant=tenant)
+            hits = idx.search(
+                q,
+                request.query_params.get("stream") or None,
+                int(request.query_params.get("limit", "20")),
+                tenant=tenant,
+            )
             return JSONResponse({"query": q, "hits": hits, "took_ms": round(1000 * (time.perf_counter() - t0), 2)})
         finally:
             idx.close()
@@ -271,12 +294,19 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
                     yield _sse({**partial, "history": True})
                 if st and st["complete"]:
                     c = st["complete"]
-                    yield _sse({"kind": "STREAM_COMPLETE", "status": c["status"], "final_source": c["final_source"],
-                                "history": True, "emitted_at_ms": c["emitted_at_ms"]})
+                    yield _sse(
+                        {
+                            "kind": "STREAM_COMPLETE",
+                            "status": c["status"],
+                            "final_source": c["final_source"],
+                            "history": True,
+                            "emitted_at_ms": c["emitted_at_ms"],
+                        }
+                    )
                 while True:
                     try:
                         event = await asyncio.wait_for(queue.get(), 15)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
                     if event is None:
@@ -284,15 +314,21 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
                     yield _sse({**event, "sent_at_ms": now_ms()})
             finally:
                 hub.unsubscribe(sid, queue)
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    return Starlette(routes=[
-        Route("/", guarded(home)), Route("/streams/{stream_id}", guarded(stream_page)),
-        Route("/api/streams", guarded(api_streams)), Route("/api/search", guarded(api_search)),
-        Route("/api/streams/{stream_id}/events", guarded(api_events)),
-        Route("/api/streams/{stream_id}/export", guarded(api_export)),
-    ])
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+
+    return Starlette(
+        routes=[
+            Route("/", guarded(home)),
+            Route("/streams/{stream_id}", guarded(stream_page)),
+            Route("/api/streams", guarded(api_streams)),
+            Route("/api/search", guarded(api_search)),
+            Route("/api/streams/{stream_id}/events", guarded(api_events)),
+            Route("/api/streams/{stream_id}/export", guarded(api_export)),
+        ]
+    )
 
 
 def serve(settings: Settings) -> None:
@@ -302,11 +338,23 @@ def serve(settings: Settings) -> None:
     follower = ResultsFollower(settings, hub, metrics)
     follower.start()
     health = HealthServer(settings.health_host, settings.health_port, "captions", follower.healthy, metrics)
-    config = uvicorn.Config(create_app(settings, hub, follower), host=settings.captions_host,
-                            port=settings.captions_port, log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        create_app(settings, hub, follower),
+        host=settings.captions_host,
+        port=settings.captions_port,
+        log_level="warning",
+        access_log=False,
+    )
     server = uvicorn.Server(config)
-    log.info("serving", extra=kv(host=settings.captions_host, port=settings.captions_port,
-                                 index=str(settings.index_file), health_port=health.port))
+    log.info(
+        "serving",
+        extra=kv(
+            host=settings.captions_host,
+            port=settings.captions_port,
+            index=str(settings.index_file),
+            health_port=health.port,
+        ),
+    )
     try:
         server.run()
     finally:

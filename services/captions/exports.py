@@ -8,6 +8,7 @@
 - rttm: the speaker turns (NIST RTTM ``SPEAKER`` lines); none until the diarizer fills turns.
 - ctm: word times and confidences (NIST CTM: ``file channel start duration word confidence``).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,15 +31,27 @@ def cues(words: list[dict]) -> list[dict]:
 
     def close():
         if cur:
-            out.append({"start_ms": cur[0]["start_ms"], "end_ms": cur[-1]["end_ms"],
-                        "speaker": cur[0].get("speaker"), "text": join_words([w["word"] for w in cur])})
+            out.append(
+                {
+                    "start_ms": cur[0]["start_ms"],
+                    "end_ms": cur[-1]["end_ms"],
+                    "speaker": cur[0].get("speaker"),
+                    "text": join_words([w["word"] for w in cur]),
+                }
+            )
             cur.clear()
+
     for w in words:
         if cur:
             text_len = sum(len(x["word"]) + 1 for x in cur) + len(w["word"])
             sentence_end = cur[-1]["word"][-1:] in ".?!" and cur[-1]["end_ms"] - cur[0]["start_ms"] >= SENTENCE_CUE_MS
-            if (w.get("speaker") != cur[0].get("speaker") or w["start_ms"] - cur[-1]["end_ms"] >= PAUSE_MS
-                    or sentence_end or w["end_ms"] - cur[0]["start_ms"] > MAX_CUE_MS or text_len > MAX_CUE_CHARS):
+            if (
+                w.get("speaker") != cur[0].get("speaker")
+                or w["start_ms"] - cur[-1]["end_ms"] >= PAUSE_MS
+                or sentence_end
+                or w["end_ms"] - cur[0]["start_ms"] > MAX_CUE_MS
+                or text_len > MAX_CUE_CHARS
+            ):
                 close()
         cur.append(w)
     close()
@@ -86,14 +99,20 @@ def to_srt(result: dict) -> str:
 
 def to_rttm(result: dict) -> str:
     sid = result["stream_id"]
-    return "".join(f"SPEAKER {sid} 1 {t['start_ms'] / 1000:.3f} {(t['end_ms'] - t['start_ms']) / 1000:.3f} "
-                   f"<NA> <NA> {t['speaker']} <NA> <NA>\n" for t in result.get("turns") or [])
+    return "".join(
+        f"SPEAKER {sid} 1 {t['start_ms'] / 1000:.3f} {(t['end_ms'] - t['start_ms']) / 1000:.3f} "
+        f"<NA> <NA> {t['speaker']} <NA> <NA>\n"
+        for t in result.get("turns") or []
+    )
 
 
 def to_ctm(result: dict) -> str:
     sid = result["stream_id"]
-    return "".join(f"{sid} 1 {w['start_ms'] / 1000:.3f} {(w['end_ms'] - w['start_ms']) / 1000:.3f} {w['word']} "
-                   f"{w['confidence']:.4f}\n" for w in result["words"])
+    return "".join(
+        f"{sid} 1 {w['start_ms'] / 1000:.3f} {(w['end_ms'] - w['start_ms']) / 1000:.3f} {w['word']} "
+        f"{w['confidence']:.4f}\n"
+        for w in result["words"]
+    )
 
 
 def to_json(result: dict) -> str:

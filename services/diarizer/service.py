@@ -12,6 +12,7 @@ stream, so a restarted diarizer re-reads an open stream from its start (at ~0.1 
 second) instead of keeping state outside Kafka. The turns it already published are recomputed
 identically and not published again (runtime ``replaying``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,10 +75,16 @@ class DiarizerService(AudioStreamService):
 
     def _new(self, hints: dict[str, int]) -> StreamDiarizer:
         s = self.settings
-        return StreamDiarizer(self.diarizer, block_s=s.diarizer_block_s, context_s=s.diarizer_context_s,
-                              link_threshold=s.diarizer_link_threshold, cluster_threshold=s.diarizer_cluster_threshold,
-                              merge_threshold=s.diarizer_merge_threshold,
-                              min_speaker_s=s.diarizer_min_speaker_s, **hints)
+        return StreamDiarizer(
+            self.diarizer,
+            block_s=s.diarizer_block_s,
+            context_s=s.diarizer_context_s,
+            link_threshold=s.diarizer_link_threshold,
+            cluster_threshold=s.diarizer_cluster_threshold,
+            merge_threshold=s.diarizer_merge_threshold,
+            min_speaker_s=s.diarizer_min_speaker_s,
+            **hints,
+        )
 
     # -- records --------------------------------------------------------------------------------
     def on_start(self, sid: str, rec: dict, msg: Message) -> None:
@@ -85,8 +92,9 @@ class DiarizerService(AudioStreamService):
             return
         if len(self.streams) >= self.settings.max_streams:
             raise InputError("capacity", f"diarizer at capacity ({self.settings.max_streams} streams); add a replica")
-        self.streams[sid] = DiarizedStream(self._new(speaker_hints(rec.get("metadata"))), rec["tenant"],
-                                           msg.partition(), 1, time.monotonic())
+        self.streams[sid] = DiarizedStream(
+            self._new(speaker_hints(rec.get("metadata"))), rec["tenant"], msg.partition(), 1, time.monotonic()
+        )
         self.hold(sid, msg)
         self.metrics.set("open_streams", len(self.streams))
 
@@ -134,23 +142,59 @@ class DiarizerService(AudioStreamService):
         if tail is not None and tail[0]:
             self._publish(sid, st, "INCREMENTAL", tail[0], time.perf_counter() - t0)
         full = st.diarizer.full_turns()
-        self._emit(sid, st.tenant, "FULL", full, st.diarizer.emitted_ms, len({t.speaker for t in full}),
-                   int((time.perf_counter() - t0) * 1000), st.published_at_ms, status)
-        log.info("stream diarized", extra=kv(stream_id=sid, speakers=len({t.speaker for t in full}),
-                                             turns=len(full), rtf=round(st.diarizer.compute_s /
-                                                                         max(st.diarizer.audio_ms / 1000, 1e-3), 3)))
+        self._emit(
+            sid,
+            st.tenant,
+            "FULL",
+            full,
+            st.diarizer.emitted_ms,
+            len({t.speaker for t in full}),
+            int((time.perf_counter() - t0) * 1000),
+            st.published_at_ms,
+            status,
+        )
+        log.info(
+            "stream diarized",
+            extra=kv(
+                stream_id=sid,
+                speakers=len({t.speaker for t in full}),
+                turns=len(full),
+                rtf=round(st.diarizer.compute_s / max(st.diarizer.audio_ms / 1000, 1e-3), 3),
+            ),
+        )
 
     def _publish(self, sid: str, st: DiarizedStream, kind: str, turns: list[Turn], secs: float) -> None:
-        self._emit(sid, st.tenant, kind, turns, st.diarizer.emitted_ms, st.diarizer.speakers, int(secs * 1000),
-                   st.published_at_ms)
+        self._emit(
+            sid,
+            st.tenant,
+            kind,
+            turns,
+            st.diarizer.emitted_ms,
+            st.diarizer.speakers,
+            int(secs * 1000),
+            st.published_at_ms,
+        )
 
     def _emit(self, sid, tenant, kind, turns, covered, speakers, compute_ms, published_at, status=None) -> None:
-        self.produce(self.settings.speakers_topic, sid, "SpeakerTurns", {
-            "stream_id": sid, "tenant": tenant, "kind": kind,
-            "turns": [{"speaker": t.speaker, "start_ms": t.start_ms, "end_ms": t.end_ms} for t in turns],
-            "covered_until_ms": covered, "num_speakers": speakers, "end_status": status, "compute_ms": compute_ms,
-            "audio_published_at_ms": published_at, "emitted_at_ms": now_ms(), "model_name": MODEL_NAME,
-            "model_version": self.diarizer.model_version})
+        self.produce(
+            self.settings.speakers_topic,
+            sid,
+            "SpeakerTurns",
+            {
+                "stream_id": sid,
+                "tenant": tenant,
+                "kind": kind,
+                "turns": [{"speaker": t.speaker, "start_ms": t.start_ms, "end_ms": t.end_ms} for t in turns],
+                "covered_until_ms": covered,
+                "num_speakers": speakers,
+                "end_status": status,
+                "compute_ms": compute_ms,
+                "audio_published_at_ms": published_at,
+                "emitted_at_ms": now_ms(),
+                "model_name": MODEL_NAME,
+                "model_version": self.diarizer.model_version,
+            },
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

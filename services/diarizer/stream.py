@@ -12,6 +12,7 @@ Full: at the end, every block's clusters are re-assigned with the whole stream k
 kept for it: memory is the context, one block, and one centroid per cluster per block (~1 MB
 per hour; capped at ``max_blocks``).
 """
+
 from __future__ import annotations
 
 import time
@@ -70,10 +71,21 @@ def merge_turns(turns: list[Turn], gap_ms: int = 0) -> list[Turn]:
 
 
 class StreamDiarizer:
-    def __init__(self, diarizer, *, block_s: float = 6.0, context_s: float = 4.0, link_threshold: float = 0.65,
-                 cluster_threshold: float = 0.4, merge_threshold: float = 0.8, min_speaker_s: float = 2.0,
-                 num_speakers: int | None = None, min_speakers: int | None = None,
-                 max_speakers: int | None = None, max_blocks: int = 2400):
+    def __init__(
+        self,
+        diarizer,
+        *,
+        block_s: float = 6.0,
+        context_s: float = 4.0,
+        link_threshold: float = 0.65,
+        cluster_threshold: float = 0.4,
+        merge_threshold: float = 0.8,
+        min_speaker_s: float = 2.0,
+        num_speakers: int | None = None,
+        min_speakers: int | None = None,
+        max_speakers: int | None = None,
+        max_blocks: int = 2400,
+    ):
         self.diarizer = diarizer
         self.block_ms, self.context_ms = int(block_s * 1000), int(context_s * 1000)
         self.link_threshold, self.cluster_threshold = link_threshold, cluster_threshold
@@ -143,7 +155,7 @@ class StreamDiarizer:
             c = (s + e) // 2
             ws = max(region[0], min(c - EMBED_MS // 2, region[1] - EMBED_MS))
             we = min(region[1], ws + max(EMBED_MS, e - s))
-            waves.append(window[(ws - start_ms) * 16:(we - start_ms) * 16].astype(np.float32) / 32768.0)
+            waves.append(window[(ws - start_ms) * 16 : (we - start_ms) * 16].astype(np.float32) / 32768.0)
         emb = self._embed(waves)
         valid = np.isfinite(emb).all(axis=1)
         local = np.full(len(subs), -1)
@@ -178,7 +190,7 @@ class StreamDiarizer:
             self.blocks.pop(0)
         self.emitted_ms = end_ms
         keep_from = max(self._buf_start_ms, end_ms - self.context_ms)
-        self._buf = self._buf[(keep_from - self._buf_start_ms) * 16:]
+        self._buf = self._buf[(keep_from - self._buf_start_ms) * 16 :]
         self._buf_start_ms = keep_from
         return merge_turns(emitted)
 
@@ -233,8 +245,12 @@ class StreamDiarizer:
         further down to ``num_speakers``/``max_speakers``. Fewer than ``num_speakers``/``min_speakers``:
         the block clusters are clustered agglomeratively to that count.
         """
-        items = [(bi, li) for bi, blk in enumerate(self.blocks) for li in range(len(blk.centroids))
-                 if blk.centroids[li].any()]
+        items = [
+            (bi, li)
+            for bi, blk in enumerate(self.blocks)
+            for li in range(len(blk.centroids))
+            if blk.centroids[li].any()
+        ]
         if not items:
             return []
         x = _unit(np.stack([self.blocks[bi].centroids[li] for bi, li in items]).astype(np.float64))
@@ -242,8 +258,12 @@ class StreamDiarizer:
         cents = _unit(np.stack(self._sums)) if self._sums else x[:1]
         labels = np.argmax(x @ cents.T, axis=1)
         for _ in range(20):
-            cents = np.stack([_unit((x[labels == k] * w[labels == k, None]).sum(axis=0)) if (labels == k).any()
-                              else cents[k] for k in range(len(cents))])
+            cents = np.stack(
+                [
+                    _unit((x[labels == k] * w[labels == k, None]).sum(axis=0)) if (labels == k).any() else cents[k]
+                    for k in range(len(cents))
+                ]
+            )
             new = np.argmax(x @ cents.T, axis=1)
             if (new == labels).all():
                 break
@@ -265,8 +285,9 @@ class StreamDiarizer:
                 turns.append(Turn(self.label(order[c]), s, e))
         return merge_turns(turns)
 
-    def _merge_close(self, labels: np.ndarray, x: np.ndarray, w: np.ndarray, most: int | None,
-                     least: int | None) -> np.ndarray:
+    def _merge_close(
+        self, labels: np.ndarray, x: np.ndarray, w: np.ndarray, most: int | None, least: int | None
+    ) -> np.ndarray:
         """Merge the two closest speakers while they are closer than merge_threshold; then a speaker
         with less than ``min_speaker_s`` of speech in the stream (or 10% of it) joins its nearest (a
         second or so of mixed or odd audio is not a participant); then the two closest while there

@@ -5,6 +5,7 @@ mono s16le each by default) and StreamEnd (seq n+1), all keyed by the stream id 
 ordered on one partition. The archive keeps the original bytes and the normalised PCM in
 30 s segments, so replay and the offline pass read bounded windows of any stream.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,10 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from hark import kafka, serde
 from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, Chunker, DecodedAudio, SourceInfo
@@ -123,9 +125,19 @@ class StreamSummary:
 class StreamPublisher:
     """Publishes one stream's records and archives its PCM. Use: start(), push()*, finish()."""
 
-    def __init__(self, ingest: "Ingest", stream_id: str, tenant: str, info: SourceInfo, *,
-                 source_name: str | None = None, language: str = "en-US", metadata: dict | None = None,
-                 realtime: bool = False, on_chunk: ChunkCallback | None = None):
+    def __init__(
+        self,
+        ingest: Ingest,
+        stream_id: str,
+        tenant: str,
+        info: SourceInfo,
+        *,
+        source_name: str | None = None,
+        language: str = "en-US",
+        metadata: dict | None = None,
+        realtime: bool = False,
+        on_chunk: ChunkCallback | None = None,
+    ):
         s = ingest.settings
         self.ingest, self.settings = ingest, s
         self.stream_id, self.tenant, self.info = check_stream_id(stream_id), tenant, info
@@ -148,22 +160,41 @@ class StreamPublisher:
         return self.stream_id.encode()
 
     def _meta(self, **extra) -> None:
-        meta = {"stream_id": self.stream_id, "tenant": self.tenant, "source_format": self.info.format,
-                "source_sample_rate": self.info.sample_rate, "source_channels": self.info.channels,
-                "source_name": self.source_name, "language": self.language, "metadata": self.metadata,
-                "sample_rate": TARGET_RATE, "segment_seconds": self.settings.archive_segment_seconds}
+        meta = {
+            "stream_id": self.stream_id,
+            "tenant": self.tenant,
+            "source_format": self.info.format,
+            "source_sample_rate": self.info.sample_rate,
+            "source_channels": self.info.channels,
+            "source_name": self.source_name,
+            "language": self.language,
+            "metadata": self.metadata,
+            "sample_rate": TARGET_RATE,
+            "segment_seconds": self.settings.archive_segment_seconds,
+        }
         meta.update(extra)
         self.ingest.store.put(self.prefix + "meta.json", json.dumps(meta, indent=1).encode())
 
     def start(self) -> None:
         self.partition = self._placer.acquire()
         self._meta(status="OPEN", started_at_ms=now_ms())
-        self._produce("StreamStart", {
-            "stream_id": self.stream_id, "tenant": self.tenant, "seq": 0, "language": self.language,
-            "source_format": self.info.format, "source_name": self.source_name, "sample_rate": TARGET_RATE,
-            "source_sample_rate": self.info.sample_rate, "source_channels": self.info.channels,
-            "archive_prefix": self.prefix, "started_at_ms": now_ms(),
-            "metadata": {k: str(v) for k, v in self.metadata.items()}})
+        self._produce(
+            "StreamStart",
+            {
+                "stream_id": self.stream_id,
+                "tenant": self.tenant,
+                "seq": 0,
+                "language": self.language,
+                "source_format": self.info.format,
+                "source_name": self.source_name,
+                "sample_rate": TARGET_RATE,
+                "source_sample_rate": self.info.sample_rate,
+                "source_channels": self.info.channels,
+                "archive_prefix": self.prefix,
+                "started_at_ms": now_ms(),
+                "metadata": {k: str(v) for k, v in self.metadata.items()},
+            },
+        )
 
     def push(self, pcm: bytes) -> None:
         if self.summary.samples + len(pcm) // BYTES_PER_SAMPLE > self.max_samples:
@@ -181,9 +212,18 @@ class StreamPublisher:
                 time.sleep(delay)
         self.seq += 1
         published = now_ms()
-        self._produce("AudioChunk", {
-            "stream_id": self.stream_id, "tenant": self.tenant, "seq": self.seq, "offset_samples": offset,
-            "sample_rate": TARGET_RATE, "pcm": chunk, "published_at_ms": published})
+        self._produce(
+            "AudioChunk",
+            {
+                "stream_id": self.stream_id,
+                "tenant": self.tenant,
+                "seq": self.seq,
+                "offset_samples": offset,
+                "sample_rate": TARGET_RATE,
+                "pcm": chunk,
+                "published_at_ms": published,
+            },
+        )
         self.pcm_archive.write(chunk)
         n = len(chunk) // BYTES_PER_SAMPLE
         self.summary.chunks += 1
@@ -206,27 +246,51 @@ class StreamPublisher:
                 self._send_chunk(chunk)
         self.pcm_archive.close()
         self.summary.status, self.summary.reason = status, reason
-        self._produce("StreamEnd", {
-            "stream_id": self.stream_id, "tenant": self.tenant, "seq": self.seq + 1,
-            "total_samples": self.summary.samples, "status": status, "reason": reason, "ended_at_ms": now_ms()})
+        self._produce(
+            "StreamEnd",
+            {
+                "stream_id": self.stream_id,
+                "tenant": self.tenant,
+                "seq": self.seq + 1,
+                "total_samples": self.summary.samples,
+                "status": status,
+                "reason": reason,
+                "ended_at_ms": now_ms(),
+            },
+        )
         unacknowledged = self.ingest.producer.flush(30)
         if unacknowledged or self.ingest.producer.failures > self._failures_before:
             # the log may lack part of the stream: the producer must know, and not see COMPLETE
             self._meta(status="ERROR", reason="not acknowledged by the broker", total_samples=self.summary.samples)
-            raise AudioError("not_acknowledged", f"the broker did not acknowledge all of stream {self.stream_id}'s "
-                                                 "records; publish it again under a new stream id")
-        self._meta(status=status, reason=reason, total_samples=self.summary.samples,
-                   chunks=self.summary.chunks, pcm_segments=self.pcm_archive.count, ended_at_ms=now_ms())
-        log.info("stream published", extra=kv(stream_id=self.stream_id, status=status,
-                                              seconds=round(self.summary.duration_s, 2)))
+            raise AudioError(
+                "not_acknowledged",
+                f"the broker did not acknowledge all of stream {self.stream_id}'s "
+                "records; publish it again under a new stream id",
+            )
+        self._meta(
+            status=status,
+            reason=reason,
+            total_samples=self.summary.samples,
+            chunks=self.summary.chunks,
+            pcm_segments=self.pcm_archive.count,
+            ended_at_ms=now_ms(),
+        )
+        log.info(
+            "stream published",
+            extra=kv(stream_id=self.stream_id, status=status, seconds=round(self.summary.duration_s, 2)),
+        )
         return self.summary
 
     def _produce(self, rtype: str, record: dict) -> None:
         p = self.ingest.producer
         while True:
             try:
-                p.produce(self.settings.audio_topic, key=self._key(), value=serde.encode(rtype, record),
-                          partition=-1 if self.partition is None else self.partition)  # -1: hash the key
+                p.produce(
+                    self.settings.audio_topic,
+                    key=self._key(),
+                    value=serde.encode(rtype, record),
+                    partition=-1 if self.partition is None else self.partition,
+                )  # -1: hash the key
                 break
             except BufferError:  # local queue full: wait for deliveries instead of growing memory
                 p.poll(0.05)
@@ -236,11 +300,13 @@ class StreamPublisher:
 class Ingest:
     """The ingest core: validation, decoding, publishing, archiving, dead letters."""
 
-    def __init__(self, settings: Settings, producer=None, store: ObjectStore | None = None,
-                 metrics: Metrics | None = None):
+    def __init__(
+        self, settings: Settings, producer=None, store: ObjectStore | None = None, metrics: Metrics | None = None
+    ):
         self.settings = settings
         self.producer = producer or kafka.producer(
-            settings, **{"client.id": "hark-ingest", "linger.ms": settings.audio_linger_ms})
+            settings, **{"client.id": "hark-ingest", "linger.ms": settings.audio_linger_ms}
+        )
         self.store = store or open_store(settings)
         self.metrics = metrics or Metrics("ingest")
         self.deadletters = DeadLetters(self.producer, settings, "ingest", self.metrics)
@@ -263,11 +329,19 @@ class Ingest:
                 self._placer = PartitionPlacer(mode, partitions)
             return self._placer
 
-    def reject(self, err: AudioError, *, stream_id: str | None, tenant: str | None,
-               payload: bytes | None = None, payload_size: int = 0) -> None:
+    def reject(
+        self,
+        err: AudioError,
+        *,
+        stream_id: str | None,
+        tenant: str | None,
+        payload: bytes | None = None,
+        payload_size: int = 0,
+    ) -> None:
         """Record a refused input on the dead-letter topic (the caller reports it to the producer)."""
-        self.deadletters.send(err.kind, err.reason, stream_id=stream_id, tenant=tenant,
-                              payload=payload, payload_size=payload_size)
+        self.deadletters.send(
+            err.kind, err.reason, stream_id=stream_id, tenant=tenant, payload=payload, payload_size=payload_size
+        )
         self.producer.flush(10)
 
     def check_new_stream(self, stream_id: str) -> None:
@@ -275,9 +349,18 @@ class Ingest:
         if self.store.exists(archive_prefix(stream_id) + "meta.json"):
             raise AudioError("stream_exists", f"stream {stream_id!r} exists already; choose another id")
 
-    def publish_file(self, source: str | Path | BinaryIO, *, stream_id: str | None = None, tenant: str = "default",
-                     realtime: bool = False, language: str = "en-US", metadata: dict | None = None,
-                     on_chunk: ChunkCallback | None = None, on_start: Callable[[StreamPublisher], None] | None = None) -> StreamSummary:
+    def publish_file(
+        self,
+        source: str | Path | BinaryIO,
+        *,
+        stream_id: str | None = None,
+        tenant: str = "default",
+        realtime: bool = False,
+        language: str = "en-US",
+        metadata: dict | None = None,
+        on_chunk: ChunkCallback | None = None,
+        on_start: Callable[[StreamPublisher], None] | None = None,
+    ) -> StreamSummary:
         """Publish a whole encoded input. Raises AudioError (after dead-lettering it) if it is refused."""
         name = Path(source).name if isinstance(source, (str, Path)) else getattr(source, "name", None)
         stream_id = stream_id or new_stream_id(Path(name).stem if name else "upload")
@@ -289,7 +372,9 @@ class Ingest:
             if size == 0:
                 raise AudioError("empty", "input is empty (0 bytes)")
             if size > self.settings.max_upload_bytes:
-                raise AudioError("too_large", f"input is {size} bytes, above the {self.settings.max_upload_bytes}-byte maximum")
+                raise AudioError(
+                    "too_large", f"input is {size} bytes, above the {self.settings.max_upload_bytes}-byte maximum"
+                )
             decoded = DecodedAudio(source, self.settings.max_stream_seconds)
             blocks = decoded.blocks()
             first = next(blocks)  # fail before anything is published if the audio does not decode
@@ -301,8 +386,17 @@ class Ingest:
             self.reject(err, stream_id=stream_id, tenant=tenant, payload_size=size or 0)
             raise err from None
         self._archive_source(source, stream_id, decoded.info, size)
-        pub = StreamPublisher(self, stream_id, tenant, decoded.info, source_name=name, language=language,
-                              metadata=metadata, realtime=realtime, on_chunk=on_chunk)
+        pub = StreamPublisher(
+            self,
+            stream_id,
+            tenant,
+            decoded.info,
+            source_name=name,
+            language=language,
+            metadata=metadata,
+            realtime=realtime,
+            on_chunk=on_chunk,
+        )
         pub.start()
         if on_start:
             on_start(pub)
@@ -332,8 +426,14 @@ class Ingest:
             self.store.put(key, source, length=size)
             source.seek(position)
 
-    def replay(self, stream_id: str, *, new_id: str | None = None, realtime: bool = False,
-               on_chunk: ChunkCallback | None = None) -> StreamSummary:
+    def replay(
+        self,
+        stream_id: str,
+        *,
+        new_id: str | None = None,
+        realtime: bool = False,
+        on_chunk: ChunkCallback | None = None,
+    ) -> StreamSummary:
         """Re-publish an archived stream's normalised PCM as a new stream."""
         try:
             meta = archived_meta(self.store, stream_id)
@@ -343,12 +443,22 @@ class Ingest:
         first = next(segments, None)
         if first is None:
             raise AudioError("not_archived", f"archived stream {stream_id!r} has no audio")
-        info = SourceInfo(meta.get("source_format", "unknown"), meta.get("source_sample_rate", TARGET_RATE),
-                          meta.get("source_channels", 1))
-        pub = StreamPublisher(self, new_id or new_stream_id(f"{stream_id}-replay"), meta.get("tenant", "default"),
-                              info, source_name=meta.get("source_name"), language=meta.get("language", "en-US"),
-                              metadata={**meta.get("metadata", {}), "replay_of": stream_id},
-                              realtime=realtime, on_chunk=on_chunk)
+        info = SourceInfo(
+            meta.get("source_format", "unknown"),
+            meta.get("source_sample_rate", TARGET_RATE),
+            meta.get("source_channels", 1),
+        )
+        pub = StreamPublisher(
+            self,
+            new_id or new_stream_id(f"{stream_id}-replay"),
+            meta.get("tenant", "default"),
+            info,
+            source_name=meta.get("source_name"),
+            language=meta.get("language", "en-US"),
+            metadata={**meta.get("metadata", {}), "replay_of": stream_id},
+            realtime=realtime,
+            on_chunk=on_chunk,
+        )
         pub.start()
         pub.push(first)
         for pcm in segments:

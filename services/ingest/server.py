@@ -16,6 +16,7 @@ reason). A message above ``max_ws_message_bytes`` closes the connection (1009): 
 payloads are refused, never buffered. A client that disconnects without ``end`` gets its
 stream closed as ABORTED, so downstream services release its state.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -84,10 +85,15 @@ class IngestServer:
             raise AudioError("bad_parameter", "sample_rate and channels must be integers") from None
         resampler = PcmResampler(rate, channels)
         info = SourceInfo(f"raw/pcm_s16le@{rate}x{channels}", rate, channels)
-        pub = StreamPublisher(self.ingest, stream_id, tenant, info, source_name=q.get("source"),
-                              language=q.get("language", "en-US"))
-        raw = SegmentWriter(self.ingest.store, pub.prefix + "source/",
-                            int(self.settings.archive_segment_seconds * rate) * channels * BYTES_PER_SAMPLE, ".pcm")
+        pub = StreamPublisher(
+            self.ingest, stream_id, tenant, info, source_name=q.get("source"), language=q.get("language", "en-US")
+        )
+        raw = SegmentWriter(
+            self.ingest.store,
+            pub.prefix + "source/",
+            int(self.settings.archive_segment_seconds * rate) * channels * BYTES_PER_SAMPLE,
+            ".pcm",
+        )
         pub.start()
         self.open_streams += 1
         self.metrics.set("open_streams", self.open_streams)
@@ -108,8 +114,16 @@ class IngestServer:
                 return
             pub.push(resampler.flush())
             summary = pub.finish()
-            await ws.send(json.dumps({"type": "done", "stream_id": stream_id, "chunks": summary.chunks,
-                                      "seconds": round(summary.duration_s, 3)}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "done",
+                        "stream_id": stream_id,
+                        "chunks": summary.chunks,
+                        "seconds": round(summary.duration_s, 3),
+                    }
+                )
+            )
         except AudioError as e:
             raw.close()
             pub.finish("ERROR", e.reason)
@@ -139,10 +153,18 @@ class IngestServer:
                 return  # closed without "end": nothing was published
             spool.seek(0)
             summary = await asyncio.to_thread(
-                self.ingest.publish_file, spool, stream_id=stream_id, tenant=tenant,
-                language=q.get("language", "en-US"))
-        await ws.send(json.dumps({"type": "done", "stream_id": stream_id, "chunks": summary.chunks,
-                                  "seconds": round(summary.duration_s, 3)}))
+                self.ingest.publish_file, spool, stream_id=stream_id, tenant=tenant, language=q.get("language", "en-US")
+            )
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "done",
+                    "stream_id": stream_id,
+                    "chunks": summary.chunks,
+                    "seconds": round(summary.duration_s, 3),
+                }
+            )
+        )
 
     async def serve(self, host: str, port: int, ready: asyncio.Event | None = None) -> None:
         stop = asyncio.Event()
@@ -163,14 +185,15 @@ class IngestServer:
             sweeper.cancel()
         self.ingest.producer.flush(30)
 
-
     async def _retention(self, period_s: float = 3600.0) -> None:
         """Ingest owns the archive, so it enforces its retention: a sweep every hour."""
         from hark.erasure import retention_sweep
 
         while True:
             try:
-                erased = await asyncio.to_thread(retention_sweep, self.settings, self.ingest.store, self.ingest.producer)
+                erased = await asyncio.to_thread(
+                    retention_sweep, self.settings, self.ingest.store, self.ingest.producer
+                )
                 self.metrics.inc("streams_expired_total", len(erased))
             except Exception:
                 log.exception("retention sweep failed")
@@ -195,8 +218,9 @@ async def _error(ws, err: AudioError) -> None:
 def main(argv: list[str] | None = None) -> None:
     s = service_settings("ingest", argv, listen="ingest")
     server = IngestServer(s)
-    health = HealthServer(s.health_host, s.health_port, "ingest",
-                          lambda: (True, {"open_streams": server.open_streams}), server.metrics)
+    health = HealthServer(
+        s.health_host, s.health_port, "ingest", lambda: (True, {"open_streams": server.open_streams}), server.metrics
+    )
     try:
         asyncio.run(server.serve(s.ingest_host, s.ingest_port))
     finally:

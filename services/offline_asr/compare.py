@@ -7,6 +7,7 @@ reference where one is known (a references file keyed by stream id or source fil
 stream metadata's ``reference``); every stream is also scored for agreement with the first
 version (1 - the WER of its text against the first version's), which needs no reference.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,18 +34,27 @@ class VersionReport:
     agreement: WerScore = field(default_factory=lambda: WerScore(0, 0))
 
     def row(self) -> dict:
-        return {"model": self.model, "version": self.version, "streams": self.streams,
-                "audio_s": round(self.audio_s, 2), "rtf": round(self.decode_s / self.audio_s, 3) if self.audio_s else None,
-                "scored_streams": self.scored_streams, "ref_words": self.wer.ref_words, "errors": self.wer.errors,
-                "wer": round(self.wer.wer, 4) if self.wer.ref_words else None,
-                "agreement": round(1 - self.agreement.wer, 4) if self.agreement.ref_words else None}
+        return {
+            "model": self.model,
+            "version": self.version,
+            "streams": self.streams,
+            "audio_s": round(self.audio_s, 2),
+            "rtf": round(self.decode_s / self.audio_s, 3) if self.audio_s else None,
+            "scored_streams": self.scored_streams,
+            "ref_words": self.wer.ref_words,
+            "errors": self.wer.errors,
+            "wer": round(self.wer.wer, 4) if self.wer.ref_words else None,
+            "agreement": round(1 - self.agreement.wer, 4) if self.agreement.ref_words else None,
+        }
 
 
-def transcribe_archived(store: ObjectStore, stream_id: str, decoder: WhisperDecoder, settings: Settings,
-                        language: str = "en") -> tuple[str, float, float]:
+def transcribe_archived(
+    store: ObjectStore, stream_id: str, decoder: WhisperDecoder, settings: Settings, language: str = "en"
+) -> tuple[str, float, float]:
     """(text, audio seconds, decode seconds) of an archived stream, in bounded windows."""
-    windows = StreamWindows(0, int(settings.offline_min_window_s * 1000),
-                            int(min(settings.offline_max_window_s, MAX_WINDOW_S) * 1000))
+    windows = StreamWindows(
+        0, int(settings.offline_min_window_s * 1000), int(min(settings.offline_max_window_s, MAX_WINDOW_S) * 1000)
+    )
     texts, audio_s, decode_s = [], 0.0, 0.0
 
     def run(ws):
@@ -71,8 +81,13 @@ def reference_for(stream_id: str, meta: dict, references: dict[str, str]) -> str
     return (meta.get("metadata") or {}).get("reference")
 
 
-def compare(settings: Settings, stream_ids: list[str], models: list[str], references: dict[str, str] | None = None,
-            on_stream=None) -> dict:
+def compare(
+    settings: Settings,
+    stream_ids: list[str],
+    models: list[str],
+    references: dict[str, str] | None = None,
+    on_stream=None,
+) -> dict:
     if len(models) < 2:
         raise ValueError("compare needs at least two model versions, e.g. --models base,tiny.en")
     store = open_store(settings)
@@ -83,8 +98,10 @@ def compare(settings: Settings, stream_ids: list[str], models: list[str], refere
         except KeyError:
             raise LookupError(f"no archived stream {sid!r} in {store.uri}") from None
     s = settings
-    decoders = [WhisperDecoder(m, s.offline_device, s.offline_compute_type, s.offline_cpu_threads, s.offline_beam_size)
-                for m in models]
+    decoders = [
+        WhisperDecoder(m, s.offline_device, s.offline_compute_type, s.offline_cpu_threads, s.offline_beam_size)
+        for m in models
+    ]
     reports = [VersionReport(d.model_name, d.model_version) for d in decoders]
     streams = []
     for sid in stream_ids:
@@ -93,7 +110,9 @@ def compare(settings: Settings, stream_ids: list[str], models: list[str], refere
         row = {"stream_id": sid, "source_name": meta.get("source_name"), "reference": ref, "versions": []}
         baseline = None
         for decoder, report in zip(decoders, reports):
-            text, audio_s, decode_s = transcribe_archived(store, sid, decoder, s, whisper_language(meta.get("language")))
+            text, audio_s, decode_s = transcribe_archived(
+                store, sid, decoder, s, whisper_language(meta.get("language"))
+            )
             report.streams += 1
             report.audio_s += audio_s
             report.decode_s += decode_s
@@ -115,14 +134,18 @@ def compare(settings: Settings, stream_ids: list[str], models: list[str], refere
 
 
 def render_table(report: dict) -> str:
-    head = f"{'model':<18} {'streams':>7} {'audio s':>8} {'RTF':>6} {'scored':>6} {'ref words':>9} {'errors':>6} " \
-           f"{'WER':>7} {'agree':>7}  version"
+    head = (
+        f"{'model':<18} {'streams':>7} {'audio s':>8} {'RTF':>6} {'scored':>6} {'ref words':>9} {'errors':>6} "
+        f"{'WER':>7} {'agree':>7}  version"
+    )
     lines = [head, "-" * len(head)]
     for v in report["versions"]:
         wer = f"{100 * v['wer']:.1f}%" if v["wer"] is not None else "-"
         agree = f"{100 * v['agreement']:.1f}%" if v["agreement"] is not None else "(base)"
-        lines.append(f"{v['model']:<18} {v['streams']:>7} {v['audio_s']:>8.1f} {v['rtf']:>6.3f} {v['scored_streams']:>6} "
-                     f"{v['ref_words']:>9} {v['errors']:>6} {wer:>7} {agree:>7}  {v['version']}")
+        lines.append(
+            f"{v['model']:<18} {v['streams']:>7} {v['audio_s']:>8.1f} {v['rtf']:>6.3f} {v['scored_streams']:>6} "
+            f"{v['ref_words']:>9} {v['errors']:>6} {wer:>7} {agree:>7}  {v['version']}"
+        )
     return "\n".join(lines)
 
 

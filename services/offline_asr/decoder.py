@@ -4,6 +4,7 @@
 search). ``nbest`` gives several whole-window hypotheses with scores; it costs roughly another
 decode, so the service runs it when it has nothing more urgent to do.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,42 +43,66 @@ def whisper_language(tag: str | None) -> str:
 
 
 class WhisperDecoder:
-    def __init__(self, model: str = "base", device: str = "auto", compute_type: str = "auto", cpu_threads: int = 0,
-                 beam_size: int = 5):
+    def __init__(
+        self,
+        model: str = "base",
+        device: str = "auto",
+        compute_type: str = "auto",
+        cpu_threads: int = 0,
+        beam_size: int = 5,
+    ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from faster_whisper import WhisperModel
 
         path = models.whisper_path(model)
         self.device, self.compute_type = choose_device(device, compute_type)
-        self.model = WhisperModel(str(path), device=self.device, compute_type=self.compute_type,
-                                  cpu_threads=cpu_threads or (os.cpu_count() or 1))
+        self.model = WhisperModel(
+            str(path),
+            device=self.device,
+            compute_type=self.compute_type,
+            cpu_threads=cpu_threads or (os.cpu_count() or 1),
+        )
         self.beam_size = beam_size
         self.model_name = f"whisper-{model}" if model in models.WHISPER else f"whisper:{path.name}"
-        self.model_version = (f"faster-whisper {version('faster-whisper')}, ctranslate2 {version('ctranslate2')}, "
-                              f"{self.device}/{self.compute_type}")
+        self.model_version = (
+            f"faster-whisper {version('faster-whisper')}, ctranslate2 {version('ctranslate2')}, "
+            f"{self.device}/{self.compute_type}"
+        )
         self.english_only = not self.model.model.is_multilingual
 
     def decode(self, pcm: np.ndarray, offset_ms: int, *, prompt: str | None = None, language: str = "en") -> Decoded:
         t0 = time.perf_counter()
         audio = pcm.astype(np.float32) / 32768.0
         segments, info = self.model.transcribe(
-            audio, language=None if self.english_only else language, beam_size=self.beam_size,
-            word_timestamps=True, initial_prompt=prompt or None,
+            audio,
+            language=None if self.english_only else language,
+            beam_size=self.beam_size,
+            word_timestamps=True,
+            initial_prompt=prompt or None,
             # Segments of one window conditioning on each other is how Whisper's repetition loops start.
             condition_on_previous_text=False,
-            vad_filter=False)  # windows are already cut at pauses
+            vad_filter=False,
+        )  # windows are already cut at pauses
         words, texts = [], []
         for seg in segments:
             texts.append(seg.text.strip())
             for w in seg.words or []:
                 token = w.word.strip()
                 if token:
-                    words.append({"word": token, "start_ms": offset_ms + int(round(w.start * 1000)),
-                                  "end_ms": offset_ms + int(round(w.end * 1000)),
-                                  "confidence": round(float(w.probability), 4), "speaker": None})
+                    words.append(
+                        {
+                            "word": token,
+                            "start_ms": offset_ms + int(round(w.start * 1000)),
+                            "end_ms": offset_ms + int(round(w.end * 1000)),
+                            "confidence": round(float(w.probability), 4),
+                            "speaker": None,
+                        }
+                    )
         return Decoded(" ".join(t for t in texts if t), words, info.language, time.perf_counter() - t0)
 
-    def nbest(self, pcm: np.ndarray, n: int, *, prompt: str | None = None, language: str = "en") -> list[tuple[str, float]]:
+    def nbest(
+        self, pcm: np.ndarray, n: int, *, prompt: str | None = None, language: str = "en"
+    ) -> list[tuple[str, float]]:
         """Up to ``n`` distinct whole-window hypotheses, best first, with length-normalised log-prob scores."""
         from faster_whisper.tokenizer import Tokenizer
 
@@ -86,12 +111,19 @@ class WhisperDecoder:
         features = m.feature_extractor(audio)
         frames = m.feature_extractor.nb_max_frames
         features = np.pad(features, ((0, 0), (0, max(0, frames - features.shape[1]))))[:, :frames]
-        tok = Tokenizer(m.hf_tokenizer, m.model.is_multilingual, task="transcribe",
-                        language=None if self.english_only else language)
-        previous = tok.encode(" " + prompt.strip())[-(m.max_length // 2 - 1):] if prompt else []
+        tok = Tokenizer(
+            m.hf_tokenizer, m.model.is_multilingual, task="transcribe", language=None if self.english_only else language
+        )
+        previous = tok.encode(" " + prompt.strip())[-(m.max_length // 2 - 1) :] if prompt else []
         request = m.get_prompt(tok, previous, without_timestamps=True)
-        result = m.model.generate(m.encode(features), [request], beam_size=max(self.beam_size, n),
-                                  num_hypotheses=n, return_scores=True, max_length=m.max_length)[0]
+        result = m.model.generate(
+            m.encode(features),
+            [request],
+            beam_size=max(self.beam_size, n),
+            num_hypotheses=n,
+            return_scores=True,
+            max_length=m.max_length,
+        )[0]
         out: dict[str, float] = {}
         for ids, score in zip(result.sequences_ids, result.scores):
             text = tok.decode([i for i in ids if i < tok.eot]).strip()

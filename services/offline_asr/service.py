@@ -22,6 +22,7 @@ A/B rollout: with ``offline_candidate_model`` set, a stable share of streams
 records carry ``variant="candidate"`` and its model version, and results keep serving the
 primary's text. ``hark compare`` measures the two on archived streams.
 """
+
 from __future__ import annotations
 
 import logging
@@ -73,23 +74,36 @@ class OfflineASR(AudioStreamService):
         if settings.offline_nice:
             os.nice(settings.offline_nice)
         s = settings
-        self.decoder = decoder or WhisperDecoder(s.offline_model, s.offline_device, s.offline_compute_type,
-                                                 s.offline_cpu_threads, s.offline_beam_size)
+        self.decoder = decoder or WhisperDecoder(
+            s.offline_model, s.offline_device, s.offline_compute_type, s.offline_cpu_threads, s.offline_beam_size
+        )
         self.candidate: WhisperDecoder | None = None
         if s.offline_candidate_model and s.offline_candidate_fraction > 0:
-            self.candidate = WhisperDecoder(s.offline_candidate_model, s.offline_device, s.offline_compute_type,
-                                            s.offline_cpu_threads, s.offline_beam_size)
+            self.candidate = WhisperDecoder(
+                s.offline_candidate_model,
+                s.offline_device,
+                s.offline_compute_type,
+                s.offline_cpu_threads,
+                s.offline_beam_size,
+            )
         self.streams: dict[str, OfflineStream] = {}
         self.nbest_jobs: deque = deque()
         self.store = open_store(settings)
-        log.info("model loaded", extra=kv(model=self.decoder.model_name, version=self.decoder.model_version,
-                                          candidate=self.candidate.model_name if self.candidate else None,
-                                          candidate_fraction=s.offline_candidate_fraction))
+        log.info(
+            "model loaded",
+            extra=kv(
+                model=self.decoder.model_name,
+                version=self.decoder.model_version,
+                candidate=self.candidate.model_name if self.candidate else None,
+                candidate_fraction=s.offline_candidate_fraction,
+            ),
+        )
 
     def _new_windows(self, start_ms: int) -> StreamWindows:
         s = self.settings
-        return StreamWindows(start_ms, int(s.offline_min_window_s * 1000),
-                             int(min(s.offline_max_window_s, MAX_WINDOW_S) * 1000))
+        return StreamWindows(
+            start_ms, int(s.offline_min_window_s * 1000), int(min(s.offline_max_window_s, MAX_WINDOW_S) * 1000)
+        )
 
     # -- records ------------------------------------------------------------------------------
     def on_start(self, sid: str, rec: dict, msg: Message) -> None:
@@ -103,8 +117,15 @@ class OfflineASR(AudioStreamService):
         self._close(sid, rec["tenant"], str(rec["status"]))
 
     def _open(self, sid, tenant, language, msg, next_seq, start_ms) -> OfflineStream:
-        st = OfflineStream(self._new_windows(start_ms), tenant, whisper_language(language), msg.partition(),
-                           next_seq, time.monotonic(), candidate=self._routed(sid))
+        st = OfflineStream(
+            self._new_windows(start_ms),
+            tenant,
+            whisper_language(language),
+            msg.partition(),
+            next_seq,
+            time.monotonic(),
+            candidate=self._routed(sid),
+        )
         self.streams[sid] = st
         self.hold(sid, msg)
         self.metrics.set("open_streams", len(self.streams))
@@ -134,10 +155,27 @@ class OfflineASR(AudioStreamService):
         self.metrics.set("open_streams", len(self.streams))
         end = st.windows.end_ms if st else 0
         for decoder in [self.decoder] + ([self.candidate] if st and st.candidate else []):
-            self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
-                sid, tenant, "STREAM_END", st.segments if st else 0, end, end, "", [], [],
-                st.language if st else "en", 0, st.last_published_at_ms if st else 0, end_status=status,
-                decoder=decoder))
+            self.produce(
+                self.settings.offline_topic,
+                sid,
+                "OfflineTranscript",
+                self._record(
+                    sid,
+                    tenant,
+                    "STREAM_END",
+                    st.segments if st else 0,
+                    end,
+                    end,
+                    "",
+                    [],
+                    [],
+                    st.language if st else "en",
+                    0,
+                    st.last_published_at_ms if st else 0,
+                    end_status=status,
+                    decoder=decoder,
+                ),
+            )
         log.info("stream decoded", extra=kv(stream_id=sid, status=status, segments=st.segments if st else 0))
 
     def _from_archive(self, sid: str, tenant: str) -> OfflineStream | None:
@@ -147,8 +185,15 @@ class OfflineASR(AudioStreamService):
         except KeyError:
             log.warning("stream ended with no audio seen and none archived", extra=kv(stream_id=sid))
             return None
-        st = OfflineStream(self._new_windows(0), meta.get("tenant", tenant), whisper_language(meta.get("language")),
-                           -1, 0, time.monotonic(), candidate=self._routed(sid))
+        st = OfflineStream(
+            self._new_windows(0),
+            meta.get("tenant", tenant),
+            whisper_language(meta.get("language")),
+            -1,
+            0,
+            time.monotonic(),
+            candidate=self._routed(sid),
+        )
         for pcm in archived_pcm(self.store, sid):  # one 30 s segment in memory at a time
             for window in st.windows.push(pcm):
                 self._decode(sid, st, window)
@@ -170,24 +215,57 @@ class OfflineASR(AudioStreamService):
             c = self.candidate.decode(w.pcm, w.start_ms, prompt=self._prompt(st), language=st.language)
             self.observe_decode(c.decode_s, len(w.pcm) / 16000, model=self.candidate.model_name)
             if c.text:
-                self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
-                    sid, st.tenant, "SEGMENT", index, w.start_ms, w.end_ms, c.text, c.words, [], c.language,
-                    int(c.decode_s * 1000), st.last_published_at_ms, decoder=self.candidate))
+                self.produce(
+                    self.settings.offline_topic,
+                    sid,
+                    "OfflineTranscript",
+                    self._record(
+                        sid,
+                        st.tenant,
+                        "SEGMENT",
+                        index,
+                        w.start_ms,
+                        w.end_ms,
+                        c.text,
+                        c.words,
+                        [],
+                        c.language,
+                        int(c.decode_s * 1000),
+                        st.last_published_at_ms,
+                        decoder=self.candidate,
+                    ),
+                )
         if not d.text:
             return
-        self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
-            sid, st.tenant, "SEGMENT", index, w.start_ms, w.end_ms, d.text, d.words, [], d.language,
-            int(d.decode_s * 1000), st.last_published_at_ms))
+        self.produce(
+            self.settings.offline_topic,
+            sid,
+            "OfflineTranscript",
+            self._record(
+                sid,
+                st.tenant,
+                "SEGMENT",
+                index,
+                w.start_ms,
+                w.end_ms,
+                d.text,
+                d.words,
+                [],
+                d.language,
+                int(d.decode_s * 1000),
+                st.last_published_at_ms,
+            ),
+        )
         if self.settings.offline_nbest > 1:
             if len(self.nbest_jobs) >= NBEST_QUEUE:
                 self.nbest_jobs.popleft()
                 self.metrics.inc("nbest_dropped_total")
             self.nbest_jobs.append((sid, st.tenant, index, w, self._prompt(st), st.language))
         if self.settings.offline_prompt_chars:
-            st.prompt = (st.prompt + " " + d.text)[-self.settings.offline_prompt_chars:]
+            st.prompt = (st.prompt + " " + d.text)[-self.settings.offline_prompt_chars :]
 
     def _prompt(self, st: OfflineStream) -> str | None:
-        return st.prompt[-self.settings.offline_prompt_chars:] if self.settings.offline_prompt_chars else None
+        return st.prompt[-self.settings.offline_prompt_chars :] if self.settings.offline_prompt_chars else None
 
     def idle(self) -> None:
         super().idle()
@@ -196,19 +274,63 @@ class OfflineASR(AudioStreamService):
         sid, tenant, index, w, prompt, language = self.nbest_jobs.popleft()
         t0 = time.perf_counter()
         hyps = self.decoder.nbest(w.pcm, self.settings.offline_nbest, prompt=prompt, language=language)
-        self.produce(self.settings.offline_topic, sid, "OfflineTranscript", self._record(
-            sid, tenant, "NBEST", index, w.start_ms, w.end_ms, hyps[0][0] if hyps else "", [],
-            [{"text": t, "score": sc} for t, sc in hyps], language, int((time.perf_counter() - t0) * 1000), 0))
+        self.produce(
+            self.settings.offline_topic,
+            sid,
+            "OfflineTranscript",
+            self._record(
+                sid,
+                tenant,
+                "NBEST",
+                index,
+                w.start_ms,
+                w.end_ms,
+                hyps[0][0] if hyps else "",
+                [],
+                [{"text": t, "score": sc} for t, sc in hyps],
+                language,
+                int((time.perf_counter() - t0) * 1000),
+                0,
+            ),
+        )
 
-    def _record(self, sid, tenant, kind, index, start_ms, end_ms, text, words, nbest, language, decode_ms,
-                published_at, end_status=None, decoder: WhisperDecoder | None = None) -> dict:
+    def _record(
+        self,
+        sid,
+        tenant,
+        kind,
+        index,
+        start_ms,
+        end_ms,
+        text,
+        words,
+        nbest,
+        language,
+        decode_ms,
+        published_at,
+        end_status=None,
+        decoder: WhisperDecoder | None = None,
+    ) -> dict:
         decoder = decoder or self.decoder
-        return {"stream_id": sid, "tenant": tenant, "kind": kind, "segment_index": index, "start_ms": start_ms,
-                "end_ms": end_ms, "text": text, "words": words, "nbest": nbest, "language": language,
-                "decode_ms": decode_ms, "end_status": end_status, "audio_published_at_ms": published_at,
-                "emitted_at_ms": now_ms(), "model_name": decoder.model_name,
-                "model_version": decoder.model_version,
-                "variant": "primary" if decoder is self.decoder else "candidate"}
+        return {
+            "stream_id": sid,
+            "tenant": tenant,
+            "kind": kind,
+            "segment_index": index,
+            "start_ms": start_ms,
+            "end_ms": end_ms,
+            "text": text,
+            "words": words,
+            "nbest": nbest,
+            "language": language,
+            "decode_ms": decode_ms,
+            "end_status": end_status,
+            "audio_published_at_ms": published_at,
+            "emitted_at_ms": now_ms(),
+            "model_name": decoder.model_name,
+            "model_version": decoder.model_version,
+            "variant": "primary" if decoder is self.decoder else "candidate",
+        }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ are improved while they run; it never exceeds ``max_window_ms`` (Whisper's 30 s 
 the latest pause inside or, failing one, hard. Windows without speech are skipped (Whisper
 invents text for silence). Memory is the pending audio: at most one max window plus a chunk.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ class StreamWindows:
         data = self._residual + pcm
         fb, i = self._frame_bytes, 0
         while len(data) - i >= fb:
-            transition, _, first_ms = self.gate.push(data[i:i + fb])
+            transition, _, first_ms = self.gate.push(data[i : i + fb])
             i += fb
             now = self._gate_origin_ms + self.gate.frames * self.gate.frame_ms
             if transition == "start":

@@ -10,6 +10,7 @@ takes one for its whole life (cepstral mean normalisation adapts across utteranc
 one costs accuracy) and returns it at stream end; the next stream gets it reset (fresh front
 end, initial CMN), so a stream's text never depends on which decoder it got.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -42,8 +43,13 @@ class Word:
     confidence: float
 
     def as_record(self) -> dict:
-        return {"word": self.word, "start_ms": self.start_ms, "end_ms": self.end_ms,
-                "confidence": round(float(self.confidence), 4), "speaker": None}
+        return {
+            "word": self.word,
+            "start_ms": self.start_ms,
+            "end_ms": self.end_ms,
+            "confidence": round(float(self.confidence), 4),
+            "speaker": None,
+        }
 
 
 @dataclass
@@ -79,8 +85,14 @@ class DecoderPool:
         # First pass only (no fwdflat/bestpath re-search after end_utt): finals then extend what
         # partials showed instead of rewriting it. Measured on data/speech (105 words): WER 31.1%
         # vs 36.9% with both passes, RTF 0.139 vs 0.154, words first shown by a final 1 vs 8.
-        d = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL", fwdflat=False, bestpath=False,
-                    maxhmmpf=self.max_hmm_per_frame, **self.search_options)
+        d = Decoder(
+            samprate=SAMPLE_RATE,
+            loglevel="FATAL",
+            fwdflat=False,
+            bestpath=False,
+            maxhmmpf=self.max_hmm_per_frame,
+            **self.search_options,
+        )
         if self._initial_cmn is None:
             self._initial_cmn = d.get_cmn(False)
         d.set_cmn(self._initial_cmn)  # the same state as a pooled one (acquire): results never depend on which
@@ -123,8 +135,16 @@ def clean_word(w: str) -> str | None:
 
 
 class StreamRecognizer:
-    def __init__(self, decoder: Decoder, *, base_ms: int = 0, partial_interval_ms: int = 100, nbest: int = 5,
-                 keep_lattice: bool = True, max_utterance_ms: int = 30000):
+    def __init__(
+        self,
+        decoder: Decoder,
+        *,
+        base_ms: int = 0,
+        partial_interval_ms: int = 100,
+        nbest: int = 5,
+        keep_lattice: bool = True,
+        max_utterance_ms: int = 30000,
+    ):
         self.decoder = decoder
         self.base_ms = base_ms
         self.partial_interval_ms = partial_interval_ms
@@ -139,7 +159,7 @@ class StreamRecognizer:
         self.utterance_id = 0
         self._utt_start_ms = 0
         self._last_partial_text = ""
-        self._last_partial_at_ms = -(10 ** 9)
+        self._last_partial_at_ms = -(10**9)
         # The state at the last end of speech in the last fed chunk, or None. There the VAD is
         # fresh and the decoder holds only its cepstral mean, so this small dict (positions, next
         # utterance id, cepstral mean, bytes of the chunk consumed) resumes the stream exactly.
@@ -167,13 +187,13 @@ class StreamRecognizer:
 
     def feed(self, pcm: bytes) -> list[Event]:
         if self._skip:
-            pcm, self._skip = pcm[self._skip:], 0
+            pcm, self._skip = pcm[self._skip :], 0
         events: list[Event] = []
         self.boundary = None
         buf = self._buf + pcm
         fb, i = self._frame_bytes, 0
         while len(buf) - i >= fb:
-            events += self._frame(buf[i:i + fb])
+            events += self._frame(buf[i : i + fb])
             i += fb
             if not self.gate.in_speech and not self.gate.ring:  # just ended: a clean resume point
                 consumed = i - len(self._buf)
@@ -182,10 +202,15 @@ class StreamRecognizer:
                 cmn = self.decoder.get_cmn(False)
                 self.decoder.reinit_feat()  # a fresh front end: its noise estimate cannot be read out
                 self.decoder.set_cmn(cmn)
-                self.boundary = {"base_ms": self.base_ms, "samples": self.samples + consumed // 2,
-                                 "utterance_id": self.utterance_id, "gate_frames": self.gate.frames,
-                                 "last_partial_at_ms": self._last_partial_at_ms, "cmn": cmn,
-                                 "skip_bytes": consumed}
+                self.boundary = {
+                    "base_ms": self.base_ms,
+                    "samples": self.samples + consumed // 2,
+                    "utterance_id": self.utterance_id,
+                    "gate_frames": self.gate.frames,
+                    "last_partial_at_ms": self._last_partial_at_ms,
+                    "cmn": cmn,
+                    "skip_bytes": consumed,
+                }
         self._buf = buf[i:]
         self.samples += len(pcm) // 2
         self._flush()
@@ -235,8 +260,14 @@ class StreamRecognizer:
         for seg in self.decoder.seg():
             w = clean_word(seg.word)
             if w:
-                out.append(Word(w, self._utt_start_ms + seg.start_frame * FRAME_MS,
-                                self._utt_start_ms + (seg.end_frame + 1) * FRAME_MS, seg.prob))
+                out.append(
+                    Word(
+                        w,
+                        self._utt_start_ms + seg.start_frame * FRAME_MS,
+                        self._utt_start_ms + (seg.end_frame + 1) * FRAME_MS,
+                        seg.prob,
+                    )
+                )
         return out
 
     def _partial(self) -> Event | None:
@@ -266,8 +297,16 @@ class StreamRecognizer:
                     if len(nbest) == self.nbest_n:
                         break
         end_ms = words[-1].end_ms if words else self.position_ms
-        ev = Event("FINAL", self.utterance_id, text, self._utt_start_ms, end_ms, words, list(nbest.items()),
-                   self._lattice() if text and self.keep_lattice else None)
+        ev = Event(
+            "FINAL",
+            self.utterance_id,
+            text,
+            self._utt_start_ms,
+            end_ms,
+            words,
+            list(nbest.items()),
+            self._lattice() if text and self.keep_lattice else None,
+        )
         self.utterance_id += 1
         return ev
 

@@ -11,6 +11,7 @@ utterance id, cepstral mean: ~300 bytes) goes into the checkpoint. A crash or re
 that state and re-decodes only the open utterance, with the same utterance ids and the same text
 as an uninterrupted run (tests/test_recognizer.py checks this).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,6 +28,7 @@ from hark.storage import open_store
 from .recognizer import MODEL_NAME, MODEL_VERSION, CapacityError, DecoderPool, Event, StreamRecognizer
 
 log = logging.getLogger("hark.online_asr")
+
 
 @dataclass
 class StreamState:
@@ -66,8 +68,13 @@ class OnlineASR(AudioStreamService):
         except CapacityError as e:
             raise InputError("capacity", f"online_asr at capacity ({e}); scale out with more replicas") from None
         s = self.settings
-        rec = StreamRecognizer(decoder, base_ms=base_ms, partial_interval_ms=s.partial_interval_ms, nbest=s.nbest,
-                               keep_lattice=s.keep_lattices)
+        rec = StreamRecognizer(
+            decoder,
+            base_ms=base_ms,
+            partial_interval_ms=s.partial_interval_ms,
+            nbest=s.nbest,
+            keep_lattice=s.keep_lattices,
+        )
         st = StreamState(rec, tenant, msg.partition(), next_seq, time.monotonic())
         self.streams[sid] = st
         self.hold(sid, msg)
@@ -90,8 +97,12 @@ class OnlineASR(AudioStreamService):
         boundary = st.recognizer.boundary
         if boundary is not None:
             # an end of speech in this chunk: resumable from this chunk with this state
-            self.hold(sid, msg, msg.offset(), state={**boundary, "next_seq": rec["seq"],
-                                                      "published_at_ms": st.last_chunk_published_at_ms})
+            self.hold(
+                sid,
+                msg,
+                msg.offset(),
+                state={**boundary, "next_seq": rec["seq"], "published_at_ms": st.last_chunk_published_at_ms},
+            )
 
     def _resume(self, sid: str, rec: dict, msg: Message) -> StreamState:
         restored = self.restored(sid)
@@ -119,8 +130,12 @@ class OnlineASR(AudioStreamService):
         else:
             utterances, position = 0, 0
         self.metrics.set("open_streams", len(self.streams))
-        self.produce(self.settings.online_topic, sid, "OnlineTranscript", self._record(
-            sid, tenant, "STREAM_END", utterances, "", position, position, seq, 0, end_status=status))
+        self.produce(
+            self.settings.online_topic,
+            sid,
+            "OnlineTranscript",
+            self._record(sid, tenant, "STREAM_END", utterances, "", position, position, seq, 0, end_status=status),
+        )
         log.info("stream closed", extra=kv(stream_id=sid, status=status, utterances=utterances))
 
     # -- output ---------------------------------------------------------------------------------
@@ -130,26 +145,65 @@ class OnlineASR(AudioStreamService):
             if ev.lattice and self.store is not None:
                 lattice_key = f"streams/{sid}/lattices/{ev.utterance_id:06d}.lat"
                 self.store.put(lattice_key, ev.lattice)
-            rec = self._record(sid, st.tenant, ev.kind, ev.utterance_id, ev.text, ev.start_ms, ev.end_ms, seq,
-                               st.last_chunk_published_at_ms, words=[w.as_record() for w in ev.words],
-                               nbest=[{"text": t, "score": sc} for t, sc in ev.nbest], lattice_key=lattice_key)
+            rec = self._record(
+                sid,
+                st.tenant,
+                ev.kind,
+                ev.utterance_id,
+                ev.text,
+                ev.start_ms,
+                ev.end_ms,
+                seq,
+                st.last_chunk_published_at_ms,
+                words=[w.as_record() for w in ev.words],
+                nbest=[{"text": t, "score": sc} for t, sc in ev.nbest],
+                lattice_key=lattice_key,
+            )
             if ev.kind == "PARTIAL":
                 # a partial needs no merging: straight to the captions, a broker hop sooner
-                self.produce(self.settings.results_topic, sid, "Result",
-                             result_record(rec, "PARTIAL", "online", ev.utterance_id))
+                self.produce(
+                    self.settings.results_topic, sid, "Result", result_record(rec, "PARTIAL", "online", ev.utterance_id)
+                )
                 self.metrics.inc("partials_total")
             else:
                 self.produce(self.settings.online_topic, sid, "OnlineTranscript", rec)
                 self.metrics.inc("finals_total")
 
     @staticmethod
-    def _record(sid, tenant, kind, utt, text, start_ms, end_ms, seq, published_at, *, words=(), nbest=(),
-                lattice_key=None, end_status=None) -> dict:
-        return {"stream_id": sid, "tenant": tenant, "kind": kind, "utterance_id": utt, "text": text,
-                "start_ms": start_ms, "end_ms": end_ms, "words": list(words), "nbest": list(nbest),
-                "lattice_key": lattice_key, "end_status": end_status, "audio_seq": seq,
-                "audio_published_at_ms": published_at, "emitted_at_ms": now_ms(),
-                "model_name": MODEL_NAME, "model_version": MODEL_VERSION}
+    def _record(
+        sid,
+        tenant,
+        kind,
+        utt,
+        text,
+        start_ms,
+        end_ms,
+        seq,
+        published_at,
+        *,
+        words=(),
+        nbest=(),
+        lattice_key=None,
+        end_status=None,
+    ) -> dict:
+        return {
+            "stream_id": sid,
+            "tenant": tenant,
+            "kind": kind,
+            "utterance_id": utt,
+            "text": text,
+            "start_ms": start_ms,
+            "end_ms": end_ms,
+            "words": list(words),
+            "nbest": list(nbest),
+            "lattice_key": lattice_key,
+            "end_status": end_status,
+            "audio_seq": seq,
+            "audio_published_at_ms": published_at,
+            "emitted_at_ms": now_ms(),
+            "model_name": MODEL_NAME,
+            "model_version": MODEL_VERSION,
+        }
 
     # -- housekeeping ---------------------------------------------------------------------------
     def tick(self) -> None:

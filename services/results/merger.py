@@ -19,6 +19,7 @@ Memory per stream is bounded: transcripts kept for STREAM_COMPLETE stop growing 
 per pass (then ``truncated``; the FINAL records still hold every word), and a stream's state is
 dropped when it completes.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -82,7 +83,7 @@ def assign_speakers(words: list[dict], turns: list[dict], reach_ms: int = 1000) 
     for w in words:
         hi = bisect.bisect_right(starts, w["end_ms"])
         best, best_score = None, None
-        for t in turns[max(0, hi - 64):hi + 1]:  # turns are short: the ones near the word suffice
+        for t in turns[max(0, hi - 64) : hi + 1]:  # turns are short: the ones near the word suffice
             overlap = min(w["end_ms"], t["end_ms"]) - max(w["start_ms"], t["start_ms"])
             score = overlap if overlap > 0 else overlap - 1  # any overlap beats a near miss
             if best_score is None or score > best_score:
@@ -143,15 +144,32 @@ class ResultsMerger:
         p.model = (rec["model_name"], rec["model_version"])
         if kind == "INCREMENTAL":
             room = MAX_TURNS - len(st.turns)
-            st.turns += rec["turns"][:max(0, room)]
+            st.turns += rec["turns"][: max(0, room)]
             if not rec["turns"]:
                 return []
-            return [{"stream_id": rec["stream_id"], "tenant": rec["tenant"], "kind": "SPEAKERS", "source": "diarizer",
-                     "utterance_id": -1, "text": "", "start_ms": min(t["start_ms"] for t in rec["turns"]),
-                     "end_ms": rec["covered_until_ms"], "words": [], "nbest": [], "online_text": None,
-                     "turns": rec["turns"], "status": None, "final_source": None, "truncated": False,
-                     "audio_published_at_ms": rec["audio_published_at_ms"], "emitted_at_ms": now_ms(),
-                     "model_name": rec["model_name"], "model_version": rec["model_version"]}]
+            return [
+                {
+                    "stream_id": rec["stream_id"],
+                    "tenant": rec["tenant"],
+                    "kind": "SPEAKERS",
+                    "source": "diarizer",
+                    "utterance_id": -1,
+                    "text": "",
+                    "start_ms": min(t["start_ms"] for t in rec["turns"]),
+                    "end_ms": rec["covered_until_ms"],
+                    "words": [],
+                    "nbest": [],
+                    "online_text": None,
+                    "turns": rec["turns"],
+                    "status": None,
+                    "final_source": None,
+                    "truncated": False,
+                    "audio_published_at_ms": rec["audio_published_at_ms"],
+                    "emitted_at_ms": now_ms(),
+                    "model_name": rec["model_name"],
+                    "model_version": rec["model_version"],
+                }
+            ]
         if kind == "FULL":
             p.ended = rec.get("end_status") or "COMPLETE"
             st.full_turns = rec["turns"]
@@ -214,11 +232,26 @@ class ResultsMerger:
         status = online.ended or "INCOMPLETE"
         turns = st.full_turns if st.full_turns is not None else st.turns
         words = assign_speakers([w for part in ordered for w in part["words"]], turns)
-        return [{
-            "stream_id": sid, "tenant": st.tenant, "kind": "STREAM_COMPLETE", "source": source, "utterance_id": -1,
-            "text": final.text(), "start_ms": ordered[0]["start_ms"] if ordered else 0,
-            "end_ms": ordered[-1]["end_ms"] if ordered else 0,
-            "words": words, "nbest": [], "online_text": online.text(),
-            "turns": turns, "status": status if not reason else f"{status} ({reason})", "final_source": source,
-            "truncated": final.truncated, "audio_published_at_ms": st.last_published_at_ms,
-            "emitted_at_ms": now_ms(), "model_name": name, "model_version": version}]
+        return [
+            {
+                "stream_id": sid,
+                "tenant": st.tenant,
+                "kind": "STREAM_COMPLETE",
+                "source": source,
+                "utterance_id": -1,
+                "text": final.text(),
+                "start_ms": ordered[0]["start_ms"] if ordered else 0,
+                "end_ms": ordered[-1]["end_ms"] if ordered else 0,
+                "words": words,
+                "nbest": [],
+                "online_text": online.text(),
+                "turns": turns,
+                "status": status if not reason else f"{status} ({reason})",
+                "final_source": source,
+                "truncated": final.truncated,
+                "audio_published_at_ms": st.last_published_at_ms,
+                "emitted_at_ms": now_ms(),
+                "model_name": name,
+                "model_version": version,
+            }
+        ]

@@ -6,6 +6,7 @@ faust-streaming app: a changelog table holding each stream's merge state would r
 on every record (docs/decisions/0003-results-merge.md). The state is rebuilt from the input topics
 themselves: commits are held at each open stream's first record on each topic.
 """
+
 from __future__ import annotations
 
 from confluent_kafka import Message
