@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench chaos load soak up down status clean
+.PHONY: setup demo check unit test bench chaos load soak up down status clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constraints.txt pyproject.toml broker/pom.xml
 	@command -v java >/dev/null || { echo "hark needs Java 17+ for its Kafka broker (apt-get install openjdk-17-jre-headless)"; exit 1; }
@@ -34,7 +34,18 @@ $(CHROMIUM_STAMP):
 	  || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium)
 	touch $@
 
-test: $(STAMP) $(CHROMIUM_STAMP)
+# Lint, format and types: the library, the CLI, the services and the unit tests.
+check: $(STAMP)
+	$(BIN)/ruff check hark hark_cli services tests bench
+	$(BIN)/ruff format --check hark hark_cli services tests bench
+	$(BIN)/mypy hark hark_cli services tests/test_units.py
+
+# The tests without a broker or models (seconds).
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_units.py tests/test_serde.py
+
+# In random order (pytest-randomly prints its seed; `pytest --randomly-seed=N` repeats an order).
+test: $(STAMP) $(CHROMIUM_STAMP) check
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP) $(CHROMIUM_STAMP)

@@ -29,8 +29,8 @@ import psutil
 from hark import stack
 from hark.audio import read_pcm_file
 from hark.config import Settings
-from hark.session import Display, file_runs, follow
 from hark.wer import WerScore, load_references, score
+from hark_cli.session import Display, file_runs, follow
 from services.ingest.publisher import Ingest
 from services.online_asr.recognizer import MAX_HMM_PER_FRAME, DecoderPool, StreamRecognizer
 
@@ -172,7 +172,7 @@ def latency_stats(rows: list[dict]) -> dict:
 
 
 def latency_breakdown(rows: list[dict]) -> dict:
-    """Where the partial latency goes (hark/session.py word_latency_parts), for all words and for
+    """Where the partial latency goes (hark_cli/session.py word_latency_parts), for all words and for
     the slowest 5%, and its p95 per minute of the streams (does it grow as the log grows?)."""
     parts = np.array([p for r in rows for p in r.get("_latency_parts", [])], dtype=float).reshape(-1, 4)
     if not len(parts):

@@ -16,8 +16,9 @@ from typing import BinaryIO
 import av
 import numpy as np
 
-TARGET_RATE = 16000
-BYTES_PER_SAMPLE = 2
+from .pcm import BYTES_PER_SAMPLE
+from .pcm import SAMPLE_RATE as TARGET_RATE
+
 MIN_SOURCE_RATE, MAX_SOURCE_RATE = 1000, 768000
 MAX_CHANNELS = 64
 
@@ -133,7 +134,7 @@ class PcmResampler:
         data, self._residual = data[:whole], data[whole:]
         if not data:
             return b""
-        if self._passthrough:
+        if self._resampler is None:
             return data
         arr = np.frombuffer(data, dtype="<i2").reshape(1, -1)
         frame = av.AudioFrame.from_ndarray(arr, format="s16", layout=self._layout)
@@ -141,7 +142,7 @@ class PcmResampler:
         return b"".join(_frame_pcm(o) for o in self._resampler.resample(frame))
 
     def flush(self) -> bytes:
-        if self._passthrough:
+        if self._resampler is None:
             return b""
         return b"".join(_frame_pcm(o) for o in self._resampler.resample(None))
 

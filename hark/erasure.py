@@ -2,7 +2,7 @@
 
 ``erase`` removes everything hark keeps of a stream outside the audio log's own retention:
 - the archive: source bytes, PCM segments, lattices, meta.json (object store prefix);
-- the transcript index of this installation (search entries; exports are made from it);
+- whatever local stores the caller names (the CLI: this installation's transcript index);
 - a tombstone (the stream id as key, no value) on the results topic, which is compacted in
   production: Kafka drops the stream's results at the next compaction, and every captions
   server that follows the topic erases the stream from its own index when it reads it;
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import Settings
@@ -25,21 +26,22 @@ from .storage import ObjectStore, archive_prefix
 log = logging.getLogger("hark.erasure")
 
 
-def erase(settings: Settings, stream_id: str, store: ObjectStore, producer=None, reason: str = "request") -> dict:
+def erase(
+    settings: Settings,
+    stream_id: str,
+    store: ObjectStore,
+    producer=None,
+    reason: str = "request",
+    local: dict[str, Callable[[str], int]] | None = None,
+) -> dict:
+    """``local``: erasers of stores of this installation beyond the archive (the caller's to know;
+    the captions index, from the CLI), each returning how many entries it removed."""
     try:
         meta = json.loads(store.get(archive_prefix(stream_id) + "meta.json"))
     except KeyError:
         meta = {}
     objects = store.delete_prefix(archive_prefix(stream_id))
-    index_rows = 0
-    if settings.index_file.exists():
-        from services.captions.index import TranscriptIndex
-
-        idx = TranscriptIndex(settings.index_file)
-        try:
-            index_rows = idx.erase(stream_id)
-        finally:
-            idx.close()
+    removed = {name: eraser(stream_id) for name, eraser in (local or {}).items()}
     tombstones = []
     if producer is not None:
         producer.produce(settings.results_topic, key=stream_id.encode(), value=None)
@@ -52,7 +54,7 @@ def erase(settings: Settings, stream_id: str, store: ObjectStore, producer=None,
         "reason": reason,
         "erased_at_ms": int(time.time() * 1000),
         "archive_objects": objects,
-        "index_rows": index_rows,
+        **removed,
         "tombstones": tombstones,
     }
     audit = Path(settings.data_dir) / "audit" / "erasures.jsonl"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from .broker import MAX_MESSAGE_BYTES
@@ -107,6 +107,13 @@ def consumer(settings: Settings, group: str, **overrides) -> Consumer:
     )
     conf.update(overrides)
     return Consumer(conf)
+
+
+def position(msg: Message) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a consumed record (always set on one without an error)."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None, "not a consumed record"
+    return topic, partition, offset
 
 
 def consume_ready(consumer: Consumer, max_messages: int, timeout: float) -> list:

@@ -1,4 +1,5 @@
-"""Result records that more than one service writes onto the results topic.
+"""Facts every record shares (ids, clocks) and the Result records that more than one service
+writes onto the results topic.
 
 The results service merges finals, speaker turns and the offline pass; online_asr writes its
 PARTIAL caption updates there itself (docs/architecture.md). Both build them here so the two
@@ -7,7 +8,19 @@ cannot drift apart.
 
 from __future__ import annotations
 
-from .runtime import now_ms
+import re
+import time
+import uuid
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds: the time base of every *_at_ms field."""
+    return time.time_ns() // 1_000_000
+
+
+def new_stream_id(hint: str = "stream") -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", hint).strip("-._")[:80] or "stream"
+    return f"{base}-{uuid.uuid4().hex[:8]}"
 
 
 def result_record(rec: dict, kind: str, source: str, index: int, **fields) -> dict:

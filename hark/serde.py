@@ -72,13 +72,17 @@ class LocalSchemaRegistry:
         self._by_name: dict[str, RegisteredSchema] = {}
         self._by_id: dict[int, RegisteredSchema] = {}
         for name in RECORD_TYPES:
-            parsed = load_schema(str(schema_dir / f"hark.{name}.avsc"), _write_hint=False)
+            parsed: dict = load_schema(  # type: ignore[assignment]  # a record schema parses to a dict
+                str(schema_dir / f"hark.{name}.avsc"), _write_hint=False
+            )
             reg = RegisteredSchema(schema_id(parsed), name, parsed, _version(parsed))
             self._add(reg)
             self._by_name[name] = reg
             for old in sorted((schema_dir / "history").glob(f"hark.{name}.v*.avsc")):
                 # self-contained (nested types inlined as they were), parsed in a name space of its own
-                old_parsed = parse_schema(json.loads(old.read_text()), named_schemas={}, _write_hint=False)
+                old_parsed: dict = parse_schema(  # type: ignore[assignment]
+                    json.loads(old.read_text()), named_schemas={}, _write_hint=False
+                )
                 self._add(RegisteredSchema(schema_id(old_parsed), name, old_parsed, _version(old_parsed), parsed))
 
     def _add(self, reg: RegisteredSchema) -> None:
@@ -138,7 +142,7 @@ def decode(data: bytes | None, reg: LocalSchemaRegistry | None = None) -> tuple[
     buf = io.BytesIO(data)
     buf.seek(_HEADER.size)
     try:
-        record = fastavro.schemaless_reader(buf, schema.parsed, schema.current)
+        record: dict = fastavro.schemaless_reader(buf, schema.parsed, schema.current)  # type: ignore[assignment]
     except Exception as e:  # fastavro raises a zoo of types on corrupt input
         raise SerdeError(f"corrupt {schema.name} body: {type(e).__name__}: {e}") from e
     if buf.tell() != len(data):

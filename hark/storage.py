@@ -19,12 +19,20 @@ from .config import Settings
 
 
 class ObjectStore:
+    """What the archive needs of a store: a local folder or an S3 bucket (below)."""
+
     uri: str
 
     def put(self, key: str, data: bytes | BinaryIO, length: int | None = None) -> None: ...
-    def get(self, key: str) -> bytes: ...
-    def exists(self, key: str) -> bool: ...
-    def list(self, prefix: str) -> list[str]: ...
+    def get(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> list[str]:
+        raise NotImplementedError
+
     def delete(self, key: str) -> None: ...
 
     def delete_prefix(self, prefix: str) -> int:

@@ -15,7 +15,7 @@ from hark.wer import load_references
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEECH = ROOT / "data" / "speech"
-HARK = [sys.executable, "-m", "hark"]
+HARK = [sys.executable, "-m", "hark_cli"]
 
 
 @pytest.fixture(scope="session")

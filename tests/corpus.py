@@ -19,7 +19,7 @@ import av
 import numpy as np
 
 from hark import serde
-from hark.runtime import now_ms
+from hark.records import now_ms
 
 ACCEPTED = "accepted"
 

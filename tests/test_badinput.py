@@ -19,7 +19,7 @@ from hark import kafka, stack
 from hark.audio import AudioError, read_pcm_file
 
 from . import corpus
-from .test_e2e import collect, complete_record
+from .helpers import collect, complete_record
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,7 @@ from services.captions import exports
 from services.captions.index import TranscriptIndex
 
 from .conftest import ROOT, run_hark
-from .test_e2e import collect, complete_record, completed
+from .helpers import collect, complete_record, completed
 
 ARTIFACTS = Path(os.environ.get("HARK_TEST_ARTIFACTS", ROOT / ".hark" / "test-artifacts"))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -19,7 +19,7 @@ from hark import stack
 from hark.config import Settings
 
 from .conftest import ROOT, run_hark
-from .test_e2e import complete_record
+from .helpers import complete_record
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -118,8 +118,16 @@ def test_every_service_exposes_prometheus_metrics(live_stack, speech_dir):
 
     sid = Ingest(settings).publish_file(speech_dir / "goforward.wav").stream_id
     complete_record(settings, sid, timeout=60)
-    time.sleep(6)  # consumer lag is refreshed every 5 s
     services = stack.read_state(stack.stack_dir(settings, "pytest"))["services"]
+    groups = [s for s in services if stack.SERVICES[s["name"]][1]]
+
+    def lag_reported(svc) -> bool:  # refreshed every 5 s, one series per owned partition
+        m = scrape(svc["health_port"])
+        return len(m.get("hark_consumer_lag_records", [])) == value(m.get("hark_partitions_assigned", [])) > 0
+
+    deadline = time.monotonic() + 30
+    while not all(lag_reported(s) for s in groups) and time.monotonic() < deadline:
+        time.sleep(0.5)
     seen = set()
     for svc in services:
         m = scrape(svc["health_port"])
@@ -178,8 +186,10 @@ def test_replicas_split_partitions_and_no_stream_is_lost_when_one_dies(tmp_path,
         threads = [threading.Thread(target=publish, args=(f, sid)) for f, sid in zip(files, ids)]
         for t in threads:
             t.start()
-        time.sleep(3.0)
         victim = next(s for s in state["services"] if s["name"] == "online_asr")
+        deadline = time.monotonic() + 30  # killed mid-stream: once it decodes streams of its own
+        while value(scrape(victim["health_port"]).get("hark_open_streams", [])) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
         os.kill(victim["pid"], signal.SIGKILL)
         for t in threads:
             t.join(120)
@@ -215,7 +225,7 @@ def test_ab_candidate_model_and_compare_on_archived_streams(tmp_path, speech_dir
     from hark import serde
     from services.offline_asr.service import routed_to_candidate
 
-    from .test_e2e import collect
+    from .helpers import collect
 
     env = {
         "HARK_DATA_DIR": str(tmp_path / "d"),

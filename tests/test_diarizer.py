@@ -15,7 +15,7 @@ from services.diarizer.scoring import der, read_rttm
 from services.diarizer.stream import StreamDiarizer, merge_turns
 
 from .conftest import ROOT
-from .test_e2e import collect, complete_record, completed
+from .helpers import collect, complete_record, completed
 
 CONVERSATIONS = ROOT / "data" / "conversations"
 

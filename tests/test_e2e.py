@@ -10,48 +10,19 @@ import time
 import wave
 
 import pytest
+from confluent_kafka import TopicPartition
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from hark import kafka, serde, stack
 from hark.audio import read_pcm_file
-from hark.runtime import now_ms
+from hark.records import now_ms
 from hark.wer import WerScore, score
 
 from .conftest import run_hark
+from .helpers import collect, complete_record, completed
 
 pytestmark = pytest.mark.e2e
-
-
-def collect(settings, topic: str, until, timeout: float = 60.0) -> list[tuple[str, dict]]:
-    """Read ``topic`` from the beginning until ``until(records)`` is true."""
-    c = kafka.tail_consumer(settings, topic, from_beginning=True)
-    out: list[tuple[str, dict]] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            for m in c.consume(500, 0.1):
-                if not m.error():
-                    try:
-                        out.append(serde.decode(m.value()))
-                    except serde.SerdeError:  # bad records other tests put on the topic, tombstones
-                        continue
-            if until(out):
-                return out
-    finally:
-        c.close()
-    raise AssertionError(f"timed out on {topic}; got {len(out)} records")
-
-
-def completed(stream_id):
-    return lambda recs: any(
-        t == "Result" and r["stream_id"] == stream_id and r["kind"] == "STREAM_COMPLETE" for t, r in recs
-    )
-
-
-def complete_record(settings, stream_id, timeout=60.0) -> dict:
-    recs = collect(settings, settings.results_topic, completed(stream_id), timeout)
-    return next(r for t, r in recs if r["stream_id"] == stream_id and r["kind"] == "STREAM_COMPLETE")
 
 
 def test_hark_run_transcribes_real_speech_and_reports_a_bad_file(tmp_path, speech_dir, references):
@@ -255,8 +226,11 @@ def test_concurrent_streams_are_spread_over_the_audio_partitions(live_stack, spe
     try:
         while time.monotonic() < deadline and any(len(seen[sid]) < n for sid, n in records.items()):
             read(0.1)
-        time.sleep(0.5)  # anything more (a copy) would have arrived by now
-        read(0.5)
+        # then on to the end of every partition: a copy of any record would be there by now
+        ends = [TopicPartition(settings.audio_topic, p, c.get_watermark_offsets(
+            TopicPartition(settings.audio_topic, p), timeout=10)[1]) for p in range(partition_count)]  # fmt: skip
+        while time.monotonic() < deadline and any(pos.offset < end.offset for pos, end in zip(c.position(ends), ends)):
+            read(0.1)
     finally:
         c.close()
     partitions = {sid: {p for p, _ in recs} for sid, recs in seen.items()}
@@ -414,7 +388,7 @@ def test_publish_and_tail_clis(live_stack, speech_dir):
         cwd=ROOT,
     )
     try:
-        time.sleep(1.0)  # let tail position itself at the end of the topic first
+        assert tail.stderr is not None and tail.stderr.readline().startswith("hark: following")  # positioned
         pub = run_hark(
             "publish", str(speech_dir / "austen_passage.flac"), "--stream-id", sid, "--bootstrap", settings.bootstrap
         )

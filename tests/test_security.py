@@ -21,7 +21,7 @@ from hark.storage import archive_prefix, open_store
 from hark.tenants import create_token
 
 from .conftest import ROOT, run_hark
-from .test_e2e import complete_record
+from .helpers import complete_record
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +50,7 @@ def secured(live_stack, tmp_path_factory):
             stderr=open(d / "ingest.log", "wb"),
         ),
         subprocess.Popen(
-            [sys.executable, "-m", "hark", "serve", "--port", str(captions_port)],
+            [sys.executable, "-m", "hark_cli", "serve", "--port", str(captions_port)],
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,

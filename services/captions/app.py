@@ -35,7 +35,8 @@ from starlette.routing import Route
 
 from hark import kafka, serde
 from hark.config import Settings
-from hark.runtime import DeadLetters, HealthServer, Metrics, key_of, kv, now_ms, service_settings
+from hark.records import now_ms
+from hark.runtime import DeadLetters, HealthServer, Metrics, key_of, kv, service_settings
 from hark.tenants import Access, AccessDenied, request_token
 
 from . import exports
@@ -258,7 +259,7 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
             st = idx.stream(sid)
         finally:
             idx.close()
-        if not visible(st, tenant) or st["complete"] is None:
+        if st is None or not visible(st, tenant) or st["complete"] is None:
             return PlainTextResponse(f"stream {sid!r} has no final transcript (yet)\n", status_code=404)
         try:
             body = exports.export(st["complete"], fmt)

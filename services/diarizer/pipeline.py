@@ -111,7 +111,7 @@ class Diarizer:
         torch_device = torch.device(device)
         # oneDNN caches a kernel per input shape and the shapes here vary with speech: over a
         # 20-minute stream RSS grew 985 -> 1511 MB with it, and stays flat (~630 MB) without it.
-        torch.backends.mkldnn.enabled = False
+        torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a module flag typed as its descriptor
         segmentation = Model.from_pretrained(str(files["segmentation"]))
         self.embedding = CamPlusPlusEmbedding(files["embedding"], torch_device)
         # The pipeline's constructor resolves PLDA and embedding names through the hub: hand it ours.
@@ -119,10 +119,11 @@ class Diarizer:
         sd.get_plda = lambda plda, **kw: None
         sd.PretrainedSpeakerEmbedding = lambda embedding, **kw: embedding
         try:
+            # our objects, through the patched resolvers
             pipe = sd.SpeakerDiarization(
-                segmentation=segmentation,
-                embedding=self.embedding,
-                plda=None,
+                segmentation=segmentation,  # type: ignore[arg-type]
+                embedding=self.embedding,  # type: ignore[arg-type]
+                plda=None,  # type: ignore[arg-type]
                 clustering="AgglomerativeClustering",
                 segmentation_step=segmentation_step,
                 embedding_batch_size=16,

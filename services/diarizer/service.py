@@ -1,4 +1,4 @@
-"""diarizer: a consumer group of its own on the audio topic; speaker turns onto ``hark.speakers``.
+"""diarizer: speaker diarization as a processor on the audio topic; turns onto ``hark.speakers``.
 
 Per stream, a StreamDiarizer (``stream.py``) runs pyannote + CAM++ on blocks of
 ``diarizer_block_s`` as the audio arrives and publishes INCREMENTAL turns whose labels never
@@ -7,10 +7,9 @@ with the whole stream known, honouring ``num_speakers`` / ``min_speakers`` / ``m
 from the StreamStart metadata. Memory per stream: the context and one block of PCM plus one
 centroid per speaker per block.
 
-Commits are held at each open stream's first record: the full pass needs every block of the
-stream, so a restarted diarizer re-reads an open stream from its start (at ~0.1 s per audio
-second) instead of keeping state outside Kafka. The turns it already published are recomputed
-identically and not published again (runtime ``replaying``).
+No snapshot: the full pass needs every block of the stream, so a restarted diarizer re-reads an
+open stream from its start (at ~0.1 s per audio second) instead of keeping state outside Kafka.
+The turns it already published are recomputed identically and dropped by the runner.
 """
 
 from __future__ import annotations
@@ -18,14 +17,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from confluent_kafka import Message
 
 from hark.config import Settings
-from hark.runtime import AudioStreamService, InputError, check_chunk, kv, main_for, now_ms
+from hark.records import now_ms
+from hark.runtime import Chunk, InputError, Output, StreamInfo, StreamRunner, kv, main_for
 
 from .pipeline import MODEL_NAME, Diarizer, Turn
 from .stream import StreamDiarizer
@@ -33,16 +32,6 @@ from .stream import StreamDiarizer
 log = logging.getLogger("hark.diarizer")
 
 HINTS = ("num_speakers", "min_speakers", "max_speakers")
-
-
-@dataclass
-class DiarizedStream:
-    diarizer: StreamDiarizer
-    tenant: str
-    partition: int
-    next_seq: int
-    last_seen: float
-    published_at_ms: int = 0
 
 
 def speaker_hints(metadata: dict | None) -> dict[str, int]:
@@ -60,22 +49,85 @@ def speaker_hints(metadata: dict | None) -> dict[str, int]:
     return out
 
 
-class DiarizerService(AudioStreamService):
+class DiarizedStream:
+    """One stream's diarizer: a StreamProcessor."""
+
+    def __init__(self, owner: DiarizerProcessors, info: StreamInfo, diarizer: StreamDiarizer):
+        self.owner, self.info, self.diarizer = owner, info, diarizer
+        self.published_at_ms = 0
+
+    def feed(self, chunk: Chunk, replay: bool = False) -> list[Output]:
+        self.published_at_ms = chunk.published_at_ms
+        block = self._diarize(lambda: self.diarizer.push(np.frombuffer(chunk.pcm, dtype="<i2")))
+        return [] if block is None else [self._record("INCREMENTAL", *block)]
+
+    def snapshot(self) -> dict | None:
+        return None
+
+    def discard(self) -> None:
+        pass
+
+    def close(self, status: str, seq: int, replay: bool = False) -> list[Output]:
+        d, out = self.diarizer, []
+        t0 = time.perf_counter()
+        tail = self._diarize(d.flush)  # a stream shorter than a block is diarized only here
+        if tail is not None and tail[0]:
+            out.append(self._record("INCREMENTAL", *tail))
+        full = d.full_turns()
+        speakers = len({t.speaker for t in full})
+        out.append(
+            self.owner.record(
+                self.info,
+                "FULL",
+                full,
+                d.emitted_ms,
+                speakers,
+                int((time.perf_counter() - t0) * 1000),
+                self.published_at_ms,
+                status,
+            )
+        )
+        log.info(
+            "stream diarized",
+            extra=kv(
+                stream_id=self.info.stream_id,
+                speakers=speakers,
+                turns=len(full),
+                rtf=round(d.compute_s / max(d.audio_ms / 1000, 1e-3), 3),
+            ),
+        )
+        return out
+
+    def _diarize(self, step: Callable[[], list[Turn]]) -> tuple[list[Turn], float] | None:
+        """Run ``step`` (push or flush); if it diarized a block, its turns and compute seconds."""
+        before, covered = self.diarizer.compute_s, self.diarizer.emitted_ms
+        turns = step()
+        if self.diarizer.emitted_ms <= covered:
+            return None
+        return turns, self.diarizer.compute_s - before
+
+    def _record(self, kind: str, turns: list[Turn], secs: float) -> Output:
+        d = self.diarizer
+        return self.owner.record(
+            self.info, kind, turns, d.emitted_ms, d.speakers, int(secs * 1000), self.published_at_ms
+        )
+
+
+class DiarizerProcessors:
     name = "diarizer"
     group = "hark-diarizer"
 
     def __init__(self, settings: Settings, diarizer: Diarizer | None = None):
-        super().__init__(settings)
+        self.settings = settings
         if settings.diarizer_nice:
             os.nice(settings.diarizer_nice)
         torch.set_num_threads(max(1, settings.diarizer_threads))
         self.diarizer = diarizer or Diarizer()
-        self.streams: dict[str, DiarizedStream] = {}
         log.info("model loaded", extra=kv(model=MODEL_NAME, version=self.diarizer.model_version))
 
-    def _new(self, hints: dict[str, int]) -> StreamDiarizer:
+    def open(self, stream: StreamInfo) -> DiarizedStream:
         s = self.settings
-        return StreamDiarizer(
+        d = StreamDiarizer(
             self.diarizer,
             block_s=s.diarizer_block_s,
             context_s=s.diarizer_context_s,
@@ -83,106 +135,42 @@ class DiarizerService(AudioStreamService):
             cluster_threshold=s.diarizer_cluster_threshold,
             merge_threshold=s.diarizer_merge_threshold,
             min_speaker_s=s.diarizer_min_speaker_s,
-            **hints,
+            **speaker_hints(stream.metadata),
         )
+        if stream.start_ms:  # joined mid-way: the full pass cannot cover what came before
+            d.start_at(stream.start_ms)
+        return DiarizedStream(self, stream, d)
 
-    # -- records --------------------------------------------------------------------------------
-    def on_start(self, sid: str, rec: dict, msg: Message) -> None:
-        if sid in self.streams:
-            return
-        if len(self.streams) >= self.settings.max_streams:
-            raise InputError("capacity", f"diarizer at capacity ({self.settings.max_streams} streams); add a replica")
-        self.streams[sid] = DiarizedStream(
-            self._new(speaker_hints(rec.get("metadata"))), rec["tenant"], msg.partition(), 1, time.monotonic()
-        )
-        self.hold(sid, msg)
-        self.metrics.set("open_streams", len(self.streams))
+    def resume(self, stream: StreamInfo, state: dict) -> DiarizedStream:
+        raise AssertionError("the diarizer takes no snapshots")
 
-    def on_chunk(self, sid: str, rec: dict, msg: Message) -> None:
-        pcm = check_chunk(rec)
-        st = self.streams.get(sid)
-        if st is None:
-            # Its start was committed past (a restart after the hold moved) or never seen: the full
-            # pass cannot cover what came before, so diarize from here and say so in the log.
-            log.warning("stream joined mid-way", extra=kv(stream_id=sid, seq=rec["seq"]))
-            self.on_start(sid, {"tenant": rec["tenant"], "metadata": {}}, msg)
-            st = self.streams[sid]
-            st.next_seq = rec["seq"]
-            st.diarizer.start_at(rec["offset_samples"] // 16)
-        st.next_seq = rec["seq"] + 1
-        st.last_seen = time.monotonic()
-        st.published_at_ms = rec["published_at_ms"]
-        block = self._diarize(st, lambda: st.diarizer.push(np.frombuffer(pcm, dtype="<i2")))
-        if block is not None:
-            self._publish(sid, st, "INCREMENTAL", *block)
+    def end_unseen(self, stream: StreamInfo, status: str, seq: int) -> list[Output]:
+        log.warning("stream ended with no audio seen", extra=kv(stream_id=stream.stream_id))
+        return [self.record(stream, "FULL", [], 0, 0, 0, 0, status)]
 
-    def _diarize(self, st: DiarizedStream, step) -> tuple[list[Turn], float] | None:
-        """Run ``step`` (push or flush); if it diarized a block, count its decode time and return
-        its turns and compute seconds."""
-        before, covered = st.diarizer.compute_s, st.diarizer.emitted_ms
-        turns = step()
-        if st.diarizer.emitted_ms <= covered:
-            return None
-        self.observe_decode(st.diarizer.compute_s - before, (st.diarizer.emitted_ms - covered) / 1000)
-        return turns, st.diarizer.compute_s - before
+    def idle(self) -> list[Output]:
+        return []
 
-    def on_end(self, sid: str, rec: dict, msg: Message) -> None:
-        self._close(sid, rec["tenant"], str(rec["status"]))
+    def stats(self) -> dict[str, float]:
+        return {}
 
-    def _close(self, sid: str, tenant: str, status: str) -> None:
-        st = self.streams.pop(sid, None)
-        self.release(sid)
-        self.metrics.set("open_streams", len(self.streams))
-        if st is None:
-            log.warning("stream ended with no audio seen", extra=kv(stream_id=sid))
-            self._emit(sid, tenant, "FULL", [], 0, 0, 0, 0, status)
-            return
-        t0 = time.perf_counter()
-        tail = self._diarize(st, st.diarizer.flush)  # a stream shorter than a block is diarized only here
-        if tail is not None and tail[0]:
-            self._publish(sid, st, "INCREMENTAL", tail[0], time.perf_counter() - t0)
-        full = st.diarizer.full_turns()
-        self._emit(
-            sid,
-            st.tenant,
-            "FULL",
-            full,
-            st.diarizer.emitted_ms,
-            len({t.speaker for t in full}),
-            int((time.perf_counter() - t0) * 1000),
-            st.published_at_ms,
-            status,
-        )
-        log.info(
-            "stream diarized",
-            extra=kv(
-                stream_id=sid,
-                speakers=len({t.speaker for t in full}),
-                turns=len(full),
-                rtf=round(st.diarizer.compute_s / max(st.diarizer.audio_ms / 1000, 1e-3), 3),
-            ),
-        )
-
-    def _publish(self, sid: str, st: DiarizedStream, kind: str, turns: list[Turn], secs: float) -> None:
-        self._emit(
-            sid,
-            st.tenant,
-            kind,
-            turns,
-            st.diarizer.emitted_ms,
-            st.diarizer.speakers,
-            int(secs * 1000),
-            st.published_at_ms,
-        )
-
-    def _emit(self, sid, tenant, kind, turns, covered, speakers, compute_ms, published_at, status=None) -> None:
-        self.produce(
+    def record(
+        self,
+        info: StreamInfo,
+        kind: str,
+        turns: list[Turn],
+        covered: int,
+        speakers: int,
+        compute_ms: int,
+        published_at: int,
+        status: str | None = None,
+    ) -> Output:
+        return Output(
             self.settings.speakers_topic,
-            sid,
             "SpeakerTurns",
             {
-                "stream_id": sid,
-                "tenant": tenant,
+                "stream_id": info.stream_id,
+                "tenant": info.tenant,
                 "kind": kind,
                 "turns": [{"speaker": t.speaker, "start_ms": t.start_ms, "end_ms": t.end_ms} for t in turns],
                 "covered_until_ms": covered,
@@ -198,4 +186,4 @@ class DiarizerService(AudioStreamService):
 
 
 def main(argv: list[str] | None = None) -> None:
-    main_for(DiarizerService, argv)
+    main_for(lambda s: StreamRunner(s, DiarizerProcessors(s)), DiarizerProcessors.name, argv)

@@ -164,9 +164,9 @@ class StreamDiarizer:
         elif valid.sum() > 1:
             z = linkage(_unit(emb[valid]), method="average", metric="cosine")
             local[valid] = fcluster(z, self.cluster_threshold, criterion="distance") - 1
-        for i in np.nonzero(~valid)[0]:  # too short to embed: the nearest embedded neighbour's cluster
-            near = [j for j in np.argsort(np.abs(np.arange(len(subs)) - i)) if valid[j]]
-            local[i] = local[near[0]] if near else -1
+        for short in np.nonzero(~valid)[0]:  # too short to embed: the nearest embedded neighbour's cluster
+            near = [j for j in np.argsort(np.abs(np.arange(len(subs)) - short)) if valid[j]]
+            local[short] = local[near[0]] if near else -1
         k = int(local.max()) + 1 if len(local) else 0
         cents = np.zeros((k, emb.shape[1]))
         speech_ms = np.zeros(k)
@@ -303,7 +303,7 @@ class StreamDiarizer:
                 speech = np.array([w[labels == k].sum() for k in ks])
                 small = int(np.argmin(speech))
                 if speech[small] < min(self.min_speaker_ms, 0.1 * speech.sum()):  # short streams: relative
-                    i, j = int(np.argmax(sim[small])), small
+                    i, j = int(np.argmax(sim[small])), small  # type: ignore[assignment]
                 elif not (most and len(ks) > most):
                     return labels
             labels = np.where(labels == ks[j], ks[i], labels)

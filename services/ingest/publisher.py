@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +21,12 @@ from typing import BinaryIO
 from hark import kafka, serde
 from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, Chunker, DecodedAudio, SourceInfo
 from hark.config import Settings
-from hark.runtime import DeadLetters, Metrics, kv, now_ms
-from hark.storage import ObjectStore, archive_prefix, archived_meta, archived_pcm, open_store
+from hark.records import new_stream_id, now_ms
+from hark.runtime import DeadLetters, Metrics, kv
+from hark.storage import ObjectStore, archive_prefix, open_store
+
+from .archive import SegmentWriter
+from .placement import PartitionPlacer
 
 log = logging.getLogger("hark.ingest")
 
@@ -32,79 +34,10 @@ STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ChunkCallback = Callable[[int, int, int, int], None]  # seq, offset_samples, n_samples, published_at_ms
 
 
-def new_stream_id(hint: str = "stream") -> str:
-    base = re.sub(r"[^A-Za-z0-9._-]+", "-", hint).strip("-._")[:80] or "stream"
-    return f"{base}-{uuid.uuid4().hex[:8]}"
-
-
 def check_stream_id(stream_id: str) -> str:
     if not STREAM_ID_RE.match(stream_id):
         raise AudioError("bad_stream_id", f"invalid stream id {stream_id!r} (letters, digits, . _ -, max 128)")
     return stream_id
-
-
-class SegmentWriter:
-    """Buffers bytes into fixed-size archive objects: memory is one segment, whatever the length."""
-
-    def __init__(self, store: ObjectStore, prefix: str, segment_bytes: int, suffix: str):
-        self.store, self.prefix, self.segment_bytes, self.suffix = store, prefix, segment_bytes, suffix
-        self._buf = bytearray()
-        self.count = 0
-
-    def write(self, data: bytes) -> None:
-        self._buf += data
-        while len(self._buf) >= self.segment_bytes:
-            self._put(bytes(self._buf[: self.segment_bytes]))
-            del self._buf[: self.segment_bytes]
-
-    def close(self) -> None:
-        if self._buf:
-            self._put(bytes(self._buf))
-            self._buf.clear()
-
-    def _put(self, data: bytes) -> None:
-        self.store.put(f"{self.prefix}{self.count:06d}{self.suffix}", data)
-        self.count += 1
-
-
-class PartitionPlacer:
-    """Which audio partition a new stream goes to. All of a stream's records go to that one
-    partition (keyed by the stream id as before), so per-stream order holds either way.
-
-    "balanced" (default): the partition with the fewest streams this ingest has open, ties taken
-    in turn. A consumer group assigns partitions round-robin (cooperative-sticky: 2 online_asr
-    replicas get 0,2,4,6 and 1,3,5,7), so streams spread evenly over the replicas, where hashing
-    the stream id splits 12 streams 8/4 or worse one time in three and the busy replica (one core,
-    pocketsphinx holds the GIL) falls behind. "hash": the producer's key hash.
-    """
-
-    def __init__(self, mode: str, partitions: int, start: int | None = None):
-        if mode not in ("balanced", "hash"):
-            raise ValueError(f"audio placement must be balanced or hash, not {mode!r}")
-        self.mode = mode
-        self._open = [0] * partitions
-        # Ties go round the partitions, so streams one after another spread over all of them. The
-        # round starts at a random partition: placers know only their own streams, and ingest
-        # replicas (or clients with one Ingest per stream) that all began at 0 would pile their
-        # first streams onto partition 0.
-        self._next = random.randrange(max(partitions, 1)) if start is None else start
-        self._lock = threading.Lock()
-
-    def acquire(self) -> int | None:
-        """A partition for a new stream (None: let the producer hash the key)."""
-        if self.mode == "hash":
-            return None
-        with self._lock:
-            n, fewest = len(self._open), min(self._open)
-            p = next(p % n for p in range(self._next, self._next + n) if self._open[p % n] == fewest)
-            self._open[p] += 1
-            self._next = p + 1
-            return p
-
-    def release(self, partition: int | None) -> None:
-        if partition is not None:
-            with self._lock:
-                self._open[partition] -= 1
 
 
 @dataclass
@@ -425,45 +358,6 @@ class Ingest:
             source.seek(0)
             self.store.put(key, source, length=size)
             source.seek(position)
-
-    def replay(
-        self,
-        stream_id: str,
-        *,
-        new_id: str | None = None,
-        realtime: bool = False,
-        on_chunk: ChunkCallback | None = None,
-    ) -> StreamSummary:
-        """Re-publish an archived stream's normalised PCM as a new stream."""
-        try:
-            meta = archived_meta(self.store, stream_id)
-        except KeyError:
-            raise AudioError("not_archived", f"no archived stream {stream_id!r} in {self.store.uri}") from None
-        segments = archived_pcm(self.store, stream_id)
-        first = next(segments, None)
-        if first is None:
-            raise AudioError("not_archived", f"archived stream {stream_id!r} has no audio")
-        info = SourceInfo(
-            meta.get("source_format", "unknown"),
-            meta.get("source_sample_rate", TARGET_RATE),
-            meta.get("source_channels", 1),
-        )
-        pub = StreamPublisher(
-            self,
-            new_id or new_stream_id(f"{stream_id}-replay"),
-            meta.get("tenant", "default"),
-            info,
-            source_name=meta.get("source_name"),
-            language=meta.get("language", "en-US"),
-            metadata={**meta.get("metadata", {}), "replay_of": stream_id},
-            realtime=realtime,
-            on_chunk=on_chunk,
-        )
-        pub.start()
-        pub.push(first)
-        for pcm in segments:
-            pub.push(pcm)
-        return pub.finish()
 
 
 def _size_of(source) -> int:

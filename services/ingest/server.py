@@ -31,10 +31,12 @@ from websockets.exceptions import ConnectionClosed
 
 from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, PcmResampler, SourceInfo
 from hark.config import Settings
+from hark.records import new_stream_id
 from hark.runtime import HealthServer, Metrics, kv, service_settings
 from hark.tenants import Access, AccessDenied, request_token
 
-from .publisher import Ingest, SegmentWriter, StreamPublisher, check_stream_id, new_stream_id
+from .archive import SegmentWriter
+from .publisher import Ingest, StreamPublisher, check_stream_id
 
 log = logging.getLogger("hark.ingest")
 
@@ -48,6 +50,7 @@ class IngestServer:
         self.open_streams = 0
 
     async def handler(self, ws: ServerConnection) -> None:
+        assert ws.request is not None  # the handshake is done when the handler runs
         url = urlparse(ws.request.path)
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if url.path.rstrip("/") != "/v1/streams":
@@ -153,7 +156,11 @@ class IngestServer:
                 return  # closed without "end": nothing was published
             spool.seek(0)
             summary = await asyncio.to_thread(
-                self.ingest.publish_file, spool, stream_id=stream_id, tenant=tenant, language=q.get("language", "en-US")
+                self.ingest.publish_file,
+                spool,  # type: ignore[arg-type]  # a binary file object
+                stream_id=stream_id,
+                tenant=tenant,
+                language=q.get("language", "en-US"),
             )
         await ws.send(
             json.dumps(

@@ -107,7 +107,8 @@ def compare(
     for sid in stream_ids:
         meta = metas[sid]
         ref = reference_for(sid, meta, references or {})
-        row = {"stream_id": sid, "source_name": meta.get("source_name"), "reference": ref, "versions": []}
+        versions: list[dict] = []
+        row = {"stream_id": sid, "source_name": meta.get("source_name"), "reference": ref, "versions": versions}
         baseline = None
         for decoder, report in zip(decoders, reports):
             text, audio_s, decode_s = transcribe_archived(
@@ -116,7 +117,7 @@ def compare(
             report.streams += 1
             report.audio_s += audio_s
             report.decode_s += decode_s
-            entry = {"model": decoder.model_name, "text": text}
+            entry: dict = {"model": decoder.model_name, "text": text}
             if ref is not None:
                 sc = score(ref, text)
                 report.wer += sc
@@ -126,7 +127,7 @@ def compare(
                 baseline = text
             else:
                 report.agreement += score(baseline, text)
-            row["versions"].append(entry)
+            versions.append(entry)
         streams.append(row)
         if on_stream:
             on_stream(row)

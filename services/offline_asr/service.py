@@ -1,4 +1,4 @@
-"""offline_asr: a consumer group of its own on the audio topic; Whisper over pause-cut windows.
+"""offline_asr: Whisper over pause-cut windows, as a processor on the audio topic.
 
 Triggers: a window is decoded as soon as the stream has moved past a pause with at least
 ``offline_min_window_s`` of audio pending (so long streams are improved while they run), and
@@ -11,9 +11,8 @@ one window. The archive cannot serve this, because ingest writes its PCM in 30 s
 the open one only at stream end; it is the fallback for a stream whose audio this service
 never saw (StreamEnd without state), read in bounded windows.
 
-Commits are held at each open stream's first record. A restart re-reads open streams from their
-start, but windows whose output was produced before the last checkpoint (runtime ``replaying``)
-are only cut, not decoded: the VAD costs milliseconds per audio second. Window cuts depend only
+No snapshot: a restart re-reads open streams from their start, but windows fed again with
+``replay`` (their output was committed before the crash) are only cut, not decoded: the VAD costs milliseconds per audio second. Window cuts depend only
 on the audio, so the windows and their indices come out as in an uninterrupted run, and every
 window takes an index (one without text leaves a gap) so indices never depend on decoding.
 
@@ -30,12 +29,10 @@ import os
 import time
 import zlib
 from collections import deque
-from dataclasses import dataclass
-
-from confluent_kafka import Message
 
 from hark.config import Settings
-from hark.runtime import AudioStreamService, check_chunk, kv, main_for, now_ms
+from hark.records import now_ms
+from hark.runtime import Chunk, Output, StreamInfo, StreamRunner, kv, main_for
 from hark.storage import archived_meta, archived_pcm, open_store
 
 from .decoder import MAX_WINDOW_S, WhisperDecoder, whisper_language
@@ -46,34 +43,124 @@ log = logging.getLogger("hark.offline_asr")
 NBEST_QUEUE = 8  # windows (<= 30 s of PCM, ~1 MB each) waiting for their n-best; the oldest is dropped beyond
 
 
-@dataclass
-class OfflineStream:
-    windows: StreamWindows
-    tenant: str
-    language: str
-    partition: int
-    next_seq: int
-    last_seen: float
-    prompt: str = ""
-    segments: int = 0
-    last_published_at_ms: int = 0
-    candidate: bool = False  # also decoded by the A/B candidate model
-
-
 def routed_to_candidate(stream_id: str, fraction: float) -> bool:
     """The same answer for a stream id in every replica, restart and replay."""
     return fraction > 0 and zlib.crc32(stream_id.encode()) / 2**32 < fraction
 
 
-class OfflineASR(AudioStreamService):
+class OfflineStream:
+    """One stream's windows and decoding: a StreamProcessor."""
+
+    def __init__(self, owner: OfflineProcessors, info: StreamInfo, candidate: bool):
+        self.owner, self.info, self.candidate = owner, info, candidate
+        self.language = whisper_language(info.language)
+        self.windows = owner.new_windows(info.start_ms)
+        self.prompt = ""
+        self.segments = 0
+        self.published_at_ms = 0
+
+    def feed(self, chunk: Chunk, replay: bool = False) -> list[Output]:
+        self.published_at_ms = chunk.published_at_ms
+        return self.push(chunk.pcm, replay)
+
+    def push(self, pcm: bytes, replay: bool = False) -> list[Output]:
+        return [o for w in self.windows.push(pcm) for o in self._decode(w, replay)]
+
+    def snapshot(self) -> dict | None:
+        return None
+
+    def discard(self) -> None:
+        pass
+
+    def close(self, status: str, seq: int, replay: bool = False) -> list[Output]:
+        out = [o for w in self.windows.flush() for o in self._decode(w, replay)]
+        end = self.windows.end_ms
+        decoders = [self.owner.decoder] + ([self.owner.candidate] if self.candidate and self.owner.candidate else [])
+        for decoder in decoders:
+            out.append(
+                self.owner.record(
+                    self.info,
+                    "STREAM_END",
+                    self.segments,
+                    end,
+                    end,
+                    "",
+                    [],
+                    [],
+                    self.language,
+                    0,
+                    self.published_at_ms,
+                    end_status=status,
+                    decoder=decoder,
+                )
+            )
+        log.info("stream decoded", extra=kv(stream_id=self.info.stream_id, status=status, segments=self.segments))
+        return out
+
+    def _decode(self, w: Window, replay: bool) -> list[Output]:
+        o, s, info = self.owner, self.owner.settings, self.info
+        index = self.segments
+        self.segments = index + 1
+        if replay and not s.offline_prompt_chars:
+            return []  # its records exist already (with a prompt, the text is needed for the next one)
+        out = []
+        prompt = self._prompt()
+        d = o.decoder.decode(w.pcm, w.start_ms, prompt=prompt, language=self.language)
+        if self.candidate and o.candidate:  # after the primary (whose text users wait for); same window, same index
+            c = o.candidate.decode(w.pcm, w.start_ms, prompt=prompt, language=self.language)
+            if c.text:
+                out.append(
+                    o.record(
+                        info,
+                        "SEGMENT",
+                        index,
+                        w.start_ms,
+                        w.end_ms,
+                        c.text,
+                        c.words,
+                        [],
+                        c.language,
+                        int(c.decode_s * 1000),
+                        self.published_at_ms,
+                        decoder=o.candidate,
+                    )
+                )
+        if not d.text:
+            return out
+        out.append(
+            o.record(
+                info,
+                "SEGMENT",
+                index,
+                w.start_ms,
+                w.end_ms,
+                d.text,
+                d.words,
+                [],
+                d.language,
+                int(d.decode_s * 1000),
+                self.published_at_ms,
+            )
+        )
+        if s.offline_nbest > 1:
+            o.queue_nbest(info, index, w, prompt, self.language)
+        if s.offline_prompt_chars:
+            self.prompt = (self.prompt + " " + d.text)[-s.offline_prompt_chars :]
+        return out
+
+    def _prompt(self) -> str | None:
+        chars = self.owner.settings.offline_prompt_chars
+        return self.prompt[-chars:] if chars else None
+
+
+class OfflineProcessors:
     name = "offline_asr"
     group = "hark-offline-asr"
 
     def __init__(self, settings: Settings, decoder: WhisperDecoder | None = None):
-        super().__init__(settings)
-        if settings.offline_nice:
-            os.nice(settings.offline_nice)
-        s = settings
+        self.settings = s = settings
+        if s.offline_nice:
+            os.nice(s.offline_nice)
         self.decoder = decoder or WhisperDecoder(
             s.offline_model, s.offline_device, s.offline_compute_type, s.offline_cpu_threads, s.offline_beam_size
         )
@@ -86,8 +173,9 @@ class OfflineASR(AudioStreamService):
                 s.offline_cpu_threads,
                 s.offline_beam_size,
             )
-        self.streams: dict[str, OfflineStream] = {}
         self.nbest_jobs: deque = deque()
+        self.nbest_dropped = 0
+        self.archive_fallbacks = 0
         self.store = open_store(settings)
         log.info(
             "model loaded",
@@ -99,188 +187,49 @@ class OfflineASR(AudioStreamService):
             ),
         )
 
-    def _new_windows(self, start_ms: int) -> StreamWindows:
+    def new_windows(self, start_ms: int) -> StreamWindows:
         s = self.settings
         return StreamWindows(
             start_ms, int(s.offline_min_window_s * 1000), int(min(s.offline_max_window_s, MAX_WINDOW_S) * 1000)
         )
 
-    # -- records ------------------------------------------------------------------------------
-    def on_start(self, sid: str, rec: dict, msg: Message) -> None:
-        if sid not in self.streams:
-            self._open(sid, rec["tenant"], rec["language"], msg, 1, 0)
-
-    def on_chunk(self, sid: str, rec: dict, msg: Message) -> None:
-        self._chunk(sid, rec, msg)
-
-    def on_end(self, sid: str, rec: dict, msg: Message) -> None:
-        self._close(sid, rec["tenant"], str(rec["status"]))
-
-    def _open(self, sid, tenant, language, msg, next_seq, start_ms) -> OfflineStream:
-        st = OfflineStream(
-            self._new_windows(start_ms),
-            tenant,
-            whisper_language(language),
-            msg.partition(),
-            next_seq,
-            time.monotonic(),
-            candidate=self._routed(sid),
+    def open(self, stream: StreamInfo) -> OfflineStream:
+        routed = self.candidate is not None and routed_to_candidate(
+            stream.stream_id, self.settings.offline_candidate_fraction
         )
-        self.streams[sid] = st
-        self.hold(sid, msg)
-        self.metrics.set("open_streams", len(self.streams))
-        return st
+        return OfflineStream(self, stream, routed)
 
-    def _chunk(self, sid: str, rec: dict, msg: Message) -> None:
-        pcm = check_chunk(rec)
-        st = self.streams.get(sid)
-        if st is None:  # its start was never seen (committed past by an older version): decode from here
-            log.warning("stream joined mid-way", extra=kv(stream_id=sid, seq=rec["seq"]))
-            st = self._open(sid, rec["tenant"], None, msg, rec["seq"], rec["offset_samples"] // 16)
-        st.next_seq = rec["seq"] + 1
-        st.last_seen = time.monotonic()
-        st.last_published_at_ms = rec["published_at_ms"]
-        for window in st.windows.push(pcm):
-            self._decode(sid, st, window)
+    def resume(self, stream: StreamInfo, state: dict) -> OfflineStream:
+        raise AssertionError("offline_asr takes no snapshots")
 
-    def _close(self, sid: str, tenant: str, status: str) -> None:
-        st = self.streams.pop(sid, None)
-        if st is None:
-            st = self._from_archive(sid, tenant)
-        if st is not None:
-            for window in st.windows.flush():
-                self._decode(sid, st, window)
-            tenant = st.tenant
-        self.release(sid)
-        self.metrics.set("open_streams", len(self.streams))
-        end = st.windows.end_ms if st else 0
-        for decoder in [self.decoder] + ([self.candidate] if st and st.candidate else []):
-            self.produce(
-                self.settings.offline_topic,
-                sid,
-                "OfflineTranscript",
-                self._record(
-                    sid,
-                    tenant,
-                    "STREAM_END",
-                    st.segments if st else 0,
-                    end,
-                    end,
-                    "",
-                    [],
-                    [],
-                    st.language if st else "en",
-                    0,
-                    st.last_published_at_ms if st else 0,
-                    end_status=status,
-                    decoder=decoder,
-                ),
-            )
-        log.info("stream decoded", extra=kv(stream_id=sid, status=status, segments=st.segments if st else 0))
-
-    def _from_archive(self, sid: str, tenant: str) -> OfflineStream | None:
-        """A stream this service has no state for: decode it from the archive, if it is there."""
+    def end_unseen(self, stream: StreamInfo, status: str, seq: int) -> list[Output]:
+        """A stream this process has no state for: decode it from the archive, if it is there."""
         try:
-            meta = archived_meta(self.store, sid)
+            meta = archived_meta(self.store, stream.stream_id)
         except KeyError:
-            log.warning("stream ended with no audio seen and none archived", extra=kv(stream_id=sid))
-            return None
-        st = OfflineStream(
-            self._new_windows(0),
-            meta.get("tenant", tenant),
-            whisper_language(meta.get("language")),
-            -1,
-            0,
-            time.monotonic(),
-            candidate=self._routed(sid),
-        )
-        for pcm in archived_pcm(self.store, sid):  # one 30 s segment in memory at a time
-            for window in st.windows.push(pcm):
-                self._decode(sid, st, window)
-        self.metrics.inc("archive_fallbacks_total")
-        return st
+            log.warning("stream ended with no audio seen and none archived", extra=kv(stream_id=stream.stream_id))
+            return [self.record(stream, "STREAM_END", 0, 0, 0, "", [], [], "en", 0, 0, end_status=status)]
+        proc = self.open(StreamInfo(stream.stream_id, meta.get("tenant", stream.tenant), meta.get("language")))
+        out = [o for pcm in archived_pcm(self.store, stream.stream_id) for o in proc.push(pcm)]
+        self.archive_fallbacks += 1
+        return out + proc.close(status, seq)
 
-    # -- decoding -------------------------------------------------------------------------------
-    def _routed(self, sid: str) -> bool:
-        return self.candidate is not None and routed_to_candidate(sid, self.settings.offline_candidate_fraction)
+    def queue_nbest(self, info: StreamInfo, index: int, w: Window, prompt: str | None, language: str | None) -> None:
+        if len(self.nbest_jobs) >= NBEST_QUEUE:
+            self.nbest_jobs.popleft()
+            self.nbest_dropped += 1
+        self.nbest_jobs.append((info, index, w, prompt, language))
 
-    def _decode(self, sid: str, st: OfflineStream, w: Window) -> None:
-        index = st.segments
-        st.segments = index + 1
-        if self.replaying and not self.settings.offline_prompt_chars:
-            return  # its records exist already (with a prompt, the text is needed for the next one)
-        d = self.decoder.decode(w.pcm, w.start_ms, prompt=self._prompt(st), language=st.language)
-        self.observe_decode(d.decode_s, len(w.pcm) / 16000, model=self.decoder.model_name)
-        if st.candidate:  # after the primary (whose text users wait for); same window, same index
-            c = self.candidate.decode(w.pcm, w.start_ms, prompt=self._prompt(st), language=st.language)
-            self.observe_decode(c.decode_s, len(w.pcm) / 16000, model=self.candidate.model_name)
-            if c.text:
-                self.produce(
-                    self.settings.offline_topic,
-                    sid,
-                    "OfflineTranscript",
-                    self._record(
-                        sid,
-                        st.tenant,
-                        "SEGMENT",
-                        index,
-                        w.start_ms,
-                        w.end_ms,
-                        c.text,
-                        c.words,
-                        [],
-                        c.language,
-                        int(c.decode_s * 1000),
-                        st.last_published_at_ms,
-                        decoder=self.candidate,
-                    ),
-                )
-        if not d.text:
-            return
-        self.produce(
-            self.settings.offline_topic,
-            sid,
-            "OfflineTranscript",
-            self._record(
-                sid,
-                st.tenant,
-                "SEGMENT",
-                index,
-                w.start_ms,
-                w.end_ms,
-                d.text,
-                d.words,
-                [],
-                d.language,
-                int(d.decode_s * 1000),
-                st.last_published_at_ms,
-            ),
-        )
-        if self.settings.offline_nbest > 1:
-            if len(self.nbest_jobs) >= NBEST_QUEUE:
-                self.nbest_jobs.popleft()
-                self.metrics.inc("nbest_dropped_total")
-            self.nbest_jobs.append((sid, st.tenant, index, w, self._prompt(st), st.language))
-        if self.settings.offline_prompt_chars:
-            st.prompt = (st.prompt + " " + d.text)[-self.settings.offline_prompt_chars :]
-
-    def _prompt(self, st: OfflineStream) -> str | None:
-        return st.prompt[-self.settings.offline_prompt_chars :] if self.settings.offline_prompt_chars else None
-
-    def idle(self) -> None:
-        super().idle()
+    def idle(self) -> list[Output]:
+        """One window's n-best list (they cost another decode and nobody waits on them)."""
         if not self.nbest_jobs:
-            return
-        sid, tenant, index, w, prompt, language = self.nbest_jobs.popleft()
+            return []
+        info, index, w, prompt, language = self.nbest_jobs.popleft()
         t0 = time.perf_counter()
         hyps = self.decoder.nbest(w.pcm, self.settings.offline_nbest, prompt=prompt, language=language)
-        self.produce(
-            self.settings.offline_topic,
-            sid,
-            "OfflineTranscript",
-            self._record(
-                sid,
-                tenant,
+        return [
+            self.record(
+                info,
                 "NBEST",
                 index,
                 w.start_ms,
@@ -291,47 +240,54 @@ class OfflineASR(AudioStreamService):
                 language,
                 int((time.perf_counter() - t0) * 1000),
                 0,
-            ),
-        )
+            )
+        ]
 
-    def _record(
+    def stats(self) -> dict[str, float]:
+        return {"nbest_dropped_total": self.nbest_dropped, "archive_fallbacks_total": self.archive_fallbacks}
+
+    def record(
         self,
-        sid,
-        tenant,
-        kind,
-        index,
-        start_ms,
-        end_ms,
-        text,
-        words,
-        nbest,
-        language,
-        decode_ms,
-        published_at,
-        end_status=None,
+        info: StreamInfo,
+        kind: str,
+        index: int,
+        start_ms: int,
+        end_ms: int,
+        text: str,
+        words: list,
+        nbest: list,
+        language: str | None,
+        decode_ms: int,
+        published_at: int,
+        end_status: str | None = None,
         decoder: WhisperDecoder | None = None,
-    ) -> dict:
+    ) -> Output:
+        """An OfflineTranscript record (schemas/hark.OfflineTranscript.avsc)."""
         decoder = decoder or self.decoder
-        return {
-            "stream_id": sid,
-            "tenant": tenant,
-            "kind": kind,
-            "segment_index": index,
-            "start_ms": start_ms,
-            "end_ms": end_ms,
-            "text": text,
-            "words": words,
-            "nbest": nbest,
-            "language": language,
-            "decode_ms": decode_ms,
-            "end_status": end_status,
-            "audio_published_at_ms": published_at,
-            "emitted_at_ms": now_ms(),
-            "model_name": decoder.model_name,
-            "model_version": decoder.model_version,
-            "variant": "primary" if decoder is self.decoder else "candidate",
-        }
+        return Output(
+            self.settings.offline_topic,
+            "OfflineTranscript",
+            {
+                "stream_id": info.stream_id,
+                "tenant": info.tenant,
+                "kind": kind,
+                "segment_index": index,
+                "start_ms": start_ms,
+                "end_ms": end_ms,
+                "text": text,
+                "words": words,
+                "nbest": nbest,
+                "language": language,
+                "decode_ms": decode_ms,
+                "end_status": end_status,
+                "audio_published_at_ms": published_at,
+                "emitted_at_ms": now_ms(),
+                "model_name": decoder.model_name,
+                "model_version": decoder.model_version,
+                "variant": "primary" if decoder is self.decoder else "candidate",
+            },
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    main_for(OfflineASR, argv)
+    main_for(lambda s: StreamRunner(s, OfflineProcessors(s)), OfflineProcessors.name, argv)

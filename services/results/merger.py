@@ -26,8 +26,8 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
-from hark.records import result_record
-from hark.runtime import RecentIds, now_ms
+from hark.records import now_ms, result_record
+from hark.runtime import RecentIds
 
 PASSES = ("online", "offline", "diarizer")
 MAX_TURNS = 20000  # incremental turns kept per stream to label words (~16 h of conversation)
@@ -88,7 +88,7 @@ def assign_speakers(words: list[dict], turns: list[dict], reach_ms: int = 1000) 
             score = overlap if overlap > 0 else overlap - 1  # any overlap beats a near miss
             if best_score is None or score > best_score:
                 best, best_score = t, score
-        speaker = best["speaker"] if best is not None and best_score > -reach_ms else None
+        speaker = best["speaker"] if best is not None and best_score is not None and best_score > -reach_ms else None
         out.append({**w, "speaker": speaker})
     return out
 
@@ -202,9 +202,10 @@ class ResultsMerger:
             return self._maybe_complete(rec["stream_id"], rec)
         raise ValueError(f"unknown offline transcript kind {kind}")
 
-    def expire(self) -> list[dict]:
-        """Complete streams whose offline pass is overdue, with the online text."""
-        now, out = time.monotonic(), []
+    def expire(self, now: float | None = None) -> list[dict]:
+        """Complete streams whose offline pass is overdue, with the online text (``now``: a
+        monotonic time, default the present)."""
+        now, out = time.monotonic() if now is None else now, []
         for sid, st in list(self.streams.items()):
             if st.online_ended_at is not None and now - st.online_ended_at > self.offline_timeout_s:
                 out += self._complete(sid, reason="offline pass did not finish in time")

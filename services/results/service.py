@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from confluent_kafka import Message
 
+from hark import kafka
 from hark.config import Settings
 from hark.runtime import ConsumerService, InputError, main_for
 
@@ -40,7 +41,8 @@ class Results(ConsumerService):
             merge = self.merger.on_speakers
         else:
             raise InputError("unexpected_record", f"{rtype} does not belong on {msg.topic()}")
-        sid, tp = rec["stream_id"], (msg.topic(), msg.partition())
+        topic, partition, _ = kafka.position(msg)
+        sid, tp = rec["stream_id"], (topic, partition)
         if self.finished_before_checkpoint(f"{sid}@{msg.topic()}"):
             return
         self._publish(merge(rec))
@@ -55,9 +57,9 @@ class Results(ConsumerService):
         for result in results:
             self.produce(self.settings.results_topic, result["stream_id"], "Result", result)
             if result["kind"] == "STREAM_COMPLETE":
-                self._forget(result["stream_id"])
+                self._release_stream(result["stream_id"])
 
-    def _forget(self, sid: str) -> None:
+    def _release_stream(self, sid: str) -> None:
         for topic, _ in self.partitions_of.pop(sid, ()):
             self.release(f"{sid}@{topic}")
 
@@ -65,16 +67,16 @@ class Results(ConsumerService):
         if self.sweep_due():
             self._publish(self.merger.expire())
             for sid in [s for s in self.partitions_of if not self.merger.is_open(s)]:
-                self._forget(sid)  # abandoned by the merger: release its holds
+                self._release_stream(sid)  # abandoned by the merger: release its holds
             self.metrics.set("streams_abandoned", self.merger.abandoned)
 
-    def partitions_revoked(self, partitions):
+    def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
         # Streams on revoked partitions are rebuilt by their new owner from the held offsets.
         gone = set(partitions)
         for sid in [s for s, tps in self.partitions_of.items() if tps & gone]:
             self.merger.streams.pop(sid, None)
-            self._forget(sid)
+            self._release_stream(sid)
 
 
 def main(argv: list[str] | None = None) -> None:
-    main_for(Results, argv)
+    main_for(Results, Results.name, argv)

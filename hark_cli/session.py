@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kafka, serde
-from .audio import TARGET_RATE, AudioError
-from .config import Settings
-from .runtime import now_ms
+from hark import kafka, serde
+from hark.audio import TARGET_RATE, AudioError
+from hark.config import Settings
+from hark.records import now_ms
 
 
 @dataclass
@@ -282,7 +282,7 @@ def expected_seconds(path: str) -> float | None:
 def file_runs(
     ingest, files: list[str], realtime: bool, settings: Settings, tenant: str = "default", metadata: dict | None = None
 ) -> list[StreamRun]:
-    from services.ingest.publisher import new_stream_id
+    from hark.records import new_stream_id
 
     runs = []
     for f in files:

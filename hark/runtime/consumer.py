@@ -1,6 +1,7 @@
-"""What every hark service process shares: logging, health/metrics, dead letters, the loop.
+"""The consume-transform-produce loop every hark consumer service runs.
 
-A service subclasses ConsumerService and implements ``handle``. The loop guarantees:
+A service subclasses ConsumerService and implements ``handle`` (StreamRunner does, for the
+processors of the audio topic). The loop guarantees:
 - a record that cannot be read or processed goes to the dead-letter topic with the reason and
   the loop goes on (other streams are untouched);
 - exactly once: the output produced for a batch of input (and its dead letters) is committed in
@@ -21,248 +22,21 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
-from collections import OrderedDict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
-from . import kafka, serde
-from .config import Settings
-from .transactions import Transactions
+from .. import kafka, serde
+from ..config import Settings
+from ..transactions import Transactions
+from .deadletters import DeadLetters, InputError
+from .observe import HealthServer, Metrics, kv
 
 log = logging.getLogger("hark")
 
-DEADLETTER_PAYLOAD_CAP = 1024 * 1024
 
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-# ---- logging ------------------------------------------------------------------------------
-class JsonFormatter(logging.Formatter):
-    def __init__(self, service: str):
-        super().__init__()
-        self.service = service
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": round(record.created, 3),
-            "level": record.levelname,
-            "service": self.service,
-            "msg": record.getMessage(),
-        }
-        out.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-def setup_logging(service: str, level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(service))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-
-
-def kv(**fields) -> dict:
-    """``log.info("msg", extra=kv(stream_id=...))`` puts fields into the JSON line."""
-    return {"fields": fields}
-
-
-# ---- metrics and health ----------------------------------------------------------------------
-class Metrics:
-    """Counters and gauges, optionally labelled, rendered in the Prometheus text format."""
-
-    def __init__(self, service: str):
-        self.service = service
-        self._lock = threading.Lock()
-        self._values: dict[tuple[str, tuple], float] = {}  # (name, labels) -> value
-        self._kinds: dict[str, str] = {}  # name -> counter | gauge
-
-    def inc(self, name: str, by: float = 1.0, **labels) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            self._kinds.setdefault(name, "counter")
-            self._values[key] = self._values.get(key, 0.0) + by
-
-    def set(self, name: str, value: float, **labels) -> None:
-        with self._lock:
-            self._kinds.setdefault(name, "gauge")
-            self._values[(name, tuple(sorted(labels.items())))] = value
-
-    def drop(self, name: str, **labels) -> None:
-        """Forget a labelled series (e.g. the lag of a partition this process no longer owns)."""
-        with self._lock:
-            self._values.pop((name, tuple(sorted(labels.items()))), None)
-
-    def get(self, name: str, **labels) -> float:
-        with self._lock:
-            return self._values.get((name, tuple(sorted(labels.items()))), 0.0)
-
-    def render(self) -> str:
-        lines = []
-        with self._lock:
-            by_name: dict[str, list] = {}
-            for (name, labels), v in sorted(self._values.items(), key=lambda kv_: (kv_[0][0], str(kv_[0][1]))):
-                by_name.setdefault(name, []).append((labels, v))
-            for name, series in by_name.items():
-                full = f"hark_{name}"
-                lines.append(f"# TYPE {full} {self._kinds[name]}")
-                for labels, v in series:
-                    text = ",".join(f'{k}="{_escape(str(val))}"' for k, val in (("service", self.service), *labels))
-                    lines.append(f"{full}{{{text}}} {v}")
-        return "\n".join(lines) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-class HealthServer:
-    """``/healthz`` (200 when the service says it is healthy, else 503) and ``/metrics``."""
-
-    def __init__(self, host: str, port: int, service: str, healthy, metrics: Metrics):
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path.startswith("/healthz"):
-                    ok, detail = healthy()
-                    body = json.dumps({"service": service, "status": "ok" if ok else "unhealthy", **detail})
-                    self._send(200 if ok else 503, body.encode(), "application/json")
-                elif self.path.startswith("/metrics"):
-                    self._send(200, metrics.render().encode(), "text/plain; version=0.0.4")
-                else:
-                    self._send(404, b"not found\n", "text/plain")
-
-            def _send(self, code, body, ctype):
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="health", daemon=True)
-        outer._thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-# ---- dead letters ---------------------------------------------------------------------------
-class DeadLetters:
-    """``send_record(topic, key, value)`` produces (a transactional service passes its own, so the
-    dead letter commits with the offset of the record it replaces); default the producer's."""
-
-    def __init__(self, producer, settings: Settings, service: str, metrics: Metrics, send_record=None):
-        self.producer, self.topic, self.service, self.metrics = producer, settings.deadletter_topic, service, metrics
-        self.send_record = send_record or (lambda topic, key, value: producer.produce(topic, key=key, value=value))
-
-    def send(
-        self,
-        error_type: str,
-        reason: str,
-        *,
-        msg: Message | None = None,
-        stream_id: str | None = None,
-        tenant: str | None = None,
-        payload: bytes | None = None,
-        payload_size: int | None = None,
-    ) -> None:
-        if msg is not None and payload is None:
-            payload = msg.value()
-        size = payload_size if payload_size is not None else (len(payload) if payload else 0)
-        record = {
-            "service": self.service,
-            "error_type": error_type,
-            "reason": reason[:2000],
-            "stream_id": stream_id,
-            "tenant": tenant,
-            "source_topic": msg.topic() if msg is not None else None,
-            "source_partition": msg.partition() if msg is not None else None,
-            "source_offset": msg.offset() if msg is not None else None,
-            "key": msg.key() if msg is not None else (stream_id.encode() if stream_id else None),
-            "payload": payload[:DEADLETTER_PAYLOAD_CAP] if payload else None,
-            "payload_size": size,
-            "failed_at_ms": now_ms(),
-        }
-        self.send_record(self.topic, record["key"], serde.encode("DeadLetter", record))
-        self.metrics.inc("deadletters_total")
-        log.warning("dead-lettered: %s", reason, extra=kv(error_type=error_type, stream_id=stream_id))
-
-
-class InputError(ValueError):
-    """A record that is well-formed Avro but cannot be processed (bad PCM, wrong rate...)."""
-
-    def __init__(self, kind: str, reason: str):
-        super().__init__(reason)
-        self.kind, self.reason = kind, reason
-
-
-MAX_CHUNK_BYTES = 16000 * 2 * 10  # 10 s; a chunk is 200 ms by default, anything this big is an error
-
-
-def check_chunk(rec: dict) -> bytes:
-    """The PCM of an AudioChunk record, or InputError saying what is wrong with it."""
-    pcm = rec["pcm"]
-    if rec["sample_rate"] != 16000:
-        raise InputError("bad_sample_rate", f"chunk sample rate {rec['sample_rate']} (expected 16000)")
-    if len(pcm) % 2:
-        raise InputError("bad_pcm", f"chunk has an odd byte count ({len(pcm)}) for 16-bit PCM")
-    if len(pcm) > MAX_CHUNK_BYTES:
-        raise InputError("chunk_too_large", f"chunk of {len(pcm)} bytes exceeds {MAX_CHUNK_BYTES}")
-    return pcm
-
-
-class RecentIds:
-    """The last ``size`` ids added, oldest forgotten first: enough to drop late copies of records
-    of finished streams without remembering every stream forever."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
-
-    def add(self, key: str) -> None:
-        self._ids[key] = None
-        while len(self._ids) > self.size:
-            self._ids.popitem(last=False)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._ids
-
-
-class SequenceCheck:
-    """One stream's chunk sequence numbers. The log holds a stream's chunks in order, once each
-    (one partition, an idempotent producer), so a number out of line is a producer's fault: a
-    repeated chunk is dropped, a missing one counted and logged, and the stream goes on."""
-
-    def __init__(self, next_seq: int, metrics: Metrics):
-        self.next_seq, self.metrics = next_seq, metrics
-
-    def accept(self, rec: dict) -> bool:
-        seq = rec["seq"]
-        if seq < self.next_seq:
-            self.metrics.inc("duplicate_chunks_total")
-            return False
-        if seq > self.next_seq:
-            self.metrics.inc("sequence_gaps_total")
-            log.warning("sequence gap", extra=kv(stream_id=rec["stream_id"], missing=f"{self.next_seq}..{seq - 1}"))
-        self.next_seq = seq + 1
-        return True
-
-
-# ---- the consumer loop ----------------------------------------------------------------------
 class ConsumerService:
     name = "service"
     group = "hark-service"
@@ -346,7 +120,8 @@ class ConsumerService:
 
         ``state`` (JSON-able) is what the service needs to resume ``key`` from that offset; it goes
         into the partition's checkpoint and comes back through ``restored``."""
-        self._holds[key] = (msg.topic(), msg.partition(), msg.offset() if offset is None else offset)
+        topic, partition, at = kafka.position(msg)
+        self._holds[key] = (topic, partition, at if offset is None else offset)
         if state is not None:
             self._hold_states[key] = state
         else:
@@ -469,24 +244,27 @@ class ConsumerService:
             log.info("stopped")
 
     def _process(self, msg: Message) -> None:
-        if msg.error():
-            if msg.error().code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error: %s", msg.error())
+        error = msg.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", error)
             return
-        self.metrics.inc("records_in_total", topic=msg.topic())
-        tp = (msg.topic(), msg.partition())
-        if msg.value() is None:  # a tombstone (erasure) on a compacted topic: nothing to process
-            self.metrics.inc("tombstones_total", topic=msg.topic())
-            self._positions[tp] = msg.offset() + 1
+        topic, partition, offset = kafka.position(msg)
+        self.metrics.inc("records_in_total", topic=topic)
+        tp = (topic, partition)
+        value = msg.value()
+        if value is None:  # a tombstone (erasure) on a compacted topic: nothing to process
+            self.metrics.inc("tombstones_total", topic=topic)
+            self._positions[tp] = offset + 1
             return
-        self.replaying = msg.offset() < self._replay_until.get(tp, -1)
+        self.replaying = offset < self._replay_until.get(tp, -1)
         try:
-            self.guarded(msg, lambda: self.handle(*serde.decode(msg.value()), msg))
+            self.guarded(msg, lambda: self.handle(*serde.decode(value), msg))
         finally:
             self.replaying = False
-        self._positions[tp] = max(self._positions.get(tp, 0), msg.offset() + 1)  # a re-read never moves it back
+        self._positions[tp] = max(self._positions.get(tp, 0), offset + 1)  # a re-read never moves it back
 
-    def guarded(self, msg: Message, work) -> None:
+    def guarded(self, msg: Message, work: Callable[[], None]) -> None:
         """Run ``work`` for ``msg``; whatever it fails with goes to the dead-letter topic as msg's
         failure (unless replaying: it was dead-lettered before the last checkpoint already)."""
         try:
@@ -557,13 +335,13 @@ class ConsumerService:
     def _on_revoke(self, consumer, partitions):
         self._commit()  # hand the partitions over with everything done so far committed
         self.transactions.wait()
-        self._forget([(p.topic, p.partition) for p in partitions])
+        self._drop_partitions([(p.topic, p.partition) for p in partitions])
 
     def _on_lost(self, consumer, partitions):
         # Another member owns them already: this transaction would be fenced. Restart clean.
         raise RuntimeError(f"partitions lost to the group: {[p.partition for p in partitions]}")
 
-    def _forget(self, gone: list[tuple[str, int]]) -> None:
+    def _drop_partitions(self, gone: list[tuple[str, int]]) -> None:
         self.partitions_revoked(gone)
         gone_set = set(gone)
         self._holds = {k: h for k, h in self._holds.items() if (h[0], h[1]) not in gone_set}
@@ -579,123 +357,9 @@ class ConsumerService:
         log.info("partitions revoked", extra=kv(partitions=[p for _, p in gone]))
 
 
-class AudioStreamService(ConsumerService):
-    """A consumer of the audio topic: checks each record's key and chunk sequence and routes
-    records by stream event. A stream resumed from a commit's metadata skips its records before
-    its resume offset (another stream's hold on the partition may start earlier)."""
-
-    ENDED_REMEMBERED = 10_000  # stream ids (~1 MB)
-
-    def __init__(self, settings: Settings):
-        super().__init__(settings)
-        self._order: dict[str, SequenceCheck] = {}
-        # A partition is re-read from its oldest hold after a restart, so streams that ended
-        # after that point come again; their records after the end are not a new stream.
-        self._ended = RecentIds(self.ENDED_REMEMBERED)
-
-    @property
-    def topics(self) -> list[str]:
-        return [self.settings.audio_topic]
-
-    def handle(self, rtype: str, rec: dict, msg: Message) -> None:
-        sid = rec["stream_id"]
-        if msg.key() is not None and msg.key() != sid.encode():
-            raise InputError("key_mismatch", f"record key {msg.key()!r} differs from stream id {sid!r}")
-        if rtype not in ("StreamStart", "AudioChunk", "StreamEnd"):
-            raise InputError("unexpected_record", f"{rtype} does not belong on the audio topic")
-        restored = self.restored(sid)
-        if restored is not None and msg.offset() < restored["offset"]:
-            return  # covered by the committed state the stream resumes from
-        if self.finished_before_checkpoint(sid):
-            return
-        if sid in self._ended or (rtype == "StreamStart" and sid in self._order):
-            self.metrics.inc("duplicate_records_total")
-            return
-        if rtype == "StreamStart":
-            self._order[sid] = SequenceCheck(1, self.metrics)
-            self.on_start(sid, rec, msg)
-        elif rtype == "AudioChunk":
-            # How far behind real time this consumer reads, from ingest's publish time: what a live
-            # caption waits for (the offset lag counts records, not seconds).
-            self.metrics.set("audio_delay_seconds", max(0.0, (now_ms() - rec["published_at_ms"]) / 1000))
-            order = self._order.get(sid)
-            if order is None:  # joined mid-stream (a resume): this chunk's seq comes next
-                order = self._order[sid] = SequenceCheck(rec["seq"], self.metrics)
-            if order.accept(rec):
-                self.on_chunk(sid, rec, msg)
-        else:
-            self._order.pop(sid, None)
-            self._ended.add(sid)
-            self.on_end(sid, rec, msg)
-
-    def idle(self) -> None:
-        self.metrics.set("audio_delay_seconds", 0.0)  # everything read: not behind (the last chunk's age would stick)
-
-    def on_start(self, sid: str, rec: dict, msg: Message) -> None:
-        raise NotImplementedError
-
-    def on_chunk(self, sid: str, rec: dict, msg: Message) -> None:
-        raise NotImplementedError
-
-    def on_end(self, sid: str, rec: dict, msg: Message) -> None:
-        raise NotImplementedError
-
-    # Per-stream state lives in ``self.streams`` (values with tenant, partition and last_seen);
-    # ``_close(sid, tenant, status)`` ends a stream. The defaults below time out idle streams and
-    # drop the streams of revoked partitions (their new owner rebuilds them from the held offsets).
-    streams: dict
-
-    def _close(self, sid: str, tenant: str, status: str) -> None:
-        raise NotImplementedError
-
-    def tick(self) -> None:
-        if self.sweep_due():
-            for sid in self.idle_streams(self.streams):
-                self._close(sid, self.streams[sid].tenant, "IDLE_TIMEOUT")
-            self.forget_closed()
-
-    def forget_closed(self) -> None:
-        for sid in [s for s in self._order if s not in self.streams]:
-            del self._order[sid]
-
-    def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
-        gone = {p for _, p in partitions}
-        for sid in [s for s, st in self.streams.items() if st.partition in gone]:
-            del self.streams[sid]
-        self.forget_closed()
-        self.metrics.set("open_streams", len(self.streams))
-
-
 def key_of(msg: Message) -> str | None:
     k = msg.key()
     try:
         return k.decode() if k else None
     except UnicodeDecodeError:
         return None
-
-
-def service_settings(name: str, argv: list[str] | None = None, listen: str | None = None) -> Settings:
-    """Start-up of ``python -m services.<name>``: flags override HARK_* variables, logging is set
-    up, the broker is waited for and the topics exist. ``listen`` names the settings prefix of a
-    service that serves its own port (``ingest``: --host/--port set ingest_host/ingest_port)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog=f"python -m services.{name}")
-    p.add_argument("--bootstrap", help="Kafka bootstrap servers host:port (env HARK_BOOTSTRAP)")
-    p.add_argument("--health-port", type=int, help="port for /healthz and /metrics (0 = any)")
-    p.add_argument("--data-dir", help="data folder (archive default), env HARK_DATA_DIR")
-    if listen:
-        p.add_argument("--host")
-        p.add_argument("--port", type=int)
-    a = p.parse_args(argv)
-    extra = {f"{listen}_host": a.host, f"{listen}_port": a.port} if listen else {}
-    settings = Settings.load(bootstrap=a.bootstrap, health_port=a.health_port, data_dir=a.data_dir, **extra)
-    setup_logging(name, settings.log_level)
-    kafka.wait_for_broker(settings, timeout=60)
-    kafka.ensure_topics(settings)
-    return settings
-
-
-def main_for(service_cls, argv: list[str] | None = None) -> None:
-    """Entry point of a consumer service."""
-    service_cls(service_settings(service_cls.name, argv)).run()

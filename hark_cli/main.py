@@ -9,32 +9,26 @@ import signal
 import sys
 from pathlib import Path
 
-from . import kafka, stack
-from .audio import AudioError
-from .config import Settings
+from hark import kafka, stack
+from hark.audio import AudioError
 
-
-def _settings(a) -> Settings:
-    return Settings.load(data_dir=getattr(a, "data_dir", None), partitions=getattr(a, "partitions", None))
-
-
-def _connect(a, settings: Settings) -> Settings:
-    """--bootstrap, else HARK_BOOTSTRAP, else the running default stack."""
-    if getattr(a, "bootstrap", None):
-        settings.bootstrap = a.bootstrap
-        return settings
-    if os.environ.get("HARK_BOOTSTRAP"):
-        return settings
-    state = stack.status(stack.stack_dir(settings))
-    if not state or not state.get("supervisor_alive") or state.get("status") != "ready":
-        raise SystemExit("hark: no stack is running; start one with `hark up` or pass --bootstrap HOST:PORT")
-    settings.bootstrap = state["bootstrap"]
-    return settings
+from .common import connect, settings_of
+from .transcripts import (
+    cmd_compare,
+    cmd_erase,
+    cmd_export,
+    cmd_models,
+    cmd_retention,
+    cmd_search,
+    cmd_serve,
+    cmd_service,
+    cmd_token,
+)
 
 
 # ---- stack -------------------------------------------------------------------------------------
 def cmd_up(a) -> int:
-    s = _settings(a)
+    s = settings_of(a)
     if a.bootstrap:
         s.bootstrap = a.bootstrap
     state = stack.launch(s, replicas=a.replicas, external_broker=bool(a.bootstrap))
@@ -46,13 +40,13 @@ def cmd_up(a) -> int:
 
 
 def cmd_down(a) -> int:
-    d = stack.stack_dir(_settings(a))
+    d = stack.stack_dir(settings_of(a))
     print("hark stack stopped" if stack.stop(d) else "hark: no stack was running")
     return 0
 
 
 def cmd_status(a) -> int:
-    state = stack.status(stack.stack_dir(_settings(a)))
+    state = stack.status(stack.stack_dir(settings_of(a)))
     if a.json:
         print(json.dumps(state, indent=1))
         return 0 if state and state.get("supervisor_alive") else 1
@@ -87,7 +81,7 @@ def cmd_status(a) -> int:
 def cmd_publish(a) -> int:
     from services.ingest.publisher import Ingest
 
-    s = _connect(a, _settings(a))
+    s = connect(a, settings_of(a))
     if a.stream_id and len(a.files) > 1:
         raise SystemExit("hark: --stream-id needs exactly one file")
     ingest, failed = Ingest(s), 0
@@ -124,8 +118,10 @@ def _metadata(a) -> dict:
 def cmd_tail(a) -> int:
     from .session import Display, caption_line, read_results
 
-    s = _connect(a, _settings(a))
+    s = connect(a, settings_of(a))
     c = kafka.tail_consumer(s, s.results_topic, from_beginning=a.from_beginning)
+    where = "the beginning" if a.from_beginning else "now"
+    print(f"hark: following {s.results_topic} from {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     display = Display(sys.stdout)
     try:
         while True:
@@ -157,7 +153,7 @@ def _run_session(a, make_runs) -> int:
 
     from .session import Display, follow
 
-    s = _settings(a)
+    s = settings_of(a)
     started = None
     if a.bootstrap:
         s.bootstrap = a.bootstrap
@@ -218,7 +214,8 @@ def cmd_run(a) -> int:
 
 
 def cmd_replay(a) -> int:
-    from services.ingest.publisher import new_stream_id
+    from hark.records import new_stream_id
+    from services.ingest.replay import replay
 
     from .session import StreamRun
 
@@ -226,179 +223,11 @@ def cmd_replay(a) -> int:
         new_id = a.as_id or new_stream_id(f"{a.stream_id}-replay")
 
         def publish(run):
-            return ingest.replay(a.stream_id, new_id=new_id, realtime=not a.fast, on_chunk=run.on_chunk)
+            return replay(ingest, a.stream_id, new_id=new_id, realtime=not a.fast, on_chunk=run.on_chunk)
 
         return [StreamRun(f"replay:{a.stream_id}", new_id, publish, s.chunk_ms)]
 
     return _run_session(a, make)
-
-
-def cmd_models(a) -> int:
-    from . import models
-
-    if a.action == "install":
-        for line in models.install():
-            print(line)
-    problems = models.verify()
-    for p in problems:
-        print(f"hark: model check failed: {p}", file=sys.stderr)
-    if not problems:
-        print(
-            f"models ok: {models.count_files()} files verified by sha256 "
-            f"(pocketsphinx en-us; whisper {', '.join(models.WHISPER)})"
-        )
-    return 1 if problems else 0
-
-
-def cmd_compare(a) -> int:
-    from services.offline_asr.compare import compare, render_table, to_json
-
-    from .wer import load_references
-
-    s = _settings(a)
-    refs = load_references(a.refs) if a.refs else {}
-    models = [m.strip() for m in a.models.split(",") if m.strip()]
-
-    def progress(row):
-        if not a.quiet:
-            scores = "  ".join(
-                f"{v['model']}: {100 * v['wer']:.1f}%" if "wer" in v else v["model"] for v in row["versions"]
-            )
-            print(f"{row['stream_id']}  {scores}", file=sys.stderr)
-
-    try:
-        report = compare(s, a.replay, models, refs, on_stream=progress)
-    except (LookupError, ValueError, FileNotFoundError) as e:
-        print(f"hark: {e}", file=sys.stderr)
-        return 1
-    print(render_table(report))
-    if a.json:
-        Path(a.json).write_text(to_json(report))
-    return 0
-
-
-def cmd_serve(a) -> int:
-    from services.captions.app import serve
-
-    s = _connect(a, _settings(a))
-    s.captions_host, s.captions_port = a.host, a.port
-    print(f"hark captions on http://{a.host}:{a.port}/ (index {s.index_file})", file=sys.stderr)
-    serve(s)
-    return 0
-
-
-def _index(a):
-    from services.captions.index import TranscriptIndex
-
-    s = _settings(a)
-    if not s.index_file.exists():
-        raise SystemExit(
-            f"hark: no transcript index at {s.index_file}; the captions service builds it "
-            f"(`hark up` runs it, or `hark serve`)"
-        )
-    return TranscriptIndex(s.index_file)
-
-
-def cmd_search(a) -> int:
-    idx = _index(a)
-    try:
-        hits = idx.search(" ".join(a.query), a.stream, a.limit)
-    finally:
-        idx.close()
-    for h in hits:
-        if a.json:
-            print(json.dumps(h))
-        else:
-            who = f" {h['speaker']}:" if h["speaker"] else ""
-            print(f"{h['stream_id']}  {h['start']:8.2f}-{h['end']:<8.2f} [{h['source']}]{who} {h['text']}")
-    return 0 if hits else 1
-
-
-def cmd_export(a) -> int:
-    import time
-
-    from services.captions import exports
-
-    idx = _index(a)
-    deadline = time.monotonic() + a.wait
-    try:
-        while True:
-            st = idx.stream(a.stream_id)
-            if (st and st["complete"]) or time.monotonic() >= deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        idx.close()
-    if not st:
-        print(f"hark: no stream {a.stream_id!r} in the transcript index", file=sys.stderr)
-        return 1
-    if not st["complete"]:
-        print(
-            f"hark: stream {a.stream_id!r} has no final transcript yet (status {st['status']}); "
-            f"--wait SECONDS to wait for it",
-            file=sys.stderr,
-        )
-        return 1
-    body = exports.export(st["complete"], a.format)
-    if a.format == "rttm" and not body:
-        print(f"hark: stream {a.stream_id!r} has no speaker turns", file=sys.stderr)
-    if a.output:
-        Path(a.output).write_text(body)
-    else:
-        sys.stdout.write(body)
-    return 0
-
-
-def cmd_erase(a) -> int:
-    from .erasure import erase
-    from .storage import open_store
-
-    s = _connect(a, _settings(a))
-    store, producer = open_store(s), kafka.producer(s, **{"client.id": "hark-erase"})
-    for sid in a.stream_ids:
-        print(json.dumps(erase(s, sid, store, producer, reason=a.reason)))
-    return 0
-
-
-def cmd_retention(a) -> int:
-    from .erasure import retention_sweep
-    from .storage import open_store
-
-    s = _connect(a, _settings(a))
-    if a.days is not None:
-        s.archive_retention_days = a.days
-    if s.archive_retention_days <= 0:
-        raise SystemExit("hark: no retention period: set HARK_ARCHIVE_RETENTION_DAYS or pass --days")
-    erased = retention_sweep(s, open_store(s), kafka.producer(s, **{"client.id": "hark-retention"}))
-    for entry in erased:
-        print(json.dumps(entry))
-    print(f"hark: {len(erased)} streams older than {s.archive_retention_days:g} days erased", file=sys.stderr)
-    return 0
-
-
-def cmd_token(a) -> int:
-    from .tenants import AccessDenied, create_token
-
-    s = _settings(a)
-    path = a.file or s.tokens_file or str(Path(s.data_dir) / "tokens")
-    try:
-        token = create_token(path, a.tenant)
-    except AccessDenied as e:
-        raise SystemExit(f"hark: {e.reason}") from None
-    print(token)
-    print(
-        f"hark: token for tenant {a.tenant!r} added to {path} (only its hash is stored; "
-        f"services read it with HARK_TOKENS_FILE={path})",
-        file=sys.stderr,
-    )
-    return 0
-
-
-def cmd_service(a) -> int:
-    import importlib
-
-    importlib.import_module(stack.SERVICES[a.name][0]).main(a.args)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

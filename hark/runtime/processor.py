@@ -1,0 +1,103 @@
+"""The contract between a stream of audio and whatever turns it into records.
+
+A processor sees one stream: it is opened at the stream's start, fed its chunks in order, and
+closed at its end; each call returns the records to publish. It knows nothing of Kafka, offsets,
+transactions, metrics or other streams: the StreamRunner (streams.py) owns all of that, so a new
+consumer of the audio topic (a translator, a redactor) is a ``Processors`` and nothing else.
+
+Resuming after a crash: the runner re-reads a stream from the last point its processor could be
+rebuilt from. By default that is the stream's start (the runner replays every chunk with
+``replay=True``; the records made then were committed before, so the runner drops them and a
+processor may skip work that only serves output). A processor that can do better returns a
+``snapshot()`` after a chunk: JSON-able state from which ``Processors.resume`` continues, the
+chunk fed again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..pcm import duration_s
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What is known of a stream when its processor opens."""
+
+    stream_id: str
+    tenant: str
+    language: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    start_ms: int = 0  # where its first chunk begins: > 0 for a stream joined mid-way
+
+
+@dataclass(frozen=True)
+class Chunk:
+    seq: int
+    pcm: bytes  # 16 kHz 16-bit mono (hark.pcm), checked by the runner
+    offset_samples: int
+    published_at_ms: int  # when ingest published it: the start of every latency hark measures
+
+    @property
+    def seconds(self) -> float:
+        return duration_s(self.pcm)
+
+
+@dataclass(frozen=True)
+class Output:
+    """A record to publish: Avro type ``rtype`` on ``topic``, keyed by its stream id."""
+
+    topic: str
+    rtype: str
+    record: dict
+
+    @property
+    def key(self) -> str:
+        return self.record["stream_id"]
+
+
+class StreamProcessor(Protocol):
+    def feed(self, chunk: Chunk, replay: bool = False) -> list[Output]: ...
+
+    def close(self, status: str, seq: int, replay: bool = False) -> list[Output]:
+        """The stream ended (``status`` from its StreamEnd, or IDLE_TIMEOUT; ``seq`` its last
+        chunk's number + 1): flush, publish the end, free what the stream held."""
+        ...
+
+    def snapshot(self) -> dict | None:
+        """After a feed: state to resume from by feeding that chunk again, or None (the last
+        resume point still holds)."""
+        ...
+
+    def discard(self) -> None:
+        """Another process owns the stream now: free what it held, publish nothing."""
+        ...
+
+
+class Processors(Protocol):
+    """One service's processors: what they share (models, pools) and how one is made."""
+
+    name: str  # service name: logs, metrics, client ids
+    group: str  # its consumer group on the audio topic
+
+    def open(self, stream: StreamInfo) -> StreamProcessor:
+        """A processor for a new stream; raises runtime.InputError to refuse it (the reason goes
+        to the dead-letter topic)."""
+        ...
+
+    def resume(self, stream: StreamInfo, state: dict) -> StreamProcessor:
+        """A processor continuing from one's ``snapshot()``."""
+        ...
+
+    def end_unseen(self, stream: StreamInfo, status: str, seq: int) -> list[Output]:
+        """A stream ended whose audio this process never saw (it may be archived)."""
+        ...
+
+    def idle(self) -> list[Output]:
+        """Called when nothing waits to be read: deferrable work (e.g. n-best lists)."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """Gauges for /metrics (``*_total`` names are monotonic counts)."""
+        ...

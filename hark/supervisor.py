@@ -1,0 +1,240 @@
+"""The supervisor process of an embedded stack (``hark.stack``): starts the broker and every
+service, restarts what dies, writes the state file, stops everything on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import broker, kafka
+from .broker import free_port
+from .config import Settings
+from .stack import SERVICES, health, parse_replicas, pid_alive
+
+
+@dataclass
+class Child:
+    name: str
+    replica: int
+    cmd: list[str]
+    env: dict
+    log: Path
+    health_port: int
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    last_start: float = 0.0
+
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def start(self) -> None:
+        self.last_start = time.monotonic()
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            self.cmd, env=self.env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        logf.close()
+
+    def info(self) -> dict:
+        return {
+            "name": self.name,
+            "replica": self.replica,
+            "pid": self.proc.pid if self.proc else None,
+            "health_port": self.health_port,
+            "log": str(self.log),
+            "restarts": self.restarts,
+        }
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        directory: Path,
+        replicas: dict[str, int],
+        parent_pid: int | None = None,
+        ephemeral: bool = False,
+        external_broker: bool = False,
+    ):
+        self.settings, self.dir, self.replicas = settings, directory, replicas
+        self.parent_pid, self.ephemeral, self.external_broker = parent_pid, ephemeral, external_broker
+        self.node: broker.Node | None = None
+        self.children: list[Child] = []
+        self.broker: Child | None = None
+        self.status = "starting"
+        self._stopping = False
+
+    def write_state(self, **extra) -> None:
+        state = {
+            "status": self.status,
+            "supervisor_pid": os.getpid(),
+            "bootstrap": self.settings.bootstrap,
+            "data_dir": str(self.settings.data_dir),
+            "archive": self.settings.archive,
+            "partitions": self.settings.partitions,
+            "broker_log": str(self.node.log_dir) if self.node else None,
+            "broker": self.broker.info() if self.broker else None,
+            "services": [c.info() for c in self.children],
+            **extra,
+        }
+        ingest = next((c for c in self.children if c.name == "ingest"), None)
+        if ingest:
+            state["ingest_url"] = f"ws://127.0.0.1:{ingest.env['HARK_INGEST_PORT']}/v1/streams"
+        captions = next((c for c in self.children if c.name == "captions"), None)
+        if captions:
+            state["captions_url"] = f"http://127.0.0.1:{captions.env['HARK_CAPTIONS_PORT']}/"
+        tmp = self.dir / "stack.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.dir / "stack.json")
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        logs = self.dir / "logs"
+        logs.mkdir(exist_ok=True)
+        t0 = time.monotonic()
+        if not self.external_broker:  # else the services use settings.bootstrap's cluster
+            self.node = broker.single_node(self.dir / "kafka", partitions=self.settings.partitions)
+            self.node.format()
+            self.settings.bootstrap = self.node.bootstrap
+            self.broker = Child("broker", 0, self.node.command(), dict(os.environ), logs / "broker.log", 0)
+            self.broker.start()
+            self.write_state()
+        kafka.wait_for_broker(self.settings, timeout=90)
+        kafka.ensure_topics(self.settings)
+        self.write_state(broker_start_s=round(time.monotonic() - t0, 2))
+        # results must not wait for a pass nobody runs
+        passes = [p for p in self.settings.results_wait_for.split(",") if p.strip()]
+        absent = {"offline": "offline_asr", "diarizer": "diarizer"}
+        self.settings.results_wait_for = ",".join(
+            p for p in passes if p not in absent or self.replicas.get(absent[p], 1) > 0
+        )
+        base_env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        for name, (module, _topic) in SERVICES.items():
+            for i in range(self.replicas.get(name, 1)):
+                hp = free_port()
+                env = {**base_env, "HARK_HEALTH_PORT": str(hp), "HARK_INSTANCE_ID": f"{name}-{i}"}
+                if name == "ingest":
+                    env["HARK_INGEST_PORT"] = str(free_port())
+                if name == "captions":
+                    env["HARK_CAPTIONS_PORT"] = str(free_port())
+                child = Child(
+                    name, i, [sys.executable, "-m", module.rsplit(".", 1)[0]], env, logs / f"{name}-{i}.log", hp
+                )
+                child.start()
+                self.children.append(child)
+        self.write_state()
+
+    def ready(self) -> bool:
+        assigned: dict[str, int] = {}
+        for c in self.children:
+            h = health(c.health_port)
+            if not h or h.get("status") != "ok":
+                return False
+            assigned[c.name] = assigned.get(c.name, 0) + h.get("partitions", 0)
+        return all(
+            assigned.get(n, 0) >= self.settings.partitions
+            for n, (_, t) in SERVICES.items()
+            if t and self.replicas.get(n, 1) > 0
+        )
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_children()
+            if self.ready():
+                self.status = "ready"
+                self.write_state()
+                return
+            time.sleep(0.2)
+        raise TimeoutError("services did not become ready; see logs in " + str(self.dir / "logs"))
+
+    def _check_children(self) -> None:
+        if self.broker is not None and self.broker.exited() and not self._stopping:
+            self._restart(self.broker)  # its log is durable: on the same ports it finds everything again
+        for c in self.children:
+            if c.exited() and not self._stopping:
+                self._restart(c)
+
+    def _restart(self, child: Child) -> None:
+        """Start a dead child again, with exponential backoff (0.5 s doubling, at most 30 s)."""
+        if time.monotonic() - child.last_start >= min(30.0, 0.5 * 2 ** min(child.restarts, 6)):
+            child.restarts += 1
+            child.start()
+            self.write_state()
+
+    def monitor(self) -> None:
+        while not self._stopping:
+            if self.parent_pid and not pid_alive(self.parent_pid):
+                break
+            try:
+                self._check_children()
+            except RuntimeError as e:
+                print(f"supervisor: {e}", file=sys.stderr)
+                break
+            time.sleep(0.5)
+
+    def stop(self, *_args) -> None:
+        self._stopping = True
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self.status = "stopping"
+        self.write_state()
+        for c in reversed(self.children):  # results last in, first out; ingest stops taking input last
+            if c.proc and c.proc.poll() is None:
+                c.proc.terminate()
+        deadline = time.monotonic() + 15
+        for c in self.children:
+            if c.proc:
+                try:
+                    c.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    c.proc.kill()
+                    c.proc.wait()
+        if self.broker and self.broker.proc and self.broker.proc.poll() is None:
+            self.broker.proc.terminate()  # a controlled shutdown: the log is clean for the next start
+            try:
+                self.broker.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.broker.proc.kill()
+                self.broker.proc.wait()
+        if self.ephemeral and self.node is not None:
+            shutil.rmtree(self.node.directory, ignore_errors=True)
+        self.status = "stopped"
+        self.write_state()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m hark.supervisor")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--replicas", default="")
+    p.add_argument("--parent-pid", type=int)
+    p.add_argument("--ephemeral", action="store_true", help="delete the broker's log when the stack stops")
+    p.add_argument("--external-broker", action="store_true", help="use HARK_BOOTSTRAP's cluster, start no broker")
+    a = p.parse_args(argv)
+    settings = Settings.load()
+    sup = Supervisor(settings, Path(a.dir), parse_replicas(a.replicas), a.parent_pid, a.ephemeral, a.external_broker)
+    signal.signal(signal.SIGTERM, sup.stop)
+    signal.signal(signal.SIGINT, sup.stop)
+    try:
+        sup.start()
+        sup.wait_ready()
+        sup.monitor()
+    except Exception as e:
+        sup.status = "failed"
+        sup.write_state(error=str(e))
+        print(f"supervisor: {e}", file=sys.stderr)
+    finally:
+        sup.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Settings and the broker a command talks to."""
+
+from __future__ import annotations
+
+import os
+
+from hark import stack
+from hark.config import Settings
+
+
+def settings_of(a) -> Settings:
+    return Settings.load(data_dir=getattr(a, "data_dir", None), partitions=getattr(a, "partitions", None))
+
+
+def connect(a, settings: Settings) -> Settings:
+    """--bootstrap, else HARK_BOOTSTRAP, else the running default stack."""
+    if getattr(a, "bootstrap", None):
+        settings.bootstrap = a.bootstrap
+        return settings
+    if os.environ.get("HARK_BOOTSTRAP"):
+        return settings
+    state = stack.status(stack.stack_dir(settings))
+    if not state or not state.get("supervisor_alive") or state.get("status") != "ready":
+        raise SystemExit("hark: no stack is running; start one with `hark up` or pass --bootstrap HOST:PORT")
+    settings.bootstrap = state["bootstrap"]
+    return settings

@@ -1,0 +1,196 @@
+"""``hark`` commands on what the pipeline keeps: models, search, exports, erasure, retention,
+tokens, model comparison, and one service in the foreground."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from hark import kafka, stack
+
+from .common import connect, settings_of
+
+
+def cmd_models(a) -> int:
+    from hark import models
+
+    if a.action == "install":
+        for line in models.install():
+            print(line)
+    problems = models.verify()
+    for p in problems:
+        print(f"hark: model check failed: {p}", file=sys.stderr)
+    if not problems:
+        print(
+            f"models ok: {models.count_files()} files verified by sha256 "
+            f"(pocketsphinx en-us; whisper {', '.join(models.WHISPER)})"
+        )
+    return 1 if problems else 0
+
+
+def cmd_compare(a) -> int:
+    from hark.wer import load_references
+    from services.offline_asr.compare import compare, render_table, to_json
+
+    s = settings_of(a)
+    refs = load_references(a.refs) if a.refs else {}
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+
+    def progress(row):
+        if not a.quiet:
+            scores = "  ".join(
+                f"{v['model']}: {100 * v['wer']:.1f}%" if "wer" in v else v["model"] for v in row["versions"]
+            )
+            print(f"{row['stream_id']}  {scores}", file=sys.stderr)
+
+    try:
+        report = compare(s, a.replay, models, refs, on_stream=progress)
+    except (LookupError, ValueError, FileNotFoundError) as e:
+        print(f"hark: {e}", file=sys.stderr)
+        return 1
+    print(render_table(report))
+    if a.json:
+        Path(a.json).write_text(to_json(report))
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from services.captions.app import serve
+
+    s = connect(a, settings_of(a))
+    s.captions_host, s.captions_port = a.host, a.port
+    print(f"hark captions on http://{a.host}:{a.port}/ (index {s.index_file})", file=sys.stderr)
+    serve(s)
+    return 0
+
+
+def _index(a):
+    from services.captions.index import TranscriptIndex
+
+    s = settings_of(a)
+    if not s.index_file.exists():
+        raise SystemExit(
+            f"hark: no transcript index at {s.index_file}; the captions service builds it "
+            f"(`hark up` runs it, or `hark serve`)"
+        )
+    return TranscriptIndex(s.index_file)
+
+
+def cmd_search(a) -> int:
+    idx = _index(a)
+    try:
+        hits = idx.search(" ".join(a.query), a.stream, a.limit)
+    finally:
+        idx.close()
+    for h in hits:
+        if a.json:
+            print(json.dumps(h))
+        else:
+            who = f" {h['speaker']}:" if h["speaker"] else ""
+            print(f"{h['stream_id']}  {h['start']:8.2f}-{h['end']:<8.2f} [{h['source']}]{who} {h['text']}")
+    return 0 if hits else 1
+
+
+def cmd_export(a) -> int:
+    import time
+
+    from services.captions import exports
+
+    idx = _index(a)
+    deadline = time.monotonic() + a.wait
+    try:
+        while True:
+            st = idx.stream(a.stream_id)
+            if (st and st["complete"]) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        idx.close()
+    if not st:
+        print(f"hark: no stream {a.stream_id!r} in the transcript index", file=sys.stderr)
+        return 1
+    if not st["complete"]:
+        print(
+            f"hark: stream {a.stream_id!r} has no final transcript yet (status {st['status']}); "
+            f"--wait SECONDS to wait for it",
+            file=sys.stderr,
+        )
+        return 1
+    body = exports.export(st["complete"], a.format)
+    if a.format == "rttm" and not body:
+        print(f"hark: stream {a.stream_id!r} has no speaker turns", file=sys.stderr)
+    if a.output:
+        Path(a.output).write_text(body)
+    else:
+        sys.stdout.write(body)
+    return 0
+
+
+def erase_from_index(s):
+    """This installation's transcript index (the captions service's store), erased now rather than
+    when a captions server reads the tombstone."""
+    from services.captions.index import TranscriptIndex
+
+    def erase(stream_id: str) -> int:
+        if not s.index_file.exists():
+            return 0
+        idx = TranscriptIndex(s.index_file)
+        try:
+            return idx.erase(stream_id)
+        finally:
+            idx.close()
+
+    return erase
+
+
+def cmd_erase(a) -> int:
+    from hark.erasure import erase
+    from hark.storage import open_store
+
+    s = connect(a, settings_of(a))
+    store, producer = open_store(s), kafka.producer(s, **{"client.id": "hark-erase"})
+    for sid in a.stream_ids:
+        print(json.dumps(erase(s, sid, store, producer, reason=a.reason, local={"index_rows": erase_from_index(s)})))
+    return 0
+
+
+def cmd_retention(a) -> int:
+    from hark.erasure import retention_sweep
+    from hark.storage import open_store
+
+    s = connect(a, settings_of(a))
+    if a.days is not None:
+        s.archive_retention_days = a.days
+    if s.archive_retention_days <= 0:
+        raise SystemExit("hark: no retention period: set HARK_ARCHIVE_RETENTION_DAYS or pass --days")
+    erased = retention_sweep(s, open_store(s), kafka.producer(s, **{"client.id": "hark-retention"}))
+    for entry in erased:
+        print(json.dumps(entry))
+    print(f"hark: {len(erased)} streams older than {s.archive_retention_days:g} days erased", file=sys.stderr)
+    return 0
+
+
+def cmd_token(a) -> int:
+    from hark.tenants import AccessDenied, create_token
+
+    s = settings_of(a)
+    path = a.file or s.tokens_file or str(Path(s.data_dir) / "tokens")
+    try:
+        token = create_token(path, a.tenant)
+    except AccessDenied as e:
+        raise SystemExit(f"hark: {e.reason}") from None
+    print(token)
+    print(
+        f"hark: token for tenant {a.tenant!r} added to {path} (only its hash is stored; "
+        f"services read it with HARK_TOKENS_FILE={path})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_service(a) -> int:
+    import importlib
+
+    importlib.import_module(stack.SERVICES[a.name][0]).main(a.args)
+    return 0

@@ -1,0 +1,38 @@
+"""What several test modules share: reading a topic until a condition holds."""
+
+from __future__ import annotations
+
+import time
+
+from hark import kafka, serde
+
+
+def collect(settings, topic: str, until, timeout: float = 60.0) -> list[tuple[str, dict]]:
+    """Read ``topic`` from the beginning until ``until(records)`` is true."""
+    c = kafka.tail_consumer(settings, topic, from_beginning=True)
+    out: list[tuple[str, dict]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for m in c.consume(500, 0.1):
+                if not m.error():
+                    try:
+                        out.append(serde.decode(m.value()))
+                    except serde.SerdeError:  # bad records other tests put on the topic, tombstones
+                        continue
+            if until(out):
+                return out
+    finally:
+        c.close()
+    raise AssertionError(f"timed out on {topic}; got {len(out)} records")
+
+
+def completed(stream_id):
+    return lambda recs: any(
+        t == "Result" and r["stream_id"] == stream_id and r["kind"] == "STREAM_COMPLETE" for t, r in recs
+    )
+
+
+def complete_record(settings, stream_id, timeout=60.0) -> dict:
+    recs = collect(settings, settings.results_topic, completed(stream_id), timeout)
+    return next(r for t, r in recs if r["stream_id"] == stream_id and r["kind"] == "STREAM_COMPLETE")
