@@ -16,6 +16,64 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names its variable and what it accepts."""
+
+
+# The range of every number (inclusive): anything outside is refused when settings load, naming
+# the variable, instead of surfacing later as a hung stream or a broker error.
+RANGES: dict[str, tuple[float, float]] = {
+    "partitions": (1, 1024),
+    "replication_factor": (1, 16),
+    "topic_retention_hours": (0.01, 87600),
+    "audio_retention_mb": (0, 10_000_000),
+    "archive_retention_days": (0, 36500),
+    "chunk_ms": (20, 2000),
+    "audio_linger_ms": (0, 1000),
+    "output_linger_ms": (0, 1000),
+    "max_upload_bytes": (1024, 1 << 34),
+    "max_stream_seconds": (1, 7 * 86400),
+    "max_ws_message_bytes": (1024, 64 << 20),
+    "ingest_port": (0, 65535),
+    "captions_port": (0, 65535),
+    "health_port": (0, 65535),
+    "archive_segment_seconds": (1, 600),
+    "partial_interval_ms": (0, 10_000),
+    "idle_timeout_s": (1, 86400),
+    "max_streams": (1, 4096),
+    "prewarm_decoders": (0, 4096),
+    "nbest": (1, 20),
+    "online_max_hmm_per_frame": (100, 100_000),
+    "offline_cpu_threads": (0, 256),
+    "offline_beam_size": (1, 20),
+    "offline_nbest": (0, 20),
+    "offline_prompt_chars": (0, 2000),
+    "offline_min_window_s": (1, 30),
+    "offline_max_window_s": (1, 30),  # Whisper's encoder window
+    "offline_nice": (0, 19),
+    "offline_candidate_fraction": (0, 1),
+    "diarizer_block_s": (1, 60),
+    "diarizer_context_s": (0, 30),
+    "diarizer_link_threshold": (0, 1),  # cosine similarity
+    "diarizer_cluster_threshold": (0, 2),  # cosine distance
+    "diarizer_merge_threshold": (0, 1),
+    "diarizer_min_speaker_s": (0, 600),
+    "diarizer_threads": (1, 256),
+    "diarizer_nice": (0, 19),
+    "max_transcript_words": (100, 10_000_000),
+    "offline_timeout_s": (1, 86400),
+    "commit_interval_s": (0.01, 60),
+    "transaction_timeout_s": (1, 900),  # the broker's transaction.max.timeout.ms is 15 minutes
+    "session_timeout_s": (6, 1800),  # the broker's group.{min,max}.session.timeout.ms
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "audio_placement": ("balanced", "hash"),
+    "offline_device": ("auto", "cpu", "cuda"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+PASSES = ("online", "offline", "diarizer")
+
+
 def default_data_dir() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(xdg) / "hark"
@@ -203,7 +261,11 @@ class Settings:
                 continue
             raw = env.get("HARK_" + f.name.upper())
             if raw is not None and raw != "":
-                setattr(s, f.name, _coerce(f, raw, getattr(s, f.name)))
+                try:
+                    setattr(s, f.name, _coerce(f, raw, getattr(s, f.name)))
+                except ValueError:
+                    kind = type(getattr(s, f.name)).__name__
+                    raise ConfigError(f"HARK_{f.name.upper()}={raw!r} is not a valid {kind}") from None
         s.kafka_extra = {
             k[len("HARK_KAFKA_") :].lower().replace("_", "."): v for k, v in env.items() if k.startswith("HARK_KAFKA_")
         }
@@ -213,7 +275,23 @@ class Settings:
             if not hasattr(s, k):
                 raise TypeError(f"unknown setting {k!r}")
             setattr(s, k, Path(v) if k == "data_dir" else v)
+        s.validate()
         return s
+
+    def validate(self) -> None:
+        """ConfigError for the first setting outside what it accepts."""
+        for name, (lo, hi) in RANGES.items():
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise ConfigError(f"HARK_{name.upper()}={value} is outside {lo:g}..{hi:g}")
+        for name, options in CHOICES.items():
+            if getattr(self, name) not in options:
+                raise ConfigError(f"HARK_{name.upper()}={getattr(self, name)!r} is not one of {', '.join(options)}")
+        waits = [p.strip() for p in self.results_wait_for.split(",") if p.strip()]
+        if not waits or not set(waits) <= set(PASSES):
+            raise ConfigError(f"HARK_RESULTS_WAIT_FOR={self.results_wait_for!r}: a comma list of {', '.join(PASSES)}")
+        if self.offline_min_window_s > self.offline_max_window_s:
+            raise ConfigError("HARK_OFFLINE_MIN_WINDOW_S is above HARK_OFFLINE_MAX_WINDOW_S")
 
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
@@ -250,8 +328,10 @@ def reference_markdown() -> str:
         stripped = line.strip()
         if stripped.startswith("#"):
             text = stripped.lstrip("# ").strip()
-            if not re.fullmatch(r"[a-z_ ]+(\(.*\))?", text):  # "# ingest", "# results": section titles
+            if not re.fullmatch(r"[a-z_ ]+(\(.*\))?", text):
                 comment.append(text)
+            elif not line.startswith("        "):  # "# ingest", "# results": the settings of that service
+                rows.append(f"| **{text}** | | | |")
             continue
         m = re.match(r"(\w+): [^=]+= (.+?)(?:\s+#\s*(.*))?$", stripped)
         if m and not line.startswith("        "):
@@ -266,9 +346,16 @@ def reference_markdown() -> str:
                     else str(value)
                 )
                 text = " ".join(comment + ([trailing] if trailing else [])).replace("|", "\\|")
-                rows.append(f"| `HARK_{name.upper()}` | `{shown}` | {text} |")
+                accepts = (
+                    f"{RANGES[name][0]:g}..{RANGES[name][1]:g}"
+                    if name in RANGES
+                    else " / ".join(CHOICES[name])
+                    if name in CHOICES
+                    else ""
+                )
+                rows.append(f"| `HARK_{name.upper()}` | `{shown}` | {accepts} | {text} |")
         comment = []
-    return "| variable | default | meaning |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+    return "| variable | default | accepts | meaning |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from hark import kafka, stack
 from hark.audio import AudioError
+from hark.config import ConfigError
 
 from .common import connect, settings_of
 from .transcripts import (
@@ -351,6 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         sys.exit(a.fn(a))
+    except ConfigError as e:
+        print(f"hark: {e}", file=sys.stderr)
+        sys.exit(2)
     except (RuntimeError, TimeoutError) as e:
         print(f"hark: {e}", file=sys.stderr)
         sys.exit(1)

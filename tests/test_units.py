@@ -1,5 +1,9 @@
 """Config, WER, storage and the results merger."""
 
+import os
+import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -315,3 +319,26 @@ def test_layers_point_one_way_and_modules_stay_small():
     for folder in ("hark", "hark_cli", "services"):
         for path in (root / folder).rglob("*.py"):
             assert len(path.read_text().splitlines()) <= 400, path
+
+
+def test_settings_out_of_range_are_refused_naming_the_variable():
+    from hark.config import ConfigError
+
+    assert Settings.load(environ={}).chunk_ms == 200  # the defaults are valid
+    for env, says in [
+        ({"HARK_CHUNK_MS": "0"}, "HARK_CHUNK_MS=0 is outside 20..2000"),
+        ({"HARK_MAX_STREAMS": "lots"}, "HARK_MAX_STREAMS='lots' is not a valid int"),
+        ({"HARK_OFFLINE_CANDIDATE_FRACTION": "1.5"}, "outside 0..1"),
+        ({"HARK_AUDIO_PLACEMENT": "random"}, "is not one of balanced, hash"),
+        ({"HARK_RESULTS_WAIT_FOR": "online,typo"}, "HARK_RESULTS_WAIT_FOR"),
+        ({"HARK_OFFLINE_MIN_WINDOW_S": "20", "HARK_OFFLINE_MAX_WINDOW_S": "10"}, "above"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            Settings.load(environ=env)
+
+
+def test_a_bad_setting_is_refused_in_one_line(tmp_path):
+    env = {**os.environ, "HARK_SESSION_TIMEOUT_S": "3", "HARK_DATA_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "hark_cli", "status"], env=env, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 2 and out.stderr.strip() == "hark: HARK_SESSION_TIMEOUT_S=3.0 is outside 6..1800"

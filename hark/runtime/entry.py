@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .. import kafka
-from ..config import Settings
+from ..config import ConfigError, Settings
 from .observe import setup_logging
 
 
@@ -29,7 +29,10 @@ def service_settings(name: str, argv: list[str] | None = None, listen: str | Non
         p.add_argument("--port", type=int)
     a = p.parse_args(argv)
     extra = {f"{listen}_host": a.host, f"{listen}_port": a.port} if listen else {}
-    settings = Settings.load(bootstrap=a.bootstrap, health_port=a.health_port, data_dir=a.data_dir, **extra)
+    try:
+        settings = Settings.load(bootstrap=a.bootstrap, health_port=a.health_port, data_dir=a.data_dir, **extra)
+    except ConfigError as e:
+        raise SystemExit(f"{name}: {e}") from None
     setup_logging(name, settings.log_level)
     kafka.wait_for_broker(settings, timeout=60)
     kafka.ensure_topics(settings)
