@@ -175,7 +175,7 @@ def main(argv=None) -> None:
         settings = Settings.load(data_dir=tmp)
         print(f"starting the embedded stack in {tmp} ...", flush=True)
         state = stack.launch(settings, name="bench-captions")
-        settings.bootstrap = state["bootstrap"]
+        settings = stack.client_settings(settings, state)
         try:
             print(f"page: {a.page_streams} real-time streams followed in headless Chromium ...", flush=True)
             page = page_delay(settings, state, a.page_streams)

@@ -216,7 +216,7 @@ def start_stack(tmp: Path, name: str, replicas: str, **overrides):
     settings = Settings.load(data_dir=tmp, **overrides)
     print(f"starting the embedded stack {name} ({replicas or 'all services'}) in {tmp} ...", flush=True)
     state = stack.launch(settings, name=name, replicas=replicas)
-    settings.bootstrap = state["bootstrap"]
+    settings = stack.client_settings(settings, state)
     procs = {"broker": psutil.Process(state["broker"]["pid"])}
     # replicas get their own rows (one name per replica would keep only the last one's CPU)
     replicas = Counter(s["name"] for s in state["services"])

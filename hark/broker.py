@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,7 +110,10 @@ class Node:
     partitions: int = 8
     replication_factor: int = 1
     heap_mb: int = 512
-    extra: dict | None = None  # more server.properties (tests, security)
+    extra: dict | None = None  # more server.properties (tests)
+    # {"admin": password, "controller": password}: SASL on both listeners, ACLs enforced
+    # (hark/security.py); None: PLAINTEXT, everything allowed (a test cluster's choice)
+    security: dict[str, str] | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -149,16 +153,46 @@ class Node:
             # unclean leader election would lose acknowledged records after a leader's death
             "unclean.leader.election.enable": "false",
         }
+        if self.security:
+            props.update(self._security_properties(self.security))
         props.update(self.extra or {})
         return props
 
+    def _security_properties(self, secrets: dict[str, str]) -> dict[str, str]:
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule"
+        plain = "org.apache.kafka.common.security.plain.PlainLoginModule"
+        ctl = secrets["controller"]
+        return {
+            "listeners": f"CLIENT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"CLIENT://127.0.0.1:{self.port}",
+            "listener.security.protocol.map": "CLIENT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT",
+            "inter.broker.listener.name": "CLIENT",
+            "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+            "listener.name.client.sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "listener.name.client.scram-sha-512.sasl.jaas.config": (
+                f'{scram} required username="admin" password="{secrets["admin"]}";'
+            ),
+            # KRaft controllers cannot check SCRAM (its credentials are in the metadata they
+            # serve): PLAIN, with the one user every node of the quorum logs in as
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config": (
+                f'{plain} required username="controller" password="{ctl}" user_controller="{ctl}";'
+            ),
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": "User:admin;User:controller",
+            "allow.everyone.if.no.acl.found": "false",
+        }
+
     def write_config(self) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.chmod(0o700)  # the log holds every tenant's audio and transcripts
         path = self.directory / "server.properties"
-        path.write_text("".join(f"{k}={v}\n" for k, v in self.properties().items()))
+        _write_private(path, "".join(f"{k}={v}\n" for k, v in self.properties().items()))
         (self.directory / "log4j2.yaml").write_text(LOG4J2)
-        (self.directory / "node.json").write_text(
-            json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}, indent=1)
+        _write_private(
+            self.directory / "node.json",
+            json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}, indent=1),
         )
         return path
 
@@ -190,6 +224,12 @@ class Node:
                 f"--cluster-id={self.cluster_id}",
                 f"--config={config}",
                 "--ignore-formatted",
+                # the super user exists before the broker first starts: it creates everyone else
+                *(
+                    ["--add-scram", f"SCRAM-SHA-512=[name=admin,password={self.security['admin']}]"]
+                    if self.security
+                    else []
+                ),
             ),
             capture_output=True,
             text=True,
@@ -200,6 +240,13 @@ class Node:
 
     def command(self) -> list[str]:
         return self.java("kafka.Kafka", str(self.directory / "server.properties"))
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    path.chmod(0o600)
 
 
 def new_cluster_id() -> str:
@@ -215,10 +262,24 @@ def load_node(directory: Path) -> Node | None:
     return Node(**raw)
 
 
-def single_node(directory: Path, partitions: int = 8, heap_mb: int = 512, extra: dict | None = None) -> Node:
+def single_node(
+    directory: Path,
+    partitions: int = 8,
+    heap_mb: int = 512,
+    extra: dict | None = None,
+    security: dict[str, str] | None = None,
+) -> Node:
     """The embedded broker of ``directory``: the one formatted there before (same cluster, same ports
-    where they are still free), or a new one."""
+    where they are still free), or a new one. A log formatted without the security asked for now
+    (one from before hark secured its broker) is moved aside, not opened to everyone."""
     node = load_node(directory)
+    if node is not None and (node.log_dir / "meta.properties").exists() and node.security != security:
+        aside = directory.with_name(f"{directory.name}.before-security-{int(time.time())}")
+        directory.rename(aside)
+        print(
+            f"hark: the broker log in {directory} was made without broker security; moved to {aside}", file=sys.stderr
+        )
+        node = None
     if node is not None and (node.log_dir / "meta.properties").exists():
         if not (port_free(node.port) and port_free(node.controller_port)):
             node.port, node.controller_port = free_port(), free_port()  # static voters: a new port is fine
@@ -226,17 +287,24 @@ def single_node(directory: Path, partitions: int = 8, heap_mb: int = 512, extra:
         node.partitions, node.heap_mb, node.extra = partitions, heap_mb, extra
         return node
     port, cport = free_port(), free_port()
-    return Node(directory, 1, port, cport, f"1@127.0.0.1:{cport}", new_cluster_id(), partitions, 1, heap_mb, extra)
+    return Node(
+        directory, 1, port, cport, f"1@127.0.0.1:{cport}", new_cluster_id(), partitions, 1, heap_mb, extra, security
+    )
 
 
 def cluster(
-    directory: Path, size: int = 3, partitions: int = 8, heap_mb: int = 384, extra: dict | None = None
+    directory: Path,
+    size: int = 3,
+    partitions: int = 8,
+    heap_mb: int = 384,
+    extra: dict | None = None,
+    security: dict[str, str] | None = None,
 ) -> list[Node]:
     """``size`` nodes, each broker and controller, replication factor min(3, size)."""
     ports = [(free_port(), free_port()) for _ in range(size)]
     voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports))
     cid = new_cluster_id()
     return [
-        Node(directory / f"node{i + 1}", i + 1, p, c, voters, cid, partitions, min(3, size), heap_mb, extra)
+        Node(directory / f"node{i + 1}", i + 1, p, c, voters, cid, partitions, min(3, size), heap_mb, extra, security)
         for i, (p, c) in enumerate(ports)
     ]

@@ -176,7 +176,9 @@ def topic_config(settings: Settings, topic: str) -> dict[str, str]:
 
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
-    """Create hark's topics explicitly (the broker does not auto-create them)."""
+    """Create hark's topics explicitly (the broker does not auto-create them). A principal without
+    the right to create (a service on a secured broker, which sees only its own topics) leaves
+    that to the stack's owner, who creates them before any service starts."""
     adm = admin(settings)
     existing = set(adm.list_topics(timeout=timeout).topics)
     new = [
@@ -195,7 +197,7 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
         try:
             fut.result()
         except KafkaException as e:
-            if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            if e.args[0].code() not in (KafkaError.TOPIC_ALREADY_EXISTS, KafkaError.TOPIC_AUTHORIZATION_FAILED):
                 raise
 
 

@@ -22,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import broker, kafka
+from . import broker, kafka, security
 from .config import Settings
 
 SERVICES = {  # name -> (module with main(argv), the topic whose partitions its replicas split)
@@ -169,10 +169,31 @@ def status(directory: Path) -> dict | None:
             svc["health"] = "ok" if svc["alive"] else "down"
     if state["supervisor_alive"] and state.get("status") == "ready":
         try:
-            settings = Settings.load()
-            settings.bootstrap = state["bootstrap"]
+            settings = client_settings(Settings.load(), state)
             state["topics"] = kafka.topic_partitions(settings)
             state["lag"] = kafka.group_lag(settings, GROUPS)
         except Exception as e:
             state["topics_error"] = str(e)
     return state
+
+
+def client_settings(settings: Settings, state: dict) -> Settings:
+    """``settings`` pointed at a running stack's broker, logged in as the stack's owner (the
+    credentials file beside its broker log, readable by that user only)."""
+    settings.bootstrap = state["bootstrap"]
+    if state.get("credentials"):
+        creds = security.Credentials.load(Path(state["credentials"]))
+        settings.kafka_extra = {**settings.kafka_extra, **creds.client(security.ADMIN)}
+    return settings
+
+
+def owner_of(settings: Settings, bootstrap: str) -> Settings:
+    """``settings`` for ``bootstrap``: logged in as owner when it is a stack of this data folder
+    (``hark ... --bootstrap`` against a local ``hark up``), else as HARK_KAFKA_* says."""
+    settings.bootstrap = bootstrap
+    stacks = Path(settings.data_dir) / "stacks"
+    for state_file in sorted(stacks.glob("*/stack.json")) if stacks.exists() else []:
+        state = read_state(state_file.parent)
+        if state and state.get("bootstrap") == bootstrap and "sasl.username" not in settings.kafka_extra:
+            return client_settings(settings, state)
+    return settings

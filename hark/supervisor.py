@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import broker, kafka
+from . import broker, kafka, security
 from .broker import free_port
 from .config import Settings
 from .stack import SERVICES, health, parse_replicas, pid_alive
@@ -67,6 +67,7 @@ class Supervisor:
         self.settings, self.dir, self.replicas = settings, directory, replicas
         self.parent_pid, self.ephemeral, self.external_broker = parent_pid, ephemeral, external_broker
         self.node: broker.Node | None = None
+        self.credentials: security.Credentials | None = None
         self.children: list[Child] = []
         self.broker: Child | None = None
         self.status = "starting"
@@ -81,6 +82,7 @@ class Supervisor:
             "archive": self.settings.archive,
             "partitions": self.settings.partitions,
             "broker_log": str(self.node.log_dir) if self.node else None,
+            "credentials": str(self.credentials.path) if self.credentials else None,
             "broker": self.broker.info() if self.broker else None,
             "services": [c.info() for c in self.children],
             **extra,
@@ -101,14 +103,20 @@ class Supervisor:
         logs.mkdir(exist_ok=True)
         t0 = time.monotonic()
         if not self.external_broker:  # else the services use settings.bootstrap's cluster
-            self.node = broker.single_node(self.dir / "kafka", partitions=self.settings.partitions)
+            creds = security.Credentials.load(self.dir / "credentials.json", security.stack_principals(self.settings))
+            secrets = {p: creds.passwords[p] for p in (security.ADMIN, security.CONTROLLER)}
+            self.node = broker.single_node(self.dir / "kafka", partitions=self.settings.partitions, security=secrets)
             self.node.format()
+            self.credentials = creds
             self.settings.bootstrap = self.node.bootstrap
+            self.settings.kafka_extra = {**self.settings.kafka_extra, **creds.client(security.ADMIN)}
             self.broker = Child("broker", 0, self.node.command(), dict(os.environ), logs / "broker.log", 0)
             self.broker.start()
             self.write_state()
         kafka.wait_for_broker(self.settings, timeout=90)
         kafka.ensure_topics(self.settings)
+        if self.credentials:  # every service logs in as itself, with ACLs for its own topics only
+            security.install(self.settings, self.credentials)
         self.write_state(broker_start_s=round(time.monotonic() - t0, 2))
         # results must not wait for a pass nobody runs
         passes = [p for p in self.settings.results_wait_for.split(",") if p.strip()]
@@ -121,6 +129,8 @@ class Supervisor:
             for i in range(self.replicas.get(name, 1)):
                 hp = free_port()
                 env = {**base_env, "HARK_HEALTH_PORT": str(hp), "HARK_INSTANCE_ID": f"{name}-{i}"}
+                if self.credentials:
+                    env.update(self.credentials.env(name))
                 if name == "ingest":
                     env["HARK_INGEST_PORT"] = str(free_port())
                 if name == "captions":
@@ -167,6 +177,11 @@ class Supervisor:
         """Start a dead child again, with exponential backoff (0.5 s doubling, at most 30 s)."""
         if time.monotonic() - child.last_start >= min(30.0, 0.5 * 2 ** min(child.restarts, 6)):
             child.restarts += 1
+            if child.health_port:
+                # a port picked free at start can be taken since (an outgoing connection's
+                # ephemeral port): a new one, so a child that died of it does not die again
+                child.health_port = free_port()
+                child.env["HARK_HEALTH_PORT"] = str(child.health_port)
             child.start()
             self.write_state()
 

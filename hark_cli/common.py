@@ -15,12 +15,10 @@ def settings_of(a) -> Settings:
 def connect(a, settings: Settings) -> Settings:
     """--bootstrap, else HARK_BOOTSTRAP, else the running default stack."""
     if getattr(a, "bootstrap", None):
-        settings.bootstrap = a.bootstrap
-        return settings
+        return stack.owner_of(settings, a.bootstrap)
     if os.environ.get("HARK_BOOTSTRAP"):
-        return settings
+        return stack.owner_of(settings, settings.bootstrap)
     state = stack.status(stack.stack_dir(settings))
     if not state or not state.get("supervisor_alive") or state.get("status") != "ready":
         raise SystemExit("hark: no stack is running; start one with `hark up` or pass --bootstrap HOST:PORT")
-    settings.bootstrap = state["bootstrap"]
-    return settings
+    return stack.client_settings(settings, state)

@@ -157,12 +157,12 @@ def _run_session(a, make_runs) -> int:
     s = settings_of(a)
     started = None
     if a.bootstrap:
-        s.bootstrap = a.bootstrap
+        s = stack.owner_of(s, a.bootstrap)
         kafka.ensure_topics(s)
     else:
         name = f"run-{os.getpid()}"
         state = stack.launch(s, name=name, parent_pid=os.getpid(), ephemeral=True)
-        s.bootstrap, started = state["bootstrap"], stack.stack_dir(s, name)
+        s, started = stack.client_settings(s, state), stack.stack_dir(s, name)
     signal.signal(signal.SIGTERM, _interrupt)
     ingest = None
     try:

@@ -42,7 +42,7 @@ def live_stack(stack_env):
     os.environ.update(stack_env)
     settings = Settings.load()
     state = stack.launch(settings, name="pytest")
-    settings.bootstrap = state["bootstrap"]
+    settings = stack.client_settings(settings, state)
     try:
         yield settings, state
     finally:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hark import broker, kafka, serde, stack
+from hark import broker, kafka, security, serde, stack
 from hark.audio import read_pcm_file
 from hark.config import Settings
 
@@ -206,7 +206,7 @@ def up(env: dict, *args: str) -> tuple[Settings, Path]:
     assert proc.returncode == 0, proc.stderr
     state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
     settings = Settings.load(environ={**os.environ, **env})
-    settings.bootstrap = state["bootstrap"]
+    settings = stack.client_settings(settings, state)
     return settings, stack.stack_dir(settings, "default")
 
 
@@ -291,8 +291,13 @@ def test_embedded_broker_killed_mid_stream_loses_and_duplicates_nothing(tmp_path
         run_hark("down", env_extra=env)
 
 
-def start_cluster(directory: Path, size: int = 3) -> tuple[list[broker.Node], dict[int, subprocess.Popen]]:
-    nodes = broker.cluster(directory, size, partitions=4)
+def start_cluster(
+    directory: Path, size: int = 3
+) -> tuple[list[broker.Node], dict[int, subprocess.Popen], security.Credentials]:
+    """A secured cluster (SASL on both listeners, ACLs enforced), as the embedded node is."""
+    creds = security.Credentials.load(directory / "credentials.json", [security.ADMIN, security.CONTROLLER])
+    secrets = {p: creds.passwords[p] for p in (security.ADMIN, security.CONTROLLER)}
+    nodes = broker.cluster(directory, size, partitions=4, security=secrets)
     procs = {}
     for n in nodes:
         n.format()
@@ -302,7 +307,7 @@ def start_cluster(directory: Path, size: int = 3) -> tuple[list[broker.Node], di
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-    return nodes, procs
+    return nodes, procs, creds
 
 
 def test_audio_leader_killed_in_a_three_broker_cluster_loses_and_duplicates_nothing(tmp_path, speech_dir):
@@ -311,7 +316,7 @@ def test_audio_leader_killed_in_a_three_broker_cluster_loses_and_duplicates_noth
     in-sync followers, coordinators move, transactions in flight abort and their services restart
     from their last commit: every stream completes with every final once and the same text."""
     n_streams = int(os.environ.get("HARK_CHAOS_CLUSTER_STREAMS", "4"))
-    nodes, procs = start_cluster(tmp_path / "cluster")
+    nodes, procs, creds = start_cluster(tmp_path / "cluster")
     bootstrap = ",".join(n.bootstrap for n in nodes)
     env = {
         "HARK_DATA_DIR": str(tmp_path / "d"),
@@ -319,9 +324,11 @@ def test_audio_leader_killed_in_a_three_broker_cluster_loses_and_duplicates_noth
         "HARK_IDLE_TIMEOUT_S": "30",
         "HARK_REPLICATION_FACTOR": "3",
         "HARK_BOOTSTRAP": bootstrap,
+        **creds.env(security.ADMIN),  # an operator's cluster: its login comes from the environment
     }
     try:
-        kafka.wait_for_broker(Settings(bootstrap=bootstrap), timeout=120, brokers=len(nodes))
+        login = creds.client(security.ADMIN)
+        kafka.wait_for_broker(Settings(bootstrap=bootstrap, kafka_extra=login), timeout=120, brokers=len(nodes))
         settings, _sdir = up(env, "--bootstrap", bootstrap, "--replicas", "diarizer=0")
         try:
             md = kafka.admin(settings).list_topics(settings.audio_topic, timeout=10).topics[settings.audio_topic]

@@ -162,7 +162,7 @@ def test_replicas_split_partitions_and_no_stream_is_lost_when_one_dies(tmp_path,
     try:
         state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
         settings = Settings.load(environ={**os.environ, **env})
-        settings.bootstrap = state["bootstrap"]
+        settings = stack.client_settings(settings, state)
         for name in ("online_asr", "offline_asr"):
             replicas = [s for s in state["services"] if s["name"] == name]
             owned = [s["partitions_assigned"] for s in replicas]
@@ -238,7 +238,7 @@ def test_ab_candidate_model_and_compare_on_archived_streams(tmp_path, speech_dir
     try:
         state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
         settings = Settings.load(environ={**os.environ, **env})
-        settings.bootstrap = state["bootstrap"]
+        settings = stack.client_settings(settings, state)
         from services.ingest.publisher import Ingest
 
         files = [

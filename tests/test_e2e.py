@@ -227,8 +227,12 @@ def test_concurrent_streams_are_spread_over_the_audio_partitions(live_stack, spe
         while time.monotonic() < deadline and any(len(seen[sid]) < n for sid, n in records.items()):
             read(0.1)
         # then on to the end of every partition: a copy of any record would be there by now
-        ends = [TopicPartition(settings.audio_topic, p, c.get_watermark_offsets(
-            TopicPartition(settings.audio_topic, p), timeout=10)[1]) for p in range(partition_count)]  # fmt: skip
+        ends = [
+            TopicPartition(
+                settings.audio_topic, p, c.get_watermark_offsets(TopicPartition(settings.audio_topic, p), timeout=10)[1]
+            )
+            for p in range(partition_count)
+        ]
         while time.monotonic() < deadline and any(pos.offset < end.offset for pos, end in zip(c.position(ends), ends)):
             read(0.1)
     finally:

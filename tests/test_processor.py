@@ -98,11 +98,24 @@ class ActivityProcessors:
         return {}
 
     def record(self, info: StreamInfo, kind: str, turns: list[dict], status: str | None = None) -> Output:
-        return Output(self.topic, "SpeakerTurns", {
-            "stream_id": info.stream_id, "tenant": info.tenant, "kind": kind, "turns": turns,
-            "covered_until_ms": max((t["end_ms"] for t in turns), default=0), "num_speakers": 1 if turns else 0,
-            "end_status": status, "compute_ms": 0, "audio_published_at_ms": 0, "emitted_at_ms": now_ms(),
-            "model_name": "energy-vad", "model_version": "test"})  # fmt: skip
+        return Output(
+            self.topic,
+            "SpeakerTurns",
+            {
+                "stream_id": info.stream_id,
+                "tenant": info.tenant,
+                "kind": kind,
+                "turns": turns,
+                "covered_until_ms": max((t["end_ms"] for t in turns), default=0),
+                "num_speakers": 1 if turns else 0,
+                "end_status": status,
+                "compute_ms": 0,
+                "audio_published_at_ms": 0,
+                "emitted_at_ms": now_ms(),
+                "model_name": "energy-vad",
+                "model_version": "test",
+            },
+        )
 
 
 def speech_ms(turns) -> int:
@@ -125,8 +138,9 @@ def test_a_processor_is_all_a_new_audio_consumer_needs(live_stack):
     try:
         conversation = ROOT / "data" / "conversations" / "conv_2spk_clean.flac"
         Ingest(settings).publish_file(conversation, stream_id=sid)
-        recs = collect(settings, topic, lambda rs: any(r["stream_id"] == sid and r["kind"] == "FULL" for _, r in rs),
-                       timeout=120)  # fmt: skip
+        recs = collect(
+            settings, topic, lambda rs: any(r["stream_id"] == sid and r["kind"] == "FULL" for _, r in rs), timeout=120
+        )
     finally:
         runner.stop()
         thread.join(60)

@@ -11,11 +11,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
 
-from hark import kafka, stack
+from hark import broker, kafka, security
 from hark.erasure import retention_sweep
 from hark.storage import archive_prefix, open_store
 from hark.tenants import create_token
@@ -29,11 +30,12 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def secured(live_stack, tmp_path_factory):
     """An ingest endpoint and a captions server of the live stack that require tenant tokens."""
-    settings, _ = live_stack
+    settings, state = live_stack
+    creds = security.Credentials.load(Path(state["credentials"]))  # each server logs in as itself
     d = tmp_path_factory.mktemp("secured")
     tokens = d / "tokens"
     acme, globex = create_token(tokens, "acme"), create_token(tokens, "globex")
-    ingest_port, captions_port = stack.free_port(), stack.free_port()
+    ingest_port, captions_port = broker.free_port(), broker.free_port()
     env = {
         **os.environ,
         "HARK_TOKENS_FILE": str(tokens),
@@ -44,14 +46,14 @@ def secured(live_stack, tmp_path_factory):
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "services.ingest", "--port", str(ingest_port)],
-            env=env,
+            env={**env, **creds.env("ingest")},
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=open(d / "ingest.log", "wb"),
         ),
         subprocess.Popen(
             [sys.executable, "-m", "hark_cli", "serve", "--port", str(captions_port)],
-            env=env,
+            env={**env, **creds.env("captions")},
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=open(d / "captions.log", "wb"),
@@ -221,3 +223,56 @@ def test_retention_sweep_erases_only_streams_older_than_the_period(live_stack, s
     erased = retention_sweep(s, store, now_ms=now + 2 * 86_400_000)  # two days later
     assert sid in [e["stream_id"] for e in erased]
     assert store.list(archive_prefix(sid)) == []
+
+
+# ---- the broker ------------------------------------------------------------------------------
+def _probe(bootstrap: str, topics: list[str], login: dict[str, str], group: str) -> tuple[dict, dict]:
+    """What ``login`` can do on each topic: (records read from its start, the result of writing a
+    tombstone, which every service skips)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+    base = {"bootstrap.servers": bootstrap, **login, "log_level": 0}
+    reads = dict.fromkeys(topics, 0)
+    c = Consumer({**base, "group.id": group, "enable.auto.commit": False, "isolation.level": "read_committed"})
+    c.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in range(8)])
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        for m in c.consume(500, 0.3):
+            if not m.error():
+                reads[m.topic()] += 1
+    c.close()
+    writes: dict[str, str] = {}
+    p = Producer({**base, "message.timeout.ms": 5000})
+    for t in topics:
+        p.produce(t, key=b"acl-probe", value=None, on_delivery=lambda e, _m, t=t: writes.__setitem__(t, e and e.name()))
+    p.flush(10)
+    return reads, writes
+
+
+def test_the_broker_refuses_strangers_and_holds_each_service_to_its_topics(live_stack):
+    settings, state = live_stack
+    creds = security.Credentials.load(Path(state["credentials"]))
+    topics = settings.all_topics
+    assert oct(Path(state["credentials"]).stat().st_mode & 0o777) == "0o600"
+    # every topic holds a record to read (a tombstone: every service skips it)
+    _, admin_writes = _probe(settings.bootstrap, topics, creds.client("admin"), "hark-tail-probe")
+    assert all(v is None for v in admin_writes.values()), admin_writes
+
+    # no credentials, or a wrong password: nothing read, nothing written, not even the topic list
+    for login in ({}, {**creds.client("ingest"), "sasl.password": "guess"}):
+        reads, writes = _probe(settings.bootstrap, topics, login, "hark-tail-probe")
+        assert not any(reads.values()) and all(w is not None for w in writes.values()), (login, reads, writes)
+        with pytest.raises(kafka.KafkaException):
+            kafka.admin(type(settings)(bootstrap=settings.bootstrap, kafka_extra=login)).list_topics(timeout=3)
+
+    # each service: exactly the topics of its grant, topic by topic
+    seen = {}
+    for principal, grant in security.grants(settings).items():
+        group = grant.groups[0] if grant.groups else "hark-tail-probe"
+        reads, writes = _probe(settings.bootstrap, topics, creds.client(principal), group)
+        seen[principal] = ({t for t in topics if reads[t]}, {t for t in topics if writes[t] is None})
+        assert seen[principal] == (set(grant.reads), set(grant.writes)), (principal, reads, writes)
+    # and what that means, said plainly
+    assert settings.results_topic not in seen["diarizer"][0] and settings.audio_topic not in seen["captions"][0]
+    assert {p for p, (_, w) in seen.items() if settings.audio_topic in w} == {"ingest"}
+    assert {p for p, (r, _) in seen.items() if settings.results_topic in r} == {"captions"}

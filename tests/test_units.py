@@ -339,6 +339,37 @@ def test_settings_out_of_range_are_refused_naming_the_variable():
 
 def test_a_bad_setting_is_refused_in_one_line(tmp_path):
     env = {**os.environ, "HARK_SESSION_TIMEOUT_S": "3", "HARK_DATA_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "hark_cli", "status"], env=env, capture_output=True, text=True,
-                         timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "hark_cli", "status"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2 and out.stderr.strip() == "hark: HARK_SESSION_TIMEOUT_S=3.0 is outside 6..1800"
+
+
+def test_a_secured_node_takes_sasl_only_denies_by_default_and_keeps_its_secrets_private(tmp_path):
+    from hark import broker, security
+
+    creds = security.Credentials.load(tmp_path / "credentials.json", ["admin", "controller"])
+    assert oct((tmp_path / "credentials.json").stat().st_mode & 0o777) == "0o600"
+    node = broker.single_node(tmp_path / "k", security={p: creds.passwords[p] for p in ("admin", "controller")})
+    props = node.properties()
+    assert set(props["listener.security.protocol.map"].split(",")) == {
+        "CLIENT:SASL_PLAINTEXT",
+        "CONTROLLER:SASL_PLAINTEXT",
+    }
+    assert props["allow.everyone.if.no.acl.found"] == "false" and "StandardAuthorizer" in props["authorizer.class.name"]
+    assert props["super.users"] == "User:admin;User:controller"
+    node.write_config()
+    for f in ("server.properties", "node.json"):  # both hold passwords
+        assert oct((tmp_path / "k" / f).stat().st_mode & 0o777) == "0o600", f
+    # every service principal has a grant with something in it, and none may create topics
+    grants = security.grants(Settings())
+    assert set(grants) == {"ingest", "online_asr", "offline_asr", "diarizer", "results", "captions"}
+    ops = {(b.principal, b.operation.name) for b in security.acl_bindings(Settings())}
+    assert not any(op in ("ALL", "CREATE", "ALTER", "DELETE") for _, op in ops)
+    # a broker log formatted before security is moved aside, not opened to everyone
+    plain = broker.single_node(tmp_path / "old")
+    plain.write_config()
+    (plain.log_dir).mkdir(parents=True)
+    (plain.log_dir / "meta.properties").write_text("")
+    secured = broker.single_node(tmp_path / "old", security={"admin": "a", "controller": "c"})
+    assert secured.security and not (tmp_path / "old").exists() and list(tmp_path.glob("old.before-security-*"))

@@ -25,7 +25,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import KafkaError
 from starlette.applications import Starlette
@@ -193,8 +195,18 @@ def _sse(event: dict) -> str:
 def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -> Starlette:
     access = Access.load(settings)
 
-    def index_reader() -> TranscriptIndex:
-        return TranscriptIndex(settings.index_file)
+    async def read_index(work: Callable[[TranscriptIndex], Any]) -> Any:
+        """``work`` on a reader of the index, in a worker thread: SQLite blocks, the loop serves
+        every page and live caption."""
+
+        def run():
+            idx = TranscriptIndex(settings.index_file)
+            try:
+                return work(idx)
+            finally:
+                idx.close()
+
+        return await asyncio.to_thread(run)
 
     def tenant_of(request: Request) -> str | None:
         """The caller's tenant (None: open access, everything visible); AccessDenied without a good token."""
@@ -231,34 +243,18 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
         return HTMLResponse(PAGE.replace("__STREAM__", json.dumps(sid).replace("<", "\\u003c")[1:-1]))
 
     async def api_streams(request: Request, tenant: str | None) -> Response:
-        idx = index_reader()
-        try:
-            return JSONResponse(idx.streams(tenant=tenant))
-        finally:
-            idx.close()
+        return JSONResponse(await read_index(lambda idx: idx.streams(tenant=tenant)))
 
     async def api_search(request: Request, tenant: str | None) -> Response:
         q = request.query_params.get("q", "")
-        idx = index_reader()
-        try:
-            t0 = time.perf_counter()
-            hits = idx.search(
-                q,
-                request.query_params.get("stream") or None,
-                int(request.query_params.get("limit", "20")),
-                tenant=tenant,
-            )
-            return JSONResponse({"query": q, "hits": hits, "took_ms": round(1000 * (time.perf_counter() - t0), 2)})
-        finally:
-            idx.close()
+        stream, limit = request.query_params.get("stream") or None, int(request.query_params.get("limit", "20"))
+        t0 = time.perf_counter()
+        hits = await read_index(lambda idx: idx.search(q, stream, limit, tenant=tenant))
+        return JSONResponse({"query": q, "hits": hits, "took_ms": round(1000 * (time.perf_counter() - t0), 2)})
 
     async def api_export(request: Request, tenant: str | None) -> Response:
         sid, fmt = request.path_params["stream_id"], request.query_params.get("format", "vtt")
-        idx = index_reader()
-        try:
-            st = idx.stream(sid)
-        finally:
-            idx.close()
+        st = await read_index(lambda idx: idx.stream(sid))
         if st is None or not visible(st, tenant) or st["complete"] is None:
             return PlainTextResponse(f"stream {sid!r} has no final transcript (yet)\n", status_code=404)
         try:
@@ -271,11 +267,7 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
     async def api_events(request: Request, tenant: str | None) -> Response:
         sid = request.path_params["stream_id"]
         if tenant is not None:  # a stream not indexed yet has no tenant to check: 404 until it is
-            idx = index_reader()
-            try:
-                st = idx.stream(sid)
-            finally:
-                idx.close()
+            st = await read_index(lambda idx: idx.stream(sid))
             if not visible(st, tenant):
                 return PlainTextResponse(f"no stream {sid!r}\n", status_code=404)
         hub.loop = asyncio.get_running_loop()
@@ -283,11 +275,7 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
 
         async def events():
             try:
-                idx = index_reader()
-                try:
-                    history, st = idx.captions(sid), idx.stream(sid)
-                finally:
-                    idx.close()
+                history, st = await read_index(lambda idx: (idx.captions(sid), idx.stream(sid)))
                 for event in history:
                     yield _sse({**event, "history": True})
                 partial = follower.partials.get(sid) if follower else None

@@ -36,7 +36,7 @@ from hark.runtime import HealthServer, Metrics, kv, service_settings
 from hark.tenants import Access, AccessDenied, request_token
 
 from .archive import SegmentWriter
-from .publisher import Ingest, StreamPublisher, check_stream_id
+from .publisher import Ingest, StreamPublisher, StreamSummary, check_stream_id
 
 log = logging.getLogger("hark.ingest")
 
@@ -67,7 +67,7 @@ class IngestServer:
             return
         try:
             check_stream_id(stream_id)
-            self.ingest.check_new_stream(stream_id)
+            await asyncio.to_thread(self.ingest.check_new_stream, stream_id)
             fmt = q.get("format", "pcm_s16le")
             if fmt == "pcm_s16le":
                 await self._live_pcm(ws, q, stream_id, tenant)
@@ -76,7 +76,7 @@ class IngestServer:
             else:
                 raise AudioError("unsupported_format", f"unknown format {fmt!r} (pcm_s16le or file)")
         except AudioError as e:
-            self.ingest.reject(e, stream_id=stream_id, tenant=tenant)
+            await asyncio.to_thread(self.ingest.reject, e, stream_id=stream_id, tenant=tenant)
             await _error(ws, e)
         except ConnectionClosed:
             pass
@@ -97,7 +97,20 @@ class IngestServer:
             int(self.settings.archive_segment_seconds * rate) * channels * BYTES_PER_SAMPLE,
             ".pcm",
         )
-        pub.start()
+
+        def take(message: bytes) -> None:  # archive writes and producer back-pressure block
+            raw.write(message)
+            pub.push(resampler.push(message))
+
+        def finish() -> StreamSummary:
+            raw.close()
+            pub.push(resampler.flush())
+            return pub.finish()
+
+        # Everything that can block (archive PUTs, the producer's flush at the end) runs in a
+        # worker thread, one call at a time per connection so the stream stays in order: a slow
+        # store stalls its own client, never the loop that serves every other one.
+        await asyncio.to_thread(pub.start)
         self.open_streams += 1
         self.metrics.set("open_streams", self.open_streams)
         try:
@@ -109,14 +122,12 @@ class IngestServer:
                         ended = True
                         break
                     continue
-                raw.write(message)
-                pub.push(resampler.push(message))
-            raw.close()
+                await asyncio.to_thread(take, message)
             if not ended:
-                pub.finish("ABORTED", "client disconnected before end")
+                await asyncio.to_thread(raw.close)
+                await asyncio.to_thread(pub.finish, "ABORTED", "client disconnected before end")
                 return
-            pub.push(resampler.flush())
-            summary = pub.finish()
+            summary = await asyncio.to_thread(finish)
             await ws.send(
                 json.dumps(
                     {
@@ -128,12 +139,13 @@ class IngestServer:
                 )
             )
         except AudioError as e:
-            raw.close()
-            pub.finish("ERROR", e.reason)
+            await asyncio.to_thread(raw.close)
+            await asyncio.to_thread(pub.finish, "ERROR", e.reason)
             raise
         except ConnectionClosed as e:
-            raw.close()
-            pub.finish("ABORTED", f"connection closed ({e.rcvd.code if e.rcvd else 'no close frame'})")
+            await asyncio.to_thread(raw.close)
+            reason = f"connection closed ({e.rcvd.code if e.rcvd else 'no close frame'})"
+            await asyncio.to_thread(pub.finish, "ABORTED", reason)
         finally:
             self.open_streams -= 1
             self.metrics.set("open_streams", self.open_streams)
