@@ -8,6 +8,7 @@ RUN pip install -r requirements.txt -c constraints.txt \
  && pip uninstall -y torchcodec
 COPY pyproject.toml README.md ./
 COPY hark ./hark
+COPY hark_cli ./hark_cli
 COPY services ./services
 COPY schemas ./schemas
 RUN pip install --no-deps -e . && hark models install

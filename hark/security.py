@@ -120,7 +120,7 @@ def stack_principals(s: Settings) -> list[str]:
     return [ADMIN, CONTROLLER, *grants(s)]
 
 
-def install(admin_settings: Settings, creds: Credentials) -> None:
+def install(admin_settings: Settings, passwords: dict[str, str]) -> None:
     """Create (or update) every service principal's SCRAM credential and its ACLs, as admin."""
     from confluent_kafka.admin import ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
 
@@ -128,8 +128,25 @@ def install(admin_settings: Settings, creds: Credentials) -> None:
 
     adm = kafka.admin(admin_settings)
     info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, ITERATIONS)
-    upserts: list = [UserScramCredentialUpsertion(p, info, creds.passwords[p].encode()) for p in grants(admin_settings)]
+    upserts: list = [UserScramCredentialUpsertion(p, info, passwords[p].encode()) for p in grants(admin_settings)]
     for fut in adm.alter_user_scram_credentials(upserts, request_timeout=30).values():
         fut.result()
     for fut in adm.create_acls(acl_bindings(admin_settings), request_timeout=30).values():
         fut.result()
+
+
+def main() -> None:
+    """``python -m hark.security``: the one-shot setup of a secured cluster of the operator's
+    (docker-compose's ``kafka-setup``): topics, each service's principal and its ACLs. Logs in as
+    the super user from ``HARK_KAFKA_*``; each service's password from ``HARK_PASSWORD_<SERVICE>``."""
+    from . import kafka
+
+    s = Settings.load()
+    kafka.wait_for_broker(s, timeout=120)
+    kafka.ensure_topics(s)
+    install(s, {p: os.environ[f"HARK_PASSWORD_{p.upper()}"] for p in grants(s)})
+    print(f"hark: topics, {len(grants(s))} service principals and their ACLs are in place")
+
+
+if __name__ == "__main__":
+    main()

@@ -116,7 +116,7 @@ class Supervisor:
         kafka.wait_for_broker(self.settings, timeout=90)
         kafka.ensure_topics(self.settings)
         if self.credentials:  # every service logs in as itself, with ACLs for its own topics only
-            security.install(self.settings, self.credentials)
+            security.install(self.settings, self.credentials.passwords)
         self.write_state(broker_start_s=round(time.monotonic() - t0, 2))
         # results must not wait for a pass nobody runs
         passes = [p for p in self.settings.results_wait_for.split(",") if p.strip()]

@@ -23,7 +23,16 @@ from .helpers import complete_record
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
-INFRA = {"kafka", "minio", "minio-init"}
+INFRA = {"kafka", "kafka-setup", "minio", "minio-init"}
+
+
+def broker_properties() -> dict[str, str]:
+    """The compose broker's server.properties, as its start script writes them."""
+    script = COMPOSE["services"]["kafka"]["command"][0].replace("$$", "$")  # compose unescapes $$
+    body = script.split("<<EOF\n", 1)[1].split("\nEOF\n", 1)[0]
+    return dict(line.split("=", 1) for line in body.splitlines())
+
+
 SETTINGS_ENV = {"HARK_" + f.name.upper() for f in dataclasses.fields(Settings) if f.name != "kafka_extra"}
 
 
@@ -38,7 +47,7 @@ def test_compose_runs_every_service_the_code_has_and_no_other():
     for name, svc in services.items():
         assert svc["build"] == "." and svc["command"] == [name]  # `hark service NAME` (the ENTRYPOINT)
     assert 'ENTRYPOINT ["hark", "service"]' in DOCKERFILE
-    for package in ("hark", "services", "schemas"):  # what the services import or read at run time
+    for package in ("hark", "hark_cli", "services", "schemas"):  # what the services import or read at run time
         assert re.search(rf"^COPY {package} \./{package}$", DOCKERFILE, re.M), package
     assert "hark models install" in DOCKERFILE  # weights assembled and verified at build time
 
@@ -53,24 +62,23 @@ def test_compose_sets_only_variables_the_config_reads():
 
 
 def test_compose_addresses_and_ports_agree():
-    kafka = COMPOSE["services"]["kafka"]
-    advertised = kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    advertised = broker_properties()["advertised.listeners"]
     minio_init = " ".join(COMPOSE["services"]["minio-init"]["command"])
     for name, svc in hark_services().items():
         env = svc["environment"]
-        assert f"PLAINTEXT://{env['HARK_BOOTSTRAP']}" in advertised.split(","), name
+        assert f"CLIENT://{env['HARK_BOOTSTRAP']}" in advertised.split(","), name
         assert env["HARK_S3_ENDPOINT"] == "minio:9000"  # MinIO's API port (the console is :9001)
         bucket = env["HARK_ARCHIVE_URI"].removeprefix("s3://").split("/")[0]
         assert f"mb --ignore-existing hark/{bucket}" in minio_init, "the archive bucket is created at start"
         assert env["HARK_HEALTH_HOST"] == "0.0.0.0"
         probe = " ".join(svc["healthcheck"]["test"])
         assert f":{env['HARK_HEALTH_PORT']}/healthz" in probe, name
-        assert set(svc["depends_on"]) == {"kafka", "minio-init"}
+        assert set(svc["depends_on"]) == {"kafka-setup", "minio-init"}
         if stack.SERVICES[name][1] is not None:  # a consumer group member: scalable, no fixed host port
             assert "ports" not in svc and "container_name" not in svc, f"{name} could not be scaled"
     for name, prefix in (("ingest", "HARK_INGEST"), ("captions", "HARK_CAPTIONS")):  # the two with a public port
         svc = COMPOSE["services"][name]
-        _host_port, container_port = svc["ports"][0].split(":")
+        container_port = svc["ports"][0].split(":")[-1]
         assert (
             container_port == svc["environment"][f"{prefix}_PORT"] and svc["environment"][f"{prefix}_HOST"] == "0.0.0.0"
         )
@@ -84,20 +92,58 @@ def test_compose_names_real_images_kafka_in_kraft_mode_and_minio():
     services = COMPOSE["services"]
     kafka, minio = services["kafka"], services["minio"]
     assert re.fullmatch(r"apache/kafka:\d+\.\d+\.\d+", kafka["image"])
-    env = kafka["environment"]
-    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
-    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].startswith(f"{env['KAFKA_NODE_ID']}@kafka:")
-    assert not any("ZOOKEEPER" in k for k in env) and "zookeeper" not in services
+    props = broker_properties()
+    assert set(props["process.roles"].split(",")) == {"broker", "controller"}
+    assert props["controller.quorum.voters"].startswith(f"{props['node.id']}@kafka:")
+    assert not any("zookeeper" in k for k in props) and "zookeeper" not in services
     from hark.broker import KAFKA_VERSION, MAX_MESSAGE_BYTES, MAX_OFFSET_METADATA_BYTES
 
-    assert int(env["KAFKA_MESSAGE_MAX_BYTES"]) >= MAX_MESSAGE_BYTES
-    assert int(env["KAFKA_OFFSET_METADATA_MAX_BYTES"]) >= MAX_OFFSET_METADATA_BYTES
+    assert int(props["message.max.bytes"]) >= MAX_MESSAGE_BYTES
+    assert int(props["offset.metadata.max.bytes"]) >= MAX_OFFSET_METADATA_BYTES
     assert kafka["image"] == f"apache/kafka:{KAFKA_VERSION}"  # the embedded broker's version
     assert f"<kafka.version>{KAFKA_VERSION}</kafka.version>" in (ROOT / "broker" / "pom.xml").read_text()
     assert re.fullmatch(r"minio/minio:RELEASE\.[0-9T\-]+Z", minio["image"])
     assert re.fullmatch(r"minio/mc:RELEASE\.[0-9T\-]+Z", services["minio-init"]["image"])
     for svc in services.values():
         assert "healthcheck" in svc or svc.get("image", "").startswith("minio/mc")
+
+
+def test_compose_broker_is_secured_like_the_embedded_one_and_has_no_default_secrets():
+    from hark import broker, security
+
+    props = broker_properties()
+    embedded = broker.single_node(Path("/nonexistent"), security={"admin": "A", "controller": "C"}).properties()
+    placeholders = {"A": "${KAFKA_ADMIN_PASSWORD}", "C": "${KAFKA_CONTROLLER_PASSWORD}"}
+    for key in (
+        "listener.security.protocol.map",
+        "inter.broker.listener.name",
+        "sasl.mechanism.controller.protocol",
+        "listener.name.client.sasl.enabled.mechanisms",
+        "authorizer.class.name",
+        "super.users",
+        "allow.everyone.if.no.acl.found",
+        "listener.name.client.scram-sha-512.sasl.jaas.config",
+        "listener.name.controller.plain.sasl.jaas.config",
+        "unclean.leader.election.enable",
+    ):
+        want = embedded[key]
+        for secret, var in placeholders.items():
+            want = want.replace(f'"{secret}"', f'"{var}"')
+        assert props[key] == want, key
+    assert "--add-scram" in COMPOSE["services"]["kafka"]["command"][0]  # the super user exists at first start
+    # each service logs in as itself; kafka-setup creates exactly those principals with the same secrets
+    setup = COMPOSE["services"]["kafka-setup"]["environment"]
+    assert set(security.grants(Settings())) == set(hark_services())
+    for name, svc in hark_services().items():
+        env = svc["environment"]
+        assert env["HARK_KAFKA_SASL_USERNAME"] == name and env["HARK_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT"
+        assert env["HARK_KAFKA_SASL_PASSWORD"].split(":?")[0] == setup[f"HARK_PASSWORD_{name.upper()}"].split(":?")[0]
+    # no secret has a default: compose refuses to start without each one (`${VAR:?...}`)
+    text = (ROOT / "docker-compose.yml").read_text()
+    secrets = re.findall(r"\$\{(\w*(?:PASSWORD|SECRET|_KEY|_USER)\w*)(:[?-])", text)
+    assert secrets and all(op == ":?" for _, op in secrets), secrets
+    for name in ("ingest", "captions"):  # published on the host's loopback only
+        assert all(p.startswith("127.0.0.1:") for p in COMPOSE["services"][name]["ports"]), name
 
 
 # ---- /metrics ------------------------------------------------------------------------------------
