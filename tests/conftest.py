@@ -57,3 +57,10 @@ def live_stack(stack_env):
 def run_hark(*args, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([*HARK, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The order's seed, also under -q: `pytest --randomly-seed=N` runs the same order again."""
+    seed = config.getoption("randomly_seed", default=None)
+    if seed is not None:
+        terminalreporter.write_line(f"random order: --randomly-seed={seed}")
