@@ -115,18 +115,19 @@ def _av_reason(e: Exception) -> str:
 
 
 class PcmResampler:
-    """Live raw PCM (s16le, interleaved, any rate/channels) to 16 kHz mono, incrementally."""
+    """Live raw PCM (s16le, interleaved, any rate/channels) to 16 kHz mono, incrementally.
+
+    Channels are averaged here, not by the resampler: libav knows layouts for some channel
+    counts only, and every count the endpoint accepts (1..MAX_CHANNELS) must work."""
 
     def __init__(self, sample_rate: int, channels: int = 1):
         _check_source(sample_rate, channels)
         self.rate, self.channels = sample_rate, channels
         self._frame_bytes = BYTES_PER_SAMPLE * channels
         self._residual = b""
-        self._passthrough = sample_rate == TARGET_RATE and channels == 1
         self._resampler = (
-            None if self._passthrough else av.AudioResampler(format="s16", layout="mono", rate=TARGET_RATE)
+            None if sample_rate == TARGET_RATE else av.AudioResampler(format="s16", layout="mono", rate=TARGET_RATE)
         )
-        self._layout = "mono" if channels == 1 else ("stereo" if channels == 2 else f"{channels}c")
 
     def push(self, data: bytes) -> bytes:
         data = self._residual + data
@@ -134,10 +135,12 @@ class PcmResampler:
         data, self._residual = data[:whole], data[whole:]
         if not data:
             return b""
+        arr = np.frombuffer(data, dtype="<i2")
+        if self.channels > 1:
+            arr = arr.reshape(-1, self.channels).mean(axis=1).round().astype("<i2")
         if self._resampler is None:
-            return data
-        arr = np.frombuffer(data, dtype="<i2").reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(arr, format="s16", layout=self._layout)
+            return arr.tobytes()
+        frame = av.AudioFrame.from_ndarray(arr.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = self.rate
         return b"".join(_frame_pcm(o) for o in self._resampler.resample(frame))
 

@@ -15,7 +15,7 @@ SOURCE = "sense_and_sensibility_01_austen_64kb-0880.wav"
 
 def resample(pcm: np.ndarray, rate: int) -> np.ndarray:
     r = PcmResampler(TARGET_RATE, 1)
-    assert r._passthrough
+    assert r._resampler is None  # 16 kHz mono passes through untouched
     frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
     frame.sample_rate = TARGET_RATE
     out = b"".join(
@@ -112,3 +112,34 @@ def test_live_pcm_resampler_handles_odd_splits_and_stereo():
 def test_absurd_live_formats_are_refused(rate, channels):
     with pytest.raises(AudioError):
         PcmResampler(rate, channels)
+
+
+def test_every_channel_count_the_endpoint_accepts_decodes_to_the_channels_average():
+    from hark.audio import MAX_CHANNELS
+
+    rate = 22050
+    t = np.arange(rate // 2) / rate
+    tone = (np.sin(2 * np.pi * 300 * t) * 8000).astype("<i2")
+    for channels in range(1, MAX_CHANNELS + 1):
+        # channel c carries the tone scaled by c / channels: their average is the tone x (channels + 1) / 2 / channels
+        frames = np.stack(
+            [(tone.astype(np.int32) * c // channels).astype("<i2") for c in range(1, channels + 1)], axis=1
+        )
+        r = PcmResampler(rate, channels)
+        raw = frames.tobytes()
+        out = np.frombuffer(b"".join(r.push(raw[i : i + 1001]) for i in range(0, len(raw), 1001)) + r.flush(), "<i2")
+        assert abs(len(out) - TARGET_RATE // 2) < 50, channels
+        expect = 8000 * (channels + 1) / 2 / channels
+        assert abs(np.abs(out[100:-100]).max() - expect) < 0.05 * expect + 2, channels
+
+
+def test_a_stream_declares_only_a_language_the_models_decode():
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    from hark.languages import WHISPER, check_language
+
+    assert set(WHISPER) == set(_LANGUAGE_CODES)
+    assert check_language("en-US") == "en-US" and check_language("yue") == "yue" and check_language("pt-BR")
+    for bad in ("xx", "english", "", "en_US", "en-US\n", "EN"):
+        with pytest.raises(ValueError):
+            check_language(bad)

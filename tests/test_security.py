@@ -17,6 +17,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from hark import broker, kafka, security
+from hark.audio import AudioError
 from hark.erasure import retention_sweep
 from hark.storage import archive_prefix, open_store
 from hark.tenants import create_token
@@ -276,3 +277,21 @@ def test_the_broker_refuses_strangers_and_holds_each_service_to_its_topics(live_
     assert settings.results_topic not in seen["diarizer"][0] and settings.audio_topic not in seen["captions"][0]
     assert {p for p, (_, w) in seen.items() if settings.audio_topic in w} == {"ingest"}
     assert {p for p, (r, _) in seen.items() if settings.results_topic in r} == {"captions"}
+
+
+# ---- input checked at the door ------------------------------------------------------------------
+def test_ids_languages_and_query_parameters_are_checked_whole(live_stack, secured):
+    from services.ingest.publisher import check_stream_id
+
+    with pytest.raises(AudioError):
+        check_stream_id("abc\n")  # a trailing newline used to pass the id check
+    assert check_stream_id("abc.def_1-2") == "abc.def_1-2"
+    base, token = secured["captions"], secured["acme"]
+    for bad in ("abc", "-1", "0", "100000", "1.5"):  # used to answer 500, or no limit at all for -1
+        code, body = get(f"{base}/api/search?q=forward&limit={bad}", token)
+        assert code == 400 and "limit" in body, (bad, code, body)
+    assert get(f"{base}/api/search?q=forward&limit=3", token)[0] == 200
+    # a language no model decodes is refused at the door, not by the offline pass 600 s later
+    sid = f"lang-{time.time_ns()}"
+    reply = upload(f"{secured['ingest']}?stream_id={sid}&format=file&language=xx&token={token}", b"RIFF")
+    assert reply["type"] == "error" and reply["error"] == "bad_language", reply

@@ -50,6 +50,9 @@ MAX_LIVE_PARTIALS = 1000  # streams whose current partial is kept for pages that
 SUBSCRIBER_QUEUE = 1000  # events a slow page may lag behind before it is dropped
 
 
+MAX_SEARCH_HITS = 200
+
+
 def caption_event(r: dict) -> dict:
     """What a page needs of a Result record."""
     return {
@@ -247,7 +250,10 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
 
     async def api_search(request: Request, tenant: str | None) -> Response:
         q = request.query_params.get("q", "")
-        stream, limit = request.query_params.get("stream") or None, int(request.query_params.get("limit", "20"))
+        stream, raw = request.query_params.get("stream") or None, request.query_params.get("limit", "20")
+        limit = int(raw) if raw.isdigit() else 0
+        if not 1 <= limit <= MAX_SEARCH_HITS:
+            return PlainTextResponse(f"limit must be a whole number 1..{MAX_SEARCH_HITS}\n", status_code=400)
         t0 = time.perf_counter()
         hits = await read_index(lambda idx: idx.search(q, stream, limit, tenant=tenant))
         return JSONResponse({"query": q, "hits": hits, "took_ms": round(1000 * (time.perf_counter() - t0), 2)})

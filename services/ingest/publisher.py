@@ -21,6 +21,7 @@ from typing import BinaryIO
 from hark import kafka, serde
 from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, Chunker, DecodedAudio, SourceInfo
 from hark.config import Settings
+from hark.languages import check_language
 from hark.records import new_stream_id, now_ms
 from hark.runtime import DeadLetters, Metrics, kv
 from hark.storage import ObjectStore, archive_prefix, open_store
@@ -35,7 +36,7 @@ ChunkCallback = Callable[[int, int, int, int], None]  # seq, offset_samples, n_s
 
 
 def check_stream_id(stream_id: str) -> str:
-    if not STREAM_ID_RE.match(stream_id):
+    if not STREAM_ID_RE.fullmatch(stream_id):  # match() would pass a trailing newline
         raise AudioError("bad_stream_id", f"invalid stream id {stream_id!r} (letters, digits, . _ -, max 128)")
     return stream_id
 
@@ -74,7 +75,11 @@ class StreamPublisher:
         s = ingest.settings
         self.ingest, self.settings = ingest, s
         self.stream_id, self.tenant, self.info = check_stream_id(stream_id), tenant, info
-        self.source_name, self.language, self.metadata = source_name, language, dict(metadata or {})
+        try:
+            self.language = check_language(language)
+        except ValueError as e:
+            raise AudioError("bad_language", str(e)) from None
+        self.source_name, self.metadata = source_name, dict(metadata or {})
         self.realtime, self.on_chunk = realtime, on_chunk
         self.prefix = archive_prefix(stream_id)
         self.chunker = Chunker(s.chunk_ms)

@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 
 from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, PcmResampler, SourceInfo
 from hark.config import Settings
+from hark.languages import check_language
 from hark.records import new_stream_id
 from hark.runtime import HealthServer, Metrics, kv, service_settings
 from hark.tenants import Access, AccessDenied, request_token
@@ -67,6 +68,10 @@ class IngestServer:
             return
         try:
             check_stream_id(stream_id)
+            try:  # before any audio is read
+                check_language(q.get("language", "en-US"))
+            except ValueError as e:
+                raise AudioError("bad_language", str(e)) from None
             await asyncio.to_thread(self.ingest.check_new_stream, stream_id)
             fmt = q.get("format", "pcm_s16le")
             if fmt == "pcm_s16le":
