@@ -154,7 +154,7 @@ def run_streams(settings, ingest, files: list[str], realtime: bool, stagger_ms: 
     runs = file_runs(ingest, files, realtime, settings)
     for i, r in enumerate(runs):
         r.start_delay_s = i * stagger_ms / 1000
-    follow(settings, runs, Display(quiet=True), min_timeout_s=120)
+    follow(settings, runs, Display(quiet=True), stall_timeout_s=120)
     return [r.summary() | {"_latencies": r.word_latency_ms, "_latency_parts": r.word_latency_parts} for r in runs]
 
 

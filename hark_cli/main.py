@@ -168,7 +168,7 @@ def _run_session(a, make_runs) -> int:
     try:
         ingest = Ingest(s)
         runs = make_runs(ingest, s)
-        follow(s, runs, Display(quiet=a.quiet))
+        follow(s, runs, Display(quiet=a.quiet), stall_timeout_s=a.stall_timeout)
     except KeyboardInterrupt:
         print("hark: interrupted", file=sys.stderr)
         return 130
@@ -274,6 +274,13 @@ def main(argv: list[str] | None = None) -> None:
         sp.add_argument("--fast", action="store_true", help="publish as fast as possible, not at real time")
         sp.add_argument("--quiet", action="store_true", help="no live captions/progress")
         sp.add_argument("--tenant", default="default")
+        sp.add_argument(
+            "--stall-timeout",
+            type=float,
+            default=120.0,
+            metavar="S",
+            help="fail a stream only when the pipeline has not moved for S seconds (default 120)",
+        )
         conn(sp)
 
     run = sub.add_parser("run", help="transcribe files end to end (starts the embedded stack unless --bootstrap)")

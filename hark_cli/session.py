@@ -1,8 +1,14 @@
 """Client side of ``hark run`` / ``hark replay``: publish streams, follow the results topic.
 
-Latency is measured as the issue defines it: for every word of an utterance's final, the
-moment it first appeared (in a partial, or in the final itself) on the results topic, as seen
-by this consumer, minus the moment ingest published the chunk holding the word's end.
+Two latencies, for every word, from the moment ingest published the chunk holding the word's end:
+- partial: until the word first appeared (in a partial, or in the online final itself) on the
+  results topic, as seen by this consumer;
+- accurate: until the offline text covering the word (the final transcript's text) first reached
+  the results topic (the results service's emit time; one clock on one machine).
+
+The client waits while the pipeline moves, not for a fixed time: records on the results topic (any
+stream's) and commits of the consumer groups it waits for count as progress; a stream fails only
+when nothing moved for ``stall_timeout_s``, and the error names the stage that stalled.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class StreamRun:
     # [results emitted - that newest chunk published], results topic -> this client)
     word_latency_parts: list[tuple[int, int, int, int]] = field(default_factory=list)
     _first_seen: dict[int, list[tuple[str, int, int, int, int, int]]] = field(default_factory=dict)
+    offline_ranges: list[tuple[int, int, int]] = field(default_factory=list)  # start, end, emitted_at_ms
 
     @property
     def done(self) -> bool:
@@ -63,6 +70,8 @@ class StreamRun:
         if kind in ("SPEAKERS", "ALTERNATIVES"):
             return None
         if rec["source"] == "offline":
+            if kind == "FINAL":
+                self.offline_ranges.append((rec["start_ms"], rec["end_ms"], rec["emitted_at_ms"]))
             return caption_line(rec)
         utt = rec["utterance_id"]
         seen = self._first_seen.setdefault(utt, [])
@@ -103,12 +112,27 @@ class StreamRun:
         self.partial_text = ""
         return caption_line(rec)
 
+    def accurate_latency_ms(self) -> list[int]:
+        """Per word of the final transcript (when its text came from the offline pass): the first
+        offline FINAL covering the word's end, emitted, minus the publishing of that audio."""
+        c = self.complete or {}
+        if c.get("final_source") != "offline" or not self.chunk_published_at_ms:
+            return []
+        out = []
+        for w in c.get("words", []):
+            covering = [em for s, e, em in self.offline_ranges if s < w["end_ms"] <= e]
+            if covering:
+                idx = min(max(w["end_ms"] - 1, 0) // self.chunk_ms, len(self.chunk_published_at_ms) - 1)
+                out.append(min(covering) - self.chunk_published_at_ms[idx])
+        return out
+
     def summary(self) -> dict:
         out = {"stream_id": self.stream_id, "source": self.source}
         if self.error:
             return {**out, "status": "FAILED", "error": self.error}
         c = self.complete or {}
         lat = np.array(self.word_latency_ms) if self.word_latency_ms else None
+        accurate = self.accurate_latency_ms()
         online_text = c.get("online_text") if c else " ".join(self.online_finals[k] for k in sorted(self.online_finals))
         return {
             **out,
@@ -137,6 +161,9 @@ class StreamRun:
                 "partial_p50_ms": None if lat is None else round(float(np.percentile(lat, 50)), 1),
                 "partial_p95_ms": None if lat is None else round(float(np.percentile(lat, 95)), 1),
                 "words_measured": 0 if lat is None else int(lat.size),
+                "accurate_p50_ms": round(float(np.percentile(accurate, 50)), 1) if accurate else None,
+                "accurate_p95_ms": round(float(np.percentile(accurate, 95)), 1) if accurate else None,
+                "accurate_words_measured": len(accurate),
                 "final_after_close_ms": (self.complete_received_ms - self.end_published_ms)
                 if self.complete_received_ms and self.end_published_ms
                 else None,
@@ -200,7 +227,7 @@ class Display:
         self.out.write(("\r\x1b[2K" if self.tty else "") + line + "\n")
         self.out.flush()
 
-    def status(self, runs: list[StreamRun], force: bool = False) -> None:
+    def status(self, runs: list[StreamRun], force: bool = False, waiting: str | None = None) -> None:
         if not self.tty or (time.monotonic() - self._last < 0.1 and not force):
             return
         self._last = time.monotonic()
@@ -212,6 +239,8 @@ class Display:
         finished = sum(r.done for r in runs)
         live = next((r for r in reversed(runs) if r.partial_text), None)
         line = f"[{bar}] {frac:4.0%} {finished}/{len(runs)} done"
+        if waiting and frac >= 1.0:
+            line += f" | waiting for {waiting}"
         if live:
             line += f" | {live.stream_id}: "
             room = max(0, width - 1 - len(line))
@@ -225,16 +254,63 @@ class Display:
             self.out.flush()
 
 
+class Progress:
+    """Whether the pipeline moves: records on the results topic, and the commits of the consumer
+    groups a stream waits for (read every ``period_s``). ``waiting_for`` names the group furthest
+    behind, for the display and for the error when nothing moves."""
+
+    def __init__(self, settings: Settings, groups: list[str], period_s: float = 3.0):
+        self.settings, self.groups, self.period_s = settings, groups, period_s
+        self.moved_at = time.monotonic()
+        self._committed: dict[str, int] = {}
+        self._checked = 0.0
+        self.lag: dict[str, int] = {}
+
+    def record_seen(self) -> None:
+        self.moved_at = time.monotonic()
+
+    def poll(self) -> None:
+        if time.monotonic() - self._checked < self.period_s:
+            return
+        self._checked = time.monotonic()
+        try:
+            lags = kafka.group_lag(self.settings, self.groups, timeout=5)
+        except Exception:  # the broker is down: that is no progress, and the stall timer says so
+            return
+        for group, info in lags.items():
+            if "error" in info:
+                continue
+            committed = sum(r["committed"] for r in info["partitions"])
+            if committed != self._committed.get(group, committed):
+                self.moved_at = time.monotonic()
+            self._committed[group], self.lag[group] = committed, info["lag"]
+
+    @property
+    def still_s(self) -> float:
+        return time.monotonic() - self.moved_at
+
+    def waiting_for(self) -> str:
+        behind = {g: n for g, n in self.lag.items() if n > 0}
+        if not behind:
+            return "the results service"
+        group = max(behind, key=lambda g: behind[g])
+        return f"{group.removeprefix('hark-')} ({behind[group]} records behind)"
+
+
 def follow(
     settings: Settings,
     runs: list[StreamRun],
     display: Display,
-    timeout_factor: float = 2.0,
-    min_timeout_s: float = 60.0,
+    stall_timeout_s: float = 120.0,
+    groups: list[str] | None = None,
 ) -> None:
-    """Publish every run concurrently and consume results until each completes, fails or times out."""
+    """Publish every run concurrently and consume results until each completes or fails; a run
+    that has ended publishing fails only when the pipeline has not moved for ``stall_timeout_s``."""
+    from hark.stack import GROUPS
+
     tail = kafka.tail_consumer(settings, settings.results_topic)
     by_id = {r.stream_id: r for r in runs}
+    progress = Progress(settings, GROUPS if groups is None else groups)
 
     def publish(run: StreamRun) -> None:
         try:
@@ -252,18 +328,22 @@ def follow(
     try:
         while not all(r.done for r in runs):
             for rec in read_results(tail, 0.05):
+                progress.record_seen()
                 run = by_id.get(rec["stream_id"])
                 if run is None:
                     continue
                 line = run.on_result(rec, now_ms())
                 if line:
                     display.commit(f"[{run.stream_id}] {line}")
-            for r in runs:
-                if not r.done and r.end_published_ms is not None:
-                    waited = (now_ms() - r.end_published_ms) / 1000
-                    if waited > max(min_timeout_s, timeout_factor * r.samples_published / TARGET_RATE):
-                        r.error = f"no final result {waited:.0f} s after the stream ended"
-            display.status(runs)
+            if any(not r.done and r.end_published_ms is None for r in runs):
+                progress.record_seen()  # still publishing: the clock starts when the audio is all in
+            waiting = [r for r in runs if not r.done and r.end_published_ms is not None]
+            if waiting:
+                progress.poll()
+                if progress.still_s > stall_timeout_s:
+                    for r in waiting:
+                        r.error = f"nothing moved for {progress.still_s:.0f} s: waiting for {progress.waiting_for()}"
+            display.status(runs, waiting=progress.waiting_for() if waiting else None)
     finally:
         display.clear()
         tail.close()

@@ -373,3 +373,48 @@ def test_a_secured_node_takes_sasl_only_denies_by_default_and_keeps_its_secrets_
     (plain.log_dir / "meta.properties").write_text("")
     secured = broker.single_node(tmp_path / "old", security={"admin": "a", "controller": "c"})
     assert secured.security and not (tmp_path / "old").exists() and list(tmp_path.glob("old.before-security-*"))
+
+
+def test_accurate_text_latency_counts_each_final_word_from_its_audio_to_the_first_offline_text():
+    from hark_cli.session import StreamRun
+
+    run = StreamRun("f.wav", "s", lambda r: None, chunk_ms=200)
+    for seq in range(10):  # chunk n holds [200n, 200n + 200) ms, published at 1000 + 200n
+        run.on_chunk(seq + 1, seq * 3200, 3200, 1000 + 200 * seq)
+
+    def final(start, end, emitted, words):
+        return {
+            "kind": "FINAL",
+            "source": "offline",
+            "start_ms": start,
+            "end_ms": end,
+            "emitted_at_ms": emitted,
+            "words": words,
+            "text": " ".join(w["word"] for w in words),
+            "utterance_id": 0,
+        }
+
+    w1 = {"word": "a", "start_ms": 100, "end_ms": 450, "confidence": 1.0, "speaker": None}
+    w2 = {"word": "b", "start_ms": 1200, "end_ms": 1500, "confidence": 1.0, "speaker": None}
+    run.on_result(final(0, 1000, 5000, [w1]), 5100)
+    run.on_result(final(1000, 2000, 7000, [w2]), 7100)
+    run.on_result(final(1000, 2000, 9000, [w2]), 9100)  # a later re-decode of the same range: not first
+    run.on_result(
+        {
+            "kind": "STREAM_COMPLETE",
+            "final_source": "offline",
+            "words": [w1, w2],
+            "status": "COMPLETE",
+            "text": "a b",
+            "online_text": "",
+            "turns": [],
+            "model_name": "m",
+            "model_version": "v",
+            "truncated": False,
+        },
+        9200,
+    )
+    # a: ends at 450 ms, in chunk 2 published at 1400 -> 5000 - 1400; b: chunk 7 at 2400 -> 7000 - 2400
+    assert run.accurate_latency_ms() == [3600, 4600]
+    lat = run.summary()["latency"]
+    assert lat["accurate_words_measured"] == 2 and lat["accurate_p50_ms"] == 4100.0
