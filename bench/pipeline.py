@@ -155,13 +155,25 @@ def run_streams(settings, ingest, files: list[str], realtime: bool, stagger_ms: 
     for i, r in enumerate(runs):
         r.start_delay_s = i * stagger_ms / 1000
     follow(settings, runs, Display(quiet=True), stall_timeout_s=120)
-    return [r.summary() | {"_latencies": r.word_latency_ms, "_latency_parts": r.word_latency_parts} for r in runs]
+    return [
+        r.summary()
+        | {
+            "_latencies": r.word_latency_ms,
+            "_latency_parts": r.word_latency_parts,
+            "_accurate": r.accurate_latency_ms(),
+        }
+        for r in runs
+    ]
 
 
 def latency_stats(rows: list[dict]) -> dict:
     lat = np.array([x for r in rows for x in r["_latencies"]])
     fac = [r["latency"]["final_after_close_ms"] for r in rows if r["latency"]["final_after_close_ms"] is not None]
+    accurate = np.array([x for r in rows for x in r.get("_accurate", [])])
     return {
+        # time to accurate text: audio published -> the offline text covering each final word
+        "accurate_p50_ms": round(float(np.percentile(accurate, 50)), 1) if accurate.size else None,
+        "accurate_p95_ms": round(float(np.percentile(accurate, 95)), 1) if accurate.size else None,
         "words": int(lat.size),
         "partial_p50_ms": round(float(np.percentile(lat, 50)), 1),
         "partial_p95_ms": round(float(np.percentile(lat, 95)), 1),
@@ -469,6 +481,7 @@ def print_report(r: dict) -> None:
         print(
             f"{key.split('_')[1]} real-time stream(s): partial latency p50 {x['partial_p50_ms']} ms, "
             f"p95 {x['partial_p95_ms']} ms (max {x['partial_max_ms']} ms, {x['words']} words); "
+            f"accurate text p50 {x.get('accurate_p50_ms')} ms, p95 {x.get('accurate_p95_ms')} ms; "
             f"online_asr RTF {x['online_asr_rtf']}; diarizer CPU per audio second {x['diarizer_rtf']}; "
             f"complete {x['all_complete']}"
         )
