@@ -309,7 +309,8 @@ def realtime_only(a, tmp: Path) -> None:
     for key, x in result.items():
         print(
             f"{key}: partial latency p50 {x['partial_p50_ms']} ms, p95 {x['partial_p95_ms']} ms "
-            f"(max {x['partial_max_ms']} ms); CPU % of one core: "
+            f"(max {x['partial_max_ms']} ms); accurate text p50 {x['accurate_p50_ms']} ms, "
+            f"p95 {x['accurate_p95_ms']} ms; CPU % of one core: "
             + ", ".join(f"{n} {v['cpu_pct_of_one_core']:.0f}" for n, v in x["services"].items())
         )
 
