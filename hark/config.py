@@ -128,6 +128,9 @@ class Settings:
     max_ws_message_bytes: int = 1024 * 1024  # a larger WebSocket message closes the connection (1009)
     ingest_host: str = "127.0.0.1"  # the WebSocket endpoint (port 0: any free port)
     ingest_port: int = 0
+    # web page origins that may publish (comma list, e.g. https://app.example); clients that are not
+    # browsers send no Origin and are not affected; empty: no web page may publish
+    ingest_allowed_origins: str = ""
     archive_segment_seconds: float = 30.0  # archived PCM is written in segments this long
 
     # online_asr
@@ -179,6 +182,8 @@ class Settings:
     # captions page, search and exports (services/captions)
     captions_host: str = "127.0.0.1"
     captions_port: int = 0
+    # host names the page answers to beyond loopback (comma list; what a proxy in front uses)
+    captions_allowed_hosts: str = ""
     index_path: str = ""  # SQLite file; default <data_dir>/index/transcripts.sqlite
 
     # Consume-transform-produce services commit their input offsets and their output in one Kafka

@@ -295,3 +295,36 @@ def test_ids_languages_and_query_parameters_are_checked_whole(live_stack, secure
     sid = f"lang-{time.time_ns()}"
     reply = upload(f"{secured['ingest']}?stream_id={sid}&format=file&language=xx&token={token}", b"RIFF")
     assert reply["type"] == "error" and reply["error"] == "bad_language", reply
+
+
+def test_closed_doors_by_default_hosts_origins_headers_and_file_modes(live_stack, secured, tmp_path):
+    from websockets.exceptions import InvalidStatus
+
+    base, token = secured["captions"], secured["acme"]
+    # DNS rebinding: a page whose own name now points at 127.0.0.1 asks with its own Host
+    req = urllib.request.Request(
+        f"{base}/api/streams", headers={"Host": "attacker.example", "Authorization": f"Bearer {token}"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 400
+    with urllib.request.urlopen(f"{base}/?token={token}", timeout=10) as r:
+        csp, page = r.headers["Content-Security-Policy"], r.read().decode()
+        assert r.headers["X-Frame-Options"] == "DENY" and "frame-ancestors 'none'" in csp
+    assert "'unsafe-inline'" not in csp and csp.count("'sha256-") == page.count("<script>") + page.count("<style>")
+    # a stream id lands in the page as an attribute value, escaped
+    with urllib.request.urlopen(f"{base}/streams/a%22b%3Cc?token={token}", timeout=10) as r:
+        assert 'content="a&quot;b&lt;c"' in r.read().decode()
+    # the transcripts index is the owner's alone
+    index = Path(os.environ.get("HARK_DATA_DIR", "")) / "index" / "transcripts.sqlite"
+    assert index.exists() and oct(index.stat().st_mode & 0o777) == "0o600"
+
+    # a web page's WebSocket (it sends its Origin) may not publish; a client that sends none may
+    async def connect_with(origin):
+        async with connect(f"{secured['ingest']}?token={token}", origin=origin) as ws:
+            return json.loads(await ws.recv())["type"]
+
+    with pytest.raises(InvalidStatus) as refused:
+        asyncio.run(connect_with("http://attacker.example"))
+    assert refused.value.response.status_code == 403
+    assert asyncio.run(connect_with(None)) == "ready"

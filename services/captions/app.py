@@ -20,13 +20,13 @@ sees only its tenant's streams: another tenant's stream answers 404, as if it di
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaError
@@ -42,6 +42,7 @@ from hark.runtime import DeadLetters, HealthServer, Metrics, key_of, kv, service
 from hark.tenants import Access, AccessDenied, request_token
 
 from . import exports
+from .guard import PAGE, Guard, allowed_hosts
 from .index import TranscriptIndex, majority_speaker
 
 log = logging.getLogger("hark.captions")
@@ -195,7 +196,7 @@ def _sse(event: dict) -> str:
     return f"data: {json.dumps(event)}\n\n"
 
 
-def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -> Starlette:
+def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -> Guard:
     access = Access.load(settings)
 
     async def read_index(work: Callable[[TranscriptIndex], Any]) -> Any:
@@ -243,7 +244,7 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
 
     async def stream_page(request: Request, tenant: str | None) -> Response:
         sid = request.path_params["stream_id"]
-        return HTMLResponse(PAGE.replace("__STREAM__", json.dumps(sid).replace("<", "\\u003c")[1:-1]))
+        return HTMLResponse(PAGE.replace("__STREAM__", html.escape(sid, quote=True)))
 
     async def api_streams(request: Request, tenant: str | None) -> Response:
         return JSONResponse(await read_index(lambda idx: idx.streams(tenant=tenant)))
@@ -314,7 +315,7 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", guarded(home)),
             Route("/streams/{stream_id}", guarded(stream_page)),
@@ -324,6 +325,7 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
             Route("/api/streams/{stream_id}/export", guarded(api_export)),
         ]
     )
+    return Guard(app, allowed_hosts(settings))
 
 
 def serve(settings: Settings) -> None:
@@ -360,6 +362,3 @@ def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     serve(service_settings("captions", argv, listen="captions"))
-
-
-PAGE = (Path(__file__).parent / "page.html").read_text()

@@ -15,6 +15,7 @@ replayed or re-read record changes nothing and a crash loses nothing.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -46,6 +47,10 @@ CREATE TRIGGER IF NOT EXISTS hyps_ad AFTER DELETE ON hyps BEGIN
 
 def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
+    # every tenant's transcripts: the owner's alone; SQLite gives its WAL and shared-memory files
+    # the database file's permissions
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    path.chmod(0o600)
     conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.executescript(SCHEMA)

@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, urlparse
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Origin
 
 from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, PcmResampler, SourceInfo
 from hark.config import Settings
@@ -199,7 +200,13 @@ class IngestServer:
             except (RuntimeError, ValueError):  # not the main thread
                 pass
         sweeper = asyncio.create_task(self._retention()) if self.settings.archive_retention_days > 0 else None
-        async with serve(self.handler, host, port, max_size=self.settings.max_ws_message_bytes) as server:
+        # a web page in a local browser must not publish to a loopback endpoint it found: only
+        # the origins allowed, and clients that send none (not a browser)
+        allowed = [Origin(o.strip()) for o in self.settings.ingest_allowed_origins.split(",") if o.strip()]
+        origins: list[Origin | None] = [None, *allowed]
+        async with serve(
+            self.handler, host, port, max_size=self.settings.max_ws_message_bytes, origins=origins
+        ) as server:
             self.port = server.sockets[0].getsockname()[1]
             log.info("listening", extra=kv(url=f"ws://{host}:{self.port}/v1/streams"))
             if ready:
