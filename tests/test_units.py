@@ -418,3 +418,27 @@ def test_accurate_text_latency_counts_each_final_word_from_its_audio_to_the_firs
     assert run.accurate_latency_ms() == [3600, 4600]
     lat = run.summary()["latency"]
     assert lat["accurate_words_measured"] == 2 and lat["accurate_p50_ms"] == 4100.0
+
+
+def test_every_result_the_merger_builds_has_exactly_the_schema_fields():
+    """Built by hand or by result_record, a Result carries the fields of hark.Result.avsc and no
+    others (the Avro writer would drop an unknown key silently)."""
+    from hark import serde
+
+    fields = {f["name"] for f in serde.registry().by_name("Result").parsed["fields"]} - {
+        "schema_version"
+    }  # serde stamps it
+    m = ResultsMerger(wait_for=("online", "offline", "diarizer"), offline_timeout_s=60)
+    out = m.on_online(_online("PARTIAL", 0, "hello", ["hello"]))
+    out += m.on_speakers(_speakers("INCREMENTAL", [("SPEAKER_00", 0, 10)], 10))
+    out += m.on_online(_online("FINAL", 0, "hello world", ["hello", "world"]))
+    out += m.on_offline(_offline("SEGMENT", 0, "hello world", 0, 10, ["hello", "world"]))
+    out += m.on_offline(_offline("NBEST", 0, "hello world", 0, 10))
+    out += m.on_online(_online("STREAM_END", 1, "", end_status="COMPLETE"))
+    out += m.on_offline(_offline("STREAM_END", 1, "", 10, 10))
+    out += m.on_speakers(_speakers("FULL", [("SPEAKER_00", 0, 10)], 10))
+    kinds = {str(r["kind"]) for r in out}
+    assert kinds == {"PARTIAL", "SPEAKERS", "FINAL", "ALTERNATIVES", "STREAM_COMPLETE"}, kinds
+    for r in out:
+        assert set(r) == fields, (r["kind"], set(r) ^ fields)
+        assert serde.decode(serde.encode("Result", r))[1]["kind"] == r["kind"]
