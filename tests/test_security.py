@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -260,17 +261,27 @@ def test_the_broker_refuses_strangers_and_holds_each_service_to_its_topics(live_
     assert all(v is None for v in admin_writes.values()), admin_writes
 
     # no credentials, or a wrong password: nothing read, nothing written, not even the topic list
-    for login in ({}, {**creds.client("ingest"), "sasl.password": "guess"}):
-        reads, writes = _probe(settings.bootstrap, topics, login, "hark-tail-probe")
+    # every probe waits on the broker, not on a core: all at once
+    strangers = [{}, {**creds.client("ingest"), "sasl.password": "guess"}]
+    grants = security.grants(settings)
+    with ThreadPoolExecutor(len(strangers) + len(grants)) as pool:
+        denied = [pool.submit(_probe, settings.bootstrap, topics, login, "hark-tail-probe") for login in strangers]
+        probes = {
+            p: pool.submit(
+                _probe, settings.bootstrap, topics, creds.client(p), g.groups[0] if g.groups else "hark-tail-probe"
+            )
+            for p, g in grants.items()
+        }
+    for login, probe in zip(strangers, denied):
+        reads, writes = probe.result()
         assert not any(reads.values()) and all(w is not None for w in writes.values()), (login, reads, writes)
         with pytest.raises(kafka.KafkaException):
             kafka.admin(type(settings)(bootstrap=settings.bootstrap, kafka_extra=login)).list_topics(timeout=3)
 
     # each service: exactly the topics of its grant, topic by topic
     seen = {}
-    for principal, grant in security.grants(settings).items():
-        group = grant.groups[0] if grant.groups else "hark-tail-probe"
-        reads, writes = _probe(settings.bootstrap, topics, creds.client(principal), group)
+    for principal, grant in grants.items():
+        reads, writes = probes[principal].result()
         seen[principal] = ({t for t in topics if reads[t]}, {t for t in topics if writes[t] is None})
         assert seen[principal] == (set(grant.reads), set(grant.writes)), (principal, reads, writes)
     # and what that means, said plainly

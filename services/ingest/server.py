@@ -134,16 +134,7 @@ class IngestServer:
                 await asyncio.to_thread(pub.finish, "ABORTED", "client disconnected before end")
                 return
             summary = await asyncio.to_thread(finish)
-            await ws.send(
-                json.dumps(
-                    {
-                        "type": "done",
-                        "stream_id": stream_id,
-                        "chunks": summary.chunks,
-                        "seconds": round(summary.duration_s, 3),
-                    }
-                )
-            )
+            await _done(ws, stream_id, summary)
         except AudioError as e:
             await asyncio.to_thread(raw.close)
             await asyncio.to_thread(pub.finish, "ERROR", e.reason)
@@ -180,16 +171,7 @@ class IngestServer:
                 tenant=tenant,
                 language=q.get("language", "en-US"),
             )
-        await ws.send(
-            json.dumps(
-                {
-                    "type": "done",
-                    "stream_id": stream_id,
-                    "chunks": summary.chunks,
-                    "seconds": round(summary.duration_s, 3),
-                }
-            )
-        )
+        await _done(ws, stream_id, summary)
 
     async def serve(self, host: str, port: int, ready: asyncio.Event | None = None) -> None:
         stop = asyncio.Event()
@@ -229,6 +211,11 @@ class IngestServer:
             except Exception:
                 log.exception("retention sweep failed")
             await asyncio.sleep(period_s)
+
+
+async def _done(ws, stream_id: str, summary: StreamSummary) -> None:
+    done = {"type": "done", "stream_id": stream_id, "chunks": summary.chunks, "seconds": round(summary.duration_s, 3)}
+    await ws.send(json.dumps(done))
 
 
 def _is_end(message: str) -> bool:

@@ -109,44 +109,31 @@ class OfflineStream:
         if self.candidate and o.candidate:  # after the primary (whose text users wait for); same window, same index
             c = o.candidate.decode(w.pcm, w.start_ms, prompt=prompt, language=self.language)
             if c.text:
-                out.append(
-                    o.record(
-                        info,
-                        "SEGMENT",
-                        index,
-                        w.start_ms,
-                        w.end_ms,
-                        c.text,
-                        c.words,
-                        [],
-                        c.language,
-                        int(c.decode_s * 1000),
-                        self.published_at_ms,
-                        decoder=o.candidate,
-                    )
-                )
+                out.append(self._segment(index, w, c, o.candidate))
         if not d.text:
             return out
-        out.append(
-            o.record(
-                info,
-                "SEGMENT",
-                index,
-                w.start_ms,
-                w.end_ms,
-                d.text,
-                d.words,
-                [],
-                d.language,
-                int(d.decode_s * 1000),
-                self.published_at_ms,
-            )
-        )
+        out.append(self._segment(index, w, d, o.decoder))
         if s.offline_nbest > 1:
             o.queue_nbest(info, index, w, prompt, self.language)
         if s.offline_prompt_chars:
             self.prompt = (self.prompt + " " + d.text)[-s.offline_prompt_chars :]
         return out
+
+    def _segment(self, index: int, w: Window, d, decoder: WhisperDecoder) -> Output:
+        return self.owner.record(
+            self.info,
+            "SEGMENT",
+            index,
+            w.start_ms,
+            w.end_ms,
+            d.text,
+            d.words,
+            [],
+            d.language,
+            int(d.decode_s * 1000),
+            self.published_at_ms,
+            decoder=decoder,
+        )
 
     def _prompt(self) -> str | None:
         chars = self.owner.settings.offline_prompt_chars
