@@ -147,29 +147,9 @@ class ResultsMerger:
             st.turns += rec["turns"][: max(0, room)]
             if not rec["turns"]:
                 return []
-            return [
-                {
-                    "stream_id": rec["stream_id"],
-                    "tenant": rec["tenant"],
-                    "kind": "SPEAKERS",
-                    "source": "diarizer",
-                    "utterance_id": -1,
-                    "text": "",
-                    "start_ms": min(t["start_ms"] for t in rec["turns"]),
-                    "end_ms": rec["covered_until_ms"],
-                    "words": [],
-                    "nbest": [],
-                    "online_text": None,
-                    "turns": rec["turns"],
-                    "status": None,
-                    "final_source": None,
-                    "truncated": False,
-                    "audio_published_at_ms": rec["audio_published_at_ms"],
-                    "emitted_at_ms": now_ms(),
-                    "model_name": rec["model_name"],
-                    "model_version": rec["model_version"],
-                }
-            ]
+            span = {"start_ms": min(t["start_ms"] for t in rec["turns"]), "end_ms": rec["covered_until_ms"]}
+            speakers = {**rec, **span, "text": "", "words": [], "nbest": []}
+            return [result_record(speakers, "SPEAKERS", "diarizer", -1, turns=rec["turns"])]
         if kind == "FULL":
             p.ended = rec.get("end_status") or "COMPLETE"
             st.full_turns = rec["turns"]
