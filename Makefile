@@ -42,7 +42,7 @@ check: $(STAMP)
 
 # The tests without a broker or models (seconds).
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q tests/test_units.py tests/test_serde.py
+	$(BIN)/python -m pytest -q -m "not e2e" tests/test_units.py tests/test_serde.py tests/test_keys.py tests/test_fuzz.py
 
 # In random order (pytest-randomly prints its seed; `pytest --randomly-seed=N` repeats an order).
 test: $(STAMP) $(CHROMIUM_STAMP) check
@@ -56,6 +56,7 @@ bench: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m bench.decode_cost
 	$(BIN)/python -m bench.broker
 	$(BIN)/python -m bench.merge_state --minutes 60
+	$(BIN)/python -m bench.sealing
 
 # Fault injection at a larger scale than CI's: every service killed mid-stream, the embedded broker
 # killed, the audio leader of a three-broker cluster killed.

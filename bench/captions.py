@@ -27,7 +27,7 @@ import numpy as np
 from hark import kafka, serde, stack
 from hark.config import Settings
 from services.captions.index import TranscriptIndex
-from services.ingest.publisher import Ingest
+from services.ingest.core import Ingest
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEECH = ROOT / "data" / "speech"
@@ -92,7 +92,7 @@ def results_of_a_run(settings: Settings) -> list[dict]:
             for m in c.consume(500, 0.2):
                 if m.error():
                     continue
-                _t, r = serde.decode(m.value())
+                _t, r = serde.decode_message(m, ingest.keys)
                 if r["stream_id"] in sids:
                     out.append(r)
                     if str(r["kind"]) == "STREAM_COMPLETE":
@@ -100,7 +100,7 @@ def results_of_a_run(settings: Settings) -> list[dict]:
         time.sleep(5)  # late offline n-best (ALTERNATIVES) records
         for m in c.consume(5000, 1.0):
             if not m.error():
-                _t, r = serde.decode(m.value())
+                _t, r = serde.decode_message(m, ingest.keys)
                 if r["stream_id"] in sids:
                     out.append(r)
     finally:

@@ -31,7 +31,7 @@ from hark.audio import read_pcm_file
 from hark.config import Settings
 from hark.wer import WerScore, load_references, score
 from hark_cli.session import Display, file_runs, follow
-from services.ingest.publisher import Ingest
+from services.ingest.core import Ingest
 from services.online_asr.recognizer import MAX_HMM_PER_FRAME, DecoderPool, StreamRecognizer
 
 ROOT = Path(__file__).resolve().parent.parent

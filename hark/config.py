@@ -38,6 +38,10 @@ RANGES: dict[str, tuple[float, float]] = {
     "captions_port": (0, 65535),
     "health_port": (0, 65535),
     "archive_segment_seconds": (1, 600),
+    "ingest_buffer_bytes": (64 * 1024, 256 << 20),
+    "ingest_max_streams": (0, 100_000),
+    "tenant_max_streams": (0, 100_000),
+    "tenant_audio_seconds_per_hour": (0, 1e9),
     "partial_interval_ms": (0, 10_000),
     "idle_timeout_s": (1, 86400),
     "max_streams": (1, 4096),
@@ -93,6 +97,12 @@ class Settings:
     s3_secret_key: str = ""
     s3_secure: bool = False
     s3_region: str = "us-east-1"
+    # where each stream's data key lives, wrapped (hark/keys.py): file:///abs/path (default
+    # <data_dir>/keys) or s3://bucket/prefix, a bucket apart from the archive's
+    key_store_uri: str = ""
+    # the key that wraps the data keys: base64 of 32 random bytes; empty: <data_dir>/master.key,
+    # created 0600 at first use (every process of one installation must share it)
+    master_key: str = ""
 
     # every topic's name starts with this
     topic_prefix: str = "hark."
@@ -132,6 +142,15 @@ class Settings:
     # browsers send no Origin and are not affected; empty: no web page may publish
     ingest_allowed_origins: str = ""
     archive_segment_seconds: float = 30.0  # archived PCM is written in segments this long
+    # the most source audio a live connection holds before archiving it, whatever its rate and
+    # channels (30 s at 768 kHz x 24 channels would be 1.1 GB); larger segments are cut at this size
+    ingest_buffer_bytes: int = 4 << 20
+    # admission (services/ingest/admission.py), per ingest replica, 0 for no limit: streams open at
+    # once (match it to the decoders: max_streams x online_asr replicas / ingest replicas), streams
+    # open per tenant, and audio seconds a tenant may publish in any hour
+    ingest_max_streams: int = 32
+    tenant_max_streams: int = 0
+    tenant_audio_seconds_per_hour: float = 0.0
 
     # online_asr
     partial_interval_ms: int = 100  # at most one partial per this much audio (and per chunk)
@@ -352,7 +371,7 @@ def reference_markdown() -> str:
                 )
                 text = " ".join(comment + ([trailing] if trailing else [])).replace("|", "\\|")
                 accepts = (
-                    f"{RANGES[name][0]:g}..{RANGES[name][1]:g}"
+                    "..".join(_num(v) for v in RANGES[name])
                     if name in RANGES
                     else " / ".join(CHOICES[name])
                     if name in CHOICES
@@ -365,3 +384,8 @@ def reference_markdown() -> str:
 
 if __name__ == "__main__":
     print(reference_markdown(), end="")
+
+
+def _num(v: float) -> str:
+    """A bound as people write it: 268435456, not 2.68435e+08."""
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"

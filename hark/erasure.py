@@ -1,6 +1,11 @@
 """Forgetting streams: erasure on request (GDPR) and archive retention.
 
-``erase`` removes everything hark keeps of a stream outside the audio log's own retention:
+``erase`` makes everything hark kept of a stream unreadable, and removes what it can:
+- the stream's data key (hark/keys.py): every record of it in every topic, dead letters included,
+  and every archived object was sealed with it, so every copy (replicas, backups) is ciphertext
+  without a key from here on; the id is marked erased and refused if published again;
+- an ERASED end on the stream's audio partition: a live stream stops (ingest refuses its next
+  audio within a second), and the services drop what they hold of it, publishing nothing more;
 - the archive: source bytes, PCM segments, lattices, meta.json (object store prefix);
 - whatever local stores the caller names (the CLI: this installation's transcript index);
 - a tombstone (the stream id as key, no value) on the results topic, which is compacted in
@@ -8,19 +13,20 @@
   server that follows the topic erases the stream from its own index when it reads it;
 - an audit line (stream id, tenant, what was removed, when; no content) in
   ``<data_dir>/audit/erasures.jsonl``.
-The intermediate topics (audio, transcripts, speakers) are not compacted: their records expire
-with the topic retention (``HARK_TOPIC_RETENTION_HOURS``).
+The intermediate topics (audio, transcripts, speakers) are not compacted: their sealed records
+expire with the topic retention (``HARK_TOPIC_RETENTION_HOURS``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import records, serde
 from .config import Settings
+from .keys import Keyring, StreamErased
 from .storage import ObjectStore, archive_prefix
 
 log = logging.getLogger("hark.erasure")
@@ -33,26 +39,32 @@ def erase(
     producer=None,
     reason: str = "request",
     local: dict[str, Callable[[str], int]] | None = None,
+    keys: Keyring | None = None,
 ) -> dict:
-    """``local``: erasers of stores of this installation beyond the archive (the caller's to know;
-    the captions index, from the CLI), each returning how many entries it removed."""
+    """``store``: the archive (sealed or not: meta.json is read through it). ``local``: erasers of
+    stores of this installation beyond the archive (the caller's to know; the captions index, from
+    the CLI), each returning how many entries it removed."""
+    keys = keys or Keyring.for_settings(settings)
     try:
         meta = json.loads(store.get(archive_prefix(stream_id) + "meta.json"))
-    except KeyError:
+    except (KeyError, StreamErased, ValueError):
         meta = {}
+    key_deleted = keys.erase(stream_id)  # from here on every sealed copy is unreadable
     objects = store.delete_prefix(archive_prefix(stream_id))
     removed = {name: eraser(stream_id) for name, eraser in (local or {}).items()}
     tombstones = []
     if producer is not None:
+        _announce(settings, producer, stream_id, meta)
         producer.produce(settings.results_topic, key=stream_id.encode(), value=None)
         if producer.flush(10) != 0:
-            raise RuntimeError(f"the tombstone for {stream_id} was not delivered")
+            raise RuntimeError(f"the erasure of {stream_id} was not delivered to the broker")
         tombstones.append(settings.results_topic)
     entry = {
         "stream_id": stream_id,
         "tenant": meta.get("tenant"),
         "reason": reason,
-        "erased_at_ms": int(time.time() * 1000),
+        "erased_at_ms": records.now_ms(),
+        "key_deleted": key_deleted,
         "archive_objects": objects,
         **removed,
         "tombstones": tombstones,
@@ -65,18 +77,41 @@ def erase(
     return entry
 
 
+def _announce(settings: Settings, producer, stream_id: str, meta: dict) -> None:
+    """The ERASED end, unsealed (the key is gone; it says only that the stream ended), on the
+    stream's audio partition, after its last chunk (-1: the key's hash, as ingest placed it); on
+    every partition when that is unknown."""
+    record = {
+        "stream_id": stream_id,
+        "tenant": meta.get("tenant") or "",
+        "seq": 0,
+        "total_samples": 0,
+        "status": "ERASED",
+        "reason": "erased",
+        "ended_at_ms": records.now_ms(),
+    }
+    value = serde.encode("StreamEnd", record)
+    if "audio_partition" not in meta:
+        md = producer.list_topics(settings.audio_topic, timeout=10).topics.get(settings.audio_topic)
+        partitions = sorted(md.partitions) if md is not None and md.partitions else [-1]
+    else:
+        partitions = [int(meta["audio_partition"])]
+    for p in partitions:
+        producer.produce(settings.audio_topic, key=stream_id.encode(), value=value, partition=p)
+
+
 def expired_streams(store: ObjectStore, days: float, now_ms: int | None = None) -> list[str]:
     """Archived streams that ended (or, if never ended, started) more than ``days`` ago."""
     if days <= 0:
         return []
-    cutoff = (now_ms or int(time.time() * 1000)) - int(days * 86_400_000)
+    cutoff = (now_ms or records.now_ms()) - int(days * 86_400_000)
     out = []
     for key in store.list("streams/"):
         if not key.endswith("/meta.json") or key.count("/") != 2:
             continue
         try:
             meta = json.loads(store.get(key))
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, StreamErased):
             continue
         when = meta.get("ended_at_ms") or meta.get("started_at_ms")
         if when is not None and when < cutoff:

@@ -6,18 +6,27 @@ and prints the token once. With a tokens file, ingest requires a token and stamp
 the stream with the token's tenant, and the captions server shows a token only its tenant's
 streams. Without one (the embedded default for a single user) access is open and the tenant is
 whatever the producer names ("default" unless told).
+
+The file is read again when it changes (checked at most once a second), so a token removed from
+it stops working without a restart. A file that no longer parses denies every token until it
+is fixed: a broken edit never opens access or keeps a revoked token alive.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
+import threading
+import time
 from pathlib import Path
 
 from .config import Settings
+
+log = logging.getLogger("hark.tenants")
 
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -39,26 +48,41 @@ def check_tenant(tenant: str) -> str:
 
 
 class Access:
-    def __init__(self, hashes: dict[str, str] | None):
+    RECHECK_S = 1.0  # how often the tokens file's identity (inode, size, mtime) is looked at
+
+    def __init__(self, hashes: dict[str, str] | None, path: Path | None = None):
         self._hashes = hashes  # sha256 hex -> tenant; None: open access
+        self._path = path
+        self._seen = _identity(path) if path else None
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, settings: Settings) -> Access:
         if not settings.tokens_file:
             return cls(None)
-        hashes = {}
-        for n, line in enumerate(Path(settings.tokens_file).read_text().splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            parts = line.split()
-            if len(parts) != 2 or len(parts[0]) != 64:
-                raise ValueError(f"{settings.tokens_file}:{n}: expected '<sha256 hex> <tenant>'")
-            hashes[parts[0].lower()] = check_tenant(parts[1])
-        return cls(hashes)
+        path = Path(settings.tokens_file)
+        return cls(_parse(path), path)
+
+    def _reload_if_changed(self) -> None:
+        if self._path is None or time.monotonic() - self._checked < self.RECHECK_S:
+            return
+        with self._lock:
+            self._checked = time.monotonic()
+            seen = _identity(self._path)
+            if seen == self._seen:
+                return
+            self._seen = seen
+            try:
+                self._hashes = _parse(self._path)
+                log.info("tokens file reloaded: %d tokens", len(self._hashes))
+            except (OSError, ValueError, AccessDenied) as e:
+                self._hashes = {}
+                log.error("tokens file unusable, every token is refused until it is fixed: %s", e)
 
     def tenant_of(self, token: str | None) -> str | None:
         """The token's tenant; None when access is open (every stream is visible)."""
+        self._reload_if_changed()
         if self._hashes is None:
             return None
         if not token:
@@ -77,6 +101,27 @@ class Access:
         if requested and requested != tenant:
             raise AccessDenied("forbidden", f"this token publishes as tenant {tenant!r}, not {requested!r}")
         return tenant
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _parse(path: Path) -> dict[str, str]:
+    hashes = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise ValueError(f"{path}:{n}: expected '<sha256 hex> <tenant>'")
+        hashes[parts[0].lower()] = check_tenant(parts[1])
+    return hashes
 
 
 def request_token(authorization: str | None, *fallbacks: str | None) -> str | None:
@@ -98,3 +143,24 @@ def create_token(tokens_file: str | Path, tenant: str) -> str:
     with os.fdopen(fd, "a") as f:
         f.write(f"{token_hash(token)} {tenant}\n")
     return token
+
+
+def revoke_tokens(tokens_file: str | Path, who: str) -> int:
+    """Remove a token (``who`` is the token itself) or every token of a tenant (``who`` is the
+    tenant) from the file; returns how many lines went. Servers stop accepting them within a
+    second (Access reloads the file)."""
+    path = Path(tokens_file)
+    digest = token_hash(who)
+    kept, removed = [], 0
+    for line in path.read_text().splitlines():
+        parts = line.split("#", 1)[0].split()
+        if len(parts) == 2 and (parts[0].lower() == digest or parts[1] == who):
+            removed += 1
+        else:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)  # whole or not at all: a server never reads half a file
+    return removed

@@ -80,7 +80,7 @@ def cmd_status(a) -> int:
 
 # ---- producing and following ---------------------------------------------------------------------
 def cmd_publish(a) -> int:
-    from services.ingest.publisher import Ingest
+    from services.ingest.core import Ingest
 
     s = connect(a, settings_of(a))
     if a.stream_id and len(a.files) > 1:
@@ -117,16 +117,19 @@ def _metadata(a) -> dict:
 
 
 def cmd_tail(a) -> int:
+    from hark.keys import Keyring
+
     from .session import Display, caption_line, read_results
 
     s = connect(a, settings_of(a))
     c = kafka.tail_consumer(s, s.results_topic, from_beginning=a.from_beginning)
+    keys = Keyring.for_settings(s)
     where = "the beginning" if a.from_beginning else "now"
     print(f"hark: following {s.results_topic} from {where} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     display = Display(sys.stdout)
     try:
         while True:
-            for rec in read_results(c, 0.2):
+            for rec in read_results(c, 0.2, keys):
                 if a.stream and rec["stream_id"] != a.stream:
                     continue
                 kind, prefix = str(rec["kind"]), "" if a.stream else f"[{rec['stream_id']}] "
@@ -150,7 +153,7 @@ def _interrupt(*_args):
 
 
 def _run_session(a, make_runs) -> int:
-    from services.ingest.publisher import Ingest
+    from services.ingest.core import Ingest
 
     from .session import Display, follow
 
@@ -346,8 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     rt.set_defaults(fn=cmd_retention)
 
     tk = sub.add_parser("token", help="tenant tokens for ingest and the captions server")
-    tk.add_argument("action", choices=["create"])
-    tk.add_argument("tenant")
+    tk.add_argument("action", choices=["create", "revoke"])
+    tk.add_argument("tenant", help="create: the tenant; revoke: a token, or a tenant (all its tokens)")
     tk.add_argument("--file", help="tokens file (default $HARK_TOKENS_FILE or <data dir>/tokens)")
     tk.set_defaults(fn=cmd_token)
 

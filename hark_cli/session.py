@@ -26,6 +26,7 @@ import numpy as np
 from hark import kafka, serde
 from hark.audio import TARGET_RATE, AudioError
 from hark.config import Settings
+from hark.keys import Keyring
 from hark.records import now_ms
 
 
@@ -196,13 +197,14 @@ def speaker_lines(words: list[dict]) -> list[str]:
     return [f"{who}: {' '.join(ws)}" for who, ws in out]
 
 
-def read_results(consumer, timeout: float):
-    """Result records from one poll of a results-topic reader (errors and foreign records skipped)."""
+def read_results(consumer, timeout: float, keys: Keyring):
+    """Result records from one poll of a results-topic reader (errors, foreign records and erased
+    streams' records skipped). ``keys``: the installation's Keyring, which opens sealed records."""
     for msg in kafka.consume_ready(consumer, 200, timeout):
         if msg.error():
             continue
         try:
-            rtype, rec = serde.decode(msg.value())
+            rtype, rec = serde.decode_message(msg, keys)
         except serde.SerdeError:
             continue
         if rtype == "Result":
@@ -309,6 +311,7 @@ def follow(
     from hark.stack import GROUPS
 
     tail = kafka.tail_consumer(settings, settings.results_topic)
+    keys = Keyring.for_settings(settings)
     by_id = {r.stream_id: r for r in runs}
     progress = Progress(settings, GROUPS if groups is None else groups)
 
@@ -327,7 +330,7 @@ def follow(
         t.start()
     try:
         while not all(r.done for r in runs):
-            for rec in read_results(tail, 0.05):
+            for rec in read_results(tail, 0.05, keys):
                 progress.record_seen()
                 run = by_id.get(rec["stream_id"])
                 if run is None:

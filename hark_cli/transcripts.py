@@ -146,10 +146,10 @@ def erase_from_index(s):
 
 def cmd_erase(a) -> int:
     from hark.erasure import erase
-    from hark.storage import open_store
+    from hark.keys import open_archive
 
     s = connect(a, settings_of(a))
-    store, producer = open_store(s), kafka.producer(s, **{"client.id": "hark-erase"})
+    store, producer = open_archive(s), kafka.producer(s, **{"client.id": "hark-erase"})
     for sid in a.stream_ids:
         print(json.dumps(erase(s, sid, store, producer, reason=a.reason, local={"index_rows": erase_from_index(s)})))
     return 0
@@ -157,14 +157,14 @@ def cmd_erase(a) -> int:
 
 def cmd_retention(a) -> int:
     from hark.erasure import retention_sweep
-    from hark.storage import open_store
+    from hark.keys import open_archive
 
     s = connect(a, settings_of(a))
     if a.days is not None:
         s.archive_retention_days = a.days
     if s.archive_retention_days <= 0:
         raise SystemExit("hark: no retention period: set HARK_ARCHIVE_RETENTION_DAYS or pass --days")
-    erased = retention_sweep(s, open_store(s), kafka.producer(s, **{"client.id": "hark-retention"}))
+    erased = retention_sweep(s, open_archive(s), kafka.producer(s, **{"client.id": "hark-retention"}))
     for entry in erased:
         print(json.dumps(entry))
     print(f"hark: {len(erased)} streams older than {s.archive_retention_days:g} days erased", file=sys.stderr)
@@ -172,10 +172,16 @@ def cmd_retention(a) -> int:
 
 
 def cmd_token(a) -> int:
-    from hark.tenants import AccessDenied, create_token
+    from hark.tenants import AccessDenied, create_token, revoke_tokens
 
     s = settings_of(a)
     path = a.file or s.tokens_file or str(Path(s.data_dir) / "tokens")
+    if a.action == "revoke":
+        if not Path(path).exists():
+            raise SystemExit(f"hark: no tokens file {path}")
+        n = revoke_tokens(path, a.tenant)
+        print(f"hark: {n} token(s) removed from {path}; servers refuse them within a second", file=sys.stderr)
+        return 0 if n else 1
     try:
         token = create_token(path, a.tenant)
     except AccessDenied as e:

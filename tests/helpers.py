@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 
 from hark import kafka, serde
+from hark.keys import Keyring
 
 
 def collect(settings, topic: str, until, timeout: float = 60.0) -> list[tuple[str, dict]]:
     """Read ``topic`` from the beginning until ``until(records)`` is true."""
     c = kafka.tail_consumer(settings, topic, from_beginning=True)
+    keys = Keyring.for_settings(settings)
     out: list[tuple[str, dict]] = []
     deadline = time.monotonic() + timeout
     try:
@@ -17,7 +19,7 @@ def collect(settings, topic: str, until, timeout: float = 60.0) -> list[tuple[st
             for m in c.consume(500, 0.1):
                 if not m.error():
                     try:
-                        out.append(serde.decode(m.value()))
+                        out.append(serde.decode_message(m, keys))
                     except serde.SerdeError:  # bad records other tests put on the topic, tombstones
                         continue
             if until(out):

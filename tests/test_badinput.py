@@ -35,7 +35,7 @@ CONSUMERS = {
 
 def test_bad_input_corpus_is_handled_with_reasons_and_crashes_nothing(live_stack, speech_dir):
     settings, _state = live_stack
-    from services.ingest.publisher import Ingest
+    from services.ingest.core import Ingest
 
     def processes() -> dict[tuple[str, int], int]:  # the shared stack: other tests may have killed one before
         return {
@@ -125,7 +125,8 @@ def test_bad_input_corpus_is_handled_with_reasons_and_crashes_nothing(live_stack
 
 def _live_publisher(settings, sid):
     from hark.audio import SourceInfo
-    from services.ingest.publisher import Ingest, StreamPublisher
+    from services.ingest.core import Ingest
+    from services.ingest.publisher import StreamPublisher
 
     pub = StreamPublisher(Ingest(settings), sid, "default", SourceInfo("raw/pcm_s16le@16000x1", 16000, 1))
     pub.start()

@@ -42,7 +42,7 @@ def wait_indexed(settings, sid: str, timeout: float = 30.0) -> dict:
 def passage(live_stack, speech_dir):
     """The 28.7 s real passage through the pipeline, indexed by the stack's captions service."""
     settings, _ = live_stack
-    from services.ingest.publisher import Ingest
+    from services.ingest.core import Ingest
 
     sid = f"passage-{time.time_ns()}"
     Ingest(settings).publish_file(speech_dir / "austen_passage.flac", stream_id=sid)
@@ -178,7 +178,7 @@ def test_captions_page_in_headless_chromium(live_stack, speech_dir, passage):
             page = browser.new_page(viewport={"width": 1100, "height": 700})
             # opened before the stream exists
             page.goto(f"{base}streams/{sid}")
-            from services.ingest.publisher import Ingest
+            from services.ingest.core import Ingest
 
             publisher = threading.Thread(
                 target=lambda: Ingest(settings).publish_file(

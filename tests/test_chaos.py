@@ -33,6 +33,7 @@ import pytest
 from hark import broker, kafka, security, serde, stack
 from hark.audio import read_pcm_file
 from hark.config import Settings
+from hark.keys import Keyring
 
 from .conftest import run_hark
 
@@ -69,11 +70,11 @@ def recording(speech_dir, names: list[str]) -> bytes:
     return buf.getvalue()
 
 
-def result(m) -> dict | None:
+def result(m, keys) -> dict | None:
     if m.error():
         return None
     try:
-        rtype, r = serde.decode(m.value())
+        rtype, r = serde.decode_message(m, keys)
     except serde.SerdeError:
         return None
     return r if rtype == "Result" else None
@@ -82,12 +83,13 @@ def result(m) -> dict | None:
 def results_of(settings, ids: set[str], timeout: float) -> list[dict]:
     """Every Result of these streams, once all of them completed."""
     c = kafka.tail_consumer(settings, settings.results_topic, from_beginning=True)
+    keys = Keyring.for_settings(settings)
     out, done = [], set()
     deadline = time.monotonic() + timeout
     try:
         while done != ids and time.monotonic() < deadline:
             for m in c.consume(500, 0.2):
-                r = result(m)
+                r = result(m, keys)
                 if r and r["stream_id"] in ids:
                     out.append(r)
                     if r["kind"] == "STREAM_COMPLETE":
@@ -96,7 +98,7 @@ def results_of(settings, ids: set[str], timeout: float) -> list[dict]:
         end = time.monotonic() + 3
         while time.monotonic() < end:
             for m in c.consume(500, 0.2):
-                r = result(m)
+                r = result(m, keys)
                 if r and r["stream_id"] in ids:
                     out.append(r)
     finally:
@@ -157,7 +159,7 @@ def service(state: dict, name: str, replica: int = 0) -> dict:
 
 def reference_run(settings, audio: dict[str, bytes]) -> dict[str, dict]:
     """The fault-free output of each recording, from the same stack."""
-    from services.ingest.publisher import Ingest
+    from services.ingest.core import Ingest
 
     ingest = Ingest(settings)
     ids = {
@@ -174,7 +176,7 @@ def reference_run(settings, audio: dict[str, bytes]) -> dict[str, dict]:
 def faulted_run(settings, audio: dict[str, bytes], reference: dict, n_streams: int, faults) -> None:
     """N real-time streams of the recordings while ``faults()`` runs; every stream is checked
     against the reference."""
-    from services.ingest.publisher import Ingest
+    from services.ingest.core import Ingest
 
     streams = {f"chaos-{i}-{time.time_ns()}": "abc"[i % 3] for i in range(n_streams)}
     errors: list[BaseException] = []

@@ -160,7 +160,7 @@ def value(samples, **labels) -> float:
 
 def test_every_service_exposes_prometheus_metrics(live_stack, speech_dir):
     settings, _ = live_stack
-    from services.ingest.publisher import Ingest
+    from services.ingest.core import Ingest
 
     sid = Ingest(settings).publish_file(speech_dir / "goforward.wav").stream_id
     complete_record(settings, sid, timeout=60)
@@ -217,7 +217,7 @@ def test_replicas_split_partitions_and_no_stream_is_lost_when_one_dies(tmp_path,
         # Streams on every partition, published in real time; one online_asr replica dies mid-stream.
         import threading
 
-        from services.ingest.publisher import Ingest
+        from services.ingest.core import Ingest
 
         files = ["austen_passage.flac"] + ["goforward.wav", "forever_input_2_16k.wav"] * 2
         ids = [f"replica-{i}-{time.time_ns()}" for i in range(len(files))]
@@ -285,7 +285,7 @@ def test_ab_candidate_model_and_compare_on_archived_streams(tmp_path, speech_dir
         state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
         settings = Settings.load(environ={**os.environ, **env})
         settings = stack.client_settings(settings, state)
-        from services.ingest.publisher import Ingest
+        from services.ingest.core import Ingest
 
         files = [
             "sense_and_sensibility_01_austen_64kb-0880.wav",

@@ -142,7 +142,7 @@ def test_merge_turns_joins_touching_turns_of_one_speaker():
 @pytest.mark.e2e
 def test_speakers_reach_the_final_transcript(live_stack):
     settings, _ = live_stack
-    from services.ingest.publisher import Ingest
+    from services.ingest.core import Ingest
 
     sid = f"conv-{time.time_ns()}"
     Ingest(settings).publish_file(

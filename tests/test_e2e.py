@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,7 +154,7 @@ def test_websocket_refuses_oversize_messages_and_bad_parameters(live_stack):
 
 def test_malformed_records_are_dead_lettered_and_other_streams_finish(live_stack, speech_dir):
     settings, _ = live_stack
-    from services.ingest.publisher import Ingest
+    from services.ingest.core import Ingest
 
     bad = f"bad-{time.time_ns()}"
     p = kafka.producer(settings)
@@ -209,7 +210,7 @@ def test_concurrent_streams_are_spread_over_the_audio_partitions(live_stack, spe
     import io
     import threading
 
-    from services.ingest.publisher import Ingest
+    from services.ingest.core import Ingest
 
     settings, _ = live_stack
     wav = (speech_dir / "goforward.wav").read_bytes()  # 2.7 s: 16 records a stream
@@ -234,7 +235,7 @@ def test_concurrent_streams_are_spread_over_the_audio_partitions(live_stack, spe
     def read(timeout: float) -> None:
         for m in c.consume(500, timeout):
             if not m.error() and m.key() and m.key().decode() in seen and m.value():
-                seen[m.key().decode()].append((m.partition(), serde.decode(m.value())[1]["seq"]))
+                seen[m.key().decode()].append((m.partition(), serde.decode_message(m, ingest.keys)[1]["seq"]))
 
     deadline = time.monotonic() + 60
     try:
@@ -359,7 +360,7 @@ def test_a_killed_service_is_restarted_and_streams_still_complete(live_stack, sp
         time.sleep(0.2)
     else:
         raise AssertionError("online_asr was not restarted")
-    from services.ingest.publisher import Ingest
+    from services.ingest.core import Ingest
 
     summary = Ingest(settings).publish_file(speech_dir / "goforward.wav")
     assert "forward" in complete_record(settings, summary.stream_id, timeout=60)["text"]
@@ -426,6 +427,40 @@ def test_publish_and_tail_clis(live_stack, speech_dir):
     assert bad.returncode == 1 and "references.tsv" in bad.stderr
 
 
+def test_a_live_stream_survives_a_pause_longer_than_the_idle_timeout(live_stack, speech_dir):
+    """The finding: a live client pausing longer than the idle timeout lost the rest of its stream
+    (completed as IDLE_TIMEOUT while the client was told done). The stack's idle timeout is 4 s."""
+    settings, state = live_stack
+    sid = f"pause-{time.time_ns()}"
+    silence = b"\x00\x00" * 16000  # 1 s: lets the online pass end the utterance before the pause
+    first = read_pcm_file(speech_dir / "sense_and_sensibility_01_austen_64kb-0880.wav").tobytes() + silence
+    second = read_pcm_file(speech_dir / "sense_and_sensibility_01_austen_64kb-0930.wav").tobytes() + silence
+    pause_s = 3 * settings.idle_timeout_s
+
+    async def client():
+        async with connect(f"{state['ingest_url']}?stream_id={sid}") as ws:
+            assert json.loads(await ws.recv())["type"] == "ready"
+            for part in (first, second):
+                for i in range(0, len(part), 16000):
+                    await ws.send(part[i : i + 16000])
+                    await asyncio.sleep(0.1)
+                if part is first:
+                    await asyncio.sleep(pause_s)  # the client says nothing at all
+            await ws.send(json.dumps({"type": "end"}))
+            return json.loads(await ws.recv())
+
+    assert asyncio.run(client())["type"] == "done"
+    recs = collect(settings, settings.results_topic, completed(sid), timeout=120)
+    complete = next(r for t, r in recs if r["stream_id"] == sid and r["kind"] == "STREAM_COMPLETE")
+    assert complete["status"] == "COMPLETE"
+    text = complete["text"].lower()
+    assert "disposed" in text and "amiable" in text  # both sides of the pause
+    online = [
+        r["utterance_id"] for t, r in recs if r["stream_id"] == sid and r["kind"] == "FINAL" and r["source"] == "online"
+    ]
+    assert len(online) >= 2 and online == sorted(set(online)), online  # numbering never restarts
+
+
 def test_websocket_file_upload(live_stack, speech_dir, references):
     settings, state = live_stack
     sid = f"ws-file-{time.time_ns()}"
@@ -448,7 +483,7 @@ def test_websocket_file_upload(live_stack, speech_dir, references):
 
 def test_online_only_stack(tmp_path, speech_dir):
     """`hark up --replicas offline_asr=0`: results completes streams on the online pass alone."""
-    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "2"}
+    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "2", "HARK_MAX_STREAMS": "1"}
     up = run_hark("up", "--replicas", "offline_asr=0", env_extra=env, timeout=120)
     assert up.returncode == 0, up.stderr
     try:
@@ -469,5 +504,22 @@ def test_online_only_stack(tmp_path, speech_dir):
         assert run.returncode == 0, run.stderr
         row = json.loads(out.read_text())
         assert row["final_source"] == "online" and row["final_text"] == row["online_text"] != ""
+
+        # Overload is said, never hidden: with room for one stream per service (HARK_MAX_STREAMS=1),
+        # two live streams at once. A pass that refuses one makes its final status DEGRADED, naming
+        # the pass (the finding: refused streams still ended COMPLETE), and `hark run` says so.
+        out2 = tmp_path / "two.jsonl"
+        names = ["sense_and_sensibility_01_austen_64kb-0870.wav", "sense_and_sensibility_01_austen_64kb-0920.wav"]
+        two = run_hark(
+            "run", *[str(speech_dir / n) for n in names], "--quiet", "--json", str(out2),
+            "--bootstrap", state["bootstrap"], env_extra=env,
+        )  # fmt: skip
+        rows = [json.loads(line) for line in out2.read_text().splitlines()]
+        statuses = [r["status"] for r in rows]
+        degraded = [st for st in statuses if st != "COMPLETE"]
+        assert degraded, statuses  # the two overlap: some pass had room for one only
+        for st in degraded:  # which pass refused which stream depends on the order each read them
+            assert re.fullmatch(r"DEGRADED \((online|diarizer)( and diarizer)? refused the stream: at capacity\)", st)
+        assert two.returncode == 1 and "stream ended DEGRADED" in two.stderr
     finally:
         run_hark("down", env_extra=env)

@@ -19,7 +19,7 @@ from hark.pcm import SAMPLES_PER_MS
 from hark.records import now_ms
 from hark.runtime import Chunk, Output, StreamInfo, StreamRunner
 from services.diarizer.scoring import read_rttm
-from services.ingest.publisher import Ingest
+from services.ingest.core import Ingest
 
 from .conftest import ROOT
 from .helpers import collect

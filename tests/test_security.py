@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from hark import broker, kafka, security
 from hark.audio import AudioError
@@ -24,7 +25,7 @@ from hark.storage import archive_prefix, open_store
 from hark.tenants import create_token
 
 from .conftest import ROOT, run_hark
-from .helpers import complete_record
+from .helpers import collect, complete_record
 
 pytestmark = pytest.mark.e2e
 
@@ -168,6 +169,28 @@ def test_tokens_map_to_tenants_and_each_tenant_sees_only_its_streams(live_stack,
         assert "hark_token=" in r.headers.get("Set-Cookie", "") and "HttpOnly" in r.headers.get("Set-Cookie", "")
 
 
+def test_a_revoked_token_stops_working_without_a_restart(secured, speech_dir):
+    """The finding: a revoked token worked until the servers restarted."""
+    from hark.tenants import create_token
+
+    token = create_token(secured["tokens"], "acme")
+    base = secured["captions"]
+    deadline = time.monotonic() + 5  # the servers look at the file at most once a second
+    while get(f"{base}/api/streams", token)[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert get(f"{base}/api/streams", token)[0] == 200
+    proc = run_hark("token", "revoke", token, "--file", str(secured["tokens"]))
+    assert proc.returncode == 0 and "1 token(s) removed" in proc.stderr, proc.stderr
+    deadline = time.monotonic() + 5
+    while get(f"{base}/api/streams", token)[0] != 401 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert get(f"{base}/api/streams", token)[0] == 401
+    data = (speech_dir / "goforward.wav").read_bytes()
+    refused = upload(f"{secured['ingest']}?format=file&token={token}", data)
+    assert refused == {"type": "error", "error": "unauthorized", "reason": "unknown token"}
+    assert get(f"{base}/api/streams", secured["acme"])[0] == 200  # the tenant's other token still works
+
+
 def test_erase_removes_audio_index_entries_and_results_and_is_audited(live_stack, secured, speech_dir):
     settings, _ = live_stack
     sid = f"erase-me-{time.time_ns()}"
@@ -211,12 +234,226 @@ def test_erase_removes_audio_index_entries_and_results_and_is_audited(live_stack
     assert entry["tenant"] == "acme" and entry["reason"] == "test" and "text" not in json.dumps(entry)
 
 
+def _live_client(url: str, pcm: bytes, out: dict) -> None:
+    """Publishes ``pcm`` in real time over one live connection until the server ends it or the
+    audio runs out; ``out`` gets every message the server sent."""
+
+    async def client():
+        async with connect(url) as ws:
+            out["messages"] = [json.loads(await ws.recv())]
+            try:
+                for i in range(0, len(pcm), 6400):  # 200 ms messages at real-time pace
+                    await ws.send(pcm[i : i + 6400])
+                    await asyncio.sleep(0.2)
+                await ws.send(json.dumps({"type": "end"}))
+            except ConnectionClosed:
+                pass
+            try:  # what the server said before it closed (messages received stay readable)
+                while True:
+                    out["messages"].append(json.loads(await ws.recv()))
+            except ConnectionClosed as e:
+                out["closed"] = e.rcvd.code if e.rcvd else None
+
+    asyncio.run(client())
+
+
+def _records_of(settings, sid: str, keys) -> tuple[list[tuple[str, int]], list[tuple[str, str, dict, int]]]:
+    """Every record keyed ``sid`` on every hark topic: (the ones sealed with an erased key as
+    (topic, timestamp ms), the readable ones as (topic, type, record, timestamp ms))."""
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    from hark import serde
+
+    c = kafka.consumer(settings, f"hark-tail-scan-{time.time_ns()}", **{"enable.partition.eof": True})
+    parts = [TopicPartition(t, p, OFFSET_BEGINNING) for t in settings.all_topics for p in range(settings.partitions)]
+    c.assign(parts)
+    sealed: list[tuple[str, int]] = []
+    readable: list[tuple[str, str, dict, int]] = []
+    eof: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + 60
+    try:
+        while len(eof) < len(parts) and time.monotonic() < deadline:
+            for m in c.consume(1000, 0.5):
+                if m.error():
+                    eof.add((m.topic(), m.partition()))
+                    continue
+                if m.key() != sid.encode() or m.value() is None:
+                    continue
+                try:
+                    rtype, rec = serde.decode_message(m, keys)
+                except serde.Erased:
+                    sealed.append((m.topic(), m.timestamp()[1]))
+                    continue
+                readable.append((m.topic(), rtype, rec, m.timestamp()[1]))
+    finally:
+        c.close()
+    assert len(eof) == len(parts), "the scan did not reach the end of every partition"
+    return sealed, readable
+
+
+def _index_mentions(path: Path, sid: str) -> int:
+    """Times the stream id occurs in the index's files, the WAL included (every row of a stream
+    carries its id; an erased one keeps only its entry in the erased table)."""
+    files = [path, path.with_name(path.name + "-wal")]
+    return sum(f.read_bytes().count(sid.encode()) for f in files if f.exists())
+
+
+def test_erasing_a_live_stream_stops_it_and_leaves_nothing_readable_anywhere(live_stack, secured, speech_dir):
+    """The erasure finding: a live stream erased mid-way kept writing behind the tombstone, its
+    records stayed readable in the log, and its id could be published again."""
+    from hark.audio import read_pcm_file
+    from hark.keys import Keyring, master_key, open_key_store
+
+    settings, _ = live_stack
+    sid = f"erase-live-{time.time_ns()}"
+    names = [f"sense_and_sensibility_01_austen_64kb-{n}.wav" for n in ("0870", "0890", "0920", "0880")]
+    pcm = b"".join(read_pcm_file(speech_dir / n).tobytes() for n in names)  # ~25 s
+    out: dict = {}
+    url = f"{secured['ingest']}?stream_id={sid}&format=pcm_s16le&token={secured['acme']}"
+    client = ThreadPoolExecutor(1).submit(_live_client, url, pcm, out)
+
+    # live: text of it reaches the results topic, the archive, and the secured captions index
+    def has_text(recs):
+        return any(r["stream_id"] == sid and r["kind"] == "FINAL" and r["text"].strip() for t, r in recs)
+
+    collect(settings, settings.results_topic, has_text, timeout=60)
+    base, token = secured["captions"], secured["acme"]
+    deadline = time.monotonic() + 20
+    while sid not in get(f"{base}/api/streams", token)[1] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    page: dict = {}
+
+    def watch():  # an open page of the stream
+        req = urllib.request.Request(f"{base}/api/streams/{sid}/events", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            for line in r:
+                if line.startswith(b"data:") and json.loads(line[5:])["kind"] == "ERASED":
+                    page["told"] = True
+                    return
+
+    watcher = ThreadPoolExecutor(1).submit(watch)
+    assert _index_mentions(secured["index"], sid) > 1
+    time.sleep(1)
+    assert not client.done(), "the stream ended before it could be erased live"
+
+    erased_at = time.time() * 1000
+    proc = run_hark("erase", sid, "--reason", "test-live", "--bootstrap", settings.bootstrap)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["key_deleted"] is True
+
+    # the live connection is ended with the reason, well before its audio ran out
+    client.result(timeout=60)
+    assert out["messages"][-1] == {
+        "type": "error",
+        "error": "stream_erased",
+        "reason": f"stream {sid} was erased; no more of its audio is accepted",
+    }
+    assert time.time() * 1000 - erased_at < 10_000
+    watcher.result(timeout=30)
+    assert page.get("told"), "an open page of the stream was not told"
+
+    time.sleep(3)  # whatever was in flight lands
+    # read as a process that never saw the key would (this one cached it while the stream was live)
+    keys = Keyring(open_key_store(settings), master_key(settings))
+    sealed, readable = _records_of(settings, sid, keys)
+    # the stream's audio, transcripts and results, all sealed with the erased key
+    assert {t for t, _ in sealed} >= {settings.audio_topic, settings.online_topic, settings.results_topic}
+    assert len(sealed) > 20
+    for topic, rtype, rec, _ts in readable:  # only the content-free notices that it ended
+        if rtype == "StreamEnd":
+            assert str(rec["status"]) == "ERASED", (topic, rec)
+        else:
+            assert rec.get("end_status") == "ERASED" and not rec.get("text") and not rec.get("words"), (topic, rec)
+    # nothing of the stream was written after the erase took effect (ingest checks each second)
+    assert [(t, ts - erased_at) for t, ts in sealed if ts > erased_at + 3000] == []
+    # the key is gone, the archive and the index hold nothing of it
+    assert not keys.store.exists(f"{sid}.key") and keys.store.exists(f"{sid}.erased")
+    assert open_store(settings).list(archive_prefix(sid)) == []
+    deadline = time.monotonic() + 20
+    while _index_mentions(secured["index"], sid) > 1 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert _index_mentions(secured["index"], sid) == 1  # the erased table's entry: no row, no WAL page
+    assert _index_mentions(settings.index_file, sid) <= 1
+    assert get(f"{base}/api/streams/{sid}/export?format=json", token)[0] == 404
+
+    # the id is not silently reused
+    again = upload(f"{secured['ingest']}?stream_id={sid}&format=file&token={secured['acme']}", b"RIFF")
+    assert again == {
+        "type": "error",
+        "error": "stream_erased",
+        "reason": f"stream id {sid!r} was erased and cannot be used again; choose another id",
+    }
+
+
+def test_admission_limits_refuse_at_the_door_with_a_reason(live_stack, secured, speech_dir, tmp_path):
+    """The finding: every stream was accepted and then dropped downstream. An ingest with limits
+    of one open stream per tenant and 12 s of audio per tenant per hour refuses past them."""
+    settings, state = live_stack
+    creds = security.Credentials.load(Path(state["credentials"]))
+    port = broker.free_port()
+    env = {
+        **os.environ,
+        **creds.env("ingest"),
+        "HARK_TOKENS_FILE": str(secured["tokens"]),
+        "HARK_BOOTSTRAP": settings.bootstrap,
+        "HARK_HEALTH_PORT": "0",
+        "HARK_TENANT_MAX_STREAMS": "1",
+        "HARK_TENANT_AUDIO_SECONDS_PER_HOUR": "12",
+    }
+    log = open(tmp_path / "ingest.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.ingest", "--port", str(port)], env=env, cwd=ROOT, stderr=log
+    )
+    url = f"ws://127.0.0.1:{port}/v1/streams"
+    acme, globex = secured["acme"], secured["globex"]
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+
+        async def one_open_stream_per_tenant():
+            async with connect(f"{url}?token={acme}") as first:
+                assert json.loads(await first.recv())["type"] == "ready"
+                async with connect(f"{url}?token={acme}") as second:
+                    refused = json.loads(await second.recv())
+                async with connect(f"{url}?token={globex}") as other:  # another tenant is not held back
+                    assert json.loads(await other.recv())["type"] == "ready"
+                    await other.send(json.dumps({"type": "end"}))
+                    assert json.loads(await other.recv())["type"] == "done"
+                await first.send(json.dumps({"type": "end"}))
+                assert json.loads(await first.recv())["type"] == "done"
+            return refused
+
+        refused = asyncio.run(one_open_stream_per_tenant())
+        assert refused["type"] == "error" and refused["error"] == "tenant_limit", refused
+        assert "has 1 streams open, its limit" in refused["reason"]
+
+        files = ["sense_and_sensibility_01_austen_64kb-0870.wav", "sense_and_sensibility_01_austen_64kb-0920.wav"]
+        first, second = (upload(f"{url}?format=file&token={acme}", (speech_dir / f).read_bytes()) for f in files)
+        assert first["type"] == "done" and first["seconds"] > 7  # 7.1 s of 12
+        assert second["type"] == "error" and second["error"] == "quota", second  # crossed the quota mid-way
+        third = upload(f"{url}?format=file&token={acme}", (speech_dir / "goforward.wav").read_bytes())
+        assert third["type"] == "error" and third["error"] == "quota" and "its quota is 12 s" in third["reason"]
+        assert (
+            upload(f"{url}?format=file&token={globex}", (speech_dir / "goforward.wav").read_bytes())["type"] == "done"
+        )
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_retention_sweep_erases_only_streams_older_than_the_period(live_stack, speech_dir, tmp_path):
     settings, _ = live_stack
+    from hark.keys import Keyring, SealedStore
     from hark.storage import FilesystemStore
-    from services.ingest.publisher import Ingest
+    from services.ingest.core import Ingest
 
-    store = FilesystemStore(tmp_path / "archive")  # its own archive: the sweep must not touch other tests'
+    # its own archive: the sweep must not touch other tests'
+    store = SealedStore(FilesystemStore(tmp_path / "archive"), Keyring.for_settings(settings))
     sid = Ingest(settings, store=store).publish_file(speech_dir / "goforward.wav").stream_id
     s = type(settings)(**{**settings.__dict__, "archive_retention_days": 1.0})
     now = int(time.time() * 1000)

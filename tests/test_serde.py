@@ -42,6 +42,7 @@ SAMPLES = {
         "reason": None,
         "ended_at_ms": 9,
     },
+    "StreamAlive": {"stream_id": "s1", "tenant": "t", "seq": 3, "silent_ms": 10000, "published_at_ms": 9},
     "OnlineTranscript": {
         "stream_id": "s1",
         "tenant": "t",
@@ -164,7 +165,7 @@ def test_model_outputs_name_their_model():
     "data, match",
     [
         (b"", "too short"),
-        (b"\x01\x00\x00\x00\x01abc", "bad magic"),
+        (b"\x02\x00\x00\x00\x01abc", "bad magic"),
         (b"\x00\x7f\xff\xff\xfe" + b"x" * 10, "unknown schema id"),
     ],
 )

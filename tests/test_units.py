@@ -208,9 +208,11 @@ def test_merger_ignores_re_sent_finals_and_late_records_of_completed_streams():
 
 
 def test_merger_drops_a_stray_stream_without_completing_it():
-    m = ResultsMerger(wait_for=("online",), offline_timeout_s=0.05)
+    m = ResultsMerger(wait_for=("online",), offline_timeout_s=0.05, abandon_after_s=60)
     m.on_online(_online("FINAL", 3, "a re-sent final", ["a"]))  # its stream completed before a restart
-    assert m.expire(time.monotonic() + 0.1) == [] and not m.streams and m.abandoned == 1
+    # silent for longer than the offline timeout: still kept (a live stream may pause this long)
+    assert m.expire(time.monotonic() + 30) == [] and m.streams
+    assert m.expire(time.monotonic() + 61) == [] and not m.streams and m.abandoned == 1
 
 
 def test_producer_keeps_its_first_delivery_failure():
@@ -442,3 +444,35 @@ def test_every_result_the_merger_builds_has_exactly_the_schema_fields():
     for r in out:
         assert set(r) == fields, (r["kind"], set(r) ^ fields)
         assert serde.decode(serde.encode("Result", r))[1]["kind"] == r["kind"]
+
+
+def test_a_live_connection_holds_at_most_ingest_buffer_bytes_of_source_audio():
+    """The finding: 30 s of source audio per connection before archiving, 1.1 GB at 768 kHz x 24
+    channels. Now a segment is cut at ``ingest_buffer_bytes``, in whole frames."""
+    from services.ingest.archive import source_segment_bytes
+
+    s = Settings.load({})
+    assert source_segment_bytes(s, 16000, 1) == 30 * 16000 * 2  # ordinary input: 30 s segments
+    big = source_segment_bytes(s, 768_000, 24)
+    assert big <= s.ingest_buffer_bytes == 4 << 20 and big % (24 * 2) == 0
+    small = Settings.load({"HARK_INGEST_BUFFER_BYTES": str(64 * 1024)})
+    assert source_segment_bytes(small, 768_000, 24) <= 64 * 1024
+
+
+def test_the_tokens_file_is_reloaded_and_a_broken_one_denies_every_token(tmp_path):
+    from hark.tenants import Access, AccessDenied, create_token, revoke_tokens
+
+    path = tmp_path / "tokens"
+    a, b = create_token(path, "acme"), create_token(path, "globex")
+    access = Access.load(Settings.load({"HARK_TOKENS_FILE": str(path)}))
+    access.RECHECK_S = 0
+    assert access.tenant_of(a) == "acme" and access.tenant_of(b) == "globex"
+    assert revoke_tokens(path, "acme") == 1
+    with pytest.raises(AccessDenied):
+        access.tenant_of(a)
+    assert access.tenant_of(b) == "globex"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    path.write_text("not a line of the tokens file\n")  # a broken edit: fail closed, not open
+    os.utime(path, ns=(1, 1))
+    with pytest.raises(AccessDenied):
+        access.tenant_of(b)

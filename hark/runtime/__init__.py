@@ -5,10 +5,13 @@ from .consumer import ConsumerService, key_of
 from .deadletters import DeadLetters, InputError, check_chunk
 from .entry import main_for, service_settings
 from .observe import HealthServer, JsonFormatter, Metrics, kv, setup_logging
-from .processor import Chunk, Output, Processors, StreamInfo, StreamProcessor
+from .processor import ERASED, NOTICES, REFUSED, Chunk, Output, Processors, StreamInfo, StreamProcessor
 from .streams import RecentIds, SequenceCheck, StreamRunner
 
 __all__ = [
+    "ERASED",
+    "NOTICES",
+    "REFUSED",
     "Chunk",
     "ConsumerService",
     "DeadLetters",

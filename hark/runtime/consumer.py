@@ -30,6 +30,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from .. import kafka, serde
 from ..config import Settings
+from ..keys import KeyMissing, Keyring, StreamErased
 from ..transactions import Transactions
 from .deadletters import DeadLetters, InputError
 from .observe import HealthServer, Metrics, kv
@@ -59,8 +60,9 @@ class ConsumerService:
             **({"group.instance.id": instance} if static else {}),
         )
         self.transactions = Transactions(self.producer, self.transactional_id)
+        self.keys = Keyring.for_settings(settings)
         self.deadletters = DeadLetters(
-            self.producer, settings, self.name, self.metrics, send_record=self.transactions.send
+            self.producer, settings, self.name, self.metrics, send_record=self.transactions.send, keys=self.keys
         )
         self._stop = threading.Event()
         self._positions: dict[tuple[str, int], int] = {}  # next offset to read, per partition
@@ -98,6 +100,9 @@ class ConsumerService:
 
     def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
         """Drop state for partitions this process no longer owns."""
+
+    def stream_erased(self, stream_id: str) -> None:
+        """The stream was erased (its key is gone): drop whatever is kept of it, publish nothing."""
 
     def sweep_due(self, period_s: float = 1.0) -> bool:
         """True at most once per ``period_s``: for periodic work done from ``tick``."""
@@ -154,11 +159,22 @@ class ConsumerService:
         return positions
 
     # -- helpers --------------------------------------------------------------------------------
-    def produce(self, topic: str, key: str, rtype: str, record: dict) -> None:
+    def produce(self, topic: str, key: str, rtype: str, record: dict, sealed: bool = True) -> None:
+        """``key`` is the stream id, whose key seals the record; ``sealed=False`` only for a
+        content-free notice about an erased stream (its key is gone)."""
         if self.replaying:  # committed before, with the offsets it was made from
             self.metrics.inc("outputs_suppressed_total", topic=topic)
             return
-        self.transactions.send(topic, key.encode(), serde.encode(rtype, record))
+        try:
+            value = serde.encode(rtype, record, keys=self.keys if sealed else None, stream_id=key)
+        except StreamErased:
+            self.metrics.inc("outputs_of_erased_streams_total", topic=topic)
+            self.stream_erased(key)
+            return
+        except KeyMissing:  # input that came unsealed (hand-made, or older than keys): no key to use
+            value = serde.encode(rtype, record)
+            self.metrics.inc("records_unsealed_total", topic=topic)
+        self.transactions.send(topic, key.encode(), value)
         self.metrics.inc("records_out_total", topic=topic)
 
     def observe_decode(self, decode_s: float, audio_s: float, **labels) -> None:
@@ -259,7 +275,7 @@ class ConsumerService:
             return
         self.replaying = offset < self._replay_until.get(tp, -1)
         try:
-            self.guarded(msg, lambda: self.handle(*serde.decode(value), msg))
+            self.guarded(msg, lambda: self.handle(*serde.decode_message(msg, self.keys), msg))
         finally:
             self.replaying = False
         self._positions[tp] = max(self._positions.get(tp, 0), offset + 1)  # a re-read never moves it back
@@ -269,6 +285,10 @@ class ConsumerService:
         failure (unless replaying: it was dead-lettered before the last checkpoint already)."""
         try:
             work()
+            return
+        except serde.Erased as e:  # unreadable by design: nothing to keep, nothing to process
+            self.metrics.inc("records_of_erased_streams_total", topic=msg.topic())
+            self.stream_erased(e.stream_id)
             return
         except serde.SerdeError as e:
             kind, reason = "malformed_record", str(e)

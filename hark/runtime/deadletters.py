@@ -8,6 +8,7 @@ from confluent_kafka import Message
 
 from .. import serde
 from ..config import Settings
+from ..keys import KeyMissing, Keyring, StreamErased
 from ..pcm import BYTES_PER_SAMPLE, BYTES_PER_SECOND, SAMPLE_RATE
 from ..records import now_ms
 from .observe import Metrics, kv
@@ -21,8 +22,17 @@ class DeadLetters:
     """``send_record(topic, key, value)`` produces (a transactional service passes its own, so the
     dead letter commits with the offset of the record it replaces); default the producer's."""
 
-    def __init__(self, producer, settings: Settings, service: str, metrics: Metrics, send_record=None):
+    def __init__(
+        self,
+        producer,
+        settings: Settings,
+        service: str,
+        metrics: Metrics,
+        send_record=None,
+        keys: Keyring | None = None,
+    ):
         self.producer, self.topic, self.service, self.metrics = producer, settings.deadletter_topic, service, metrics
+        self.keys = keys
         self.send_record = send_record or (lambda topic, key, value: producer.produce(topic, key=key, value=value))
 
     def send(
@@ -39,6 +49,7 @@ class DeadLetters:
         if msg is not None and payload is None:
             payload = msg.value()
         size = payload_size if payload_size is not None else (len(payload) if payload else 0)
+        key = msg.key() if msg is not None else (stream_id.encode() if stream_id else None)
         record = {
             "service": self.service,
             "error_type": error_type,
@@ -48,12 +59,20 @@ class DeadLetters:
             "source_topic": msg.topic() if msg is not None else None,
             "source_partition": msg.partition() if msg is not None else None,
             "source_offset": msg.offset() if msg is not None else None,
-            "key": msg.key() if msg is not None else (stream_id.encode() if stream_id else None),
+            "key": key,
             "payload": payload[:DEADLETTER_PAYLOAD_CAP] if payload else None,
             "payload_size": size,
             "failed_at_ms": now_ms(),
         }
-        self.send_record(self.topic, record["key"], serde.encode("DeadLetter", record))
+        sid = stream_id or (key.decode("utf-8", "replace") if key else None)
+        try:  # sealed with the stream's key like the stream's other records: erasing it covers these too
+            value = serde.encode("DeadLetter", record, keys=self.keys, stream_id=sid)
+        except StreamErased:
+            self.metrics.inc("deadletters_of_erased_streams_total")
+            return
+        except KeyMissing:  # no stream, or one ingest never accepted: nothing to seal with
+            value = serde.encode("DeadLetter", record)
+        self.send_record(self.topic, key, value)
         self.metrics.inc("deadletters_total")
         log.warning("dead-lettered: %s", reason, extra=kv(error_type=error_type, stream_id=stream_id))
 

@@ -20,6 +20,13 @@ from typing import Protocol
 
 from ..pcm import duration_s
 
+# End statuses that only say a pass did not (and must not) process the stream: `hark erase`
+# ended it, or the pass had no room for it. ``end_unseen`` with one of them makes the pass's
+# content-free end record and reads nothing (not the archive either).
+ERASED = "ERASED"
+REFUSED = "REFUSED"
+NOTICES = (ERASED, REFUSED)
+
 
 @dataclass(frozen=True)
 class StreamInfo:
@@ -91,7 +98,8 @@ class Processors(Protocol):
         ...
 
     def end_unseen(self, stream: StreamInfo, status: str, seq: int) -> list[Output]:
-        """A stream ended whose audio this process never saw (it may be archived)."""
+        """A stream ended whose audio this process never saw (it may be archived; with a status
+        in NOTICES, it is not to be read)."""
         ...
 
     def idle(self) -> list[Output]:

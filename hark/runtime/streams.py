@@ -24,7 +24,7 @@ from ..records import now_ms
 from .consumer import ConsumerService
 from .deadletters import InputError, check_chunk
 from .observe import Metrics, kv
-from .processor import Chunk, Output, Processors, StreamInfo, StreamProcessor
+from .processor import ERASED, REFUSED, Chunk, Output, Processors, StreamInfo, StreamProcessor
 
 log = logging.getLogger("hark")
 
@@ -99,12 +99,15 @@ class StreamRunner(ConsumerService):
         sid = record["stream_id"]
         if msg.key() is not None and msg.key() != sid.encode():
             raise InputError("key_mismatch", f"record key {msg.key()!r} differs from stream id {sid!r}")
-        if rtype not in ("StreamStart", "AudioChunk", "StreamEnd"):
+        if rtype not in ("StreamStart", "AudioChunk", "StreamAlive", "StreamEnd"):
             raise InputError("unexpected_record", f"{rtype} does not belong on the audio topic")
         restored = self.restored(sid)
         if restored is not None and kafka.position(msg)[2] < restored["offset"]:
             return  # covered by the committed state the stream resumes from
         if self.finished_before_checkpoint(sid):
+            return
+        if rtype == "StreamEnd" and str(record["status"]) == ERASED:
+            self._erased(sid, record["tenant"], record["seq"])
             return
         if sid in self._ended or (rtype == "StreamStart" and sid in self.streams):
             self.metrics.inc("duplicate_records_total")
@@ -114,12 +117,21 @@ class StreamRunner(ConsumerService):
             self._open(info, msg, next_seq=1)
         elif rtype == "AudioChunk":
             self._chunk(sid, record, msg)
+        elif rtype == "StreamAlive":  # its client is pausing: not idle (a stream not open here stays so)
+            if sid in self.streams:
+                self.streams[sid].last_seen = time.monotonic()
         else:
             self._ended.add(sid)
             self._close(sid, record["tenant"], str(record["status"]), record["seq"])
+            self.keys.forget(sid)
 
     def _open(self, info: StreamInfo, msg: Message, next_seq: int, state: dict | None = None) -> OpenStream:
         if len(self.streams) >= self.settings.max_streams:
+            # refused once, said downstream (results marks the stream DEGRADED, never COMPLETE),
+            # and its later records dropped rather than each dead-lettered
+            self._ended.add(info.stream_id)
+            self.publish(self.processors.end_unseen(info, REFUSED, next_seq))
+            self.metrics.inc("streams_refused_total")
             raise InputError(
                 "capacity", f"{self.name} at capacity ({self.settings.max_streams} streams); add a replica"
             )
@@ -176,6 +188,26 @@ class StreamRunner(ConsumerService):
         self.observe_decode(time.perf_counter() - t0, 0.0)
         self.publish(outputs)
         log.info("stream closed", extra=kv(stream_id=sid, status=status, seen=st is not None))
+
+    def _erased(self, sid: str, tenant: str, seq: int) -> None:
+        """``hark erase`` ended the stream: what was decoded of it is dropped unpublished, and the
+        service's own end record (content-free, as for a stream never seen) tells the next stage,
+        unsealed: the key is gone."""
+        self.stream_erased(sid)
+        if sid in self._ended:
+            return
+        self._ended.add(sid)
+        for out in self.processors.end_unseen(StreamInfo(sid, tenant), ERASED, seq):
+            self.produce(out.topic, out.key, out.rtype, out.record, sealed=False)
+        log.info("stream erased", extra=kv(stream_id=sid))
+
+    def stream_erased(self, stream_id: str) -> None:
+        st = self.streams.pop(stream_id, None)
+        if st is not None:
+            st.processor.discard()
+            self.release(stream_id)
+            self.metrics.set("open_streams", len(self.streams))
+        self.keys.forget(stream_id)
 
     def publish(self, outputs: list[Output]) -> None:
         for out in outputs:

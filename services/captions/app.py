@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from hark import kafka, serde
 from hark.config import Settings
+from hark.keys import Keyring
 from hark.records import now_ms
 from hark.runtime import DeadLetters, HealthServer, Metrics, key_of, kv, service_settings
 from hark.tenants import Access, AccessDenied, request_token
@@ -129,7 +130,8 @@ class ResultsFollower(threading.Thread):
         index = TranscriptIndex(self.settings.index_file)
         topic = self.settings.results_topic
         producer = kafka.producer(self.settings, **{"client.id": "hark-captions"})
-        deadletters = DeadLetters(producer, self.settings, "captions", self.metrics)
+        keys = Keyring.for_settings(self.settings)
+        deadletters = DeadLetters(producer, self.settings, "captions", self.metrics, keys=keys)
         try:
             consumer = kafka.tail_consumer(self.settings, topic, offsets=index.offsets(topic))
             self.partitions = len(consumer.assignment())
@@ -141,13 +143,20 @@ class ResultsFollower(threading.Thread):
                         if m.error().code() != KafkaError._PARTITION_EOF:
                             log.warning("consumer error: %s", m.error())
                         continue
-                    if m.value() is None:  # a tombstone (`hark erase`): forget the stream
+                    if m.value() is None:  # a tombstone (`hark erase`): forget the stream, tell its pages
                         if m.key():
-                            batch.append((m.key().decode("utf-8", "replace"), m.topic(), m.partition(), m.offset()))
+                            sid = m.key().decode("utf-8", "replace")
+                            batch.append((sid, m.topic(), m.partition(), m.offset()))
+                            self.partials.pop(sid, None)
+                            keys.forget(sid)
+                            self.hub.publish(sid, {"kind": "ERASED", "stream_id": sid})
                             self.metrics.inc("streams_erased_total")
                         continue
                     try:
-                        rtype, rec = serde.decode(m.value())
+                        rtype, rec = serde.decode_message(m, keys)
+                    except serde.Erased:  # its key is gone: nothing readable to index
+                        self.metrics.inc("records_of_erased_streams_total")
+                        continue
                     except serde.SerdeError as e:  # kept with its reason; every other record goes on
                         deadletters.send("malformed_record", str(e), msg=m, stream_id=key_of(m))
                         continue
@@ -308,6 +317,8 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
                     if event is None:
                         break
                     yield _sse({**event, "sent_at_ms": now_ms()})
+                    if event.get("kind") == "ERASED":  # nothing more will come; the page says so
+                        break
             finally:
                 hub.unsubscribe(sid, queue)
 

@@ -15,6 +15,7 @@ replayed or re-read record changes nothing and a crash loses nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -22,8 +23,12 @@ from pathlib import Path
 
 from hark.wer import normalise
 
+log = logging.getLogger("hark.captions")
+
 SCHEMA = """
 PRAGMA journal_mode=WAL;
+-- deleted rows are overwritten with zeros, not left in free pages (erasure)
+PRAGMA secure_delete=ON;
 CREATE TABLE IF NOT EXISTS offsets (topic TEXT, partition INTEGER, next_offset INTEGER,
                                     PRIMARY KEY (topic, partition));
 CREATE TABLE IF NOT EXISTS streams (stream_id TEXT PRIMARY KEY, tenant TEXT, status TEXT, final_source TEXT,
@@ -33,7 +38,7 @@ CREATE TABLE IF NOT EXISTS hyps (id INTEGER PRIMARY KEY, key TEXT UNIQUE, stream
                                  score REAL, text TEXT, words TEXT, norm TEXT);
 CREATE INDEX IF NOT EXISTS hyps_stream ON hyps (stream_id, pass, start_ms);
 -- erased streams: records of theirs read later (the topic is compacted only eventually) are ignored
-CREATE TABLE IF NOT EXISTS erased (stream_id TEXT PRIMARY KEY, erased_ms INTEGER);
+CREATE TABLE IF NOT EXISTS erased (stream_id TEXT PRIMARY KEY, erased_ms INTEGER) WITHOUT ROWID;
 -- FTS over the WER normalisation of the text (lower case, no punctuation, digits and "Mr." spelt
 -- out), which queries go through too: "Mr. Dashwood" finds "mister dashwood" and vice versa.
 CREATE VIRTUAL TABLE IF NOT EXISTS hyps_fts USING fts5(norm, content='hyps', content_rowid='id',
@@ -73,10 +78,12 @@ class TranscriptIndex:
     def apply(self, batch: list[tuple[dict | str, str, int, int]]) -> None:
         """Index a batch of (Result record, topic, partition, offset) in one transaction; a record
         that is a stream id alone is a tombstone: that stream is erased."""
+        erased = False
         with self.db:
             for rec, topic, partition, offset in batch:
                 if isinstance(rec, str):
                     self._erase(rec)
+                    erased = True
                 elif not self.db.execute("SELECT 1 FROM erased WHERE stream_id = ?", (rec["stream_id"],)).fetchone():
                     self._apply(rec)
                 self.db.execute(
@@ -84,6 +91,8 @@ class TranscriptIndex:
                     "DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
                     (topic, partition, offset + 1),
                 )
+        if erased:
+            self._scrub()
 
     def _apply(self, r: dict) -> None:
         kind, sid, now = str(r["kind"]), r["stream_id"], int(time.time() * 1000)
@@ -134,7 +143,21 @@ class TranscriptIndex:
     def erase(self, stream_id: str) -> int:
         """Forget a stream: its rows, its search entries, its final transcript. Returns rows removed."""
         with self.db:
-            return self._erase(stream_id)
+            n = self._erase(stream_id)
+        self._scrub()
+        return n
+
+    def _scrub(self) -> None:
+        """Leave no copy of erased text in the file: FTS5 keeps deleted entries in its segments
+        until they merge ('optimize' merges them all), and the WAL keeps old page images until a
+        checkpoint (TRUNCATE empties it). Costs a rewrite of the search index per erasure batch."""
+        with self.db:
+            self.db.execute("INSERT INTO hyps_fts (hyps_fts) VALUES ('optimize')")
+        for _ in range(50):  # a reader's open snapshot holds the WAL back: retry once it is done
+            if self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0:
+                return
+            time.sleep(0.1)
+        log.warning("the index's WAL could not be emptied after an erasure; the next erasure retries")
 
     def _erase(self, stream_id: str) -> int:
         n = self.db.execute("DELETE FROM hyps WHERE stream_id = ?", (stream_id,)).rowcount  # trigger: FTS rows

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from hark.config import Settings
+from hark.pcm import BYTES_PER_SAMPLE
 from hark.storage import ObjectStore
+
+
+def source_segment_bytes(settings: Settings, rate: int, channels: int) -> int:
+    """Bytes per archived segment of a live connection's source audio: ``archive_segment_seconds``
+    of it, but never more than ``ingest_buffer_bytes`` (what the connection holds in memory),
+    and a whole number of frames."""
+    frame = channels * BYTES_PER_SAMPLE
+    wanted = int(settings.archive_segment_seconds * rate) * frame
+    return max(frame, min(wanted, settings.ingest_buffer_bytes) // frame * frame)
 
 
 class SegmentWriter:

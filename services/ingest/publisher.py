@@ -11,23 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING
 
-from hark import kafka, serde
-from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, Chunker, DecodedAudio, SourceInfo
-from hark.config import Settings
+from hark import serde
+from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, Chunker, SourceInfo
+from hark.keys import StreamErased
 from hark.languages import check_language
-from hark.records import new_stream_id, now_ms
-from hark.runtime import DeadLetters, Metrics, kv
-from hark.storage import ObjectStore, archive_prefix, open_store
+from hark.records import now_ms
+from hark.runtime import kv
+from hark.storage import archive_prefix
 
 from .archive import SegmentWriter
-from .placement import PartitionPlacer
+
+if TYPE_CHECKING:
+    from .core import Ingest
 
 log = logging.getLogger("hark.ingest")
 
@@ -71,6 +71,7 @@ class StreamPublisher:
         metadata: dict | None = None,
         realtime: bool = False,
         on_chunk: ChunkCallback | None = None,
+        live: bool = False,
     ):
         s = ingest.settings
         self.ingest, self.settings = ingest, s
@@ -80,7 +81,7 @@ class StreamPublisher:
         except ValueError as e:
             raise AudioError("bad_language", str(e)) from None
         self.source_name, self.metadata = source_name, dict(metadata or {})
-        self.realtime, self.on_chunk = realtime, on_chunk
+        self.realtime, self.on_chunk, self.live = realtime, on_chunk, live
         self.prefix = archive_prefix(stream_id)
         self.chunker = Chunker(s.chunk_ms)
         seg_bytes = int(s.archive_segment_seconds * TARGET_RATE) * BYTES_PER_SAMPLE
@@ -92,6 +93,9 @@ class StreamPublisher:
         self.partition: int | None = None  # chosen at start(); None: the key's hash
         self._t0: float | None = None
         self._finished = False
+        self._admitted = False
+        self._erase_checked = self._opened = self._last_audio = time.monotonic()
+        self.erased = False  # `hark erase` ended it: nothing more of it is written anywhere
         self._failures_before = ingest.producer.failures
 
     def _key(self) -> bytes:
@@ -109,11 +113,21 @@ class StreamPublisher:
             "metadata": self.metadata,
             "sample_rate": TARGET_RATE,
             "segment_seconds": self.settings.archive_segment_seconds,
+            "audio_partition": -1 if self.partition is None else self.partition,  # where `hark erase` ends it
         }
         meta.update(extra)
         self.ingest.store.put(self.prefix + "meta.json", json.dumps(meta, indent=1).encode())
 
     def start(self) -> None:
+        self.ingest.admission.admit(self.tenant)  # refused at the door (AudioError) over a limit
+        try:  # before anything of the stream is written: everything of it is sealed with this key
+            self.ingest.keys.create(self.stream_id)
+        except StreamErased:
+            self.ingest.admission.release(self.tenant)
+            raise AudioError(
+                "stream_erased", f"stream id {self.stream_id!r} was erased and cannot be used again; choose another id"
+            ) from None
+        self._admitted = True
         self.partition = self._placer.acquire()
         self._meta(status="OPEN", started_at_ms=now_ms())
         self._produce(
@@ -135,10 +149,45 @@ class StreamPublisher:
         )
 
     def push(self, pcm: bytes) -> None:
+        self._check_open()
         if self.summary.samples + len(pcm) // BYTES_PER_SAMPLE > self.max_samples:
             raise AudioError("too_long", f"stream longer than the {self.settings.max_stream_seconds:.0f} s maximum")
         for chunk in self.chunker.push(pcm):
             self._send_chunk(chunk)
+
+    ERASE_CHECK_S = 1.0  # how soon a live stream notices `hark erase` (one key-store lookup each)
+
+    def keep_alive(self) -> None:
+        """The live client sends nothing for now (a pause): tell the services the stream is open."""
+        self._check_open(force=True)
+        self._produce(
+            "StreamAlive",
+            {
+                "stream_id": self.stream_id,
+                "tenant": self.tenant,
+                "seq": self.seq + 1,
+                "silent_ms": int((time.monotonic() - self._last_audio) * 1000),
+                "published_at_ms": now_ms(),
+            },
+        )
+
+    def _check_open(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force:
+            self._last_audio = now
+        if self.live and now - self._opened > self.settings.max_stream_seconds:  # pauses count too
+            raise AudioError(
+                "too_long", f"live stream open longer than the {self.settings.max_stream_seconds:.0f} s maximum"
+            )
+        if now - self._erase_checked < self.ERASE_CHECK_S and not force:
+            return
+        self._erase_checked = now
+        if self.ingest.keys.erased(self.stream_id, fresh=True):
+            raise self._erased_now()
+
+    def _erased_now(self) -> AudioError:
+        self.erased = True
+        return AudioError("stream_erased", f"stream {self.stream_id} was erased; no more of its audio is accepted")
 
     def _send_chunk(self, chunk: bytes) -> None:
         offset = self.summary.samples
@@ -148,6 +197,7 @@ class StreamPublisher:
             delay = self._t0 + offset / TARGET_RATE - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+        self.ingest.admission.use(self.tenant, len(chunk) / BYTES_PER_SAMPLE / TARGET_RATE)  # quota: AudioError
         self.seq += 1
         published = now_ms()
         self._produce(
@@ -177,8 +227,15 @@ class StreamPublisher:
             return self._finish(status, reason)
         finally:
             self._placer.release(self.partition)
+            if self._admitted:
+                self.ingest.admission.release(self.tenant)
 
     def _finish(self, status: str, reason: str | None) -> StreamSummary:
+        if self.erased or self.ingest.keys.erased(self.stream_id, fresh=True):
+            self.erased = True  # its end was published by `hark erase`; its archive is gone and stays gone
+            self.summary.status, self.summary.reason = "ERASED", "the stream was erased"
+            self.ingest.store.delete_prefix(self.prefix)  # segments written since the erase
+            return self.summary
         if status == "COMPLETE":
             for chunk in self.chunker.flush():
                 self._send_chunk(chunk)
@@ -219,6 +276,12 @@ class StreamPublisher:
         )
         return self.summary
 
+    def _seal(self, rtype: str, record: dict) -> bytes:
+        try:
+            return serde.encode(rtype, record, keys=self.ingest.keys, stream_id=self.stream_id)
+        except StreamErased:
+            raise self._erased_now() from None
+
     def _produce(self, rtype: str, record: dict) -> None:
         p = self.ingest.producer
         while True:
@@ -226,154 +289,10 @@ class StreamPublisher:
                 p.produce(
                     self.settings.audio_topic,
                     key=self._key(),
-                    value=serde.encode(rtype, record),
+                    value=self._seal(rtype, record),
                     partition=-1 if self.partition is None else self.partition,
                 )  # -1: hash the key
                 break
             except BufferError:  # local queue full: wait for deliveries instead of growing memory
                 p.poll(0.05)
         p.poll(0)
-
-
-class Ingest:
-    """The ingest core: validation, decoding, publishing, archiving, dead letters."""
-
-    def __init__(
-        self, settings: Settings, producer=None, store: ObjectStore | None = None, metrics: Metrics | None = None
-    ):
-        self.settings = settings
-        self.producer = producer or kafka.producer(
-            settings, **{"client.id": "hark-ingest", "linger.ms": settings.audio_linger_ms}
-        )
-        self.store = store or open_store(settings)
-        self.metrics = metrics or Metrics("ingest")
-        self.deadletters = DeadLetters(self.producer, settings, "ingest", self.metrics)
-        self._placer: PartitionPlacer | None = None
-        self._placer_lock = threading.Lock()
-
-    def placer(self) -> PartitionPlacer:
-        """Built at the first stream: the audio topic's partition count is the broker's, not config's."""
-        with self._placer_lock:
-            if self._placer is None:
-                mode, topic, partitions = self.settings.audio_placement, self.settings.audio_topic, 0
-                if mode != "hash":
-                    try:
-                        partitions = len(self.producer.list_topics(topic, timeout=10).topics[topic].partitions)
-                        if not partitions:
-                            raise LookupError("no partitions")
-                    except Exception as e:  # no metadata yet: hash this stream, ask again for the next
-                        log.warning("no partition count for %s (%s): placing by hash", topic, e)
-                        return PartitionPlacer("hash", 0)
-                self._placer = PartitionPlacer(mode, partitions)
-            return self._placer
-
-    def reject(
-        self,
-        err: AudioError,
-        *,
-        stream_id: str | None,
-        tenant: str | None,
-        payload: bytes | None = None,
-        payload_size: int = 0,
-    ) -> None:
-        """Record a refused input on the dead-letter topic (the caller reports it to the producer)."""
-        self.deadletters.send(
-            err.kind, err.reason, stream_id=stream_id, tenant=tenant, payload=payload, payload_size=payload_size
-        )
-        self.producer.flush(10)
-
-    def check_new_stream(self, stream_id: str) -> None:
-        """Stream ids are global keys: refuse one that exists (another tenant's, or a re-publish)."""
-        if self.store.exists(archive_prefix(stream_id) + "meta.json"):
-            raise AudioError("stream_exists", f"stream {stream_id!r} exists already; choose another id")
-
-    def publish_file(
-        self,
-        source: str | Path | BinaryIO,
-        *,
-        stream_id: str | None = None,
-        tenant: str = "default",
-        realtime: bool = False,
-        language: str = "en-US",
-        metadata: dict | None = None,
-        on_chunk: ChunkCallback | None = None,
-        on_start: Callable[[StreamPublisher], None] | None = None,
-    ) -> StreamSummary:
-        """Publish a whole encoded input. Raises AudioError (after dead-lettering it) if it is refused."""
-        name = Path(source).name if isinstance(source, (str, Path)) else getattr(source, "name", None)
-        stream_id = stream_id or new_stream_id(Path(name).stem if name else "upload")
-        size = None
-        try:
-            check_stream_id(stream_id)
-            self.check_new_stream(stream_id)
-            size = _size_of(source)
-            if size == 0:
-                raise AudioError("empty", "input is empty (0 bytes)")
-            if size > self.settings.max_upload_bytes:
-                raise AudioError(
-                    "too_large", f"input is {size} bytes, above the {self.settings.max_upload_bytes}-byte maximum"
-                )
-            decoded = DecodedAudio(source, self.settings.max_stream_seconds)
-            blocks = decoded.blocks()
-            first = next(blocks)  # fail before anything is published if the audio does not decode
-        except AudioError as e:
-            self.reject(e, stream_id=stream_id, tenant=tenant, payload_size=size or 0)
-            raise
-        except StopIteration:  # pragma: no cover - blocks() raises "empty" itself
-            err = AudioError("empty", "input decodes to no audio samples")
-            self.reject(err, stream_id=stream_id, tenant=tenant, payload_size=size or 0)
-            raise err from None
-        self._archive_source(source, stream_id, decoded.info, size)
-        pub = StreamPublisher(
-            self,
-            stream_id,
-            tenant,
-            decoded.info,
-            source_name=name,
-            language=language,
-            metadata=metadata,
-            realtime=realtime,
-            on_chunk=on_chunk,
-        )
-        pub.start()
-        if on_start:
-            on_start(pub)
-        try:
-            pub.push(first)
-            for block in blocks:
-                pub.push(block)
-        except AudioError as e:
-            pub.finish("ERROR", e.reason)
-            self.reject(e, stream_id=stream_id, tenant=tenant, payload_size=size or 0)
-            raise
-        except BaseException as e:
-            pub.finish("ABORTED", f"publisher stopped: {type(e).__name__}")
-            raise
-        self.metrics.inc("streams_published_total")
-        return pub.finish()
-
-    def _archive_source(self, source, stream_id: str, info: SourceInfo, size: int | None) -> None:
-        ext = info.format.split("/")[0].split(",")[0] or "bin"
-        key = f"{archive_prefix(stream_id)}source.{ext}"
-        if isinstance(source, (str, Path)):
-            with open(source, "rb") as f:
-                self.store.put(key, f, length=size)
-        else:  # the decoder is part-way through this file: put its position back afterwards
-            position = source.tell()
-            source.seek(0)
-            self.store.put(key, source, length=size)
-            source.seek(position)
-
-
-def _size_of(source) -> int:
-    if isinstance(source, (str, Path)):
-        try:
-            return Path(source).stat().st_size
-        except FileNotFoundError:
-            raise AudioError("not_found", f"no such file: {source}") from None
-        except OSError as e:
-            raise AudioError("unreadable", f"cannot read {source}: {e.strerror}") from None
-    pos = source.tell()
-    end = source.seek(0, 2)
-    source.seek(pos)
-    return end - pos

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from hark.audio import TARGET_RATE, AudioError, SourceInfo
+from hark.keys import StreamErased
 from hark.records import new_stream_id
 from hark.storage import archived_meta, archived_pcm
 
-from .publisher import ChunkCallback, Ingest, StreamPublisher, StreamSummary
+from .core import Ingest
+from .publisher import ChunkCallback, StreamPublisher, StreamSummary
 
 
 def replay(
@@ -20,7 +22,7 @@ def replay(
     """Re-publish an archived stream's normalised PCM as a new stream (``hark replay``)."""
     try:
         meta = archived_meta(ingest.store, stream_id)
-    except KeyError:
+    except (KeyError, StreamErased):
         raise AudioError("not_archived", f"no archived stream {stream_id!r} in {ingest.store.uri}") from None
     segments = archived_pcm(ingest.store, stream_id)
     first = next(segments, None)
@@ -31,9 +33,11 @@ def replay(
         meta.get("source_sample_rate", TARGET_RATE),
         meta.get("source_channels", 1),
     )
+    new_id = new_id or new_stream_id(f"{stream_id}-replay")
+    ingest.check_new_stream(new_id)
     pub = StreamPublisher(
         ingest,
-        new_id or new_stream_id(f"{stream_id}-replay"),
+        new_id,
         meta.get("tenant", "default"),
         info,
         source_name=meta.get("source_name"),

@@ -14,7 +14,10 @@ A text message ``{"type": "end"}`` ends the stream. The server answers with JSON
 messages: ``ready`` (with the stream id), ``done`` (chunks, seconds) or ``error`` (error,
 reason). A message above ``max_ws_message_bytes`` closes the connection (1009): too-large
 payloads are refused, never buffered. A client that disconnects without ``end`` gets its
-stream closed as ABORTED, so downstream services release its state.
+stream closed as ABORTED, so downstream services release its state. A client may pause (send
+nothing) for as long as it likes: ingest publishes a keep-alive (StreamAlive) every third of the
+idle timeout, so the stream stays open and its utterances keep their numbering; a live stream
+ends (too_long) once it has been open ``max_stream_seconds`` of wall-clock time.
 """
 
 from __future__ import annotations
@@ -27,18 +30,19 @@ import tempfile
 from urllib.parse import parse_qs, urlparse
 
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.typing import Origin
 
-from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, PcmResampler, SourceInfo
+from hark.audio import TARGET_RATE, AudioError, PcmResampler, SourceInfo
 from hark.config import Settings
 from hark.languages import check_language
 from hark.records import new_stream_id
 from hark.runtime import HealthServer, Metrics, kv, service_settings
 from hark.tenants import Access, AccessDenied, request_token
 
-from .archive import SegmentWriter
-from .publisher import Ingest, StreamPublisher, StreamSummary, check_stream_id
+from .archive import SegmentWriter, source_segment_bytes
+from .core import Ingest
+from .publisher import StreamPublisher, StreamSummary, check_stream_id
 
 log = logging.getLogger("hark.ingest")
 
@@ -95,12 +99,18 @@ class IngestServer:
         resampler = PcmResampler(rate, channels)
         info = SourceInfo(f"raw/pcm_s16le@{rate}x{channels}", rate, channels)
         pub = StreamPublisher(
-            self.ingest, stream_id, tenant, info, source_name=q.get("source"), language=q.get("language", "en-US")
+            self.ingest,
+            stream_id,
+            tenant,
+            info,
+            source_name=q.get("source"),
+            language=q.get("language", "en-US"),
+            live=True,
         )
         raw = SegmentWriter(
             self.ingest.store,
             pub.prefix + "source/",
-            int(self.settings.archive_segment_seconds * rate) * channels * BYTES_PER_SAMPLE,
+            source_segment_bytes(self.settings, rate, channels),
             ".pcm",
         )
 
@@ -122,7 +132,17 @@ class IngestServer:
         try:
             await ws.send(json.dumps({"type": "ready", "stream_id": stream_id}))
             ended = False
-            async for message in ws:
+            # a client that pauses (sends nothing) keeps its stream: ingest tells the services it
+            # is alive well within their idle timeout
+            keepalive_s = self.settings.idle_timeout_s / 3
+            while True:
+                try:
+                    message = await asyncio.wait_for(ws.recv(), keepalive_s)  # cancelling recv is safe
+                except TimeoutError:
+                    await asyncio.to_thread(pub.keep_alive)
+                    continue
+                except ConnectionClosedOK:
+                    break
                 if isinstance(message, str):
                     if _is_end(message):
                         ended = True

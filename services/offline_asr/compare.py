@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hark.config import Settings
-from hark.storage import ObjectStore, archived_meta, archived_pcm, open_store
+from hark.keys import open_archive
+from hark.storage import ObjectStore, archived_meta, archived_pcm
 from hark.wer import WerScore, score
 
 from .decoder import MAX_WINDOW_S, WhisperDecoder, whisper_language
@@ -90,7 +91,7 @@ def compare(
 ) -> dict:
     if len(models) < 2:
         raise ValueError("compare needs at least two model versions, e.g. --models base,tiny.en")
-    store = open_store(settings)
+    store = open_archive(settings)
     metas = {}
     for sid in stream_ids:
         try:

@@ -31,9 +31,10 @@ import zlib
 from collections import deque
 
 from hark.config import Settings
+from hark.keys import open_archive
 from hark.records import now_ms
-from hark.runtime import Chunk, Output, StreamInfo, StreamRunner, kv, main_for
-from hark.storage import archived_meta, archived_pcm, open_store
+from hark.runtime import NOTICES, Chunk, Output, StreamInfo, StreamRunner, kv, main_for
+from hark.storage import archived_meta, archived_pcm
 
 from .decoder import MAX_WINDOW_S, WhisperDecoder, whisper_language
 from .windows import StreamWindows, Window
@@ -163,7 +164,7 @@ class OfflineProcessors:
         self.nbest_jobs: deque = deque()
         self.nbest_dropped = 0
         self.archive_fallbacks = 0
-        self.store = open_store(settings)
+        self.store = open_archive(settings)
         log.info(
             "model loaded",
             extra=kv(
@@ -190,8 +191,11 @@ class OfflineProcessors:
         raise AssertionError("offline_asr takes no snapshots")
 
     def end_unseen(self, stream: StreamInfo, status: str, seq: int) -> list[Output]:
-        """A stream this process has no state for: decode it from the archive, if it is there."""
+        """A stream this process has no state for: decode it from the archive, if it is there
+        (never one ended by a notice: erased, or refused for want of room)."""
         try:
+            if status in NOTICES:
+                raise KeyError(stream.stream_id)
             meta = archived_meta(self.store, stream.stream_id)
         except KeyError:
             log.warning("stream ended with no audio seen and none archived", extra=kv(stream_id=stream.stream_id))

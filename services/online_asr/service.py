@@ -14,9 +14,9 @@ same text as an uninterrupted run (tests/test_recognizer.py checks this).
 from __future__ import annotations
 
 from hark.config import Settings
+from hark.keys import open_archive
 from hark.records import now_ms, result_record
 from hark.runtime import Chunk, InputError, Output, StreamInfo, StreamRunner, main_for
-from hark.storage import open_store
 
 from .recognizer import MODEL_NAME, MODEL_VERSION, CapacityError, DecoderPool, Event, StreamRecognizer
 
@@ -129,7 +129,7 @@ class OnlineProcessors:
         self.settings = settings
         self.pool = DecoderPool(settings.max_streams, settings.online_max_hmm_per_frame)
         self.pool.prewarm(settings.prewarm_decoders)
-        self.store = open_store(settings) if settings.keep_lattices else None
+        self.store = open_archive(settings) if settings.keep_lattices else None
 
     def open(self, stream: StreamInfo) -> OnlineStream:
         try:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from hark.records import now_ms, result_record
-from hark.runtime import RecentIds
+from hark.runtime import REFUSED, RecentIds
 
 PASSES = ("online", "offline", "diarizer")
 MAX_TURNS = 20000  # incremental turns kept per stream to label words (~16 h of conversation)
@@ -94,11 +94,19 @@ def assign_speakers(words: list[dict], turns: list[dict], reach_ms: int = 1000) 
 
 
 class ResultsMerger:
-    def __init__(self, max_words: int = 20000, wait_for: tuple[str, ...] = PASSES, offline_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        max_words: int = 20000,
+        wait_for: tuple[str, ...] = PASSES,
+        offline_timeout_s: float = 600.0,
+        abandon_after_s: float = 4 * 3600.0,
+    ):
         unknown = set(wait_for) - set(PASSES)
         if unknown or "online" not in wait_for:
             raise ValueError(f"wait_for must include 'online' and only name {PASSES}, got {wait_for}")
         self.max_words, self.wait_for, self.offline_timeout_s = max_words, tuple(wait_for), offline_timeout_s
+        # a live stream may pause for as long as it may last (no record comes while it is silent)
+        self.abandon_after_s = max(offline_timeout_s, abandon_after_s)
         self.streams: dict[str, StreamTranscript] = {}
         self.completed = RecentIds(MAX_COMPLETED)  # a record after its stream completed must not reopen it
         self.abandoned = 0
@@ -189,10 +197,10 @@ class ResultsMerger:
         for sid, st in list(self.streams.items()):
             if st.online_ended_at is not None and now - st.online_ended_at > self.offline_timeout_s:
                 out += self._complete(sid, reason="offline pass did not finish in time")
-            elif st.online_ended_at is None and now - st.last_seen > self.offline_timeout_s:
-                # no record for that long and no online end (online_asr closes idle streams in
-                # seconds): records of a stream whose start this process never saw (it joined
-                # mid-way). Dropped, not completed: its STREAM_COMPLETE would be partial.
+            elif st.online_ended_at is None and now - st.last_seen > self.abandon_after_s:
+                # no record for longer than a stream may last and no online end: records of a
+                # stream whose start this process never saw (it joined mid-way), or whose end
+                # was lost. Dropped, not completed: its STREAM_COMPLETE would be partial.
                 del self.streams[sid]
                 self.abandoned += 1
         return out
@@ -211,6 +219,9 @@ class ResultsMerger:
         ordered = final.ordered()
         name, version = final.model or online.model or ("", "")
         status = online.ended or "INCOMPLETE"
+        refused = [name for name, p in st.passes.items() if p.ended == REFUSED]
+        if refused:  # a pass had no room for the stream: its transcript lacks what that pass adds
+            status = f"DEGRADED ({' and '.join(refused)} refused the stream: at capacity)"
         turns = st.full_turns if st.full_turns is not None else st.turns
         words = assign_speakers([w for part in ordered for w in part["words"]], turns)
         return [

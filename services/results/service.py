@@ -13,7 +13,7 @@ from confluent_kafka import Message
 
 from hark import kafka
 from hark.config import Settings
-from hark.runtime import ConsumerService, InputError, main_for
+from hark.runtime import ERASED, ConsumerService, InputError, main_for
 
 from .merger import ResultsMerger
 
@@ -25,7 +25,9 @@ class Results(ConsumerService):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         wait_for = tuple(p.strip() for p in settings.results_wait_for.split(",") if p.strip())
-        self.merger = ResultsMerger(settings.max_transcript_words, wait_for, settings.offline_timeout_s)
+        self.merger = ResultsMerger(
+            settings.max_transcript_words, wait_for, settings.offline_timeout_s, settings.max_stream_seconds
+        )
         self.partitions_of: dict[str, set[tuple[str, int]]] = {}
 
     @property
@@ -43,6 +45,9 @@ class Results(ConsumerService):
             raise InputError("unexpected_record", f"{rtype} does not belong on {msg.topic()}")
         topic, partition, _ = kafka.position(msg)
         sid, tp = rec["stream_id"], (topic, partition)
+        if rec.get("end_status") == ERASED:  # a pass's notice that `hark erase` ended the stream
+            self.stream_erased(sid)
+            return
         if self.finished_before_checkpoint(f"{sid}@{msg.topic()}"):
             return
         self._publish(merge(rec))
@@ -60,6 +65,7 @@ class Results(ConsumerService):
                 self._release_stream(result["stream_id"])
 
     def _release_stream(self, sid: str) -> None:
+        self.keys.forget(sid)
         for topic, _ in self.partitions_of.pop(sid, ()):
             self.release(f"{sid}@{topic}")
 
@@ -69,6 +75,12 @@ class Results(ConsumerService):
             for sid in [s for s in self.partitions_of if not self.merger.is_open(s)]:
                 self._release_stream(sid)  # abandoned by the merger: release its holds
             self.metrics.set("streams_abandoned", self.merger.abandoned)
+
+    def stream_erased(self, stream_id: str) -> None:
+        """Its merge state is dropped unpublished; later records of it no longer open (key gone)."""
+        self.merger.streams.pop(stream_id, None)
+        self.merger.completed.add(stream_id)
+        self._release_stream(stream_id)
 
     def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
         # Streams on revoked partitions are rebuilt by their new owner from the held offsets.
