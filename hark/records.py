@@ -40,6 +40,7 @@ def result_record(rec: dict, kind: str, source: str, index: int, **fields) -> di
         "turns": [],
         "status": None,
         "final_source": None,
+        "language": rec.get("language"),
         "truncated": False,
         "audio_published_at_ms": rec["audio_published_at_ms"],
         "emitted_at_ms": now_ms(),

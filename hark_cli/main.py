@@ -95,6 +95,7 @@ def cmd_publish(a) -> int:
                 realtime=a.realtime,
                 metadata=_metadata(a),
                 language=a.language,
+                hotwords=a.hotwords,
             )
             print(f"{summary.stream_id}\t{summary.chunks} chunks\t{summary.duration_s:.2f} s\t{f}")
         except AudioError as e:
@@ -114,6 +115,10 @@ def _metadata(a) -> dict:
     if getattr(a, "speakers", None):
         out["num_speakers"] = str(a.speakers)
     return out
+
+
+LANGUAGE_HELP = "the audio's language, a BCP 47 tag (en, es-MX); auto: the offline pass detects it"
+HOTWORDS_HELP = 'terms the audio is likely to contain, comma separated ("metoprolol,lisinopril")'
 
 
 def cmd_tail(a) -> int:
@@ -213,7 +218,17 @@ def cmd_run(a) -> int:
     from .session import file_runs
 
     return _run_session(
-        a, lambda ingest, s: file_runs(ingest, a.files, not a.fast, s, tenant=a.tenant, metadata=_metadata(a))
+        a,
+        lambda ingest, s: file_runs(
+            ingest,
+            a.files,
+            not a.fast,
+            s,
+            tenant=a.tenant,
+            metadata=_metadata(a),
+            language=a.language,
+            hotwords=a.hotwords,
+        ),
     )
 
 
@@ -256,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     pub.add_argument("files", nargs="+")
     pub.add_argument("--stream-id")
     pub.add_argument("--tenant", default="default")
-    pub.add_argument("--language", default="en-US")
+    pub.add_argument("--language", default="auto", help=LANGUAGE_HELP)
+    pub.add_argument("--hotwords", help=HOTWORDS_HELP)
     pub.add_argument("--realtime", action="store_true", help="pace chunks at real time")
     pub.add_argument(
         "--meta", action="append", metavar="KEY=VALUE", help="stream metadata (repeatable), e.g. max_speakers=4"
@@ -292,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         "--meta", action="append", metavar="KEY=VALUE", help="stream metadata (repeatable), e.g. max_speakers=4"
     )
     run.add_argument("--speakers", type=int, help="number of speakers, a hint for the diarizer")
+    run.add_argument("--language", default="auto", help=LANGUAGE_HELP)
+    run.add_argument("--hotwords", help=HOTWORDS_HELP)
     session_opts(run)
     run.set_defaults(fn=cmd_run)
 

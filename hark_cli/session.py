@@ -138,6 +138,7 @@ class StreamRun:
         return {
             **out,
             "status": c.get("status", "INCOMPLETE") if c else "INCOMPLETE",
+            "language": c.get("language") if c else None,
             "duration_s": round(self.samples_published / TARGET_RATE, 3),
             "online_text": online_text or "",
             "final_text": c.get("text", online_text or ""),
@@ -363,7 +364,13 @@ def expected_seconds(path: str) -> float | None:
 
 
 def file_runs(
-    ingest, files: list[str], realtime: bool, settings: Settings, tenant: str = "default", metadata: dict | None = None
+    ingest,
+    files: list[str],
+    realtime: bool,
+    settings: Settings,
+    tenant: str = "default",
+    metadata: dict | None = None,
+    **options,  # language, hotwords: as Ingest.publish_file takes them
 ) -> list[StreamRun]:
     from hark.records import new_stream_id
 
@@ -378,6 +385,7 @@ def file_runs(
                 realtime=realtime,
                 on_chunk=run.on_chunk,
                 metadata=metadata,
+                **options,
             )
 
         runs.append(

@@ -142,8 +142,13 @@ def test_compose_broker_is_secured_like_the_embedded_one_and_has_no_default_secr
     text = (ROOT / "docker-compose.yml").read_text()
     secrets = re.findall(r"\$\{(\w*(?:PASSWORD|SECRET|_KEY|_USER)\w*)(:[?-])", text)
     assert secrets and all(op == ":?" for _, op in secrets), secrets
-    for name in ("ingest", "captions"):  # published on the host's loopback only
+    for name in ("ingest", "captions"):  # published on the host's loopback only, with tokens
         assert all(p.startswith("127.0.0.1:") for p in COMPOSE["services"][name]["ports"]), name
+        svc = COMPOSE["services"][name]
+        folder = svc["environment"]["HARK_TOKENS_FILE"].rsplit("/", 1)[0]
+        assert any(v.endswith(f":{folder}:ro") for v in svc["volumes"]), name  # a folder: revocation reloads
+    # every service seals with the same master key, which has no default either
+    assert COMPOSE["x-hark"]["environment"]["HARK_MASTER_KEY"].startswith("${HARK_MASTER_KEY:?")
 
 
 # ---- /metrics ------------------------------------------------------------------------------------

@@ -69,6 +69,10 @@ def test_hark_run_transcribes_real_speech_and_reports_a_bad_file(tmp_path, speec
         online += score(references[os.path.basename(f)], r["online_text"])
         offline += score(references[os.path.basename(f)], r["final_text"])
     assert offline.ref_words > 100
+    # words as written (the finding: "ill -sposed"): a hyphenated word is one word everywhere
+    ill = rows[str(speech_dir / "sense_and_sensibility_01_austen_64kb-0880.wav")]
+    assert "ill-disposed" in [w["word"].lower().strip(".,") for w in ill["words"]], ill["words"]
+    assert not [w for r in rows.values() for w in r.get("words", []) if w["word"][:1] in "-'"]
     assert online.wer <= 0.40, f"online WER {online.wer:.3f}"
     assert offline.wer <= 0.10 and offline.wer <= 0.4 * online.wer, f"offline {offline.wer:.3f} online {online.wer:.3f}"
     # the stack it started is gone
@@ -459,6 +463,72 @@ def test_a_live_stream_survives_a_pause_longer_than_the_idle_timeout(live_stack,
         r["utterance_id"] for t, r in recs if r["stream_id"] == sid and r["kind"] == "FINAL" and r["source"] == "online"
     ]
     assert len(online) >= 2 and online == sorted(set(online)), online  # numbering never restarts
+
+
+def test_hotwords_recover_a_term_missed_without_them(live_stack, tmp_path):
+    """The finding: "started on metoprolol and lisinopril" came out as "that a Pral Lala and
+    lies in a pral". The same audio with the terms as the stream's hotwords, through the stack."""
+    from .tts import say, wav_bytes
+
+    settings, _ = live_stack
+    f = tmp_path / "clinic.wav"
+    f.write_bytes(wav_bytes(say("The patient was started on metoprolol and lisinopril yesterday morning.")))
+    texts = {}
+    for label, extra in (("plain", []), ("hot", ["--hotwords", "metoprolol,lisinopril"])):
+        out = tmp_path / f"{label}.jsonl"
+        proc = run_hark(
+            "run", str(f), "--fast", "--quiet", "--json", str(out), "--bootstrap", settings.bootstrap, *extra
+        )
+        assert proc.returncode == 0, proc.stderr
+        texts[label] = json.loads(out.read_text())["final_text"].lower()
+    assert "metoprolol" not in texts["plain"] and "lisinopril" not in texts["plain"], texts
+    assert "metoprolol" in texts["hot"] and "lisinopril" in texts["hot"], texts
+    # bounded: too many terms are refused with the reason, before anything is published
+    many = ",".join(f"term{i}" for i in range(60))
+    bad = run_hark("publish", str(f), "--hotwords", many, "--bootstrap", settings.bootstrap)
+    assert bad.returncode == 1 and "60 hotwords, more than the 50 a stream may have" in bad.stderr
+
+
+LANGUAGES = {  # espeak-ng voice: a sentence, and words its transcript must have
+    "es": (
+        "El paciente empezó a tomar la medicina ayer por la mañana y se siente mucho mejor.",
+        ["paciente", "mañana"],
+    ),
+    "de": (
+        "Der Patient hat gestern angefangen, das Medikament zu nehmen, und fühlt sich besser.",
+        ["patient", "gestern"],
+    ),
+    "fr": (
+        "Le patient a commencé à prendre le médicament hier matin et se sent beaucoup mieux.",
+        ["commencé", "beaucoup"],
+    ),
+}
+
+
+def test_languages_are_detected_and_transcribed_in_their_language(live_stack, tmp_path):
+    """The finding: a stream's language came only from its metadata (default English), and the
+    online pass turned any other language into English-looking nonsense."""
+    from .tts import say, wav_bytes
+
+    settings, _ = live_stack
+    files = []
+    for voice, (sentence, _) in LANGUAGES.items():
+        files.append(tmp_path / f"{voice}.wav")
+        files[-1].write_bytes(wav_bytes(say(sentence, voice)))
+    out = tmp_path / "auto.jsonl"  # no language given: the offline pass detects it
+    proc = run_hark("run", *map(str, files), "--fast", "--quiet", "--json", str(out), "--bootstrap", settings.bootstrap)
+    assert proc.returncode == 0, proc.stderr
+    for row in map(json.loads, out.read_text().splitlines()):
+        voice = os.path.basename(row["source"])[:-4]
+        assert row["language"] == voice and row["final_source"] == "offline", row
+        text = row["final_text"].lower()
+        assert all(w in text for w in LANGUAGES[voice][1]), (voice, text)
+    # declared: the online pass, English only, stays silent instead of writing nonsense
+    out = tmp_path / "es.jsonl"
+    es = run_hark("run", str(files[0]), "--language", "es", "--fast", "--quiet", "--json", str(out), "--bootstrap", settings.bootstrap)  # fmt: skip
+    assert es.returncode == 0, es.stderr
+    row = json.loads(out.read_text())
+    assert row["online_text"] == "" and row["language"] == "es" and "paciente" in row["final_text"].lower()
 
 
 def test_websocket_file_upload(live_stack, speech_dir, references):

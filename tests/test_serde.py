@@ -23,6 +23,7 @@ SAMPLES = {
         "archive_prefix": "streams/s1/",
         "started_at_ms": 1,
         "metadata": {"num_speakers": "2"},
+        "hotwords": ["metoprolol", "lisinopril"],
     },
     "AudioChunk": {
         "stream_id": "s1",
@@ -108,6 +109,7 @@ SAMPLES = {
         "online_text": "ten",
         "turns": [{"speaker": "A", "start_ms": 0, "end_ms": 300}],
         "status": "COMPLETE",
+        "language": "en",
         "final_source": "online",
         "truncated": False,
         "audio_published_at_ms": 5,

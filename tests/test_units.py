@@ -476,3 +476,23 @@ def test_the_tokens_file_is_reloaded_and_a_broken_one_denies_every_token(tmp_pat
     os.utime(path, ns=(1, 1))
     with pytest.raises(AccessDenied):
         access.tenant_of(b)
+
+
+def test_whisper_word_pieces_join_by_the_tokenizers_leading_spaces():
+    """The finding: "ill -sposed", "cold -hearted": a piece without a leading space continues
+    the word before it."""
+    from services.offline_asr.decoder import join_words
+
+    pieces = [(" He", 0, 100, 0.9), (" was", 100, 200, 0.9), (" an", 200, 300, 0.9), (" ill", 300, 400, 0.8)]
+    pieces += [
+        ("-disposed", 400, 700, 0.6),
+        (" man.", 700, 900, 0.9),
+        (" Don", 900, 1000, 0.9),
+        ("'t", 1000, 1100, 0.7),
+    ]
+    pieces += [(" well", 1200, 1300, 0.9), ("-", 1300, 1310, 0.5), ("known", 1310, 1500, 0.9), (" ", 1500, 1500, 0.1)]
+    words = join_words(pieces)
+    assert [w["word"] for w in words] == ["He", "was", "an", "ill-disposed", "man.", "Don't", "well-known"]
+    ill = words[3]
+    assert (ill["start_ms"], ill["end_ms"], ill["confidence"]) == (300, 700, 0.6)
+    assert join_words([("-first", 0, 10, 0.5)])[0]["word"] == "-first"  # a segment's first piece starts a word

@@ -37,6 +37,7 @@ class StreamInfo:
     language: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     start_ms: int = 0  # where its first chunk begins: > 0 for a stream joined mid-way
+    hotwords: tuple[str, ...] = ()  # terms the stream is likely to contain
 
 
 @dataclass(frozen=True)

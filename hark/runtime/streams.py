@@ -113,7 +113,13 @@ class StreamRunner(ConsumerService):
             self.metrics.inc("duplicate_records_total")
             return
         if rtype == "StreamStart":
-            info = StreamInfo(sid, record["tenant"], record.get("language"), dict(record.get("metadata") or {}))
+            info = StreamInfo(
+                sid,
+                record["tenant"],
+                record.get("language"),
+                dict(record.get("metadata") or {}),
+                hotwords=tuple(record.get("hotwords") or ()),
+            )
             self._open(info, msg, next_seq=1)
         elif rtype == "AudioChunk":
             self._chunk(sid, record, msg)

@@ -91,10 +91,11 @@ class Ingest:
         stream_id: str | None = None,
         tenant: str = "default",
         realtime: bool = False,
-        language: str = "en-US",
+        language: str = "auto",
         metadata: dict | None = None,
         on_chunk: ChunkCallback | None = None,
         on_start: Callable[[StreamPublisher], None] | None = None,
+        hotwords: str | list[str] | None = None,
     ) -> StreamSummary:
         """Publish a whole encoded input. Raises AudioError (after dead-lettering it) if it is refused."""
         name = Path(source).name if isinstance(source, (str, Path)) else getattr(source, "name", None)
@@ -130,6 +131,7 @@ class Ingest:
             metadata=metadata,
             realtime=realtime,
             on_chunk=on_chunk,
+            hotwords=hotwords,
         )
         try:
             pub.start()

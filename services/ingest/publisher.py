@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from hark import serde
 from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, Chunker, SourceInfo
 from hark.keys import StreamErased
-from hark.languages import check_language
+from hark.languages import check_hotwords, check_language
 from hark.records import now_ms
 from hark.runtime import kv
 from hark.storage import archive_prefix
@@ -67,11 +67,12 @@ class StreamPublisher:
         info: SourceInfo,
         *,
         source_name: str | None = None,
-        language: str = "en-US",
+        language: str = "auto",
         metadata: dict | None = None,
         realtime: bool = False,
         on_chunk: ChunkCallback | None = None,
         live: bool = False,
+        hotwords: str | list[str] | tuple[str, ...] | None = None,
     ):
         s = ingest.settings
         self.ingest, self.settings = ingest, s
@@ -80,6 +81,10 @@ class StreamPublisher:
             self.language = check_language(language)
         except ValueError as e:
             raise AudioError("bad_language", str(e)) from None
+        try:
+            self.hotwords = check_hotwords(hotwords)
+        except ValueError as e:
+            raise AudioError("bad_hotwords", str(e)) from None
         self.source_name, self.metadata = source_name, dict(metadata or {})
         self.realtime, self.on_chunk, self.live = realtime, on_chunk, live
         self.prefix = archive_prefix(stream_id)
@@ -111,6 +116,7 @@ class StreamPublisher:
             "source_name": self.source_name,
             "language": self.language,
             "metadata": self.metadata,
+            "hotwords": list(self.hotwords),
             "sample_rate": TARGET_RATE,
             "segment_seconds": self.settings.archive_segment_seconds,
             "audio_partition": -1 if self.partition is None else self.partition,  # where `hark erase` ends it
@@ -145,6 +151,7 @@ class StreamPublisher:
                 "archive_prefix": self.prefix,
                 "started_at_ms": now_ms(),
                 "metadata": {k: str(v) for k, v in self.metadata.items()},
+                "hotwords": list(self.hotwords),
             },
         )
 

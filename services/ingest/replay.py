@@ -45,6 +45,7 @@ def replay(
         metadata={**meta.get("metadata", {}), "replay_of": stream_id},
         realtime=realtime,
         on_chunk=on_chunk,
+        hotwords=meta.get("hotwords"),
     )
     pub.start()
     pub.push(first)

@@ -4,7 +4,8 @@ Authentication: with a tokens file (``HARK_TOKENS_FILE``) every connection must 
 ``Authorization: Bearer TOKEN`` or ``?token=TOKEN``; the stream belongs to the token's tenant. A
 missing or unknown token gets an ``error`` message (unauthorized) and close code 1008.
 
-Query parameters: ``stream_id`` (optional), ``tenant``, ``language``, ``format``:
+Query parameters: ``stream_id`` (optional), ``tenant``, ``language``, ``hotwords`` (a comma list
+of terms the offline pass favours, at most 50), ``format``:
 - ``pcm_s16le`` (default, live): binary messages of raw interleaved s16le PCM at
   ``sample_rate`` (default 16000) with ``channels`` (default 1), resampled and chunked as
   they arrive, so captions start while the client is still speaking;
@@ -35,7 +36,7 @@ from websockets.typing import Origin
 
 from hark.audio import TARGET_RATE, AudioError, PcmResampler, SourceInfo
 from hark.config import Settings
-from hark.languages import check_language
+from hark.languages import AUTO, check_hotwords, check_language
 from hark.records import new_stream_id
 from hark.runtime import HealthServer, Metrics, kv, service_settings
 from hark.tenants import Access, AccessDenied, request_token
@@ -74,9 +75,13 @@ class IngestServer:
         try:
             check_stream_id(stream_id)
             try:  # before any audio is read
-                check_language(q.get("language", "en-US"))
+                check_language(q.get("language", AUTO))
             except ValueError as e:
                 raise AudioError("bad_language", str(e)) from None
+            try:
+                check_hotwords(q.get("hotwords"))
+            except ValueError as e:
+                raise AudioError("bad_hotwords", str(e)) from None
             await asyncio.to_thread(self.ingest.check_new_stream, stream_id)
             fmt = q.get("format", "pcm_s16le")
             if fmt == "pcm_s16le":
@@ -104,8 +109,9 @@ class IngestServer:
             tenant,
             info,
             source_name=q.get("source"),
-            language=q.get("language", "en-US"),
+            language=q.get("language", AUTO),
             live=True,
+            hotwords=q.get("hotwords"),
         )
         raw = SegmentWriter(
             self.ingest.store,
@@ -189,7 +195,8 @@ class IngestServer:
                 spool,  # type: ignore[arg-type]  # a binary file object
                 stream_id=stream_id,
                 tenant=tenant,
-                language=q.get("language", "en-US"),
+                language=q.get("language", AUTO),
+                hotwords=q.get("hotwords"),
             )
         await _done(ws, stream_id, summary)
 

@@ -42,6 +42,30 @@ def whisper_language(tag: str | None) -> str:
     return (tag or "en").split("-")[0].lower() or "en"
 
 
+def join_words(pieces: list[tuple[str, int, int, float]]) -> list[dict]:
+    """Words as written, from Whisper's word pieces (text, start ms, end ms, probability).
+
+    The tokenizer marks where a word begins with a leading space; a piece without one continues
+    the word before it ("ill" + "-disposed", "don" + "'t", "well" + "-" + "known"). Whisper
+    returns such continuations as pieces of their own, and joining every piece with a space
+    wrote "ill -disposed". The first piece of a segment always begins a word."""
+    out: list[dict] = []
+    for text, start, end, prob in pieces:
+        token = text.strip()
+        if not token:
+            continue
+        if out and not text[:1].isspace():
+            w = out[-1]
+            w["word"] += token
+            w["end_ms"] = max(w["end_ms"], end)
+            w["confidence"] = min(w["confidence"], round(float(prob), 4))  # a word is as sure as its least sure piece
+            continue
+        out.append(
+            {"word": token, "start_ms": start, "end_ms": end, "confidence": round(float(prob), 4), "speaker": None}
+        )
+    return out
+
+
 class WhisperDecoder:
     def __init__(
         self,
@@ -70,7 +94,22 @@ class WhisperDecoder:
         )
         self.english_only = not self.model.model.is_multilingual
 
-    def decode(self, pcm: np.ndarray, offset_ms: int, *, prompt: str | None = None, language: str = "en") -> Decoded:
+    def detect(self, pcm: np.ndarray) -> tuple[str, float]:
+        """The language spoken in ``pcm`` (Whisper's code) and its probability."""
+        if self.english_only:
+            return "en", 1.0
+        lang, prob, _ = self.model.detect_language(pcm.astype(np.float32) / 32768.0)
+        return lang, float(prob)
+
+    def decode(
+        self,
+        pcm: np.ndarray,
+        offset_ms: int,
+        *,
+        prompt: str | None = None,
+        language: str = "en",
+        hotwords: tuple[str, ...] = (),
+    ) -> Decoded:
         t0 = time.perf_counter()
         audio = pcm.astype(np.float32) / 32768.0
         segments, info = self.model.transcribe(
@@ -79,25 +118,20 @@ class WhisperDecoder:
             beam_size=self.beam_size,
             word_timestamps=True,
             initial_prompt=prompt or None,
+            # the stream's terms, as prompt tokens ahead of the previous text (faster-whisper)
+            hotwords=", ".join(hotwords) or None,
             # Segments of one window conditioning on each other is how Whisper's repetition loops start.
             condition_on_previous_text=False,
             vad_filter=False,
         )  # windows are already cut at pauses
-        words, texts = [], []
+        words: list[dict] = []
+        texts = []
         for seg in segments:
             texts.append(seg.text.strip())
-            for w in seg.words or []:
-                token = w.word.strip()
-                if token:
-                    words.append(
-                        {
-                            "word": token,
-                            "start_ms": offset_ms + int(round(w.start * 1000)),
-                            "end_ms": offset_ms + int(round(w.end * 1000)),
-                            "confidence": round(float(w.probability), 4),
-                            "speaker": None,
-                        }
-                    )
+            words += join_words(
+                [(w.word, offset_ms + int(round(w.start * 1000)), offset_ms + int(round(w.end * 1000)), w.probability)
+                 for w in seg.words or []]
+            )  # fmt: skip
         return Decoded(" ".join(t for t in texts if t), words, info.language, time.perf_counter() - t0)
 
     def nbest(

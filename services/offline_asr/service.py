@@ -32,6 +32,7 @@ from collections import deque
 
 from hark.config import Settings
 from hark.keys import open_archive
+from hark.languages import AUTO, UNDETERMINED
 from hark.records import now_ms
 from hark.runtime import NOTICES, Chunk, Output, StreamInfo, StreamRunner, kv, main_for
 from hark.storage import archived_meta, archived_pcm
@@ -44,6 +45,10 @@ log = logging.getLogger("hark.offline_asr")
 NBEST_QUEUE = 8  # windows (<= 30 s of PCM, ~1 MB each) waiting for their n-best; the oldest is dropped beyond
 
 
+DETECT_SURE = 0.5  # a prior, not tuned: Whisper's guess is kept once it is more likely than not
+DETECT_WINDOWS = 3  # windows with speech asked before the stream settles on English
+
+
 def routed_to_candidate(stream_id: str, fraction: float) -> bool:
     """The same answer for a stream id in every replica, restart and replay."""
     return fraction > 0 and zlib.crc32(stream_id.encode()) / 2**32 < fraction
@@ -54,7 +59,9 @@ class OfflineStream:
 
     def __init__(self, owner: OfflineProcessors, info: StreamInfo, candidate: bool):
         self.owner, self.info, self.candidate = owner, info, candidate
-        self.language = whisper_language(info.language)
+        # "auto": detected on the first window with speech (hark/languages.py), then kept
+        self.language: str | None = None if info.language == AUTO else whisper_language(info.language)
+        self.detections = 0
         self.windows = owner.new_windows(info.start_ms)
         self.prompt = ""
         self.segments = 0
@@ -88,7 +95,7 @@ class OfflineStream:
                     "",
                     [],
                     [],
-                    self.language,
+                    self.language or UNDETERMINED,
                     0,
                     self.published_at_ms,
                     end_status=status,
@@ -102,23 +109,38 @@ class OfflineStream:
         o, s, info = self.owner, self.owner.settings, self.info
         index = self.segments
         self.segments = index + 1
+        language = self._language(w)  # also while replaying: the stream must keep what it said before
         if replay and not s.offline_prompt_chars:
             return []  # its records exist already (with a prompt, the text is needed for the next one)
         out = []
         prompt = self._prompt()
-        d = o.decoder.decode(w.pcm, w.start_ms, prompt=prompt, language=self.language)
+        d = o.decoder.decode(w.pcm, w.start_ms, prompt=prompt, language=language, hotwords=self.info.hotwords)
         if self.candidate and o.candidate:  # after the primary (whose text users wait for); same window, same index
-            c = o.candidate.decode(w.pcm, w.start_ms, prompt=prompt, language=self.language)
+            c = o.candidate.decode(w.pcm, w.start_ms, prompt=prompt, language=language, hotwords=self.info.hotwords)
             if c.text:
                 out.append(self._segment(index, w, c, o.candidate))
         if not d.text:
             return out
         out.append(self._segment(index, w, d, o.decoder))
         if s.offline_nbest > 1:
-            o.queue_nbest(info, index, w, prompt, self.language)
+            o.queue_nbest(info, index, w, prompt, language)
         if s.offline_prompt_chars:
             self.prompt = (self.prompt + " " + d.text)[-s.offline_prompt_chars :]
         return out
+
+    def _language(self, w: Window) -> str:
+        """The stream's language. For "auto": Whisper's guess on this window once it is sure
+        (probability >= DETECT_SURE), kept for the rest of the stream; while it is not, the window
+        is decoded as English (the default) and the next window asked again, DETECT_WINDOWS at most."""
+        if self.language is not None:
+            return self.language
+        lang, prob = self.owner.decoder.detect(w.pcm)
+        self.detections += 1
+        if prob < DETECT_SURE and self.detections < DETECT_WINDOWS:
+            return "en"
+        self.language = lang if prob >= DETECT_SURE else "en"
+        log.info("language detected", extra=kv(stream_id=self.info.stream_id, language=lang, p=round(prob, 3)))
+        return self.language
 
     def _segment(self, index: int, w: Window, d, decoder: WhisperDecoder) -> Output:
         return self.owner.record(
@@ -200,7 +222,14 @@ class OfflineProcessors:
         except KeyError:
             log.warning("stream ended with no audio seen and none archived", extra=kv(stream_id=stream.stream_id))
             return [self.record(stream, "STREAM_END", 0, 0, 0, "", [], [], "en", 0, 0, end_status=status)]
-        proc = self.open(StreamInfo(stream.stream_id, meta.get("tenant", stream.tenant), meta.get("language")))
+        proc = self.open(
+            StreamInfo(
+                stream.stream_id,
+                meta.get("tenant", stream.tenant),
+                meta.get("language"),
+                hotwords=tuple(meta.get("hotwords") or ()),
+            )
+        )
         out = [o for pcm in archived_pcm(self.store, stream.stream_id) for o in proc.push(pcm)]
         self.archive_fallbacks += 1
         return out + proc.close(status, seq)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from hark.config import Settings
 from hark.keys import open_archive
+from hark.languages import AUTO
 from hark.records import now_ms, result_record
 from hark.runtime import Chunk, InputError, Output, StreamInfo, StreamRunner, main_for
 
@@ -121,6 +122,27 @@ class OnlineStream:
         return out
 
 
+class OtherLanguage:
+    """A stream in a language the online model (English) does not know: no live text, which would
+    be English-looking nonsense; captions come with the offline pass. Its end still tells results
+    that this pass is done. A stream with no language given ("auto") is decoded as English."""
+
+    def __init__(self, owner: OnlineProcessors, info: StreamInfo):
+        self.owner, self.info = owner, info
+
+    def feed(self, chunk: Chunk, replay: bool = False) -> list[Output]:
+        return []
+
+    def close(self, status: str, seq: int, replay: bool = False) -> list[Output]:
+        return self.owner.end_unseen(self.info, status, seq)
+
+    def snapshot(self) -> dict | None:
+        return None
+
+    def discard(self) -> None:
+        pass
+
+
 class OnlineProcessors:
     name = "online_asr"
     group = "hark-online-asr"
@@ -131,7 +153,12 @@ class OnlineProcessors:
         self.pool.prewarm(settings.prewarm_decoders)
         self.store = open_archive(settings) if settings.keep_lattices else None
 
-    def open(self, stream: StreamInfo) -> OnlineStream:
+    def open(self, stream: StreamInfo) -> OnlineStream | OtherLanguage:
+        if (stream.language or AUTO).split("-")[0].lower() not in ("en", AUTO):
+            return OtherLanguage(self, stream)
+        return self._recognizing(stream)
+
+    def _recognizing(self, stream: StreamInfo) -> OnlineStream:
         try:
             decoder = self.pool.acquire()
         except CapacityError as e:
@@ -147,7 +174,7 @@ class OnlineProcessors:
         return OnlineStream(self, stream, rec)
 
     def resume(self, stream: StreamInfo, state: dict) -> OnlineStream:
-        proc = self.open(StreamInfo(stream.stream_id, stream.tenant))
+        proc = self._recognizing(StreamInfo(stream.stream_id, stream.tenant))  # only these take snapshots
         proc.recognizer.restore(state)
         return proc
 

@@ -26,6 +26,7 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
+from hark.languages import UNDETERMINED
 from hark.records import now_ms, result_record
 from hark.runtime import REFUSED, RecentIds
 
@@ -70,6 +71,7 @@ class StreamTranscript:
     online_ended_at: float | None = None  # monotonic, for the offline timeout
     turns: list[dict] = field(default_factory=list)  # incremental speaker turns so far
     full_turns: list[dict] | None = None  # the diarizer's FULL turns once it ended
+    language: str | None = None  # the offline text's (given, or detected by the offline pass)
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -181,6 +183,8 @@ class ResultsMerger:
         st = self._state(rec)
         p = st.passes["offline"]
         p.model = (rec["model_name"], rec["model_version"])
+        if rec.get("language") and rec["language"] != UNDETERMINED:
+            st.language = rec["language"]
         if kind == "SEGMENT":
             if not p.add(rec["segment_index"], rec, self.max_words):
                 return []
@@ -240,6 +244,7 @@ class ResultsMerger:
                 "turns": turns,
                 "status": status if not reason else f"{status} ({reason})",
                 "final_source": source,
+                "language": st.language or UNDETERMINED,
                 "truncated": final.truncated,
                 "audio_published_at_ms": st.last_published_at_ms,
                 "emitted_at_ms": now_ms(),

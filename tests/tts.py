@@ -1,0 +1,68 @@
+"""Speech for tests that no recording here has: other languages, rare terms. espeak-ng (the
+espeakng-loader wheel: the library and its voice data, no download at run time) through ctypes,
+resampled to 16 kHz mono int16."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import numpy as np
+
+_lock = threading.Lock()
+_lib = None
+_rate = 0
+_buf: list[np.ndarray] = []
+_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+@_CALLBACK
+def _collect(wav, n, _events):
+    if wav and n > 0:
+        _buf.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+    return 0
+
+
+def _init():
+    global _lib, _rate
+    if _lib is None:
+        import espeakng_loader
+
+        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        _rate = lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 0)  # synchronous
+        if _rate <= 0:
+            raise RuntimeError("espeak-ng did not initialise")
+        lib.espeak_SetSynthCallback(_collect)
+        _lib = lib
+    return _lib
+
+
+def say(text: str, voice: str = "en-us", rate_wpm: int = 160) -> np.ndarray:
+    """``text`` spoken by espeak-ng's ``voice`` (es, de, fr, en-us...), 16 kHz mono int16."""
+    with _lock:
+        lib = _init()
+        _buf.clear()
+        if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise ValueError(f"no espeak-ng voice {voice!r}")
+        lib.espeak_SetParameter(1, rate_wpm, 0)  # espeakRATE
+        data = text.encode()
+        lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, 0x1000 | 1, None, None)  # espeakCHARS_UTF8, SSML off
+        lib.espeak_Synchronize()
+        pcm = np.concatenate(_buf) if _buf else np.zeros(0, np.int16)
+    x = pcm.astype(np.float32)
+    at = np.arange(0, len(x), _rate / 16000)
+    return np.interp(at, np.arange(len(x)), x).round().astype(np.int16)
+
+
+def wav_bytes(pcm: np.ndarray, pause_s: float = 0.5) -> bytes:
+    import io
+    import wave
+
+    pcm = np.concatenate([pcm, np.zeros(int(16000 * pause_s), np.int16)])
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
