@@ -57,6 +57,9 @@ bench: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m bench.broker
 	$(BIN)/python -m bench.merge_state --minutes 60
 	$(BIN)/python -m bench.sealing
+	$(BIN)/python -m bench.vocabulary
+	$(BIN)/python -m bench.languages
+	$(BIN)/python -m bench.admission
 
 # Fault injection at a larger scale than CI's: every service killed mid-stream, the embedded broker
 # killed, the audio leader of a three-broker cluster killed.
