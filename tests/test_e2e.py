@@ -593,3 +593,54 @@ def test_online_only_stack(tmp_path, speech_dir):
         assert two.returncode == 1 and "stream ended DEGRADED" in two.stderr
     finally:
         run_hark("down", env_extra=env)
+
+
+def test_a_stalled_archive_write_holds_up_only_its_own_connection(live_stack, speech_dir):
+    """The finding: one client sending 128 MiB raised another's connect time from 4 ms to 955 ms
+    (blocking work on the event loop). Here one upload's archive write is held until the test
+    lets it go; another client must connect, publish and finish meanwhile."""
+    import threading
+
+    from services.ingest.server import IngestServer
+
+    settings, _ = live_stack
+    server = IngestServer(settings)
+    inner = server.ingest.store.inner
+    entered, release = threading.Event(), threading.Event()
+
+    class StalledStore(type(inner)):  # the archive's own class, with a source write that waits
+        def put(self, key, data, length=None):
+            if "/source." in key:
+                entered.set()
+                release.wait(30)
+            return inner.put(key, data, length)
+
+    stalled = StalledStore.__new__(StalledStore)
+    stalled.__dict__.update(inner.__dict__)
+    server.ingest.store.inner = stalled
+    data = (speech_dir / "goforward.wav").read_bytes()
+
+    async def scenario():
+        up = asyncio.Event()
+        serving = asyncio.create_task(server.serve("127.0.0.1", 0, up))
+        await up.wait()
+        url = f"ws://127.0.0.1:{server.port}/v1/streams"
+
+        async def upload(q: str, body: bytes) -> dict:
+            async with connect(f"{url}?{q}") as ws:
+                assert json.loads(await ws.recv())["type"] == "ready"
+                await ws.send(body)
+                await ws.send(json.dumps({"type": "end"}))
+                return json.loads(await ws.recv())
+
+        first = asyncio.create_task(upload("format=file", data))
+        assert await asyncio.to_thread(entered.wait, 30)  # its archive write has begun, and waits
+        other = await asyncio.wait_for(upload("format=pcm_s16le", b"\x00\x00" * 16000), 20)
+        assert not first.done()  # still held: the other stream was served meanwhile
+        release.set()
+        done = await asyncio.wait_for(first, 60)
+        serving.cancel()
+        return other, done
+
+    other, done = asyncio.run(scenario())
+    assert other["type"] == "done" and done["type"] == "done"
