@@ -336,7 +336,13 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("stream_id")
     ex.add_argument("--format", required=True, choices=["vtt", "srt", "json", "rttm", "ctm"])
     ex.add_argument("-o", "--output", help="file (default stdout)")
-    ex.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the stream's final transcript")
+    ex.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="wait for the final transcript while the pipeline moves; give up after S seconds with nothing moving",
+    )
     ex.set_defaults(fn=cmd_export)
 
     cp = sub.add_parser("compare", help="re-decode archived streams with two offline model versions: WER / agreement")

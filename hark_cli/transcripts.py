@@ -93,28 +93,20 @@ def cmd_search(a) -> int:
 
 
 def cmd_export(a) -> int:
-    import time
-
     from services.captions import exports
 
     idx = _index(a)
-    deadline = time.monotonic() + a.wait
     try:
-        while True:
-            st = idx.stream(a.stream_id)
-            if (st and st["complete"]) or time.monotonic() >= deadline:
-                break
-            time.sleep(0.2)
+        st, waiting = _wait_for_complete(a, idx) if a.wait > 0 else (idx.stream(a.stream_id), None)
     finally:
         idx.close()
+    why = f"nothing moved for {a.wait:g} s (waiting for {waiting})" if waiting else "--wait S to wait for it"
     if not st:
-        print(f"hark: no stream {a.stream_id!r} in the transcript index", file=sys.stderr)
+        print(f"hark: no stream {a.stream_id!r} in the transcript index; {why}", file=sys.stderr)
         return 1
     if not st["complete"]:
         print(
-            f"hark: stream {a.stream_id!r} has no final transcript yet (status {st['status']}); "
-            f"--wait SECONDS to wait for it",
-            file=sys.stderr,
+            f"hark: stream {a.stream_id!r} has no final transcript yet (status {st['status']}); {why}", file=sys.stderr
         )
         return 1
     body = exports.export(st["complete"], a.format)
@@ -125,6 +117,35 @@ def cmd_export(a) -> int:
     else:
         sys.stdout.write(body)
     return 0
+
+
+def _wait_for_complete(a, idx) -> tuple[dict | None, str]:
+    """The stream's index entry once complete, waiting while anything moves: its entry, or the
+    commits of the pipeline's consumer groups (when a stack is reachable). Gives up after
+    ``a.wait`` seconds with nothing moving; returns what it waited for last."""
+    import time
+
+    from hark.stack import GROUPS
+
+    from .session import Progress
+
+    try:
+        progress: Progress | None = Progress(connect(a, settings_of(a)), list(GROUPS))
+    except SystemExit:  # no stack running: the index alone says whether it moves
+        progress = None
+    seen, moved = None, time.monotonic()
+    while True:
+        st = idx.stream(a.stream_id)
+        if st and st["complete"]:
+            return st, ""
+        if (st and st["updated_ms"]) != seen:
+            seen, moved = st and st["updated_ms"], time.monotonic()
+        if progress is not None:
+            progress.poll()
+            moved = max(moved, progress.moved_at)
+        if time.monotonic() - moved >= a.wait:
+            return st, progress.waiting_for() if progress else "the transcript index"
+        time.sleep(0.3)
 
 
 def erase_from_index(s):

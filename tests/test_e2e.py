@@ -417,6 +417,10 @@ def test_publish_and_tail_clis(live_stack, speech_dir):
         )
         assert pub.returncode == 0, pub.stderr
         assert pub.stdout.startswith(sid) and "144 chunks" in pub.stdout  # 143 full 200 ms chunks + a 130 ms one
+        # published, not yet transcribed: export waits while the pipeline moves (a stall of 30 s fails it)
+        exported = run_hark("export", sid, "--format", "json", "--wait", "30")
+        assert exported.returncode == 0, exported.stderr
+        assert "Dashwood" in json.loads(exported.stdout)["text"]
         out, err = tail.communicate(timeout=60)
     finally:
         tail.kill()
@@ -429,6 +433,9 @@ def test_publish_and_tail_clis(live_stack, speech_dir):
     assert len(offline) >= 2 and "Dashwood" in offline[0]  # pause-cut Whisper windows of >= 10 s
     bad = run_hark("publish", str(speech_dir / "references.tsv"), "--bootstrap", settings.bootstrap)
     assert bad.returncode == 1 and "references.tsv" in bad.stderr
+    # a stream that never comes: given up once nothing has moved for the wait, naming what it waited for
+    gone = run_hark("export", f"{sid}-never", "--format", "json", "--wait", "3")
+    assert gone.returncode == 1 and "nothing moved for 3 s (waiting for" in gone.stderr, gone.stderr
 
 
 def test_a_live_stream_survives_a_pause_longer_than_the_idle_timeout(live_stack, speech_dir):

@@ -37,20 +37,29 @@ class Admission:
     def open_streams(self) -> int:
         return sum(self._open.values())
 
+    def check(self, tenant: str) -> None:
+        """``admit``'s refusal without counting anything: cheap enough for the event loop, so a
+        client over a limit is told at once instead of after the work queued ahead of it."""
+        with self._lock:
+            self._refuse_if_full(tenant)
+
     def admit(self, tenant: str) -> None:
         """Count a new stream of ``tenant``, or refuse it (AudioError) if a limit is reached."""
         with self._lock:
-            if self.max_streams and self.open_streams >= self.max_streams:
-                raise AudioError(
-                    "capacity", f"ingest is at its limit of {self.max_streams} concurrent streams; retry later"
-                )
-            if self.tenant_max_streams and self._open[tenant] >= self.tenant_max_streams:
-                raise AudioError(
-                    "tenant_limit",
-                    f"tenant {tenant!r} has {self._open[tenant]} streams open, its limit; end one or retry later",
-                )
-            self._check_quota(tenant)
+            self._refuse_if_full(tenant)
             self._open[tenant] += 1
+
+    def _refuse_if_full(self, tenant: str) -> None:
+        if self.max_streams and self.open_streams >= self.max_streams:
+            raise AudioError(
+                "capacity", f"ingest is at its limit of {self.max_streams} concurrent streams; retry later"
+            )
+        if self.tenant_max_streams and self._open[tenant] >= self.tenant_max_streams:
+            raise AudioError(
+                "tenant_limit",
+                f"tenant {tenant!r} has {self._open[tenant]} streams open, its limit; end one or retry later",
+            )
+        self._check_quota(tenant)
 
     def release(self, tenant: str) -> None:
         with self._lock:

@@ -82,6 +82,7 @@ class IngestServer:
                 check_hotwords(q.get("hotwords"))
             except ValueError as e:
                 raise AudioError("bad_hotwords", str(e)) from None
+            self.ingest.admission.check(tenant)  # on the loop: a refusal waits for no worker thread
             await asyncio.to_thread(self.ingest.check_new_stream, stream_id)
             fmt = q.get("format", "pcm_s16le")
             if fmt == "pcm_s16le":
