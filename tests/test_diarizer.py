@@ -56,6 +56,13 @@ def test_two_speaker_conversation_incremental_and_full(diarizer):
         assert score["der"] <= 0.10 and score["hyp_speakers"] == 2, score
 
 
+def test_one_reader_stays_one_speaker_live_and_in_the_full_pass(diarizer, speech_dir):
+    """The finding: a single-speaker real recording got a second speaker for a 1 s turn. The five
+    LibriVox readings joined with pauses (28.7 s, one reader): one label live and in the full pass."""
+    live, full, _sd = run_stream(diarizer, speech_dir / "austen_passage.flac")
+    assert {t.speaker for t in live} == {t.speaker for t in full} == {"SPEAKER_00"}, (live, full)
+
+
 def test_incremental_labels_are_published_once_in_time_order(diarizer):
     pcm, _ = sf.read(CONVERSATIONS / "conv_3spk_overlap.flac", dtype="int16")
     sd = StreamDiarizer(diarizer, block_s=6.0)
