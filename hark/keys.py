@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .config import ConfigError, Settings
+from .records import STREAM_ID_RE
 from .storage import FilesystemStore, ObjectStore, S3Store
 
 NONCE = 12
@@ -126,6 +127,8 @@ class Keyring:
     # -- the key store ----------------------------------------------------------------------------
     def create(self, stream_id: str) -> None:
         """Give a new stream its key; an erased id is refused (StreamErased). Idempotent."""
+        if not STREAM_ID_RE.fullmatch(stream_id):
+            raise ValueError(f"invalid stream id {stream_id!r}")
         if self.store.exists(f"{stream_id}.erased"):
             raise StreamErased(stream_id)
         if self.store.exists(f"{stream_id}.key"):
@@ -149,6 +152,8 @@ class Keyring:
         """Whether the stream was erased; ``fresh`` asks the store instead of this process's memory."""
         if stream_id in self._erased and not fresh:
             return True
+        if not STREAM_ID_RE.fullmatch(stream_id):  # never a stream: never erased, no file to look for
+            return False
         if self.store.exists(f"{stream_id}.erased"):
             self.forget(stream_id)
             self._mark_erased(stream_id)
@@ -176,6 +181,8 @@ class Keyring:
             return entry
         if stream_id in self._erased:
             raise StreamErased(stream_id)
+        if not STREAM_ID_RE.fullmatch(stream_id):  # a key names no such stream (a refused input's dead letter)
+            raise KeyMissing(f"no stream {stream_id!r}")
         try:
             wrapped = self.store.get(f"{stream_id}.key")
         except KeyError:

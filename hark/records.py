@@ -18,6 +18,10 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+# What a stream id may be: ingest refuses any other, and the key store and archive name files by it.
+STREAM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def new_stream_id(hint: str = "stream") -> str:
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", hint).strip("-._")[:80] or "stream"
     return f"{base}-{uuid.uuid4().hex[:8]}"

@@ -496,19 +496,10 @@ def test_hotwords_recover_a_term_missed_without_them(live_stack, tmp_path):
     assert bad.returncode == 1 and "60 hotwords, more than the 50 a stream may have" in bad.stderr
 
 
-LANGUAGES = {  # espeak-ng voice: a sentence, and words its transcript must have
-    "es": (
-        "El paciente empezó a tomar la medicina ayer por la mañana y se siente mucho mejor.",
-        ["paciente", "mañana"],
-    ),
-    "de": (
-        "Der Patient hat gestern angefangen, das Medikament zu nehmen, und fühlt sich besser.",
-        ["patient", "gestern"],
-    ),
-    "fr": (
-        "Le patient a commencé à prendre le médicament hier matin et se sent beaucoup mieux.",
-        ["commencé", "beaucoup"],
-    ),
+LANGUAGES = {  # espeak-ng voice: a sentence
+    "es": "El paciente empezó a tomar la medicina ayer por la mañana y se siente mucho mejor.",
+    "de": "Der Patient hat gestern angefangen, das Medikament zu nehmen, und fühlt sich besser.",
+    "fr": "Le patient a commencé à prendre le médicament hier matin et se sent beaucoup mieux.",
 }
 
 
@@ -519,7 +510,7 @@ def test_languages_are_detected_and_transcribed_in_their_language(live_stack, tm
 
     settings, _ = live_stack
     files = []
-    for voice, (sentence, _) in LANGUAGES.items():
+    for voice, sentence in LANGUAGES.items():
         files.append(tmp_path / f"{voice}.wav")
         files[-1].write_bytes(wav_bytes(say(sentence, voice)))
     out = tmp_path / "auto.jsonl"  # no language given: the offline pass detects it
@@ -528,8 +519,8 @@ def test_languages_are_detected_and_transcribed_in_their_language(live_stack, tm
     for row in map(json.loads, out.read_text().splitlines()):
         voice = os.path.basename(row["source"])[:-4]
         assert row["language"] == voice and row["final_source"] == "offline", row
-        text = row["final_text"].lower()
-        assert all(w in text for w in LANGUAGES[voice][1]), (voice, text)
+        # in its language: robotic voices cost words (French ~50% WER), an English rendering ~100%
+        assert score(LANGUAGES[voice], row["final_text"]).wer <= 0.6, (voice, row["final_text"])
     # declared: the online pass, English only, stays silent instead of writing nonsense
     out = tmp_path / "es.jsonl"
     es = run_hark("run", str(files[0]), "--language", "es", "--fast", "--quiet", "--json", str(out), "--bootstrap", settings.bootstrap)  # fmt: skip

@@ -11,7 +11,7 @@ import json
 import string
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -149,6 +149,7 @@ async def _talk(url: str, query: dict, msgs: list) -> list[dict]:
 
 @pytest.mark.e2e
 @given(query=params, msgs=messages)
+@example(query={"stream_id": "\x00"}, msgs=[])  # found by this test: a NUL in the id failed its dead letter
 @settings(deadline=None, max_examples=30, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_the_endpoint_answers_anything_with_ready_done_or_a_known_refusal(live_stack, query, msgs):
     _, state = live_stack

@@ -110,3 +110,14 @@ def test_the_master_key_is_created_once_0600_and_checked(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["master.key"]
     with pytest.raises(ConfigError, match="HARK_MASTER_KEY"):
         master_key(Settings.load({"HARK_MASTER_KEY": "c2hvcnQ="}, data_dir=tmp_path))
+
+
+def test_a_string_that_is_no_stream_id_has_no_key_and_is_never_erased(keys):
+    """Found by fuzzing the endpoint: a refused input's dead letter named a stream id with a NUL
+    in it, and looking up its key failed (1011) instead of the dead letter being written plain."""
+    for bad in ("\x00", "a/b", "..", "x" * 200, ""):
+        with pytest.raises(KeyMissing):
+            keys.key(bad)
+        assert keys.erased(bad) is False
+        with pytest.raises(ValueError):
+            keys.create(bad)

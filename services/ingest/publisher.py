@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from hark import serde
 from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, Chunker, SourceInfo
 from hark.keys import StreamErased
 from hark.languages import check_hotwords, check_language
-from hark.records import now_ms
+from hark.records import STREAM_ID_RE, now_ms
 from hark.runtime import kv
 from hark.storage import archive_prefix
 
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hark.ingest")
 
-STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ChunkCallback = Callable[[int, int, int, int], None]  # seq, offset_samples, n_samples, published_at_ms
 
 

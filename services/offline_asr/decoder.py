@@ -15,6 +15,7 @@ from importlib.metadata import version
 import numpy as np
 
 from hark import models
+from hark.languages import AUTO
 
 MAX_WINDOW_S = 30.0  # Whisper's receptive field
 
@@ -114,7 +115,7 @@ class WhisperDecoder:
         audio = pcm.astype(np.float32) / 32768.0
         segments, info = self.model.transcribe(
             audio,
-            language=None if self.english_only else language,
+            language=None if self.english_only or language == AUTO else language,  # None: Whisper detects
             beam_size=self.beam_size,
             word_timestamps=True,
             initial_prompt=prompt or None,
