@@ -164,13 +164,6 @@ class Keyring:
         """Drop the stream's key from this process's memory (the stream ended or was erased)."""
         self._cache.pop(stream_id, None)
 
-    def has_key(self, stream_id: str) -> bool:
-        try:
-            self._entry(stream_id)
-            return True
-        except (KeyMissing, StreamErased):
-            return False
-
     def key(self, stream_id: str) -> AESGCM:
         return self._entry(stream_id)[0]
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import time
+import wave
 
 from hark import kafka, serde
 from hark.keys import Keyring
@@ -38,3 +40,14 @@ def completed(stream_id):
 def complete_record(settings, stream_id, timeout=60.0) -> dict:
     recs = collect(settings, settings.results_topic, completed(stream_id), timeout)
     return next(r for t, r in recs if r["stream_id"] == stream_id and r["kind"] == "STREAM_COMPLETE")
+
+
+def wav_bytes(pcm) -> bytes:
+    """16 kHz mono int16 samples as a WAV file."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()

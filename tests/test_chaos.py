@@ -24,7 +24,6 @@ import signal
 import subprocess
 import threading
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from hark.config import Settings
 from hark.keys import Keyring
 
 from .conftest import run_hark
+from .helpers import wav_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -60,14 +60,7 @@ KILL_ORDER = ["offline_asr", "results", "diarizer", "online_asr", "online_asr#re
 
 def recording(speech_dir, names: list[str]) -> bytes:
     pause = np.zeros(12000, dtype=np.int16)  # 0.75 s
-    pcm = np.concatenate([part for n in names for part in (read_pcm_file(speech_dir / n), pause)])
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
+    return wav_bytes(np.concatenate([part for n in names for part in (read_pcm_file(speech_dir / n), pause)]))
 
 
 def result(m, keys) -> dict | None:

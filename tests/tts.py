@@ -55,14 +55,7 @@ def say(text: str, voice: str = "en-us", rate_wpm: int = 160) -> np.ndarray:
 
 
 def wav_bytes(pcm: np.ndarray, pause_s: float = 0.5) -> bytes:
-    import io
-    import wave
+    """``pcm`` and ``pause_s`` of silence after it, as a WAV file."""
+    from .helpers import wav_bytes as wav
 
-    pcm = np.concatenate([pcm, np.zeros(int(16000 * pause_s), np.int16)])
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
+    return wav(np.concatenate([pcm, np.zeros(int(16000 * pause_s), np.int16)]))
