@@ -64,6 +64,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "diarizer_min_speaker_s": (0, 600),
     "diarizer_threads": (1, 256),
     "diarizer_nice": (0, 19),
+    "voice_match_threshold": (0, 1),  # cosine similarity
+    "voice_live_min_s": (0, 600),
+    "voiceprint_retention_days": (0, 36500),
     "max_transcript_words": (100, 10_000_000),
     "offline_timeout_s": (1, 86400),
     "commit_interval_s": (0.01, 60),
@@ -192,6 +195,9 @@ class Settings:
     diarizer_min_speaker_s: float = 2.0  # full pass: less speech than this (or 10%) is not a speaker of its own
     diarizer_threads: int = 1  # torch threads: on 2 cores the decoders need the rest
     diarizer_nice: int = 19  # its labels trail the audio by seconds anyway: the online pass goes first
+    voice_match_threshold: float = 0.77  # a speaker is named when this similar to an enrolled voice (bench.voices)
+    voice_live_min_s: float = 4.0  # live turns carry a name once the speaker has this much speech
+    voiceprint_retention_days: float = 365.0  # enrolled voices older than this are erased (0: kept)
 
     # results
     max_transcript_words: int = 20000  # per pass kept for STREAM_COMPLETE (then truncated)

@@ -13,6 +13,7 @@ from hark import kafka, stack
 from hark.audio import AudioError
 from hark.config import ConfigError
 
+from . import voices
 from .common import connect, settings_of
 from .transcripts import (
     cmd_compare,
@@ -371,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     rt.add_argument("--days", type=float, help="default $HARK_ARCHIVE_RETENTION_DAYS")
     conn(rt)
     rt.set_defaults(fn=cmd_retention)
+
+    voices.add_parser(sub)
 
     tk = sub.add_parser("token", help="tenant tokens for ingest and the captions server")
     tk.add_argument("action", choices=["create", "revoke"])

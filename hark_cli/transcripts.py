@@ -179,16 +179,19 @@ def cmd_erase(a) -> int:
 def cmd_retention(a) -> int:
     from hark.erasure import retention_sweep
     from hark.keys import open_archive
+    from hark.voices import VoiceStore
 
     s = connect(a, settings_of(a))
     if a.days is not None:
         s.archive_retention_days = a.days
-    if s.archive_retention_days <= 0:
+    if s.archive_retention_days <= 0 and s.voiceprint_retention_days <= 0:
         raise SystemExit("hark: no retention period: set HARK_ARCHIVE_RETENTION_DAYS or pass --days")
     erased = retention_sweep(s, open_archive(s), kafka.producer(s, **{"client.id": "hark-retention"}))
-    for entry in erased:
+    voices = VoiceStore(s).sweep()  # biometric data: HARK_VOICEPRINT_RETENTION_DAYS
+    for entry in erased + voices:
         print(json.dumps(entry))
     print(f"hark: {len(erased)} streams older than {s.archive_retention_days:g} days erased", file=sys.stderr)
+    print(f"hark: {len(voices)} voiceprints older than {s.voiceprint_retention_days:g} days erased", file=sys.stderr)
     return 0
 
 

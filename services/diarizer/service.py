@@ -25,6 +25,7 @@ import torch
 from hark.config import Settings
 from hark.records import now_ms
 from hark.runtime import Chunk, InputError, Output, StreamInfo, StreamRunner, kv, main_for
+from hark.voices import TenantVoices, VoiceStore
 
 from .pipeline import MODEL_NAME, Diarizer, Turn
 from .stream import StreamDiarizer
@@ -123,6 +124,7 @@ class DiarizerProcessors:
             os.nice(settings.diarizer_nice)
         torch.set_num_threads(max(1, settings.diarizer_threads))
         self.diarizer = diarizer or Diarizer()
+        self.voices = TenantVoices(VoiceStore(settings))
         log.info("model loaded", extra=kv(model=MODEL_NAME, version=self.diarizer.model_version))
 
     def open(self, stream: StreamInfo) -> DiarizedStream:
@@ -135,11 +137,23 @@ class DiarizerProcessors:
             cluster_threshold=s.diarizer_cluster_threshold,
             merge_threshold=s.diarizer_merge_threshold,
             min_speaker_s=s.diarizer_min_speaker_s,
+            voices=self._voices(stream.tenant),
+            name_threshold=s.voice_match_threshold,
+            live_name_min_s=s.voice_live_min_s,
             **speaker_hints(stream.metadata),
         )
         if stream.start_ms:  # joined mid-way: the full pass cannot cover what came before
             d.start_at(stream.start_ms)
         return DiarizedStream(self, stream, d)
+
+    def _voices(self, tenant: str) -> list[tuple[str, np.ndarray]]:
+        """The tenant's enrolled voices made by this model; a store that cannot be read names nobody
+        (the stream is still diarized) and says so."""
+        try:
+            return [(v.name, v.vector) for v in self.voices(tenant) if v.model == MODEL_NAME]
+        except Exception as e:  # naming is an extra: never lose a stream for it
+            log.warning("enrolled voices unreadable", extra=kv(tenant=tenant, error=str(e)))
+            return []
 
     def resume(self, stream: StreamInfo, state: dict) -> DiarizedStream:
         raise AssertionError("the diarizer takes no snapshots")

@@ -11,11 +11,15 @@ Full: at the end, every block's clusters are re-assigned with the whole stream k
 ``full_turns``; ``num/min/max_speakers`` hints apply), and all turns are relabelled. No audio is
 kept for it: memory is the context, one block, and one centroid per cluster per block (~1 MB
 per hour; capped at ``max_blocks``).
+
+Names: with a tenant's enrolled voices, a speaker is named in the full pass, and in live turns
+once it has ``live_name_min_s`` of speech, when it matches a voice (``voices.match``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +28,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.optimize import linear_sum_assignment
 
 from .pipeline import Turn
+from .voices import match
 
 MIN_SPEECH_MS = 500  # a local speaker with less speech than this cannot found a new global speaker
 # Identity is decided per ~0.5 s piece of speech (finer pieces put the label change nearer the
@@ -85,6 +90,9 @@ class StreamDiarizer:
         min_speakers: int | None = None,
         max_speakers: int | None = None,
         max_blocks: int = 2400,
+        voices: Sequence[tuple[str, np.ndarray]] = (),
+        name_threshold: float = 0.6,
+        live_name_min_s: float = 4.0,
     ):
         self.diarizer = diarizer
         self.block_ms, self.context_ms = int(block_s * 1000), int(context_s * 1000)
@@ -94,6 +102,11 @@ class StreamDiarizer:
         self.num_speakers, self.min_speakers = num_speakers, min_speakers
         self.max_speakers = num_speakers or max_speakers
         self.max_blocks = max_blocks
+        # enrolled voices of the stream's tenant: (name, unit vector)
+        self.voices, self.name_threshold, self.live_name_min_s = list(voices), name_threshold, live_name_min_s
+        self._names: dict[int, str] = {}  # global speaker -> the enrolled name its live turns carry
+        self._speech_s: list[float] = []  # global speakers' linked speech
+        self.final: dict[str, tuple[np.ndarray, float]] = {}  # full pass: label -> (unit centroid, speech ms)
         self._buf = np.zeros(0, dtype=np.int16)
         self._buf_start_ms = 0
         self.emitted_ms = 0  # audio up to here has its turns published
@@ -111,7 +124,7 @@ class StreamDiarizer:
         return len(self._sums)
 
     def label(self, index: int) -> str:
-        return f"SPEAKER_{index:02d}"
+        return self._names.get(index) or f"SPEAKER_{index:02d}"
 
     # -- incremental ----------------------------------------------------------------------------
     def push(self, pcm: np.ndarray) -> list[Turn]:
@@ -177,6 +190,7 @@ class StreamDiarizer:
                     cents[local[i]] += _unit(emb[i]) * (e - s)
         first = [min((s for i, (s, _) in enumerate(subs) if local[i] == c), default=0) for c in range(k)]
         mapping = self._link(_unit(cents), speech_ms, order=sorted(range(k), key=lambda r: first[r]))
+        self._name_live()
         block = Block(cents, speech_ms)
         emitted = []
         for i, (s, e) in enumerate(subs):
@@ -229,11 +243,28 @@ class StreamDiarizer:
                     mapping[r] = None
                 continue
             self._sums.append(np.zeros(local.shape[1]))
+            self._speech_s.append(0.0)
             mapping[r] = len(self._sums) - 1
         for r, g in mapping.items():
             if g is not None:
                 self._sums[g] = self._sums[g] + local[r] * (speech_ms[r] / 1000)
+                self._speech_s[g] += speech_ms[r] / 1000
         return mapping
+
+    def _name_live(self) -> None:
+        """Live turns carry a speaker's enrolled name once the speaker has ``live_name_min_s`` of
+        speech and matches one voice clearly (see ``voices.match``); a name once given stays."""
+        if not self.voices:
+            return
+        ready = [
+            g for g in range(len(self._sums)) if g not in self._names and self._speech_s[g] >= self.live_name_min_s
+        ]
+        if not ready:
+            return
+        taken = set(self._names.values())
+        free = [(n, v) for n, v in self.voices if n not in taken]
+        for g, name in match(_unit(np.stack([self._sums[g] for g in ready])), free, self.name_threshold).items():
+            self._names[ready[g]] = name
 
     # -- full -----------------------------------------------------------------------------------
     def full_turns(self) -> list[Turn]:
@@ -274,15 +305,20 @@ class StreamDiarizer:
         if least and len(set(labels.tolist())) < least and len(items) >= least:  # too few: split by clustering
             labels = fcluster(linkage(x, method="average", metric="cosine"), least, criterion="maxclust") - 1
         cluster_of = {item: int(lab) for item, lab in zip(items, labels)}
-        order: dict[int, int] = {}  # speakers named by first appearance
+        ks = sorted(set(cluster_of.values()))
+        cents = np.stack([_unit((x[labels == k] * w[labels == k, None]).sum(axis=0)) for k in ks])
+        named = {ks[i]: name for i, name in match(cents, self.voices, self.name_threshold).items()}
+        label_of: dict[int, str] = {}  # enrolled names; the others SPEAKER_NN by first appearance
         turns = []
         for bi, blk in enumerate(self.blocks):
             for li, s, e in sorted(blk.turns, key=lambda t: t[1]):
                 c = cluster_of.get((bi, li))
                 if c is None:
                     continue
-                order.setdefault(c, len(order))
-                turns.append(Turn(self.label(order[c]), s, e))
+                if c not in label_of:
+                    label_of[c] = named.get(c) or f"SPEAKER_{sum(k not in named for k in label_of):02d}"
+                turns.append(Turn(label_of[c], s, e))
+        self.final = {label_of[k]: (cents[i], float(w[labels == k].sum())) for i, k in enumerate(ks) if k in label_of}
         return merge_turns(turns)
 
     def _merge_close(

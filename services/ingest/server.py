@@ -209,7 +209,8 @@ class IngestServer:
                 loop.add_signal_handler(sig, stop.set)
             except (RuntimeError, ValueError):  # not the main thread
                 pass
-        sweeper = asyncio.create_task(self._retention()) if self.settings.archive_retention_days > 0 else None
+        keep = self.settings.archive_retention_days, self.settings.voiceprint_retention_days
+        sweeper = asyncio.create_task(self._retention()) if max(keep) > 0 else None
         # a web page in a local browser must not publish to a loopback endpoint it found: only
         # the origins allowed, and clients that send none (not a browser)
         allowed = [Origin(o.strip()) for o in self.settings.ingest_allowed_origins.split(",") if o.strip()]
@@ -227,8 +228,12 @@ class IngestServer:
         self.ingest.producer.flush(30)
 
     async def _retention(self, period_s: float = 3600.0) -> None:
-        """Ingest owns the archive, so it enforces its retention: a sweep every hour."""
+        """Ingest owns the archive, so it enforces its retention (streams, and the enrolled voices
+        kept beside them): a sweep every hour."""
         from hark.erasure import retention_sweep
+        from hark.voices import VoiceStore
+
+        voices = VoiceStore(self.settings)
 
         while True:
             try:
@@ -236,6 +241,7 @@ class IngestServer:
                     retention_sweep, self.settings, self.ingest.store, self.ingest.producer
                 )
                 self.metrics.inc("streams_expired_total", len(erased))
+                await asyncio.to_thread(voices.sweep)
             except Exception:
                 log.exception("retention sweep failed")
             await asyncio.sleep(period_s)
