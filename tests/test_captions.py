@@ -132,7 +132,7 @@ def test_search_finds_a_word_only_in_an_alternative_and_indexing_is_idempotent(l
     assert res.returncode == 0, res.stderr
     hits = [json.loads(line) for line in res.stdout.splitlines()]
     assert hits and all(h["source"] == "alternative" and h["stream_id"] == sid for h in hits)
-    assert set(hits[0]) == {"stream_id", "start", "end", "speaker", "text", "source", "pass"}
+    assert set(hits[0]) == {"stream_id", "start", "end", "speaker", "text", "marked", "source", "pass"}
 
     # a 1-best word: 1-best hits come first, narrowed to the word's own times
     hits = [
@@ -193,10 +193,11 @@ def test_captions_page_in_headless_chromium(live_stack, speech_dir, passage):
             page.screenshot(path=str(ARTIFACTS / "captions-live.png"))  # offline, online and provisional text
             publisher.join(60)
             page.wait_for_selector("#status[data-complete='1']", timeout=60000)
+            page.wait_for_selector("#transcript .word", timeout=10000)  # the final transcript replaces the live view
             page.screenshot(path=str(ARTIFACTS / "captions-complete.png"))
-            text = page.inner_text("#captions")
+            text = page.inner_text("#transcript")
             assert "Dashwood" in text and "amiable" in text
-            assert page.locator("#captions .seg.partial").count() == 0
+            assert page.locator("#captions .seg.partial").count() == 0 and page.is_hidden("#captions")
             events = page.evaluate("window.harkEvents")
             live = [e for e in events if not e["history"] and e["kind"] == "PARTIAL"]
             assert len(live) >= 10, "partials arrived live, not only at the end"
@@ -211,8 +212,8 @@ def test_captions_page_in_headless_chromium(live_stack, speech_dir, passage):
             # a finished stream opened later: its history, and the list and search pages
             page.goto(f"{base}streams/{passage[0]}")
             page.wait_for_selector("#status[data-complete='1']", timeout=10000)
-            assert "Dashwood" in page.inner_text("#captions")
-            assert page.locator("#captions .seg.offline").count() >= 2
+            assert "Dashwood" in page.inner_text("#transcript")
+            assert page.locator("#captions .seg.offline").count() >= 2  # its history, under the final transcript
             page.goto(base)
             page.wait_for_selector(f"tr[data-stream='{sid}']", timeout=10000)
             page.fill("#q", "leisure")
@@ -220,5 +221,158 @@ def test_captions_page_in_headless_chromium(live_stack, speech_dir, passage):
             page.wait_for_selector(".hit", timeout=10000)
             assert sid in page.inner_text("#hits")
             page.screenshot(path=str(ARTIFACTS / "captions-list.png"))
+        finally:
+            browser.close()
+
+
+# ---- the stream's audio, served in ranges ------------------------------------------------------------
+def test_archived_audio_is_a_wav_served_in_ranges_one_segment_at_a_time(tmp_path):
+    import asyncio
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from hark.storage import FilesystemStore
+    from services.captions.audio import NoAudio, byte_range, open_audio
+
+    store = FilesystemStore(tmp_path)
+    pcm = (np.random.default_rng(0).normal(size=16000 * 5) * 3000).astype("<i2")
+    seg = 2 * 16000 * 2  # 2 s segments: 2 + 2 + 1
+    raw = pcm.tobytes()
+    for i in range(3):
+        store.put(f"streams/s1/pcm/{i:06d}.s16le", raw[i * seg : (i + 1) * seg])
+    store.put(
+        "streams/s1/meta.json",
+        json.dumps({"tenant": "acme", "segment_seconds": 2, "status": "COMPLETE", "total_samples": len(pcm)}).encode(),
+    )
+    audio = open_audio(store, "s1", "acme")
+
+    def read(a, b):
+        async def go():
+            return b"".join([x async for x in audio.read(a, b)])
+
+        return asyncio.run(go())
+
+    whole = read(0, audio.size)
+    assert audio.size == 44 + len(raw) and len(whole) == audio.size
+    back, rate = sf.read(io.BytesIO(whole), dtype="int16")
+    assert rate == 16000 and np.array_equal(back, pcm)
+    for a, b in [(0, 10), (40, 50), (44 + seg - 3, 44 + seg + 5), (100, audio.size), (44 + 2 * seg, audio.size)]:
+        assert read(a, b) == whole[a:b], (a, b)
+    assert byte_range("bytes=100-", audio.size) == (100, audio.size)
+    assert byte_range("bytes=0-0", audio.size) == (0, 1)
+    assert byte_range("bytes=-10", audio.size) == (audio.size - 10, audio.size)
+    assert byte_range(None, audio.size) is None
+    for bad in ("bytes=abc", f"bytes={audio.size}-", "bytes=-0", "items=0-1", "bytes=5-2"):
+        with pytest.raises(ValueError):
+            byte_range(bad, audio.size)
+    with pytest.raises(NoAudio):  # another tenant's stream: as if it did not exist
+        open_audio(store, "s1", "globex")
+    with pytest.raises(NoAudio):
+        open_audio(store, "nothing", None)
+
+
+def test_search_marks_the_matched_words():
+    from services.captions.index import marked
+
+    assert marked("Mr. Dashwood had then leisure", ["mister", "dashwood"]) == [
+        ["Mr. Dashwood", True],
+        [" had then leisure", False],
+    ]
+    assert marked("he was 42 years old", ["forty", "two", "years"]) == [
+        ["he was ", False],
+        ["42 years", True],
+        [" old", False],
+    ]
+    assert marked("nothing here", ["else"]) == [["nothing here", False]]
+
+
+# ---- the transcript page: audio, time, speakers, search that lands ------------------------------------
+@pytest.mark.e2e
+def test_transcript_page_plays_seeks_follows_the_final_speakers_and_lands_search_hits(live_stack):
+    from playwright.sync_api import sync_playwright
+
+    from services.ingest.core import Ingest
+
+    settings, state = live_stack
+    base = state["captions_url"]
+    sid = f"page2spk-{time.time_ns()}"
+    Ingest(settings).publish_file(ROOT / "data" / "conversations" / "conv_2spk_clean.flac", stream_id=sid)
+    complete_record(settings, sid, timeout=180)
+    final = wait_indexed(settings, sid)["complete"]
+    assert len({t["speaker"] for t in final["turns"]}) == 2
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    args = ["--no-sandbox", "--headless=new", "--autoplay-policy=no-user-gesture-required", "--mute-audio"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(f"{base}streams/{sid}")
+            page.wait_for_selector("#status[data-complete='1']", timeout=20000)
+            page.wait_for_selector("#transcript .word", timeout=10000)
+            # every word's speaker on the page is the final transcript's (the full pass), in order
+            shown = page.evaluate(
+                "[...document.querySelectorAll('#transcript .word')].map(e => [e.textContent, e.dataset.speaker])"
+            )
+            assert shown == [[w["word"], w.get("speaker") or ""] for w in final["words"]]
+            # each turn shows its speaker and start time; the timeline has a lane per speaker
+            assert page.locator("#transcript .turn .speaker").count() >= 2
+            assert page.locator("#timeline .turn").count() == len(final["turns"])
+            assert page.locator("#timeline .lane").count() == 2
+            # the archived audio loads and plays
+            page.wait_for_function("() => document.getElementById('player').readyState >= 1", timeout=10000)
+            duration = page.evaluate("document.getElementById('player').duration")
+            assert abs(duration - final["words"][-1]["end_ms"] / 1000) < 3.0, duration
+            page.evaluate("document.getElementById('player').play()")
+            page.wait_for_function("() => document.getElementById('player').currentTime > 0.5", timeout=10000)
+            page.evaluate("document.getElementById('player').pause()")
+
+            def position() -> float:
+                return page.evaluate("document.getElementById('player').currentTime")
+
+            # a click on a word seeks to it, and the word is the one highlighted
+            i = len(final["words"]) // 2
+            page.click(f"#transcript .word[data-i='{i}']")
+            assert abs(position() - final["words"][i]["start_ms"] / 1000) <= 0.5
+            page.wait_for_selector(f"#transcript .word.now[data-i='{i}']", timeout=5000)
+            page.screenshot(path=str(ARTIFACTS / "transcript-page.png"), full_page=True)
+            # keyboard: a turn's time button and a timeline turn, focused and activated with Enter
+            when = page.locator("#transcript .turn .when").nth(1)
+            when.focus()
+            page.keyboard.press("Enter")
+            assert abs(position() - int(when.get_attribute("data-start")) / 1000) <= 0.5
+            bar = page.locator("#timeline .turn").nth(2)
+            bar.focus()
+            page.keyboard.press("Enter")
+            assert abs(position() - final["turns"][2]["start_ms"] / 1000) <= 0.5
+            # labelled controls
+            assert sid in page.get_attribute("#player", "aria-label")
+            assert page.get_attribute("#timeline", "aria-label") and bar.get_attribute("aria-label")
+            # downloads of every export
+            links = page.locator("#downloads a")
+            assert links.count() == len(exports.FORMATS)
+            vtt = page.request.get(base.rstrip("/") + page.get_attribute("#downloads a[data-format='vtt']", "href"))
+            assert vtt.ok and vtt.text().startswith("WEBVTT") and "attachment" in vtt.headers["content-disposition"]
+            rttm = page.request.get(base.rstrip("/") + page.get_attribute("#downloads a[data-format='rttm']", "href"))
+            assert rttm.text().count("SPEAKER ") == len(final["turns"])
+
+            # search: the matched word marked, the hit opens the page at its time with the audio there
+            word = next(w for w in final["words"] if len(w["word"].strip(",.?!")) >= 7)
+            query = word["word"].strip(",.?!'")
+            page.goto(base)
+            assert page.locator("label[for='q']").count() == 1
+            page.fill("#q", query)
+            page.keyboard.press("Enter")  # submits the form from the keyboard
+            hit = page.locator(f"#hits a[href^='/streams/{sid}?t=']").first
+            hit.wait_for(timeout=10000)
+            assert query.lower() in hit.locator("xpath=..").locator("mark").first.inner_text().lower()
+            at = float(hit.get_attribute("href").split("?t=")[1])
+            page.screenshot(path=str(ARTIFACTS / "search-hits.png"))
+            hit.click()
+            page.wait_for_selector("#status[data-complete='1']", timeout=20000)
+            page.wait_for_function(
+                f"() => Math.abs(document.getElementById('player').currentTime - {at}) <= 0.5", timeout=10000
+            )
         finally:
             browser.close()

@@ -110,6 +110,17 @@ def get(url: str, token: str | None = None) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def audio(url: str, token: str | None, byte_range: str | None = None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if byte_range:
+        headers["Range"] = byte_range
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
 def test_tokens_map_to_tenants_and_each_tenant_sees_only_its_streams(live_stack, secured, speech_dir):
     settings, _ = live_stack
     data = (speech_dir / "goforward.wav").read_bytes()
@@ -164,6 +175,11 @@ def test_tokens_map_to_tenants_and_each_tenant_sees_only_its_streams(live_stack,
     assert get(f"{base}/api/streams/{g}/export?format=vtt", secured["acme"])[0] == 404  # as if it did not exist
     assert get(f"{base}/api/streams/{g}/events", secured["acme"])[0] == 404
     assert get(f"{base}/api/streams/{g}/export?format=vtt", secured["globex"])[0] == 200
+    # the archived audio: its tenant hears it (a range of it), another tenant gets 404
+    assert audio(f"{base}/api/streams/{g}/audio", secured["acme"])[0] == 404
+    assert audio(f"{base}/api/streams/{g}/audio", None)[0] == 401
+    code, head = audio(f"{base}/api/streams/{g}/audio", secured["globex"], "bytes=0-11")
+    assert code == 206 and head[:4] == b"RIFF" and head[8:12] == b"WAVE" and len(head) == 12
     # the page sets a cookie from ?token= so its own requests carry it
     with urllib.request.urlopen(f"{base}/?token={secured['acme']}", timeout=10) as r:
         assert "hark_token=" in r.headers.get("Set-Cookie", "") and "HttpOnly" in r.headers.get("Set-Cookie", "")
@@ -375,6 +391,7 @@ def test_erasing_a_live_stream_stops_it_and_leaves_nothing_readable_anywhere(liv
     assert _index_mentions(secured["index"], sid) == 1  # the erased table's entry: no row, no WAL page
     assert _index_mentions(settings.index_file, sid) <= 1
     assert get(f"{base}/api/streams/{sid}/export?format=json", token)[0] == 404
+    assert audio(f"{base}/api/streams/{sid}/audio", token)[0] == 404  # its audio is gone from the page too
 
     # the id is not silently reused
     again = upload(f"{secured['ingest']}?stream_id={sid}&format=file&token={secured['acme']}", b"RIFF")

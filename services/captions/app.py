@@ -11,6 +11,7 @@ each batch in one transaction and fans each record out to the pages following th
   /api/streams/{id}/events    SSE: caption events (history, then live)
   /api/search?q=&stream=      hits as JSON, best first (same as `hark search`)
   /api/streams/{id}/export?format=vtt|srt|json|rttm|ctm
+  /api/streams/{id}/audio     the archived audio as WAV, with range requests (audio.py)
 
 With a tokens file (``HARK_TOKENS_FILE``) every request needs a token (``Authorization: Bearer``,
 ``?token=`` or the ``hark_token`` cookie that a ``?token=`` sets for the page's own requests) and
@@ -23,182 +24,30 @@ import asyncio
 import html
 import json
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import KafkaError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from hark import kafka, serde
 from hark.config import Settings
-from hark.keys import Keyring
+from hark.keys import open_archive
 from hark.records import now_ms
-from hark.runtime import DeadLetters, HealthServer, Metrics, key_of, kv, service_settings
+from hark.runtime import HealthServer, Metrics, kv, service_settings
 from hark.tenants import Access, AccessDenied, request_token
 
 from . import exports
+from .audio import NoAudio, byte_range, open_audio
+from .follower import Hub, ResultsFollower
 from .guard import PAGE, Guard, allowed_hosts
-from .index import TranscriptIndex, majority_speaker
+from .index import TranscriptIndex
 
 log = logging.getLogger("hark.captions")
 
-MAX_LIVE_PARTIALS = 1000  # streams whose current partial is kept for pages that open mid-utterance
-SUBSCRIBER_QUEUE = 1000  # events a slow page may lag behind before it is dropped
-
-
 MAX_SEARCH_HITS = 200
-
-
-def caption_event(r: dict) -> dict:
-    """What a page needs of a Result record."""
-    return {
-        "kind": str(r["kind"]),
-        "source": r["source"],
-        "utterance_id": r["utterance_id"],
-        "start_ms": r["start_ms"],
-        "end_ms": r["end_ms"],
-        "text": r["text"],
-        "speaker": majority_speaker(r.get("words") or []),
-        "status": r.get("status"),
-        "final_source": r.get("final_source"),
-        "emitted_at_ms": r["emitted_at_ms"],
-        **({"turns": r["turns"]} if str(r["kind"]) == "SPEAKERS" else {}),
-    }
-
-
-class Hub:
-    """Fans events out from the follower thread to the asyncio queues of connected pages."""
-
-    def __init__(self):
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._subs: dict[str, set[asyncio.Queue]] = {}
-        self._lock = threading.Lock()
-
-    def subscribe(self, sid: str) -> asyncio.Queue:
-        q: asyncio.Queue = asyncio.Queue(SUBSCRIBER_QUEUE)
-        with self._lock:
-            self._subs.setdefault(sid, set()).add(q)
-        return q
-
-    def unsubscribe(self, sid: str, q: asyncio.Queue) -> None:
-        with self._lock:
-            subs = self._subs.get(sid)
-            if subs:
-                subs.discard(q)
-                if not subs:
-                    del self._subs[sid]
-
-    def publish(self, sid: str, event: dict) -> None:
-        with self._lock:
-            queues = list(self._subs.get(sid, ()))
-        if queues and self.loop is not None:
-            self.loop.call_soon_threadsafe(self._deliver, queues, event)
-
-    @staticmethod
-    def _deliver(queues, event) -> None:
-        for q in queues:
-            if q.full():  # a page that stopped reading: end its stream rather than buffer without bound
-                while not q.empty():  # (EventSource reconnects and gets the history again)
-                    q.get_nowait()
-                q.put_nowait(None)
-                continue
-            q.put_nowait(event)
-
-    @property
-    def subscribers(self) -> int:
-        with self._lock:
-            return sum(len(s) for s in self._subs.values())
-
-
-class ResultsFollower(threading.Thread):
-    def __init__(self, settings: Settings, hub: Hub, metrics: Metrics):
-        super().__init__(name="results-follower", daemon=True)
-        self.settings, self.hub, self.metrics = settings, hub, metrics
-        self.partials: OrderedDict[str, dict] = OrderedDict()
-        self.last_loop = time.monotonic()
-        self.partitions = 0
-        self.stopping = threading.Event()
-        self.error: str | None = None
-
-    def run(self) -> None:
-        index = TranscriptIndex(self.settings.index_file)
-        topic = self.settings.results_topic
-        producer = kafka.producer(self.settings, **{"client.id": "hark-captions"})
-        keys = Keyring.for_settings(self.settings)
-        deadletters = DeadLetters(producer, self.settings, "captions", self.metrics, keys=keys)
-        try:
-            consumer = kafka.tail_consumer(self.settings, topic, offsets=index.offsets(topic))
-            self.partitions = len(consumer.assignment())
-            while not self.stopping.is_set():
-                self.last_loop = time.monotonic()
-                batch = []
-                for m in kafka.consume_ready(consumer, 500, 0.05):
-                    if m.error():
-                        if m.error().code() != KafkaError._PARTITION_EOF:
-                            log.warning("consumer error: %s", m.error())
-                        continue
-                    if m.value() is None:  # a tombstone (`hark erase`): forget the stream, tell its pages
-                        if m.key():
-                            sid = m.key().decode("utf-8", "replace")
-                            batch.append((sid, m.topic(), m.partition(), m.offset()))
-                            self.partials.pop(sid, None)
-                            keys.forget(sid)
-                            self.hub.publish(sid, {"kind": "ERASED", "stream_id": sid})
-                            self.metrics.inc("streams_erased_total")
-                        continue
-                    try:
-                        rtype, rec = serde.decode_message(m, keys)
-                    except serde.Erased:  # its key is gone: nothing readable to index
-                        self.metrics.inc("records_of_erased_streams_total")
-                        continue
-                    except serde.SerdeError as e:  # kept with its reason; every other record goes on
-                        deadletters.send("malformed_record", str(e), msg=m, stream_id=key_of(m))
-                        continue
-                    if rtype != "Result":
-                        continue
-                    self._live(rec)
-                    batch.append((rec, m.topic(), m.partition(), m.offset()))
-                if batch:
-                    index.apply(batch)
-                    self.metrics.inc("records_indexed_total", len(batch))
-                producer.poll(0)
-            consumer.close()
-            producer.flush(10)
-        except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
-            log.exception("follower stopped")
-        finally:
-            index.close()
-
-    def _live(self, rec: dict) -> None:
-        sid, kind = rec["stream_id"], str(rec["kind"])
-        event = caption_event(rec)
-        if kind == "PARTIAL":
-            self.partials[sid] = event
-            self.partials.move_to_end(sid)
-            while len(self.partials) > MAX_LIVE_PARTIALS:
-                self.partials.popitem(last=False)
-        elif kind in ("FINAL", "STREAM_COMPLETE") and (kind == "STREAM_COMPLETE" or rec["source"] == "online"):
-            self.partials.pop(sid, None)
-        if kind != "ALTERNATIVES":
-            self.hub.publish(sid, event)
-            self.metrics.inc("events_published_total")
-
-    def healthy(self) -> tuple[bool, dict]:
-        stalled = time.monotonic() - self.last_loop
-        ok = self.is_alive() and self.error is None and stalled < 15
-        return ok, {
-            "loop_stalled_s": round(stalled, 2),
-            "partitions": self.partitions,
-            "subscribers": self.hub.subscribers,
-            **({"error": self.error} if self.error else {}),
-        }
 
 
 def _sse(event: dict) -> str:
@@ -207,13 +56,14 @@ def _sse(event: dict) -> str:
 
 def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -> Guard:
     access = Access.load(settings)
+    archive = open_archive(settings)
 
     async def read_index(work: Callable[[TranscriptIndex], Any]) -> Any:
         """``work`` on a reader of the index, in a worker thread: SQLite blocks, the loop serves
         every page and live caption."""
 
         def run():
-            idx = TranscriptIndex(settings.index_file)
+            idx = TranscriptIndex.reader(settings.index_file)
             try:
                 return work(idx)
             finally:
@@ -278,7 +128,28 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
         except ValueError as e:
             return PlainTextResponse(f"{e}\n", status_code=400)
         media = {"vtt": "text/vtt", "json": "application/json"}.get(fmt, "text/plain")
-        return Response(body, media_type=f"{media}; charset=utf-8")
+        headers = {}
+        if request.query_params.get("download"):
+            headers["Content-Disposition"] = f'attachment; filename="{exports.filename(sid, fmt)}"'
+        return Response(body, media_type=f"{media}; charset=utf-8", headers=headers)
+
+    async def api_audio(request: Request, tenant: str | None) -> Response:
+        sid = request.path_params["stream_id"]
+        try:
+            audio = await asyncio.to_thread(open_audio, archive, sid, tenant)
+        except NoAudio:
+            return PlainTextResponse(f"no audio for stream {sid!r}\n", status_code=404)
+        headers = {"Accept-Ranges": "bytes", "Cache-Control": "no-store"}
+        try:
+            span = byte_range(request.headers.get("range"), audio.size)
+        except ValueError:
+            return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{audio.size}"})
+        start, end = span or (0, audio.size)
+        headers["Content-Length"] = str(end - start)
+        if span:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{audio.size}"
+        body = audio.read(start, end) if request.method == "GET" else None
+        return StreamingResponse(body or iter(()), 206 if span else 200, headers, media_type="audio/wav")
 
     async def api_events(request: Request, tenant: str | None) -> Response:
         sid = request.path_params["stream_id"]
@@ -334,6 +205,7 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
             Route("/api/search", guarded(api_search)),
             Route("/api/streams/{stream_id}/events", guarded(api_events)),
             Route("/api/streams/{stream_id}/export", guarded(api_export)),
+            Route("/api/streams/{stream_id}/audio", guarded(api_audio), methods=["GET", "HEAD"]),
         ]
     )
     return Guard(app, allowed_hosts(settings))

@@ -5,13 +5,15 @@
   speaker-prefixed where known
   (WebVTT voice tags ``<v NAME>``, SubRip ``NAME: ``).
 - json: the merged record itself.
-- rttm: the speaker turns (NIST RTTM ``SPEAKER`` lines); none until the diarizer fills turns.
+- rttm: the speaker turns (NIST RTTM ``SPEAKER`` lines); none until the diarizer fills turns. A
+  named voice's spaces become ``_`` (RTTM fields are space-separated).
 - ctm: word times and confidences (NIST CTM: ``file channel start duration word confidence``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 FORMATS = ("vtt", "srt", "json", "rttm", "ctm")
 MAX_CUE_MS, MAX_CUE_CHARS, PAUSE_MS, LINE_CHARS, SENTENCE_CUE_MS = 7000, 84, 1000, 42, 2000
@@ -101,7 +103,7 @@ def to_rttm(result: dict) -> str:
     sid = result["stream_id"]
     return "".join(
         f"SPEAKER {sid} 1 {t['start_ms'] / 1000:.3f} {(t['end_ms'] - t['start_ms']) / 1000:.3f} "
-        f"<NA> <NA> {t['speaker']} <NA> <NA>\n"
+        f"<NA> <NA> {'_'.join(t['speaker'].split())} <NA> <NA>\n"  # a field: a named voice's spaces joined
         for t in result.get("turns") or []
     )
 
@@ -117,6 +119,11 @@ def to_ctm(result: dict) -> str:
 
 def to_json(result: dict) -> str:
     return json.dumps(result, indent=1) + "\n"
+
+
+def filename(stream_id: str, fmt: str) -> str:
+    """A download's file name, safe in a header: the stream id's letters, digits and . _ - kept."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", stream_id) + f".{fmt}"
 
 
 def export(result: dict, fmt: str) -> str:

@@ -63,9 +63,20 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 class TranscriptIndex:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, db: sqlite3.Connection | None = None):
         self.path = path
-        self.db = connect(path)
+        self.db = db or connect(path)
+
+    @classmethod
+    def reader(cls, path: Path) -> TranscriptIndex:
+        """A read-only connection for one request: it runs no schema statements, which need the
+        write lock (a page's parallel requests each opening the index that way while the follower
+        wrote gave "disk I/O error"). Before the follower has created the file: a writer's."""
+        if not path.exists():
+            return cls(path)
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        return cls(path, db)
 
     def close(self) -> None:
         self.db.close()
@@ -214,6 +225,15 @@ class TranscriptIndex:
             hits.append(_hit(row, terms))
             if len(hits) == limit:
                 break
+        # the speaker of a finished stream's hit comes from its final turns (the full pass), as in
+        # its transcript and exports; the words indexed live may carry the live labels
+        finals: dict[str, list] = {}
+        for h in hits:
+            if h["stream_id"] not in finals:
+                st = self.stream(h["stream_id"])
+                finals[h["stream_id"]] = ((st or {}).get("complete") or {}).get("turns") or []
+            if finals[h["stream_id"]]:
+                h["speaker"] = turn_speaker(finals[h["stream_id"]], int(h["start"] * 1000), int(h["end"] * 1000))
         return hits
 
     def streams(self, limit: int = 200, tenant: str | None = None) -> list[dict]:
@@ -268,6 +288,34 @@ def majority_speaker(words: list[dict]) -> str | None:
     return max(set(speakers), key=speakers.count) if speakers else None
 
 
+def turn_speaker(turns: list[dict], start_ms: int, end_ms: int) -> str | None:
+    """The speaker whose turns overlap [start_ms, end_ms] most (the nearest turn for an instant)."""
+    best, most = None, -1
+    for t in turns:
+        overlap = min(end_ms, t["end_ms"]) - max(start_ms, t["start_ms"])
+        if overlap > most:
+            best, most = t["speaker"], overlap
+    return best
+
+
+def marked(text: str, terms: list[str]) -> list[list]:
+    """``text`` in pieces, [piece, matched?]: the words whose normalised forms spell ``terms``
+    ("Mr." is "mister", "42" is "forty two") are the matched piece, for the page's <mark>."""
+    tokens = text.split()
+    flat = [(i, t) for i, tok in enumerate(tokens) for t in normalise(tok)]
+    norm = [t for _, t in flat]
+    for k in range(len(norm) - len(terms) + 1):
+        if norm[k : k + len(terms)] == terms:
+            a, b = flat[k][0], flat[k + len(terms) - 1][0] + 1
+            pieces: list[tuple[str, bool]] = [
+                (" ".join(tokens[:a]) + " ", False),
+                (" ".join(tokens[a:b]), True),
+                (" " + " ".join(tokens[b:]), False),
+            ]
+            return [[p, m] for p, m in pieces if p.strip()]
+    return [[text, False]]
+
+
 def _hit(row: sqlite3.Row, terms: list[str]) -> dict:
     """A hit narrowed to the matched words' times where the hypothesis has word times."""
     start, end, speaker = row["start_ms"], row["end_ms"], None
@@ -284,6 +332,7 @@ def _hit(row: sqlite3.Row, terms: list[str]) -> dict:
         "end": end / 1000,
         "speaker": speaker,
         "text": row["text"],
+        "marked": marked(row["text"], terms),
         "source": row["source"],
         "pass": row["pass"],
     }
