@@ -329,7 +329,11 @@ def main(argv: list[str] | None = None) -> None:
     se = sub.add_parser("search", help="search transcripts: 1-best and n-best alternatives, best first")
     se.add_argument("query", nargs="+")
     se.add_argument("--stream", help="only this stream")
-    se.add_argument("--json", action="store_true", help="JSON lines: stream_id, start, end, speaker, text, marked (the text in [piece, matched] pieces), source")
+    se.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON lines: stream_id, start, end, speaker, text, marked (the text in [piece, matched] pieces), source",
+    )
     se.add_argument("--limit", type=int, default=20)
     se.set_defaults(fn=cmd_search)
 
