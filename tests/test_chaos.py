@@ -166,12 +166,12 @@ def reference_run(settings, audio: dict[str, bytes]) -> dict[str, dict]:
     return reference
 
 
-def faulted_run(settings, audio: dict[str, bytes], reference: dict, n_streams: int, faults) -> None:
+def faulted_run(settings, audio: dict[str, bytes], reference: dict, n_streams: int, faults, prefix: str) -> None:
     """N real-time streams of the recordings while ``faults()`` runs; every stream is checked
     against the reference."""
     from services.ingest.core import Ingest
 
-    streams = {f"chaos-{i}-{time.time_ns()}": "abc"[i % 3] for i in range(n_streams)}
+    streams = {f"{prefix}-{i}-{time.time_ns()}": "abc"[i % 3] for i in range(n_streams)}
     errors: list[BaseException] = []
 
     def publish(sid, key):
@@ -205,85 +205,101 @@ def up(env: dict, *args: str) -> tuple[Settings, Path]:
     return settings, stack.stack_dir(settings, "default")
 
 
-def test_every_service_killed_mid_stream_loses_and_duplicates_nothing(tmp_path, speech_dir):
-    n_streams = int(os.environ.get("HARK_CHAOS_STREAMS", "6"))
-    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "4", "HARK_IDLE_TIMEOUT_S": "30"}
+def resumes(sdir: Path) -> int:
+    """Online streams resumed from a committed state so far, by the stack's online_asr logs."""
+    return sum(
+        p.read_text().count("stream resumed from its committed state") for p in (sdir / "logs").glob("online_asr-*.log")
+    )
+
+
+@pytest.fixture(scope="module")
+def chaos_stack(tmp_path_factory, speech_dir):
+    """One stack for the service and the embedded-broker scenarios (two online_asr replicas), and
+    the fault-free reference output of its recordings: each scenario checks its streams against it."""
+    env = {
+        "HARK_DATA_DIR": str(tmp_path_factory.mktemp("chaos") / "d"),
+        "HARK_PARTITIONS": "4",
+        "HARK_IDLE_TIMEOUT_S": "30",
+    }
     settings, sdir = up(env, "--replicas", "online_asr=2")
     try:
         audio = {k: recording(speech_dir, names) for k, names in RECORDINGS.items()}
-        reference = reference_run(settings, audio)
-        killed = []
-
-        def kill_each_service():
-            for victim in KILL_ORDER:
-                time.sleep(1.5)
-                state = stack.read_state(sdir)
-                if victim == "online_asr#rebalance":
-                    # the replica killed before is back and joining: kill the other one during that rebalance
-                    first, deadline = service(state, "online_asr", 0), time.monotonic() + 30
-                    while first["pid"] == dict(killed)["online_asr"] and time.monotonic() < deadline:
-                        time.sleep(0.1)
-                        first = service(stack.read_state(sdir), "online_asr", 0)
-                    svc = service(stack.read_state(sdir), "online_asr", 1)
-                else:
-                    if victim == "online_asr":
-                        wait_for_online_resume_state(settings, "chaos-")
-                        state = stack.read_state(sdir)
-                    svc = service(state, victim)
-                os.kill(svc["pid"], signal.SIGKILL)
-                killed.append((victim, svc["pid"]))
-
-        faulted_run(settings, audio, reference, n_streams, kill_each_service)
-        state = stack.read_state(sdir)
-        restarts = {f"{s['name']}-{s['replica']}": s["restarts"] for s in state["services"]}
-        assert all(
-            restarts[k] >= 1
-            for k in (
-                "online_asr-0",
-                "online_asr-1",
-                "offline_asr-0",
-                "diarizer-0",
-                "results-0",
-                "captions-0",
-                "ingest-0",
-            )
-        ), restarts
-        logs = "".join(p.read_text() for p in (sdir / "logs").glob("online_asr-*.log"))
-        resumed = logs.count("stream resumed from its committed state")
-        assert resumed >= 1, "no online stream was resumed from a committed state: the kills missed the streams"
-        print(
-            f"chaos: {resumed} online resumes from committed states, {n_streams} streams, kills "
-            f"{[v for v, _ in killed]}, restarts {restarts}, 0 lost, 0 duplicated finals"
-        )
+        yield settings, sdir, audio, reference_run(settings, audio)
     finally:
         run_hark("down", env_extra=env)
 
 
-def test_embedded_broker_killed_mid_stream_loses_and_duplicates_nothing(tmp_path, speech_dir):
+def test_every_service_killed_mid_stream_loses_and_duplicates_nothing(chaos_stack):
+    n_streams = int(os.environ.get("HARK_CHAOS_STREAMS", "6"))
+    settings, sdir, audio, reference = chaos_stack
+    killed = []
+
+    def kill_each_service():
+        for victim in KILL_ORDER:
+            time.sleep(1.5)
+            state = stack.read_state(sdir)
+            if victim == "online_asr#rebalance":
+                # the replica killed before is back and joining: kill the other one during that rebalance
+                first, deadline = service(state, "online_asr", 0), time.monotonic() + 30
+                while first["pid"] == dict(killed)["online_asr"] and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    first = service(stack.read_state(sdir), "online_asr", 0)
+                svc = service(stack.read_state(sdir), "online_asr", 1)
+            else:
+                if victim == "online_asr":
+                    wait_for_online_resume_state(settings, "chaos-svc-")
+                    state = stack.read_state(sdir)
+                svc = service(state, victim)
+            os.kill(svc["pid"], signal.SIGKILL)
+            killed.append((victim, svc["pid"]))
+
+    before = {f"{s['name']}-{s['replica']}": s["restarts"] for s in stack.read_state(sdir)["services"]}
+    resumed_before = resumes(sdir)
+    faulted_run(settings, audio, reference, n_streams, kill_each_service, "chaos-svc")
+    state = stack.read_state(sdir)
+    restarts = {
+        f"{s['name']}-{s['replica']}": s["restarts"] - before.get(f"{s['name']}-{s['replica']}", 0)
+        for s in state["services"]
+    }
+    assert all(
+        restarts[k] >= 1
+        for k in (
+            "online_asr-0",
+            "online_asr-1",
+            "offline_asr-0",
+            "diarizer-0",
+            "results-0",
+            "captions-0",
+            "ingest-0",
+        )
+    ), restarts
+    resumed = resumes(sdir) - resumed_before
+    assert resumed >= 1, "no online stream was resumed from a committed state: the kills missed the streams"
+    print(
+        f"chaos: {resumed} online resumes from committed states, {n_streams} streams, kills "
+        f"{[v for v, _ in killed]}, restarts {restarts}, 0 lost, 0 duplicated finals"
+    )
+
+
+def test_embedded_broker_killed_mid_stream_loses_and_duplicates_nothing(chaos_stack):
     """The embedded broker is killed with SIGKILL mid-stream; the supervisor starts it again on its
     durable log and the same ports, and every client reconnects: topics, records, committed
     offsets and open transactions' fates all survived."""
     n_streams = int(os.environ.get("HARK_CHAOS_BROKER_STREAMS", "4"))
-    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "4", "HARK_IDLE_TIMEOUT_S": "30"}
-    settings, sdir = up(env, "--replicas", "diarizer=0")
-    try:
-        audio = {k: recording(speech_dir, names) for k, names in RECORDINGS.items()}
-        reference = reference_run(settings, audio)
-        before = stack.read_state(sdir)["broker"]
+    settings, sdir, audio, reference = chaos_stack
+    before = stack.read_state(sdir)["broker"]
 
-        def kill_broker():
-            time.sleep(5)
-            os.kill(before["pid"], signal.SIGKILL)
-            deadline = time.monotonic() + 30
-            while stack.read_state(sdir)["broker"]["pid"] == before["pid"] and time.monotonic() < deadline:
-                time.sleep(0.1)
+    def kill_broker():
+        time.sleep(5)
+        os.kill(before["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while stack.read_state(sdir)["broker"]["pid"] == before["pid"] and time.monotonic() < deadline:
+            time.sleep(0.1)
 
-        faulted_run(settings, audio, reference, n_streams, kill_broker)
-        after = stack.read_state(sdir)
-        assert after["broker"]["restarts"] == 1 and after["status"] == "ready"
-        print(f"chaos: embedded broker killed and restarted, {n_streams} streams, 0 lost, 0 duplicated finals")
-    finally:
-        run_hark("down", env_extra=env)
+    faulted_run(settings, audio, reference, n_streams, kill_broker, "chaos-broker")
+    after = stack.read_state(sdir)
+    assert after["broker"]["restarts"] == before["restarts"] + 1 and after["status"] == "ready"
+    print(f"chaos: embedded broker killed and restarted, {n_streams} streams, 0 lost, 0 duplicated finals")
 
 
 def start_cluster(
@@ -339,7 +355,7 @@ def test_audio_leader_killed_in_a_three_broker_cluster_loses_and_duplicates_noth
                 victim.append(max(set(leaders), key=leaders.count))
                 procs[victim[0]].kill()
 
-            faulted_run(settings, audio, reference, n_streams, kill_audio_leader)
+            faulted_run(settings, audio, reference, n_streams, kill_audio_leader, "chaos-leader")
             md = kafka.admin(settings).list_topics(settings.audio_topic, timeout=10).topics[settings.audio_topic]
             assert victim and all(p.leader != victim[0] for p in md.partitions.values())
             print(
