@@ -376,3 +376,31 @@ def test_transcript_page_plays_seeks_follows_the_final_speakers_and_lands_search
             )
         finally:
             browser.close()
+
+
+@pytest.mark.e2e
+def test_page_of_a_stream_in_another_language_says_whose_captions_it_shows(live_stack):
+    import io
+
+    from playwright.sync_api import sync_playwright
+
+    from services.ingest.core import Ingest
+
+    from .tts import say, wav_bytes
+
+    settings, state = live_stack
+    sid = f"page-es-{time.time_ns()}"
+    speech = say("El paciente empezó a tomar la medicina ayer por la mañana y se siente mucho mejor.", "es")
+    Ingest(settings).publish_file(io.BytesIO(wav_bytes(speech)), stream_id=sid)  # language: auto
+    assert complete_record(settings, sid, timeout=120)["language"] == "es"
+    wait_indexed(settings, sid)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{state['captions_url']}streams/{sid}")
+            page.wait_for_selector("#status[data-complete='1']", timeout=20000)
+            assert page.is_visible("#language") and page.get_attribute("#language", "data-language") == "es"
+            assert "paciente" in page.inner_text("#transcript").lower()
+        finally:
+            browser.close()

@@ -126,6 +126,23 @@ def test_merger_waits_for_both_passes_and_prefers_offline_text():
     assert m.on_offline(_offline("NBEST", 0, "x", 0, 1))[0]["kind"] == "ALTERNATIVES" and not m.is_open("s")
 
 
+def test_merger_stops_online_captions_once_the_offline_pass_found_another_language():
+    m = ResultsMerger(wait_for=("online", "offline"))
+    assert [r["kind"] for r in m.on_online(_online("FINAL", 0, "a sex test", ["a", "sex", "test"]))] == ["FINAL"]
+    (caption,) = m.on_offline(
+        {**_offline("SEGMENT", 0, "Hola a todos.", 0, 2800, ["Hola", "a", "todos."]), "language": "es"}
+    )
+    assert caption["language"] == "es"
+    assert m.on_online(_online("FINAL", 1, "the more", ["the", "more"])) == []  # English nonsense: not captioned
+    m.on_online(_online("STREAM_END", 2, "", end_status="COMPLETE"))
+    (done,) = m.on_offline({**_offline("STREAM_END", 1, "", 2800, 2800), "language": "es"})
+    assert done["language"] == "es" and done["text"] == "Hola a todos." and "the more" in done["online_text"]
+    # an English stream (declared or detected) keeps its live captions
+    m = ResultsMerger(wait_for=("online", "offline"))
+    m.on_offline({**_offline("SEGMENT", 0, "Go.", 0, 500, ["Go."]), "language": "en"})
+    assert [r["kind"] for r in m.on_online(_online("FINAL", 0, "go", ["go"]))] == ["FINAL"]
+
+
 def test_merger_falls_back_to_online_text_when_offline_is_overdue():
     m = ResultsMerger(wait_for=("online", "offline"), offline_timeout_s=0.0)
     m.on_online(_online("FINAL", 0, "go forward", ["go", "forward"]))

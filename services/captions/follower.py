@@ -39,6 +39,7 @@ def caption_event(r: dict) -> dict:
         "speaker": majority_speaker(r.get("words") or []),
         "status": r.get("status"),
         "final_source": r.get("final_source"),
+        "language": r.get("language"),
         "emitted_at_ms": r["emitted_at_ms"],
         **({"turns": r["turns"]} if str(r["kind"]) == "SPEAKERS" else {}),
     }

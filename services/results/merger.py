@@ -75,6 +75,12 @@ class StreamTranscript:
     last_seen: float = field(default_factory=time.monotonic)
 
 
+def english(language: str | None) -> bool:
+    """Whether the online pass (an English model) may caption a stream of this language: yes
+    until another one is known."""
+    return not language or language == UNDETERMINED or language.split("-")[0].lower() == "en"
+
+
 def assign_speakers(words: list[dict], turns: list[dict], reach_ms: int = 1000) -> list[dict]:
     """Each word gets the speaker whose turn overlaps it most (else the nearest within reach_ms)."""
     if not turns:
@@ -139,6 +145,8 @@ class ResultsMerger:
         if kind == "FINAL":
             if not p.add(rec["utterance_id"], rec, self.max_words):
                 return []
+            if not english(st.language):  # the offline pass found another language: English-only
+                return []  # online text of it is noise; captions come with the offline pass
             return [self._labelled(rec, result_record(rec, "FINAL", "online", rec["utterance_id"]))]
         if kind == "STREAM_END":
             p.ended = rec.get("end_status") or "COMPLETE"
