@@ -296,6 +296,7 @@ def realtime(settings, procs, sampler, ingest, counts) -> dict:
         out[key]["online_asr_rtf"] = round(out[key]["services"]["online_asr"]["cpu_s"] / audio, 4)
         out[key]["diarizer_rtf"] = round(out[key]["services"]["diarizer"]["cpu_s"] / audio, 4)
         out[key]["audio_s"] = round(audio, 1)
+        out[key]["offline_wer"] = round(wer_of(rows, load_references(SPEECH / "references.tsv"), "final_text").wer, 4)
     return out
 
 
@@ -310,7 +311,8 @@ def realtime_only(a, tmp: Path) -> None:
         print(
             f"{key}: partial latency p50 {x['partial_p50_ms']} ms, p95 {x['partial_p95_ms']} ms "
             f"(max {x['partial_max_ms']} ms); accurate text p50 {x['accurate_p50_ms']} ms, "
-            f"p95 {x['accurate_p95_ms']} ms; CPU % of one core: "
+            f"p95 {x['accurate_p95_ms']} ms; finals {x['final_after_close_p50_ms']} ms after close (p50); "
+            f"offline WER {x['offline_wer']:.1%}; CPU % of one core: "
             + ", ".join(f"{n} {v['cpu_pct_of_one_core']:.0f}" for n, v in x["services"].items())
         )
 

@@ -330,9 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     se.add_argument("query", nargs="+")
     se.add_argument("--stream", help="only this stream")
     se.add_argument(
-        "--json",
-        action="store_true",
-        help="JSON lines: stream_id, start, end, speaker, text, marked (the text in [piece, matched] pieces), source",
+        "--json", action="store_true", help="JSON lines: stream_id, start, end, speaker, text, marked, source"
     )
     se.add_argument("--limit", type=int, default=20)
     se.set_defaults(fn=cmd_search)
