@@ -60,6 +60,7 @@ def erase(
             raise RuntimeError(f"the erasure of {stream_id} was not delivered to the broker")
         tombstones.append(settings.results_topic)
     entry = {
+        "kind": "stream",  # the audit log also records voiceprints erased (hark/voices.py)
         "stream_id": stream_id,
         "tenant": meta.get("tenant"),
         "reason": reason,

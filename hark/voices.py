@@ -164,6 +164,7 @@ class VoiceStore:
         key_deleted = self.keys.erase(voice.key_id)  # every copy of the object is unreadable from here
         self.store.delete(_prefix(voice.tenant) + voice.key_id)
         entry = {
+            "kind": "voice",  # beside the streams' erasures in the same audit log
             "voice": voice.key_id,
             "tenant": voice.tenant,
             "reason": reason,

@@ -81,7 +81,10 @@ def test_voices_are_sealed_per_tenant_and_erased_for_good(tmp_path):
             with pytest.raises(StreamErased):
                 ring.open(kid, b, k.encode())
     audit = [json.loads(line) for line in (tmp_path / "audit" / "erasures.jsonl").read_text().splitlines()]
-    assert [e["reason"] for e in audit] == ["replaced by a new enrollment", "request"]
+    assert [(e["kind"], e["reason"]) for e in audit] == [
+        ("voice", "replaced by a new enrollment"),
+        ("voice", "request"),
+    ]
     # retention: a voice older than the period is not used, and the sweep erases it
     later = int(time.time() * 1000) + 31 * 86_400_000
     assert store.load("acme", now_ms=later) == []
