@@ -70,12 +70,17 @@ def erase(
         **removed,
         "tombstones": tombstones,
     }
-    audit = Path(settings.data_dir) / "audit" / "erasures.jsonl"
-    audit.parent.mkdir(parents=True, exist_ok=True)
-    with open(audit, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    audit(settings, entry)
     log.info("stream erased", extra={"fields": entry})
     return entry
+
+
+def audit(settings: Settings, entry: dict) -> None:
+    """One line, without content, in ``<data_dir>/audit/erasures.jsonl`` (streams and voices)."""
+    path = Path(settings.data_dir) / "audit" / "erasures.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
 
 
 def _announce(settings: Settings, producer, stream_id: str, meta: dict) -> None:

@@ -21,12 +21,12 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from . import records
 from .config import Settings
+from .erasure import audit
 from .keys import KeyMissing, Keyring, SealError, StreamErased
 from .storage import ObjectStore, open_store
 from .tenants import check_tenant
@@ -171,10 +171,7 @@ class VoiceStore:
             "erased_at_ms": records.now_ms(),
             "key_deleted": key_deleted,
         }
-        audit = Path(self.settings.data_dir) / "audit" / "erasures.jsonl"
-        audit.parent.mkdir(parents=True, exist_ok=True)
-        with open(audit, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        audit(self.settings, entry)
         log.info("voiceprint erased", extra={"fields": entry})
         return entry
 

@@ -19,22 +19,21 @@ MIN_ENROLL_S = 5.0  # less speech than this gives a voiceprint too noisy to name
 OTHER_VOICE_SHARE = 0.2  # a second speaker with more of a recording's speech than this: refused
 
 
+def similarities(speakers: np.ndarray, voices: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
+    """(speakers, voices) cosine similarities; ``speakers`` rows are unit vectors."""
+    vecs = np.stack([v for _, v in voices]).astype(np.float64)
+    vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
+    return np.asarray(speakers, dtype=np.float64) @ vecs.T
+
+
 def match(speakers: np.ndarray, voices: Sequence[tuple[str, np.ndarray]], threshold: float) -> dict[int, str]:
     """Speaker row -> enrolled name: one name per speaker and one speaker per name (Hungarian
     assignment on cosine similarity), only where the similarity reaches ``threshold``."""
     if not len(voices) or not len(speakers):
         return {}
-    vecs = np.stack([v for _, v in voices]).astype(np.float64)
-    vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
-    sim = np.asarray(speakers, dtype=np.float64) @ vecs.T
+    sim = similarities(speakers, voices)
     rows, cols = linear_sum_assignment(-sim)
     return {int(r): voices[c][0] for r, c in zip(rows, cols) if sim[r, c] >= threshold}
-
-
-def similarities(speakers: np.ndarray, voices: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
-    vecs = np.stack([v for _, v in voices]).astype(np.float64)
-    vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
-    return np.asarray(speakers, dtype=np.float64) @ vecs.T
 
 
 def speakers_of(diarizer, pcm: np.ndarray, **kw) -> tuple[dict[str, tuple[np.ndarray, float]], list]:
