@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from hark.audio import read_pcm_file
+from hark.config import Settings
 from hark.wer import WerScore, score
-from services.offline_asr.decoder import WhisperDecoder, choose_device
+from services.offline_asr.decoder import WhisperDecoder, choose_device, encoder_frames
 from services.offline_asr.windows import StreamWindows
 
 
@@ -24,7 +25,7 @@ def passage(speech_dir):
 
 @pytest.fixture(scope="module")
 def decoder():
-    return WhisperDecoder("base", cpu_threads=2)
+    return WhisperDecoder("base", cpu_threads=2, encode_pad_s=Settings().offline_encode_pad_s)
 
 
 def test_windows_are_cut_at_pauses_and_bounded(passage):
@@ -86,3 +87,30 @@ def test_nbest_gives_distinct_scored_hypotheses(decoder, speech_dir):
     hyps = decoder.nbest(read_pcm_file(speech_dir / "goforward.wav"), 4)
     assert 2 <= len(hyps) <= 4 and len({t for t, _ in hyps}) == len(hyps)
     assert "forward" in hyps[0][0].lower() and all(s <= 0 for _, s in hyps)
+
+
+def test_encoder_frames_are_the_window_and_its_padding_even_and_at_most_30_s():
+    assert encoder_frames(16000 * 10, 2.0) == 1200
+    assert encoder_frames(16000 + 80, 1.0) == 202  # 2.005 s: 201 frames, made even
+    assert encoder_frames(16000 * 29, 2.0) == 3000 and encoder_frames(16000, 30.0) == 3000
+
+
+def test_the_encoder_is_given_the_window_not_30_s(decoder, speech_dir, monkeypatch):
+    pcm = read_pcm_file(speech_dir / "goforward.wav")
+    seen: list[int] = []
+    encode = type(decoder.model).__mro__[1].encode  # faster-whisper's own, under the trimming one
+
+    def spy(self, features):
+        seen.append(features.shape[-1])
+        return encode(self, features)
+
+    monkeypatch.setattr(type(decoder.model).__mro__[1], "encode", spy)
+    text = decoder.decode(pcm, 0).text
+    decoder.nbest(pcm, 3)
+    want = encoder_frames(len(pcm), decoder.encode_pad_s)
+    assert want < 3000 and seen and set(seen) == {want}, seen
+    assert "forward" in text.lower()
+    seen.clear()  # with a prompt (hotwords, previous text), Whisper's full 30 s
+    decoder.decode(pcm, 0, hotwords=("forward",))
+    decoder.nbest(pcm, 3, prompt="go")
+    assert set(seen) == {3000}, seen

@@ -100,7 +100,14 @@ def compare(
             raise LookupError(f"no archived stream {sid!r} in {store.uri}") from None
     s = settings
     decoders = [
-        WhisperDecoder(m, s.offline_device, s.offline_compute_type, s.offline_cpu_threads, s.offline_beam_size)
+        WhisperDecoder(
+            m,
+            s.offline_device,
+            s.offline_compute_type,
+            s.offline_cpu_threads,
+            s.offline_beam_size,
+            s.offline_encode_pad_s,
+        )
         for m in models
     ]
     reports = [VersionReport(d.model_name, d.model_version) for d in decoders]

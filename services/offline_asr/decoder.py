@@ -3,6 +3,11 @@
 ``decode`` gives the 1-best text with word times and probabilities (faster-whisper, beam
 search). ``nbest`` gives several whole-window hypotheses with scores; it costs roughly another
 decode, so the service runs it when it has nothing more urgent to do.
+
+An unprompted window's encoder sees the window and ``encode_pad_s`` of padding, not Whisper's full 30 s: its cost
+grows with the frames it is given (0.12 s for 10 s of audio, 0.80 s padded to 30 s, int8 on
+2 cores), and CTranslate2 accepts the shorter input. ``python -m bench.encoder_pad`` chose the
+padding and measures what it costs in WER.
 """
 
 from __future__ import annotations
@@ -18,6 +23,15 @@ from hark import models
 from hark.languages import AUTO
 
 MAX_WINDOW_S = 30.0  # Whisper's receptive field
+FRAMES_PER_S = 100  # Whisper's mel frames
+
+
+def encoder_frames(samples: int, pad_s: float) -> int:
+    """Mel frames the encoder is given for a window of ``samples``: the audio and ``pad_s`` of
+    padding, even (the encoder's stride-2 convolution), at most Whisper's 30 s."""
+    full = int(MAX_WINDOW_S * FRAMES_PER_S)
+    frames = int(np.ceil((samples / 16000 + pad_s) * FRAMES_PER_S))
+    return min(full, frames + frames % 2)
 
 
 @dataclass
@@ -67,6 +81,23 @@ def join_words(pieces: list[tuple[str, int, int, float]]) -> list[dict]:
     return out
 
 
+def _trimmed_model():
+    from faster_whisper import WhisperModel
+
+    class TrimmedWhisper(WhisperModel):
+        """faster-whisper pads every segment to 3000 frames before ``encode``; this cuts that
+        padding back to ``frames`` (0: keep it), set around each call by WhisperDecoder."""
+
+        frames = 0
+
+        def encode(self, features):
+            if self.frames and features.shape[-1] > self.frames:
+                features = features[..., : self.frames]
+            return super().encode(features)
+
+    return TrimmedWhisper
+
+
 class WhisperDecoder:
     def __init__(
         self,
@@ -75,13 +106,14 @@ class WhisperDecoder:
         compute_type: str = "auto",
         cpu_threads: int = 0,
         beam_size: int = 5,
+        encode_pad_s: float = MAX_WINDOW_S,
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from faster_whisper import WhisperModel
 
         path = models.whisper_path(model)
         self.device, self.compute_type = choose_device(device, compute_type)
-        self.model = WhisperModel(
+        self.encode_pad_s = encode_pad_s
+        self.model = _trimmed_model()(
             str(path),
             device=self.device,
             compute_type=self.compute_type,
@@ -95,10 +127,17 @@ class WhisperDecoder:
         )
         self.english_only = not self.model.model.is_multilingual
 
+    def frames(self, samples: int, prompted) -> int:
+        """The encoder's input for a window: a prompted one (hotwords, previous text) keeps Whisper's
+        30 s, since with a prompt and 2 s of padding Whisper repeated the passage's last sentence
+        (tests/test_offline.py), and the synthetic dev set of bench.encoder_pad did not show it."""
+        return encoder_frames(samples, MAX_WINDOW_S if prompted else self.encode_pad_s)
+
     def detect(self, pcm: np.ndarray) -> tuple[str, float]:
         """The language spoken in ``pcm`` (Whisper's code) and its probability."""
         if self.english_only:
             return "en", 1.0
+        self.model.frames = 0  # detection as measured (bench.languages): on Whisper's 30 s input
         lang, prob, _ = self.model.detect_language(pcm.astype(np.float32) / 32768.0)
         return lang, float(prob)
 
@@ -113,6 +152,7 @@ class WhisperDecoder:
     ) -> Decoded:
         t0 = time.perf_counter()
         audio = pcm.astype(np.float32) / 32768.0
+        self.model.frames = self.frames(len(pcm), prompt or hotwords)
         segments, info = self.model.transcribe(
             audio,
             language=None if self.english_only or language == AUTO else language,  # None: Whisper detects
@@ -144,7 +184,7 @@ class WhisperDecoder:
         m = self.model
         audio = pcm[: int(MAX_WINDOW_S * 16000)].astype(np.float32) / 32768.0
         features = m.feature_extractor(audio)
-        frames = m.feature_extractor.nb_max_frames
+        frames = self.frames(len(audio), prompt)
         features = np.pad(features, ((0, 0), (0, max(0, frames - features.shape[1]))))[:, :frames]
         tok = Tokenizer(
             m.hf_tokenizer, m.model.is_multilingual, task="transcribe", language=None if self.english_only else language

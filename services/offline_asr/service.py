@@ -172,7 +172,12 @@ class OfflineProcessors:
         if s.offline_nice:
             os.nice(s.offline_nice)
         self.decoder = decoder or WhisperDecoder(
-            s.offline_model, s.offline_device, s.offline_compute_type, s.offline_cpu_threads, s.offline_beam_size
+            s.offline_model,
+            s.offline_device,
+            s.offline_compute_type,
+            s.offline_cpu_threads,
+            s.offline_beam_size,
+            s.offline_encode_pad_s,
         )
         self.candidate: WhisperDecoder | None = None
         if s.offline_candidate_model and s.offline_candidate_fraction > 0:
@@ -182,6 +187,7 @@ class OfflineProcessors:
                 s.offline_compute_type,
                 s.offline_cpu_threads,
                 s.offline_beam_size,
+                s.offline_encode_pad_s,
             )
         self.nbest_jobs: deque = deque()
         self.nbest_dropped = 0
