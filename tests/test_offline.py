@@ -95,7 +95,8 @@ def test_encoder_frames_are_the_window_and_its_padding_even_and_at_most_30_s():
     assert encoder_frames(16000 * 29, 2.0) == 3000 and encoder_frames(16000, 30.0) == 3000
 
 
-def test_the_encoder_is_given_the_window_not_30_s(decoder, speech_dir, monkeypatch):
+def test_the_encoder_is_given_the_window_not_30_s(speech_dir, monkeypatch):
+    decoder = WhisperDecoder("base", cpu_threads=2, encode_pad_s=2.0)
     pcm = read_pcm_file(speech_dir / "goforward.wav")
     seen: list[int] = []
     encode = type(decoder.model).__mro__[1].encode  # faster-whisper's own, under the trimming one

@@ -6,8 +6,8 @@ decode, so the service runs it when it has nothing more urgent to do.
 
 An unprompted window's encoder sees the window and ``encode_pad_s`` of padding, not Whisper's full 30 s: its cost
 grows with the frames it is given (0.12 s for 10 s of audio, 0.80 s padded to 30 s, int8 on
-2 cores), and CTranslate2 accepts the shorter input. ``python -m bench.encoder_pad`` chose the
-padding and measures what it costs in WER.
+2 cores), and CTranslate2 accepts the shorter input. ``python -m bench.encoder_pad`` measures
+each padding's cost and WER; the default (30) keeps Whisper's input (docs/measurements.md).
 """
 
 from __future__ import annotations
