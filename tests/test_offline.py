@@ -107,9 +107,12 @@ def test_the_encoder_is_given_the_window_not_30_s(speech_dir, monkeypatch):
 
     monkeypatch.setattr(type(decoder.model).__mro__[1], "encode", spy)
     text = decoder.decode(pcm, 0).text
-    decoder.nbest(pcm, 3)
     want = encoder_frames(len(pcm), decoder.encode_pad_s)
     assert want < 3000 and seen and set(seen) == {want}, seen
+    decoder.decode(pcm[:16000], 0)  # a shorter window last: the n-best must not inherit its input
+    seen.clear()
+    decoder.nbest(pcm, 3)
+    assert seen == [want], seen
     assert "forward" in text.lower()
     seen.clear()  # with a prompt (hotwords, previous text), Whisper's full 30 s
     decoder.decode(pcm, 0, hotwords=("forward",))

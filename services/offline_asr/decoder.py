@@ -184,7 +184,7 @@ class WhisperDecoder:
         m = self.model
         audio = pcm[: int(MAX_WINDOW_S * 16000)].astype(np.float32) / 32768.0
         features = m.feature_extractor(audio)
-        frames = self.frames(len(audio), prompt)
+        frames = self.model.frames = self.frames(len(audio), prompt)  # not the last decode's
         features = np.pad(features, ((0, 0), (0, max(0, frames - features.shape[1]))))[:, :frames]
         tok = Tokenizer(
             m.hf_tokenizer, m.model.is_multilingual, task="transcribe", language=None if self.english_only else language
