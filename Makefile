@@ -16,6 +16,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constrai
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	$(BIN)/pip uninstall -q -y torchcodec  # CUDA-linked, unusable here; the diarizer passes tensors
 	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/python -m hark.broker archive  # the JVM maps these classes at every broker start
 	$(BIN)/hark models install
 	touch $@
 

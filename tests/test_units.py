@@ -322,6 +322,23 @@ def test_missing_java_is_one_clear_line(tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "needs Java 17" in out.stderr, out.stderr
 
 
+def test_broker_jvm_maps_the_class_archive_only_when_setup_wrote_one(tmp_path, monkeypatch):
+    from hark import broker
+
+    libs = tmp_path / "libs"
+    libs.mkdir()
+    (libs / f"kafka_2.13-{broker.KAFKA_VERSION}.jar").touch()
+    monkeypatch.setenv("HARK_KAFKA_LIBS", str(libs))
+    node = broker.single_node(tmp_path / "k")
+    assert broker.class_archive().parent == libs  # setup's fresh jar folder never keeps a stale one
+    cmd = node.command()
+    assert "-XX:TieredStopAtLevel=1" in cmd and not any(a.startswith("-XX:SharedArchiveFile") for a in cmd)
+    broker.class_archive().touch()
+    cmd = node.command()
+    assert f"-XX:SharedArchiveFile={libs / 'kafka-classes.jsa'}" in cmd
+    assert cmd.index(f"-XX:SharedArchiveFile={libs / 'kafka-classes.jsa'}") < cmd.index("kafka.Kafka")
+
+
 def test_layers_point_one_way_and_modules_stay_small():
     """The library (hark/) imports no service and not the CLI; no module grows past 400 lines."""
     import ast
