@@ -111,6 +111,7 @@ def test_the_encoder_is_given_the_window_not_30_s(speech_dir, monkeypatch):
     assert want < 3000 and seen and set(seen) == {want}, seen
     decoder.decode(pcm[:16000], 0)  # a shorter window last: the n-best must not inherit its input
     seen.clear()
+    decoder.model.encoded.clear()  # encode again rather than reuse the decode's encoding
     decoder.nbest(pcm, 3)
     assert seen == [want], seen
     assert "forward" in text.lower()
@@ -118,3 +119,33 @@ def test_the_encoder_is_given_the_window_not_30_s(speech_dir, monkeypatch):
     decoder.decode(pcm, 0, hotwords=("forward",))
     decoder.nbest(pcm, 3, prompt="go")
     assert set(seen) == {3000}, seen
+
+
+def test_a_windows_detection_decode_and_nbest_share_one_encoding(decoder, speech_dir, monkeypatch):
+    """The encoder runs once per window: language detection, the decode and the n-best (queued
+    behind other windows) reuse its output, and what they give is what a fresh encoding gives."""
+    from services.offline_asr import decoder as decoder_module
+
+    pcm = read_pcm_file(speech_dir / "sense_and_sensibility_01_austen_64kb-0880.wav")
+    other = read_pcm_file(speech_dir / "goforward.wav")
+    decoder.model.encoded.clear()
+    fresh = decoder.nbest(pcm, 3)
+    decoder.model.encoded.clear()
+    calls: list[int] = []
+    encode = type(decoder.model).__mro__[1].encode
+
+    def spy(self, features):
+        calls.append(features.shape[-1])
+        return encode(self, features)
+
+    monkeypatch.setattr(type(decoder.model).__mro__[1], "encode", spy)
+    if not decoder.english_only:
+        decoder.detect(pcm)
+    text = decoder.decode(pcm, 0).text
+    decoder.decode(other, 0)  # another window between the decode and its n-best
+    assert decoder.nbest(pcm, 3) == fresh
+    assert len(calls) == 2, calls  # this window once, the other once
+    assert "ill-disposed" in text.lower()
+    for i in range(decoder_module.ENCODED_KEEP + 2):  # bounded: the oldest encodings go
+        decoder.nbest(other[: 16000 + 1600 * i], 1)
+    assert len(decoder.model.encoded) == decoder_module.ENCODED_KEEP

@@ -2,7 +2,8 @@
 
 ``decode`` gives the 1-best text with word times and probabilities (faster-whisper, beam
 search). ``nbest`` gives several whole-window hypotheses with scores; it costs roughly another
-decode, so the service runs it when it has nothing more urgent to do.
+decode, so the service runs it when it has nothing more urgent to do; the window's encoding is
+kept from its decode, so the n-best pays for the beam search only.
 
 An unprompted window's encoder sees the window and ``encode_pad_s`` of padding, not Whisper's full 30 s: its cost
 grows with the frames it is given (0.12 s for 10 s of audio, 0.80 s padded to 30 s, int8 on
@@ -12,8 +13,10 @@ each padding's cost and WER; the default (30) keeps Whisper's input (docs/measur
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib.metadata import version
 
@@ -81,19 +84,40 @@ def join_words(pieces: list[tuple[str, int, int, float]]) -> list[dict]:
     return out
 
 
+# Encoder outputs kept for reuse: a window's language detection, its decode and its n-best (run
+# later, when the service is idle, behind at most NBEST_QUEUE other windows) give the encoder the
+# same features, and the encoder is the largest part of a decode (0.80 s of a 10 s window's at 30 s).
+# Each entry is <= 30 s of features and their encoding (~4 MB for whisper-base).
+ENCODED_KEEP = 10
+
+
 def _trimmed_model():
     from faster_whisper import WhisperModel
 
     class TrimmedWhisper(WhisperModel):
         """faster-whisper pads every segment to 3000 frames before ``encode``; this cuts that
-        padding back to ``frames`` (0: keep it), set around each call by WhisperDecoder."""
+        padding back to ``frames`` (0: keep it), set around each call by WhisperDecoder, and
+        answers an input it encoded recently from ``encoded`` (the same bytes, the same output)."""
 
         frames = 0
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.encoded: OrderedDict[tuple, object] = OrderedDict()
+            self.encoded_hits = 0
 
         def encode(self, features):
             if self.frames and features.shape[-1] > self.frames:
                 features = features[..., : self.frames]
-            return super().encode(features)
+            key = (features.shape, hashlib.blake2b(np.ascontiguousarray(features).tobytes(), digest_size=16).digest())
+            if key in self.encoded:
+                self.encoded.move_to_end(key)
+                self.encoded_hits += 1
+                return self.encoded[key]
+            out = self.encoded[key] = super().encode(features)
+            while len(self.encoded) > ENCODED_KEEP:
+                self.encoded.popitem(last=False)
+            return out
 
     return TrimmedWhisper
 
@@ -138,8 +162,14 @@ class WhisperDecoder:
         if self.english_only:
             return "en", 1.0
         self.model.frames = 0  # detection as measured (bench.languages): on Whisper's 30 s input
-        lang, prob, _ = self.model.detect_language(pcm.astype(np.float32) / 32768.0)
+        lang, prob, _ = self.model.detect_language(features=self.features(pcm))
         return lang, float(prob)
+
+    def features(self, pcm: np.ndarray) -> np.ndarray:
+        """The window's mel features as ``transcribe`` gives its encoder (without the extractor's
+        last frame), so that detection and n-best share the decode's encoding."""
+        audio = pcm[: int(MAX_WINDOW_S * 16000)].astype(np.float32) / 32768.0
+        return self.model.feature_extractor(audio)[..., :-1]
 
     def decode(
         self,
@@ -182,9 +212,9 @@ class WhisperDecoder:
         from faster_whisper.tokenizer import Tokenizer
 
         m = self.model
-        audio = pcm[: int(MAX_WINDOW_S * 16000)].astype(np.float32) / 32768.0
-        features = m.feature_extractor(audio)
-        frames = self.model.frames = self.frames(len(audio), prompt)  # not the last decode's
+        features = self.features(pcm)
+        # set here, not left from the last decode (whose window may have been shorter)
+        frames = self.model.frames = self.frames(min(len(pcm), int(MAX_WINDOW_S * 16000)), prompt)
         features = np.pad(features, ((0, 0), (0, max(0, frames - features.shape[1]))))[:, :frames]
         tok = Tokenizer(
             m.hf_tokenizer, m.model.is_multilingual, task="transcribe", language=None if self.english_only else language

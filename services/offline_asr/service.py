@@ -270,7 +270,11 @@ class OfflineProcessors:
         ]
 
     def stats(self) -> dict[str, float]:
-        return {"nbest_dropped_total": self.nbest_dropped, "archive_fallbacks_total": self.archive_fallbacks}
+        return {
+            "nbest_dropped_total": self.nbest_dropped,
+            "archive_fallbacks_total": self.archive_fallbacks,
+            "encoder_reuses_total": self.decoder.model.encoded_hits,
+        }
 
     def record(
         self,
