@@ -1,9 +1,13 @@
-"""The online decoder's own CPU cost on this machine, without Kafka: the capacity ceiling.
+"""The decoders' own CPU cost on this machine, without Kafka: the capacity ceiling.
 
 Decodes every real-speech file of data/speech in-process, in 200 ms chunks, with the service's
 settings (pocketsphinx, partials every 100 ms, 5-best, lattices), and prints CPU seconds per
 audio second. A replica of online_asr is one process on one core, so it carries at most
 1 / (this figure) real-time streams, less what Kafka and the other services take.
+
+The offline pass: every real-speech file as one window, decoded as the service decodes it
+(Whisper, beam 5, word times), then its n-best, once as the service runs them (the n-best reuses
+the decode's encoder output) and once with the encoding done again.
 
   python -m bench.decode_cost
 """
@@ -20,6 +24,28 @@ from hark.config import Settings
 from services.online_asr.recognizer import DecoderPool, StreamRecognizer
 
 SPEECH = Path(__file__).resolve().parent.parent / "data" / "speech"
+
+
+def offline(s: Settings) -> None:
+    from services.offline_asr.decoder import WhisperDecoder
+
+    dec = WhisperDecoder(s.offline_model, cpu_threads=s.offline_cpu_threads, beam_size=s.offline_beam_size)
+    windows = [read_pcm_file(p) for p in sorted(SPEECH.glob("*.wav"))]
+    audio = sum(len(w) for w in windows) / 16000
+    dec.decode(windows[0], 0)  # warm
+    for reuse in (True, False):
+        t0 = time.process_time()
+        for w in windows:
+            dec.model.encoded.clear()
+            dec.decode(w, 0)
+            if not reuse:
+                dec.model.encoded.clear()
+            dec.nbest(w, s.offline_nbest)
+        cpu = time.process_time() - t0
+        print(
+            f"offline decode + {s.offline_nbest}-best, encoding {'shared' if reuse else 'done twice'}: "
+            f"{audio:.1f} s in {len(windows)} windows, {cpu:.2f} CPU-s: {cpu / audio:.3f} CPU-s per audio second"
+        )
 
 
 def main() -> None:
@@ -44,6 +70,7 @@ def main() -> None:
         f"online decoder: {audio:.1f} s of real speech, {cpu:.2f} CPU-s: {cpu / audio:.3f} CPU-s per audio second, "
         f"at most {audio / cpu:.1f} real-time streams per core"
     )
+    offline(s)
 
 
 if __name__ == "__main__":

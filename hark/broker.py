@@ -206,11 +206,9 @@ class Node:
         libs = check_installed()
         return [
             java_binary(),
-            # C1 only: at hark's rates, C2's compiling is most of a fresh broker's CPU, and C1 code
-            # serves the same transactions as fast (bench.broker: start 4.0 -> 2.9 s, 13 -> 7 CPU-s
-            # for its first 300 transactions, median 31 -> 27 ms)
-            "-XX:TieredStopAtLevel=1",
-            # the classes parsed once at setup, mapped by every start (start 2.9 -> 1.5-1.9 s)
+            # the classes parsed once at setup, mapped by every start (bench.broker). The JIT stays
+            # tiered: C1 alone halved a fresh broker's CPU but doubled a long-lived one's (24% of a
+            # core against 11-17% at 6 soak streams), and the stack lives for hours.
             *([f"-XX:SharedArchiveFile={archive}"] if (archive := class_archive()).exists() else []),
             f"-Xms{min(256, self.heap_mb)}m",
             f"-Xmx{self.heap_mb}m",

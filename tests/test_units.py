@@ -332,7 +332,7 @@ def test_broker_jvm_maps_the_class_archive_only_when_setup_wrote_one(tmp_path, m
     node = broker.single_node(tmp_path / "k")
     assert broker.class_archive().parent == libs  # setup's fresh jar folder never keeps a stale one
     cmd = node.command()
-    assert "-XX:TieredStopAtLevel=1" in cmd and not any(a.startswith("-XX:SharedArchiveFile") for a in cmd)
+    assert not any(a.startswith("-XX:SharedArchiveFile") for a in cmd)  # starts without one, only slower
     broker.class_archive().touch()
     cmd = node.command()
     assert f"-XX:SharedArchiveFile={libs / 'kafka-classes.jsa'}" in cmd
