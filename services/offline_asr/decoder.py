@@ -86,7 +86,7 @@ def join_words(pieces: list[tuple[str, int, int, float]]) -> list[dict]:
 
 # Encoder outputs kept for reuse: a window's language detection, its decode and its n-best (run
 # later, when the service is idle, behind at most NBEST_QUEUE other windows) give the encoder the
-# same features, and the encoder is the largest part of a decode (0.80 s of a 10 s window's at 30 s).
+# same features, and each encoding of a window costs 0.80 s (10 s of audio padded to 30 s, 2 cores).
 # Each entry is <= 30 s of features and their encoding (~4 MB for whisper-base).
 ENCODED_KEEP = 10
 
