@@ -11,10 +11,12 @@ class PartitionPlacer:
     partition (keyed by the stream id as before), so per-stream order holds either way.
 
     "balanced" (default): the partition with the fewest streams this ingest has open, ties taken
-    in turn. A consumer group assigns partitions round-robin (cooperative-sticky: 2 online_asr
-    replicas get 0,2,4,6 and 1,3,5,7), so streams spread evenly over the replicas, where hashing
-    the stream id splits 12 streams 8/4 or worse one time in three and the busy replica (one core,
-    pocketsphinx holds the GIL) falls behind. "hash": the producer's key hash.
+    in turn. That spreads streams evenly over the partitions, where hashing the stream id splits
+    12 streams 8/4 or worse one time in three. It spreads them evenly over the replicas only when
+    the group's assignment interleaves partitions, and cooperative-sticky does not promise that:
+    a second online_asr replica joining the first was given 0-3 of 8, so 6 consecutive streams
+    split 4/2 and the busy replica (one core, pocketsphinx holds the GIL) fell behind
+    (docs/measurements.md, the soak). "hash": the producer's key hash.
     """
 
     def __init__(self, mode: str, partitions: int, start: int | None = None):
