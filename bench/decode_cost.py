@@ -26,11 +26,10 @@ from services.online_asr.recognizer import DecoderPool, StreamRecognizer
 SPEECH = Path(__file__).resolve().parent.parent / "data" / "speech"
 
 
-def offline(s: Settings) -> None:
+def offline(s: Settings, windows: list[np.ndarray]) -> None:
     from services.offline_asr.decoder import WhisperDecoder
 
     dec = WhisperDecoder(s.offline_model, cpu_threads=s.offline_cpu_threads, beam_size=s.offline_beam_size)
-    windows = [read_pcm_file(p) for p in sorted(SPEECH.glob("*.wav"))]
     audio = sum(len(w) for w in windows) / 16000
     dec.decode(windows[0], 0)  # warm
     for reuse in (True, False):
@@ -50,7 +49,8 @@ def offline(s: Settings) -> None:
 
 def main() -> None:
     s = Settings()
-    pcm = np.concatenate([read_pcm_file(p) for p in sorted(SPEECH.glob("*.wav"))]).tobytes()
+    files = [read_pcm_file(p) for p in sorted(SPEECH.glob("*.wav"))]
+    pcm = np.concatenate(files).tobytes()
     pool = DecoderPool(1, s.online_max_hmm_per_frame)
     pool.prewarm(1)
     rec = StreamRecognizer(
@@ -70,7 +70,7 @@ def main() -> None:
         f"online decoder: {audio:.1f} s of real speech, {cpu:.2f} CPU-s: {cpu / audio:.3f} CPU-s per audio second, "
         f"at most {audio / cpu:.1f} real-time streams per core"
     )
-    offline(s)
+    offline(s, files)
 
 
 if __name__ == "__main__":
