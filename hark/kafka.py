@@ -19,6 +19,9 @@ from .config import Settings
 
 log = logging.getLogger(__name__)
 
+# online_asr's consumer group: ingest places new streams by its assignment (the busiest pass)
+ONLINE_GROUP = "hark-online-asr"
+
 
 def _base(settings: Settings) -> dict:
     conf = {"bootstrap.servers": settings.bootstrap, "client.id": "hark"}
@@ -246,6 +249,14 @@ def group_lag(settings: Settings, groups: list[str], timeout: float = 10.0) -> d
             "lag": sum(r["lag"] for r in rows),
         }
     return out
+
+
+def group_assignment(adm: AdminClient, group: str, topic: str, timeout: float) -> list[frozenset[int]]:
+    """The partitions of ``topic`` that each member of a consumer group holds now (an empty list:
+    no members yet, or a rebalance under way). Raises KafkaException."""
+    desc = adm.describe_consumer_groups([group], request_timeout=timeout)[group].result()
+    members = [m.assignment.topic_partitions if m.assignment else [] for m in desc.members]
+    return [frozenset(tp.partition for tp in tps if tp.topic == topic) for tps in members]
 
 
 def wait_for_broker(settings: Settings, timeout: float = 30.0, brokers: int = 1) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Settings
+from .kafka import ONLINE_GROUP
 
 MECHANISM = "SCRAM-SHA-512"
 ITERATIONS = 8192
@@ -36,16 +37,18 @@ class Grant:
     writes: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()  # consumer group name prefixes it may join and commit in
     transactional: str | None = None  # transactional id prefix (its group: ids are group-instance)
+    watches: tuple[str, ...] = ()  # consumer groups whose members and assignment it may describe
 
 
 def grants(s: Settings) -> dict[str, Grant]:
     """Every service principal of the stack and its grant (the topic names come from settings)."""
     dead = s.deadletter_topic
     return {
-        # ingest also writes results: the tombstones of its retention sweep
-        "ingest": Grant(writes=(s.audio_topic, s.results_topic, dead)),
+        # ingest also writes results: the tombstones of its retention sweep; it places new streams
+        # by online_asr's assignment, so it may describe that group (not join or read it)
+        "ingest": Grant(writes=(s.audio_topic, s.results_topic, dead), watches=(ONLINE_GROUP,)),
         "online_asr": Grant(
-            (s.audio_topic,), (s.online_topic, s.results_topic, dead), ("hark-online-asr",), "hark-online-asr-"
+            (s.audio_topic,), (s.online_topic, s.results_topic, dead), (ONLINE_GROUP,), ONLINE_GROUP + "-"
         ),
         "offline_asr": Grant((s.audio_topic,), (s.offline_topic, dead), ("hark-offline-asr",), "hark-offline-asr-"),
         "diarizer": Grant((s.audio_topic,), (s.speakers_topic, dead), ("hark-diarizer",), "hark-diarizer-"),
@@ -73,6 +76,7 @@ def acl_bindings(s: Settings) -> list:
         out += [allow(ResourceType.TOPIC, t, lit, principal, AclOperation.READ) for t in g.reads]
         out += [allow(ResourceType.TOPIC, t, lit, principal, AclOperation.WRITE) for t in g.writes]
         out += [allow(ResourceType.GROUP, grp, pre, principal, AclOperation.READ) for grp in g.groups]
+        out += [allow(ResourceType.GROUP, grp, lit, principal, AclOperation.DESCRIBE) for grp in g.watches]
         if g.transactional:
             out.append(allow(ResourceType.TRANSACTIONAL_ID, g.transactional, pre, principal, AclOperation.WRITE))
     return out

@@ -36,7 +36,7 @@ SERVICES = {  # name -> (module with main(argv), the topic whose partitions its 
 
 
 # the consumer groups whose lag `hark status` shows (each service's class names its own)
-GROUPS = ["hark-online-asr", "hark-offline-asr", "hark-diarizer", "hark-results"]
+GROUPS = [kafka.ONLINE_GROUP, "hark-offline-asr", "hark-diarizer", "hark-results"]
 
 
 def stack_dir(settings: Settings, name: str = "default") -> Path:

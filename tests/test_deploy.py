@@ -15,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from hark import stack
+from hark import kafka, stack
 from hark.config import Settings
 
 from .conftest import ROOT, run_hark
@@ -207,7 +207,7 @@ def test_every_service_exposes_prometheus_metrics(live_stack, speech_dir):
 # ---- local scale-out -------------------------------------------------------------------------
 @pytest.mark.e2e
 def test_replicas_split_partitions_and_no_stream_is_lost_when_one_dies(tmp_path, speech_dir):
-    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "4", "HARK_IDLE_TIMEOUT_S": "10"}
+    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "8", "HARK_IDLE_TIMEOUT_S": "10"}
     up = run_hark("up", "--replicas", "online_asr=2,offline_asr=2", env_extra=env, timeout=180)
     assert up.returncode == 0, up.stderr
     try:
@@ -217,9 +217,9 @@ def test_replicas_split_partitions_and_no_stream_is_lost_when_one_dies(tmp_path,
         for name in ("online_asr", "offline_asr"):
             replicas = [s for s in state["services"] if s["name"] == name]
             owned = [s["partitions_assigned"] for s in replicas]
-            assert len(replicas) == 2 and all(n >= 1 for n in owned) and sum(owned) == 4, (name, owned)
+            assert len(replicas) == 2 and all(n >= 1 for n in owned) and sum(owned) == 8, (name, owned)
 
-        # Streams on every partition, published in real time; one online_asr replica dies mid-stream.
+        # Streams published in real time through one ingest; one online_asr replica dies mid-stream.
         import threading
 
         from services.ingest.core import Ingest
@@ -227,16 +227,30 @@ def test_replicas_split_partitions_and_no_stream_is_lost_when_one_dies(tmp_path,
         files = ["austen_passage.flac"] + ["goforward.wav", "forever_input_2_16k.wav"] * 2
         ids = [f"replica-{i}-{time.time_ns()}" for i in range(len(files))]
         errors: list[BaseException] = []
+        ingest, placed = Ingest(settings), {}
 
         def publish(f, sid):
             try:
-                Ingest(settings).publish_file(speech_dir / f, stream_id=sid, realtime=True)
+                ingest.publish_file(
+                    speech_dir / f,
+                    stream_id=sid,
+                    realtime=True,
+                    on_start=lambda pub: placed.update({sid: pub.partition}),
+                )
             except BaseException as e:  # surfaced below
                 errors.append(e)
 
         threads = [threading.Thread(target=publish, args=(f, sid)) for f, sid in zip(files, ids)]
         for t in threads:
             t.start()
+        # ingest places them by the online group's assignment: 3 and 2 on the two replicas, however
+        # the assignor split the 8 partitions (in turn over partitions alone: 4 and 1 from half the
+        # starts when each replica holds a contiguous half)
+        deadline = time.monotonic() + 30
+        while len(placed) < len(ids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        owners = kafka.group_assignment(kafka.admin(settings), kafka.ONLINE_GROUP, settings.audio_topic, 10)
+        assert sorted(sum(placed.get(sid) in m for sid in ids) for m in owners) == [2, 3], (owners, placed)
         victim = next(s for s in state["services"] if s["name"] == "online_asr")
         deadline = time.monotonic() + 30  # killed mid-stream: once it decodes streams of its own
         while value(scrape(victim["health_port"]).get("hark_open_streams", [])) < 1 and time.monotonic() < deadline:

@@ -544,6 +544,12 @@ def test_the_broker_refuses_strangers_and_holds_each_service_to_its_topics(live_
     assert settings.results_topic not in seen["diarizer"][0] and settings.audio_topic not in seen["captions"][0]
     assert {p for p, (_, w) in seen.items() if settings.audio_topic in w} == {"ingest"}
     assert {p for p, (r, _) in seen.items() if settings.results_topic in r} == {"captions"}
+    # ingest sees which online_asr replica holds which audio partition (it places streams by
+    # that), and no other group
+    as_ingest = kafka.admin(type(settings)(bootstrap=settings.bootstrap, kafka_extra=creds.client("ingest")))
+    assert kafka.group_assignment(as_ingest, kafka.ONLINE_GROUP, settings.audio_topic, 10)
+    with pytest.raises(kafka.KafkaException, match="AUTHORIZATION"):
+        kafka.group_assignment(as_ingest, "hark-results", settings.results_topic, 10)
 
 
 # ---- input checked at the door ------------------------------------------------------------------

@@ -298,6 +298,57 @@ def test_partition_placer_spreads_open_streams_and_takes_ties_in_turn():
         PartitionPlacer("random", 8)
 
 
+def test_partition_placer_balances_the_online_replicas_whatever_their_assignment():
+    """Streams go to the online_asr replica with the fewest open streams, by the group's actual
+    assignment: contiguous halves (what cooperative-sticky gave a joining replica) split 6 streams
+    3/3 from every start, where partitions in turn alone split them 4/2 from 6 of the 8 starts."""
+    from services.ingest.placement import PartitionPlacer
+
+    contiguous = [frozenset(range(4)), frozenset(range(4, 8))]
+    interleaved = [frozenset(range(0, 8, 2)), frozenset(range(1, 8, 2))]
+    three = [frozenset({0, 1, 2}), frozenset({3, 4, 5}), frozenset({6, 7})]
+    for owners in (contiguous, interleaved, three):
+        for start in range(8):
+            placer = PartitionPlacer("balanced", 8, start=start)
+            got = [placer.acquire(owners) for _ in range(6)]
+            per_member = sorted(sum(p in m for p in got) for m in owners)
+            assert per_member == [6 // len(owners)] * len(owners), (owners, start, got)
+            assert len(set(got)) == 6  # and within a replica, over its partitions
+    blind = [PartitionPlacer("balanced", 8, start=s) for s in range(8)]
+    lopsided = [g for g in ([b.acquire() for _ in range(6)] for b in blind) if sum(p < 4 for p in g) != 3]
+    assert len(lopsided) == 6  # what the owners fix
+    # a released stream frees its replica: the next one goes back there
+    placer = PartitionPlacer("balanced", 8, start=0)
+    got = [placer.acquire(contiguous) for _ in range(4)]  # 2 on each replica
+    freed = next(p for p in got if p in contiguous[1])
+    placer.release(freed)
+    assert placer.acquire(contiguous) in contiguous[1]
+    # mid-rebalance, partitions no member holds come last; no members at all: partitions alone
+    assert PartitionPlacer("balanced", 8, start=0).acquire([frozenset({5})]) == 5
+    assert PartitionPlacer("balanced", 8, start=3).acquire([]) == 3
+
+
+def test_assignment_view_asks_at_most_once_per_ttl_and_falls_back_when_it_cannot(caplog):
+    from services.ingest.placement import AssignmentView
+
+    calls: list[float] = []
+
+    def describe(timeout: float):
+        calls.append(timeout)
+        if len(calls) >= 2:
+            raise RuntimeError("GROUP_AUTHORIZATION_FAILED")
+        return [frozenset({0, 1}), frozenset()]  # a member without partitions is no choice
+
+    view = AssignmentView(describe, ttl=0.2, timeout=1.5)
+    assert view.owners() == [frozenset({0, 1})] and view.owners() == [frozenset({0, 1})]
+    assert calls == [1.5]
+    time.sleep(0.25)
+    assert view.owners() is None
+    time.sleep(0.25)
+    assert view.owners() is None and len(calls) == 3
+    assert sum("assignment unavailable" in r.message for r in caplog.records) == 1  # once, not per stream
+
+
 def test_configuration_reference_is_current():
     """docs/configuration.md's settings table is generated from Settings: regenerate it with
     `python -m hark.config` when a setting changes."""

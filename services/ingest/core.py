@@ -18,7 +18,7 @@ from hark.runtime import DeadLetters, Metrics
 from hark.storage import ObjectStore, archive_prefix, open_store
 
 from .admission import Admission
-from .placement import PartitionPlacer
+from .placement import AssignmentView, Owners, PartitionPlacer
 from .publisher import ChunkCallback, StreamPublisher, StreamSummary, check_stream_id
 
 log = logging.getLogger("hark.ingest")
@@ -41,6 +41,7 @@ class Ingest:
         self.deadletters = DeadLetters(self.producer, settings, "ingest", self.metrics, keys=self.keys)
         self.admission = Admission(settings)
         self._placer: PartitionPlacer | None = None
+        self._assignment: AssignmentView | None = None
         self._placer_lock = threading.Lock()
 
     def placer(self) -> PartitionPlacer:
@@ -58,6 +59,16 @@ class Ingest:
                         return PartitionPlacer("hash", 0)
                 self._placer = PartitionPlacer(mode, partitions)
             return self._placer
+
+    def online_owners(self) -> Owners | None:
+        """Each online_asr replica's audio partitions now, for balanced placement (None: unknown)."""
+        if self.settings.audio_placement == "hash":
+            return None
+        with self._placer_lock:
+            if self._assignment is None:
+                adm, topic = kafka.admin(self.settings), self.settings.audio_topic
+                self._assignment = AssignmentView(lambda t: kafka.group_assignment(adm, kafka.ONLINE_GROUP, topic, t))
+        return self._assignment.owners()
 
     def reject(
         self,

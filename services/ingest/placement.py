@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("hark.ingest")
+
+Owners = list[frozenset[int]]  # each online_asr member's audio partitions
 
 
 class PartitionPlacer:
     """Which audio partition a new stream goes to. All of a stream's records go to that one
     partition (keyed by the stream id as before), so per-stream order holds either way.
 
-    "balanced" (default): the partition with the fewest streams this ingest has open, ties taken
-    in turn. That spreads streams evenly over the partitions, where hashing the stream id splits
-    12 streams 8/4 or worse one time in three. It spreads them evenly over the replicas only when
-    the group's assignment interleaves partitions, and cooperative-sticky does not promise that:
-    a second online_asr replica joining the first was given 0-3 of 8, so 6 consecutive streams
-    split 4/2 and the busy replica (one core, pocketsphinx holds the GIL) fell behind
-    (docs/measurements.md, the soak). "hash": the producer's key hash.
+    "balanced" (default): first the online_asr replica with the fewest of this ingest's open
+    streams, by the group's current assignment (``owners``); then its partition with the fewest;
+    ties taken in turn. online_asr is the pass that must keep up in real time, and a replica is
+    one core (pocketsphinx holds the GIL), so a replica with 4 streams beside one with 2 falls
+    behind while the other idles. Kafka's assignors do not say which partitions a member gets:
+    cooperative-sticky gave a joining replica 0-3 of 8, not alternate partitions
+    (docs/measurements.md, the soak), so no order of partitions alone is balanced for every
+    assignment. Without an assignment (the group has no members yet, or it cannot be described)
+    it spreads streams over partitions alone. "hash": the producer's key hash.
     """
 
     def __init__(self, mode: str, partitions: int, start: int | None = None):
@@ -31,13 +41,25 @@ class PartitionPlacer:
         self._next = random.randrange(max(partitions, 1)) if start is None else start
         self._lock = threading.Lock()
 
-    def acquire(self) -> int | None:
+    def acquire(self, owners: Owners | None = None) -> int | None:
         """A partition for a new stream (None: let the producer hash the key)."""
         if self.mode == "hash":
             return None
         with self._lock:
-            n, fewest = len(self._open), min(self._open)
-            p = next(p % n for p in range(self._next, self._next + n) if self._open[p % n] == fewest)
+            n = len(self._open)
+            member_load: dict[int, float] = {}  # partition -> open streams of the member holding it
+            for member in owners or []:
+                held = [p for p in member if p < n]
+                for p in held:
+                    member_load[p] = sum(self._open[q] for q in held)
+            # a partition no member holds (mid-rebalance) goes to whoever gets it: last choice
+            unheld = math.inf if member_load else 0
+
+            def key(p: int) -> tuple[float, int]:
+                return member_load.get(p, unheld), self._open[p]
+
+            best = min(key(p) for p in range(n))
+            p = next(p % n for p in range(self._next, self._next + n) if key(p % n) == best)
             self._open[p] += 1
             self._next = p + 1
             return p
@@ -46,3 +68,29 @@ class PartitionPlacer:
         if partition is not None:
             with self._lock:
                 self._open[partition] -= 1
+
+
+class AssignmentView:
+    """The online group's assignment, asked of the broker at most once per ``ttl`` seconds (a stream
+    start waits for it at most ``timeout``); None when it cannot be had, and placement then goes by
+    partitions alone (a warning once, not per stream)."""
+
+    def __init__(self, describe: Callable[[float], Owners], ttl: float = 2.0, timeout: float = 2.0):
+        self._describe, self.ttl, self.timeout = describe, ttl, timeout
+        self._owners: Owners | None = None
+        self._at = -math.inf
+        self._warned = False
+        self._lock = threading.Lock()
+
+    def owners(self) -> Owners | None:
+        with self._lock:
+            if time.monotonic() - self._at >= self.ttl:
+                try:
+                    self._owners = [m for m in self._describe(self.timeout) if m] or None
+                    self._warned = False
+                except Exception as e:  # no Describe ACL on an operator's cluster, a broker away
+                    if not self._warned:
+                        log.warning("online group's assignment unavailable (%s): placing by partitions alone", e)
+                    self._owners, self._warned = None, True
+                self._at = time.monotonic()
+            return self._owners

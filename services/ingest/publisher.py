@@ -132,7 +132,7 @@ class StreamPublisher:
                 "stream_erased", f"stream id {self.stream_id!r} was erased and cannot be used again; choose another id"
             ) from None
         self._admitted = True
-        self.partition = self._placer.acquire()
+        self.partition = self._placer.acquire(self.ingest.online_owners())
         self._meta(status="OPEN", started_at_ms=now_ms())
         self._produce(
             "StreamStart",

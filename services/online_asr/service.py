@@ -13,6 +13,7 @@ same text as an uninterrupted run (tests/test_recognizer.py checks this).
 
 from __future__ import annotations
 
+from hark import kafka
 from hark.config import Settings
 from hark.keys import open_archive
 from hark.languages import AUTO
@@ -145,7 +146,7 @@ class OtherLanguage:
 
 class OnlineProcessors:
     name = "online_asr"
-    group = "hark-online-asr"
+    group = kafka.ONLINE_GROUP
 
     def __init__(self, settings: Settings):
         self.settings = settings
