@@ -134,8 +134,8 @@ class Settings:
     audio_linger_ms: int = 5
     # The same for the services' outputs (transcripts, results).
     output_linger_ms: int = 5
-    # balanced: a new stream goes to the audio partition with the fewest streams open on this
-    # ingest, so they spread evenly over online_asr replicas; hash: the stream id's hash
+    # balanced: a new stream goes to the online_asr replica, then the partition, with the fewest
+    # streams open on this ingest (services/ingest/placement.py); hash: the stream id's hash
     audio_placement: str = "balanced"
     max_upload_bytes: int = 256 * 1024 * 1024  # an encoded file larger than this is refused
     max_stream_seconds: float = 4 * 3600.0  # a stream is cut (too_long) past this
