@@ -143,16 +143,20 @@ class Supervisor:
         self.write_state()
 
     def ready(self) -> bool:
-        assigned: dict[str, int] = {}
+        """Every child answers ok, and every consumer group holds all its partitions with each of
+        its replicas holding some: a first replica holds all of them until the next one joins, and
+        streams placed then would pile onto it (the second's rebalance is seconds later)."""
+        assigned: dict[str, list[int]] = {}
         for c in self.children:
             h = health(c.health_port)
             if not h or h.get("status") != "ok":
                 return False
-            assigned[c.name] = assigned.get(c.name, 0) + h.get("partitions", 0)
+            assigned.setdefault(c.name, []).append(h.get("partitions", 0))
         return all(
-            assigned.get(n, 0) >= self.settings.partitions
+            sum(held) >= self.settings.partitions and (len(held) > self.settings.partitions or min(held) > 0)
             for n, (_, t) in SERVICES.items()
             if t and self.replicas.get(n, 1) > 0
+            for held in [assigned.get(n, [0])]
         )
 
     def wait_ready(self, timeout: float = 90.0) -> None:

@@ -323,8 +323,13 @@ def test_partition_placer_balances_the_online_replicas_whatever_their_assignment
     freed = next(p for p in got if p in contiguous[1])
     placer.release(freed)
     assert placer.acquire(contiguous) in contiguous[1]
-    # mid-rebalance, partitions no member holds come last; no members at all: partitions alone
-    assert PartitionPlacer("balanced", 8, start=0).acquire([frozenset({5})]) == 5
+    # mid-rebalance (the first replica gave 0-3 up for a joining one that holds nothing yet):
+    # partitions no member holds count as one more replica, not as the first one's nor as last
+    for start in range(8):
+        placer = PartitionPlacer("balanced", 8, start=start)
+        got = [placer.acquire([frozenset(range(4, 8))]) for _ in range(6)]
+        assert sum(p >= 4 for p in got) == 3, (start, got)
+    # no members at all: partitions alone
     assert PartitionPlacer("balanced", 8, start=3).acquire([]) == 3
 
 

@@ -25,8 +25,9 @@ class PartitionPlacer:
     behind while the other idles. Kafka's assignors do not say which partitions a member gets:
     cooperative-sticky gave a joining replica 0-3 of 8, not alternate partitions
     (docs/measurements.md, the soak), so no order of partitions alone is balanced for every
-    assignment. Without an assignment (the group has no members yet, or it cannot be described)
-    it spreads streams over partitions alone. "hash": the producer's key hash.
+    assignment. Partitions no member holds (a rebalance under way) count as one more replica.
+    Without an assignment (the group has no members yet, or it cannot be described) it spreads
+    streams over partitions alone. "hash": the producer's key hash.
     """
 
     def __init__(self, mode: str, partitions: int, start: int | None = None):
@@ -47,16 +48,19 @@ class PartitionPlacer:
             return None
         with self._lock:
             n = len(self._open)
-            member_load: dict[int, float] = {}  # partition -> open streams of the member holding it
-            for member in owners or []:
-                held = [p for p in member if p < n]
-                for p in held:
-                    member_load[p] = sum(self._open[q] for q in held)
-            # a partition no member holds (mid-rebalance) goes to whoever gets it: last choice
-            unheld = math.inf if member_load else 0
+            members = [[p for p in m if p < n] for m in owners or []]
+            # Partitions no member holds (mid-rebalance: cooperative-sticky revokes what a joining
+            # member is to get, then assigns it) count as one more member: most likely the new one.
+            held = {p for m in members for p in m}
+            if held:
+                members.append([p for p in range(n) if p not in held])
+            member_load = [0] * n  # partition -> open streams of the member holding it
+            for m in members:
+                for p in m:
+                    member_load[p] = sum(self._open[q] for q in m)
 
-            def key(p: int) -> tuple[float, int]:
-                return member_load.get(p, unheld), self._open[p]
+            def key(p: int) -> tuple[int, int]:
+                return member_load[p], self._open[p]
 
             best = min(key(p) for p in range(n))
             p = next(p % n for p in range(self._next, self._next + n) if key(p % n) == best)
