@@ -37,14 +37,15 @@ class ReportingProducer(Producer):
     def __init__(self, conf: dict):
         self.delivery_error: KafkaError | None = None
         self.failures = 0
-        error_cb = conf.pop("error_cb", None)
-        super().__init__(
-            {
-                **conf,
-                "on_delivery": self._delivered,
-                "error_cb": error_cb or (lambda err: log.warning("kafka: %s", err)),
-            }
-        )
+        # when a connection to the brokers was last lost (monotonic; None: never), as poll() reports it
+        self.broker_lost_at: float | None = None
+        self._error_cb = conf.pop("error_cb", None) or (lambda err: log.warning("kafka: %s", err))
+        super().__init__({**conf, "on_delivery": self._delivered, "error_cb": self._error})
+
+    def _error(self, err: KafkaError) -> None:
+        if err.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
+            self.broker_lost_at = time.monotonic()
+        self._error_cb(err)
 
     def _delivered(self, err, _msg) -> None:
         if err is not None:

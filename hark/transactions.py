@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import time
 
 from confluent_kafka import KafkaException
 
@@ -22,14 +23,19 @@ log = logging.getLogger("hark")
 # librdkafka's send_offsets_to_transaction ignores its timeout and can wait forever once the
 # group coordinator it cached went away (librdkafka issues 5456 and 5511; seen here after every
 # broker restart): a commit that does not finish in time ends the process, and its restart
-# resumes from the last commit. A commit takes ~40 ms; a broker restart ~16 s.
+# resumes from the last commit. A commit takes ~40 ms. A commit that lost its broker connection
+# midway is wedged once the brokers have answered again for RECONNECTED_S without it finishing
+# (the producer reports a lost connection every second until it is back): the embedded broker
+# restarts in ~5 s, and waiting out the whole deadline kept every service of the stack stalled
+# for 30 s after it (tests/test_chaos.py's broker scenarios).
 COMMIT_DEADLINE_S = 30.0
+RECONNECTED_S = 8.0
 
 
-def _wedged(transactional_id: str) -> None:
+def _wedged(transactional_id: str, waited_s: float) -> None:
     log.error(
         "a transaction commit did not finish in %.0f s: exiting to restart from the last commit",
-        COMMIT_DEADLINE_S,
+        waited_s,
         extra={"fields": {"transactional_id": transactional_id}},
     )
     logging.shutdown()
@@ -48,6 +54,7 @@ class Transactions:
         self.producer, self.transactional_id = producer, transactional_id
         self._open = False
         self._inflight: concurrent.futures.Future | None = None
+        self._started = 0.0  # when the commit in flight began (monotonic)
         self._waiting: list[tuple[str, bytes | None, bytes]] = []
         self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="commit")
 
@@ -71,17 +78,29 @@ class Transactions:
         if not self._open:
             self.producer.begin_transaction()
             self._open = True
+        self._started = time.monotonic()
         self._inflight = self._committer.submit(self._commit, offsets, group_metadata)
         return True
+
+    def _wedged_now(self) -> bool:
+        now, lost = time.monotonic(), getattr(self.producer, "broker_lost_at", None)
+        if now - self._started > COMMIT_DEADLINE_S:
+            return True
+        return lost is not None and lost > self._started and now - lost > RECONNECTED_S
 
     def wait(self) -> None:
         if self._inflight is None:
             return
         future, self._inflight = self._inflight, None
         try:
-            future.result(timeout=COMMIT_DEADLINE_S)
-        except concurrent.futures.TimeoutError:
-            _wedged(self.transactional_id)
+            while True:
+                try:
+                    future.result(timeout=0.5)
+                    break
+                except concurrent.futures.TimeoutError:
+                    self.producer.poll(0)  # serves the error callback that reports lost connections
+                    if self._wedged_now():
+                        _wedged(self.transactional_id, time.monotonic() - self._started)
         except KafkaException as e:
             raise RuntimeError(f"transaction failed, restarting from the last commit: {e}") from e
         self._open = False

@@ -173,10 +173,11 @@ def faulted_run(settings, audio: dict[str, bytes], reference: dict, n_streams: i
 
     streams = {f"{prefix}-{i}-{time.time_ns()}": "abc"[i % 3] for i in range(n_streams)}
     errors: list[BaseException] = []
+    ingest = Ingest(settings)  # one placer: the streams spread over the online_asr replicas
 
     def publish(sid, key):
         try:
-            Ingest(settings).publish_file(io.BytesIO(audio[key]), stream_id=sid, realtime=True)
+            ingest.publish_file(io.BytesIO(audio[key]), stream_id=sid, realtime=True)
         except BaseException as e:  # surfaced below
             errors.append(e)
 

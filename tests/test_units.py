@@ -586,3 +586,68 @@ def test_whisper_word_pieces_join_by_the_tokenizers_leading_spaces():
     ill = words[3]
     assert (ill["start_ms"], ill["end_ms"], ill["confidence"]) == (300, 700, 0.6)
     assert join_words([("-first", 0, 10, 0.5)])[0]["word"] == "-first"  # a segment's first piece starts a word
+
+
+def test_a_commit_that_lost_its_broker_is_given_up_once_the_broker_is_back(monkeypatch):
+    """librdkafka's send_offsets_to_transaction can hang for good after its coordinator went away
+    (librdkafka #5456, #5511): the loop gives a commit up (the process restarts from its last
+    commit) once the brokers have answered again for RECONNECTED_S, not only at the deadline."""
+    import threading
+
+    from hark import transactions
+
+    class Wedged(Exception):
+        pass
+
+    def wedged(_tid, waited):
+        raise Wedged(waited)
+
+    class Producer:
+        broker_lost_at: float | None = None
+
+        def __init__(self, lost_until: float):
+            self.release, self.lost_until = threading.Event(), lost_until
+
+        def begin_transaction(self):
+            pass
+
+        def send_offsets_to_transaction(self, *_args):
+            self.release.wait()  # the hang
+
+        def commit_transaction(self, _timeout):
+            pass
+
+        def poll(self, _timeout):  # error_cb reports a lost connection every poll until it is back
+            if time.monotonic() < self.lost_until:
+                self.broker_lost_at = time.monotonic()
+
+    monkeypatch.setattr(transactions, "_wedged", wedged)
+    monkeypatch.setattr(transactions, "RECONNECTED_S", 0.4)
+    monkeypatch.setattr(transactions, "COMMIT_DEADLINE_S", 3.0)
+    # the connection is lost mid-commit and back 1.2 s later (the loop looks every 0.5 s): given up
+    # at the first look 0.4 s after the last loss it saw
+    p = Producer(lost_until=time.monotonic() + 1.2)
+    tx = transactions.Transactions(p, "t-1")
+    tx.commit(["offset"], None)
+    try:
+        with pytest.raises(Wedged) as got:
+            tx.wait()
+    finally:
+        p.release.set()
+    assert 1.2 <= got.value.args[0] < 2.6
+    # a broker still away is waited for, up to the deadline
+    p = Producer(lost_until=time.monotonic() + 60)
+    tx = transactions.Transactions(p, "t-2")
+    tx.commit(["offset"], None)
+    try:
+        with pytest.raises(Wedged) as got:
+            tx.wait()
+    finally:
+        p.release.set()
+    assert got.value.args[0] >= 3.0
+    # a slow commit with the brokers there all along is not given up before the deadline
+    p = Producer(lost_until=0)
+    tx = transactions.Transactions(p, "t-3")
+    tx.commit(["offset"], None)
+    threading.Timer(1.0, p.release.set).start()
+    tx.wait()  # raises Wedged if given up
