@@ -23,11 +23,11 @@ log = logging.getLogger("hark")
 # librdkafka's send_offsets_to_transaction ignores its timeout and can wait forever once the
 # group coordinator it cached went away (librdkafka issues 5456 and 5511; seen here after every
 # broker restart): a commit that does not finish in time ends the process, and its restart
-# resumes from the last commit. A commit takes ~40 ms. A commit that lost its broker connection
-# midway is wedged once the brokers have answered again for RECONNECTED_S without it finishing
-# (the producer reports a lost connection every second until it is back): the embedded broker
-# restarts in ~5 s, and waiting out the whole deadline kept every service of the stack stalled
-# for 30 s after it (tests/test_chaos.py's broker scenarios).
+# resumes from the last commit. A commit takes ~40 ms. One that lost its broker connection midway,
+# or began soon after a loss, is wedged once the brokers have answered again for RECONNECTED_S
+# without it finishing (the producer reports a lost connection every second until it is back):
+# the embedded broker restarts in ~5 s, and waiting out the whole deadline kept every service of
+# the stack stalled for 30 s after it (tests/test_chaos.py's broker scenarios).
 COMMIT_DEADLINE_S = 30.0
 RECONNECTED_S = 8.0
 
@@ -83,10 +83,15 @@ class Transactions:
         return True
 
     def _wedged_now(self) -> bool:
+        """Past the deadline; or the brokers were lost during the commit or shortly before it (its
+        coordinator may be a stale one), and it has not finished RECONNECTED_S after both its start
+        and the last loss."""
         now, lost = time.monotonic(), getattr(self.producer, "broker_lost_at", None)
         if now - self._started > COMMIT_DEADLINE_S:
             return True
-        return lost is not None and lost > self._started and now - lost > RECONNECTED_S
+        if lost is None or lost < self._started - COMMIT_DEADLINE_S:
+            return False
+        return now - max(lost, self._started) > RECONNECTED_S
 
     def wait(self) -> None:
         if self._inflight is None:

@@ -645,6 +645,17 @@ def test_a_commit_that_lost_its_broker_is_given_up_once_the_broker_is_back(monke
     finally:
         p.release.set()
     assert got.value.args[0] >= 3.0
+    # a commit begun just after a loss (its coordinator may be the stale one): RECONNECTED_S after it
+    p = Producer(lost_until=0)
+    p.broker_lost_at = time.monotonic() - 1.0
+    tx = transactions.Transactions(p, "t-4")
+    tx.commit(["offset"], None)
+    try:
+        with pytest.raises(Wedged) as got:
+            tx.wait()
+    finally:
+        p.release.set()
+    assert 0.4 <= got.value.args[0] < 1.6
     # a slow commit with the brokers there all along is not given up before the deadline
     p = Producer(lost_until=0)
     tx = transactions.Transactions(p, "t-3")
