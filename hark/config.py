@@ -179,8 +179,8 @@ class Settings:
     offline_prompt_chars: int = 0
     offline_min_window_s: float = 10.0  # decode once this much audio is pending and a pause is reached
     offline_max_window_s: float = 30.0  # never a longer window (Whisper's field)
-    # Padding the encoder sees after an unprompted window; 30 (Whisper's full input) until 2 s decodes alike every run
-    offline_encode_pad_s: float = 30.0
+    # Padding the encoder sees after an unprompted window (30: Whisper's full input); bench.encoder_pad
+    offline_encode_pad_s: float = 2.0
     # The online pass is latency-critical, the offline one is not: lower its CPU priority.
     offline_nice: int = 10
     # A/B rollout: this share of streams (chosen by a stable hash of the stream id, so every

@@ -70,8 +70,9 @@ def test_hark_run_transcribes_real_speech_and_reports_a_bad_file(tmp_path, speec
         offline += score(references[os.path.basename(f)], r["final_text"])
     assert offline.ref_words > 100
     # words as written (the finding: "ill -sposed"): a hyphenated word is one word everywhere
+    # (Whisper hears "ill-disposed", or "ill-sposed" with 2 s of encoder padding: one word either way)
     ill = rows[str(speech_dir / "sense_and_sensibility_01_austen_64kb-0880.wav")]
-    assert "ill-disposed" in [w["word"].lower().strip(".,") for w in ill["words"]], ill["words"]
+    assert [w for w in ill["words"] if w["word"].lower().startswith("ill-") and len(w["word"]) > 6], ill["words"]
     assert not [w for r in rows.values() for w in r.get("words", []) if w["word"][:1] in "-'"]
     assert online.wer <= 0.40, f"online WER {online.wer:.3f}"
     assert offline.wer <= 0.10 and offline.wer <= 0.4 * online.wer, f"offline {offline.wer:.3f} online {online.wer:.3f}"

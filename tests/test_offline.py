@@ -121,9 +121,26 @@ def test_the_encoder_is_given_the_window_not_30_s(speech_dir, monkeypatch):
     assert set(seen) == {3000}, seen
 
 
+def test_a_window_decodes_to_the_same_text_whatever_was_decoded_before(decoder, speech_dir):
+    """A window re-decoded after a restart must give the text it gave the first time (the chaos
+    tests compare them). This one, at 2 s of padding, is unsure enough that faster-whisper's
+    fallback to sampling re-decoded it, to other text in 4 of 4 tries."""
+    pause = np.zeros(12000, dtype=np.int16)
+    names = ["goforward.wav", "sense_and_sensibility_01_austen_64kb-0870.wav"]
+    window = np.concatenate([p for n in names for p in (read_pcm_file(speech_dir / n), pause)])
+    others = [read_pcm_file(speech_dir / n) for n in ("cards_002.wav", "sense_and_sensibility_01_austen_64kb-0890.wav")]
+    decoder.model.encoded.clear()
+    first = decoder.decode(window, 0).text
+    texts = []
+    for other in others + others[::-1]:
+        decoder.decode(other, 0)
+        texts.append(decoder.decode(window, 0).text)
+    assert "Dashwood" in first and texts == [first] * len(texts), (first, texts)
+
+
 def test_a_windows_detection_decode_and_nbest_share_one_encoding(decoder, speech_dir, monkeypatch):
-    """The encoder runs once per window: language detection, the decode and the n-best (queued
-    behind other windows) reuse its output, and what they give is what a fresh encoding gives."""
+    """The encoder runs once per window input: the decode and the n-best (queued behind other
+    windows) reuse its output, and what they give is what a fresh encoding gives."""
     from services.offline_asr import decoder as decoder_module
 
     pcm = read_pcm_file(speech_dir / "sense_and_sensibility_01_austen_64kb-0880.wav")
@@ -144,8 +161,12 @@ def test_a_windows_detection_decode_and_nbest_share_one_encoding(decoder, speech
     text = decoder.decode(pcm, 0).text
     decoder.decode(other, 0)  # another window between the decode and its n-best
     assert decoder.nbest(pcm, 3) == fresh
-    assert len(calls) == 2, calls  # this window once, the other once
-    assert "ill-disposed" in text.lower()
+    # this window once for the decode and its n-best, the other once; detection shares it only
+    # when the decode too sees Whisper's 30 s input (detection keeps it, as bench.languages measured)
+    want = decoder.frames(len(pcm), None)
+    detection = [] if decoder.english_only or want == 3000 else [3000]
+    assert calls == detection + [want, decoder.frames(len(other), None)], calls
+    assert "young man" in text.lower()
     for i in range(decoder_module.ENCODED_KEEP + 2):  # bounded: the oldest encodings go
         decoder.nbest(other[: 16000 + 1600 * i], 1)
     assert len(decoder.model.encoded) == decoder_module.ENCODED_KEEP

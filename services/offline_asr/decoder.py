@@ -8,7 +8,8 @@ kept from its decode, so the n-best pays for the beam search only.
 An unprompted window's encoder sees the window and ``encode_pad_s`` of padding, not Whisper's full 30 s: its cost
 grows with the frames it is given (0.12 s for 10 s of audio, 0.80 s padded to 30 s, int8 on
 2 cores), and CTranslate2 accepts the shorter input. ``python -m bench.encoder_pad`` measures
-each padding's cost and WER; the default (30) keeps Whisper's input (docs/measurements.md).
+each padding's cost and WER; the default is 2 s (docs/measurements.md). Decoding is beam search
+only, so a window gives the same text every time it is decoded (after a restart, in a replay).
 """
 
 from __future__ import annotations
@@ -84,6 +85,15 @@ def join_words(pieces: list[tuple[str, int, int, float]]) -> list[dict]:
     return out
 
 
+# Whisper's temperatures: beam search only. faster-whisper's default falls back to sampling at
+# 0.2, 0.4, ... when a decode looks unsure (log-prob < -1, compression ratio > 2.4), and sampling
+# makes a window's text differ from one decode to the next: a window re-decoded after a restart
+# got other words than the first time (the chaos tests at 2 s of padding), and seeding CTranslate2
+# did not make it repeat. ``python -m bench.encoder_pad --temperatures both`` measures the WER
+# cost of going without it (docs/measurements.md).
+DETERMINISTIC = (0.0,)
+FALLBACK = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # faster-whisper's default
+
 # Encoder outputs kept for reuse: a window's language detection, its decode and its n-best (run
 # later, when the service is idle, behind at most NBEST_QUEUE other windows) give the encoder the
 # same features, and each encoding of a window costs 0.80 s (10 s of audio padded to 30 s, 2 cores).
@@ -131,8 +141,10 @@ class WhisperDecoder:
         cpu_threads: int = 0,
         beam_size: int = 5,
         encode_pad_s: float = MAX_WINDOW_S,
+        temperatures: tuple[float, ...] = DETERMINISTIC,
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.temperatures = temperatures
 
         path = models.whisper_path(model)
         self.device, self.compute_type = choose_device(device, compute_type)
@@ -193,6 +205,7 @@ class WhisperDecoder:
             hotwords=", ".join(hotwords) or None,
             # Segments of one window conditioning on each other is how Whisper's repetition loops start.
             condition_on_previous_text=False,
+            temperature=list(self.temperatures),
             vad_filter=False,
         )  # windows are already cut at pauses
         words: list[dict] = []
