@@ -61,7 +61,14 @@ def decided(dec: WhisperDecoder, pcm) -> tuple[str, float]:
 
 
 def main() -> None:
-    dec = WhisperDecoder()
+    import argparse
+
+    from hark.config import Settings
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full-input", action="store_true", help="detect on Whisper's 30 s input, not the decode's")
+    args = ap.parse_args()
+    dec = WhisperDecoder(encode_pad_s=Settings.load().offline_encode_pad_s, detect_trimmed=not args.full_input)
     per_lang, rows = {}, []
     for lang, sentences in SENTENCES.items():
         hits = 0

@@ -143,8 +143,8 @@ def test_a_window_decodes_to_the_same_text_whatever_was_decoded_before(decoder, 
 
 
 def test_a_windows_detection_decode_and_nbest_share_one_encoding(decoder, speech_dir, monkeypatch):
-    """The encoder runs once per window input: the decode and the n-best (queued behind other
-    windows) reuse its output, and what they give is what a fresh encoding gives."""
+    """The encoder runs once per window: language detection, the decode and the n-best (queued
+    behind other windows) reuse its output, and what they give is what a fresh encoding gives."""
     from services.offline_asr import decoder as decoder_module
 
     pcm = read_pcm_file(speech_dir / "sense_and_sensibility_01_austen_64kb-0880.wav")
@@ -165,11 +165,8 @@ def test_a_windows_detection_decode_and_nbest_share_one_encoding(decoder, speech
     text = decoder.decode(pcm, 0).text
     decoder.decode(other, 0)  # another window between the decode and its n-best
     assert decoder.nbest(pcm, 3) == fresh
-    # this window once for the decode and its n-best, the other once; detection shares it only
-    # when the decode too sees Whisper's 30 s input (detection keeps it, as bench.languages measured)
-    want = decoder.frames(len(pcm), None)
-    detection = [] if decoder.english_only or want == 3000 else [3000]
-    assert calls == detection + [want, decoder.frames(len(other), None)], calls
+    # this window once for its detection, decode and n-best; the other once
+    assert calls == [decoder.frames(len(pcm), None), decoder.frames(len(other), None)], calls
     assert "young man" in text.lower()
     for i in range(decoder_module.ENCODED_KEEP + 2):  # bounded: the oldest encodings go
         decoder.nbest(other[: 16000 + 1600 * i], 1)
