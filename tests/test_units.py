@@ -624,38 +624,26 @@ def test_a_commit_that_lost_its_broker_is_given_up_once_the_broker_is_back(monke
     monkeypatch.setattr(transactions, "_wedged", wedged)
     monkeypatch.setattr(transactions, "RECONNECTED_S", 0.4)
     monkeypatch.setattr(transactions, "COMMIT_DEADLINE_S", 3.0)
+
+    def given_up_after(p: Producer) -> float:
+        tx = transactions.Transactions(p, "t")
+        tx.commit(["offset"], None)
+        try:
+            with pytest.raises(Wedged) as got:
+                tx.wait()
+        finally:
+            p.release.set()
+        return got.value.args[0]
+
     # the connection is lost mid-commit and back 1.2 s later (the loop looks every 0.5 s): given up
     # at the first look 0.4 s after the last loss it saw
-    p = Producer(lost_until=time.monotonic() + 1.2)
-    tx = transactions.Transactions(p, "t-1")
-    tx.commit(["offset"], None)
-    try:
-        with pytest.raises(Wedged) as got:
-            tx.wait()
-    finally:
-        p.release.set()
-    assert 1.2 <= got.value.args[0] < 2.6
+    assert 1.2 <= given_up_after(Producer(lost_until=time.monotonic() + 1.2)) < 2.6
     # a broker still away is waited for, up to the deadline
-    p = Producer(lost_until=time.monotonic() + 60)
-    tx = transactions.Transactions(p, "t-2")
-    tx.commit(["offset"], None)
-    try:
-        with pytest.raises(Wedged) as got:
-            tx.wait()
-    finally:
-        p.release.set()
-    assert got.value.args[0] >= 3.0
+    assert given_up_after(Producer(lost_until=time.monotonic() + 60)) >= 3.0
     # a commit begun just after a loss (its coordinator may be the stale one): RECONNECTED_S after it
     p = Producer(lost_until=0)
     p.broker_lost_at = time.monotonic() - 1.0
-    tx = transactions.Transactions(p, "t-4")
-    tx.commit(["offset"], None)
-    try:
-        with pytest.raises(Wedged) as got:
-            tx.wait()
-    finally:
-        p.release.set()
-    assert 0.4 <= got.value.args[0] < 1.6
+    assert 0.4 <= given_up_after(p) < 1.6
     # a slow commit with the brokers there all along is not given up before the deadline
     p = Producer(lost_until=0)
     tx = transactions.Transactions(p, "t-3")
