@@ -152,12 +152,13 @@ class Supervisor:
             if not h or h.get("status") != "ok":
                 return False
             assigned.setdefault(c.name, []).append(h.get("partitions", 0))
-        return all(
-            sum(held) >= self.settings.partitions and (len(held) > self.settings.partitions or min(held) > 0)
-            for n, (_, t) in SERVICES.items()
-            if t and self.replicas.get(n, 1) > 0
-            for held in [assigned.get(n, [0])]
-        )
+        for n, (_, topic) in SERVICES.items():
+            if not topic or self.replicas.get(n, 1) == 0:
+                continue
+            held, partitions = assigned.get(n, [0]), self.settings.partitions
+            if sum(held) < partitions or (len(held) <= partitions and min(held) == 0):
+                return False
+        return True
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout

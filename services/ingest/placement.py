@@ -56,8 +56,9 @@ class PartitionPlacer:
                 members.append([p for p in range(n) if p not in held])
             member_load = [0] * n  # partition -> open streams of the member holding it
             for m in members:
+                load = sum(self._open[p] for p in m)
                 for p in m:
-                    member_load[p] = sum(self._open[q] for q in m)
+                    member_load[p] = load
 
             def key(p: int) -> tuple[int, int]:
                 return member_load[p], self._open[p]

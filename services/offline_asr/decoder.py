@@ -177,7 +177,7 @@ class WhisperDecoder:
             return "en", 1.0
         # on the decode's input, so the decode reuses the encoding (bench.languages: the same
         # answers as on Whisper's 30 s input, and a short window's detection cost a 30 s encoding)
-        self.model.frames = self.frames(min(len(pcm), int(MAX_WINDOW_S * 16000)), None) if self.detect_trimmed else 0
+        self.model.frames = self.frames(len(pcm), None) if self.detect_trimmed else 0
         lang, prob, _ = self.model.detect_language(features=self.features(pcm))
         return lang, float(prob)
 
@@ -231,7 +231,7 @@ class WhisperDecoder:
         m = self.model
         features = self.features(pcm)
         # set here, not left from the last decode (whose window may have been shorter)
-        frames = self.model.frames = self.frames(min(len(pcm), int(MAX_WINDOW_S * 16000)), prompt)
+        frames = self.model.frames = self.frames(len(pcm), prompt)  # at most Whisper's 30 s
         features = np.pad(features, ((0, 0), (0, max(0, frames - features.shape[1]))))[:, :frames]
         tok = Tokenizer(
             m.hf_tokenizer, m.model.is_multilingual, task="transcribe", language=None if self.english_only else language
