@@ -53,6 +53,14 @@ def test_chunk_size_does_not_change_the_result(pool, speech_dir):
     assert a == b and a
 
 
+def test_a_final_without_an_nbest_list_is_still_a_final(speech_dir):
+    """pocketsphinx's nbest() is None when its search kept nothing to walk: with at most 10 words
+    per frame (maxwpf) it is for this card; the utterance is still a FINAL, with its 1-best text."""
+    pool = DecoderPool(1, maxwpf=10)
+    finals = [e for e in decode(pool, read_pcm_file(speech_dir / "cards_002.wav").tobytes()) if e.kind == "FINAL"]
+    assert [f.text for f in finals] == ["for queen of posts"] and finals[0].nbest == []
+
+
 def test_silence_gives_nothing(pool):
     assert decode(pool, b"\x00\x00" * 16000 * 3) == []
 

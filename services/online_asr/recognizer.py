@@ -290,7 +290,8 @@ class StreamRecognizer:
         words = self._words() if text else []
         nbest: dict[str, float] = {}
         if text:  # entries that differ only in pronunciation variants collapse into one
-            for h in itertools.islice(self.decoder.nbest(), self.nbest_n * 4):
+            # nbest() is None when the search kept no lattice to walk (a tight maxwpf does that)
+            for h in itertools.islice(self.decoder.nbest() or (), self.nbest_n * 4):
                 t = " ".join(filter(None, map(clean_word, h.hypstr.split())))
                 if t and t not in nbest:
                     nbest[t] = float(h.score)
