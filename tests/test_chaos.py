@@ -54,8 +54,9 @@ RECORDINGS = {  # ~10-14 s each: several utterances, so kills land inside stream
         "cards_005.wav",
     ],
 }
-# online_asr last among the decoders: by then streams are past utterances, so it resumes from a commit's state
-KILL_ORDER = ["offline_asr", "results", "diarizer", "online_asr", "online_asr#rebalance", "captions", "ingest"]
+# online_asr last among the decoders: by then streams are past utterances, so it resumes from a commit's state.
+# offline_asr is killed beside these, once it has committed a stream's resume point (a window cut).
+KILL_ORDER = ["results", "diarizer", "online_asr", "online_asr#rebalance", "captions", "ingest"]
 
 
 def recording(speech_dir, names: list[str]) -> bytes:
@@ -127,23 +128,23 @@ def summary(seen: dict) -> dict:
     }
 
 
-def wait_for_online_resume_state(settings, prefix: str, timeout: float = 90.0) -> None:
-    """Until online_asr has committed a resume state for one of the streams (it does at an
-    utterance end, in its commit's metadata): a kill before that replays every stream from its
-    start and tests no resume. With 20 streams on 2 cores the replicas run behind, and a kill at a
-    fixed time came too early."""
+def wait_for_resume_state(settings, prefix: str, group: str = kafka.ONLINE_GROUP, timeout: float = 90.0) -> None:
+    """Until ``group`` has committed a resume state for one of the streams (online_asr does at an
+    utterance end, offline_asr at a window cut, in the commit's metadata): a kill before that
+    replays every stream from its start and tests no resume. With 20 streams on 2 cores the
+    services run behind, and a kill at a fixed time came too early."""
     from confluent_kafka import ConsumerGroupTopicPartitions
 
     adm = kafka.admin(settings)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        fut = adm.list_consumer_group_offsets([ConsumerGroupTopicPartitions("hark-online-asr")])["hark-online-asr"]
+        fut = adm.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group]
         for tp in fut.result().topic_partitions:
             streams = json.loads(tp.metadata).get("streams", {}) if tp.metadata else {}
             if any(k.startswith(prefix) for k in streams):
                 return
         time.sleep(0.2)
-    raise AssertionError(f"online_asr committed no resume state for a {prefix}* stream in {timeout:.0f} s")
+    raise AssertionError(f"{group} committed no resume state for a {prefix}* stream in {timeout:.0f} s")
 
 
 def service(state: dict, name: str, replica: int = 0) -> dict:
@@ -206,10 +207,10 @@ def up(env: dict, *args: str) -> tuple[Settings, Path]:
     return settings, stack.stack_dir(settings, "default")
 
 
-def resumes(sdir: Path) -> int:
-    """Online streams resumed from a committed state so far, by the stack's online_asr logs."""
+def resumes(sdir: Path, service: str = "online_asr") -> int:
+    """Streams resumed from a committed state so far, by the logs of the stack's ``service``."""
     return sum(
-        p.read_text().count("stream resumed from its committed state") for p in (sdir / "logs").glob("online_asr-*.log")
+        p.read_text().count("stream resumed from its committed state") for p in (sdir / "logs").glob(f"{service}-*.log")
     )
 
 
@@ -221,6 +222,9 @@ def chaos_stack(tmp_path_factory, speech_dir):
         "HARK_DATA_DIR": str(tmp_path_factory.mktemp("chaos") / "d"),
         "HARK_PARTITIONS": "4",
         "HARK_IDLE_TIMEOUT_S": "30",
+        # windows cut at pauses from 5 s on: each recording has a cut 6-11 s in, where offline_asr
+        # commits a resume point while its stream still runs
+        "HARK_OFFLINE_MIN_WINDOW_S": "5",
     }
     settings, sdir = up(env, "--replicas", "online_asr=2")
     try:
@@ -235,7 +239,25 @@ def test_every_service_killed_mid_stream_loses_and_duplicates_nothing(chaos_stac
     settings, sdir, audio, reference = chaos_stack
     killed = []
 
+    offline_errors: list[BaseException] = []
+
+    def kill_offline():
+        try:
+            wait_for_resume_state(settings, "chaos-svc-", "hark-offline-asr")
+            svc = service(stack.read_state(sdir), "offline_asr")
+            os.kill(svc["pid"], signal.SIGKILL)
+            killed.append(("offline_asr", svc["pid"]))
+        except BaseException as e:  # surfaced below
+            offline_errors.append(e)
+
     def kill_each_service():
+        offline = threading.Thread(target=kill_offline)
+        offline.start()
+        kill_in_turn()
+        offline.join(120)
+        assert not offline_errors, offline_errors
+
+    def kill_in_turn():
         for victim in KILL_ORDER:
             time.sleep(1.5)
             state = stack.read_state(sdir)
@@ -248,14 +270,14 @@ def test_every_service_killed_mid_stream_loses_and_duplicates_nothing(chaos_stac
                 svc = service(stack.read_state(sdir), "online_asr", 1)
             else:
                 if victim == "online_asr":
-                    wait_for_online_resume_state(settings, "chaos-svc-")
+                    wait_for_resume_state(settings, "chaos-svc-")
                     state = stack.read_state(sdir)
                 svc = service(state, victim)
             os.kill(svc["pid"], signal.SIGKILL)
             killed.append((victim, svc["pid"]))
 
     before = {f"{s['name']}-{s['replica']}": s["restarts"] for s in stack.read_state(sdir)["services"]}
-    resumed_before = resumes(sdir)
+    resumed_before, offline_before = resumes(sdir), resumes(sdir, "offline_asr")
     faulted_run(settings, audio, reference, n_streams, kill_each_service, "chaos-svc")
     state = stack.read_state(sdir)
     restarts = {
@@ -276,8 +298,10 @@ def test_every_service_killed_mid_stream_loses_and_duplicates_nothing(chaos_stac
     ), restarts
     resumed = resumes(sdir) - resumed_before
     assert resumed >= 1, "no online stream was resumed from a committed state: the kills missed the streams"
+    offline_resumed = resumes(sdir, "offline_asr") - offline_before
+    assert offline_resumed >= 1, "no offline stream was resumed from a window cut: every one was re-read from its start"
     print(
-        f"chaos: {resumed} online resumes from committed states, {n_streams} streams, kills "
+        f"chaos: {resumed} online and {offline_resumed} offline resumes from committed states, {n_streams} streams, kills "
         f"{[v for v, _ in killed]}, restarts {restarts}, 0 lost, 0 duplicated finals"
     )
 

@@ -1,12 +1,16 @@
 """The offline pass without Kafka: where windows are cut, and Whisper on real speech."""
 
+import json
+
 import numpy as np
 import pytest
 
 from hark.audio import read_pcm_file
 from hark.config import Settings
+from hark.runtime import Chunk, StreamInfo
 from hark.wer import WerScore, score
-from services.offline_asr.decoder import WhisperDecoder, choose_device, encoder_frames
+from services.offline_asr.decoder import Decoded, WhisperDecoder, choose_device, encoder_frames
+from services.offline_asr.service import OfflineProcessors
 from services.offline_asr.windows import StreamWindows
 
 
@@ -52,6 +56,107 @@ def test_silence_makes_no_windows_and_memory_is_one_window():
     windows, w = windows_of(b"\x00\x00" * 16000 * 95)
     assert windows == []
     assert w.start_ms > 60000 and len(w._pending) <= 30000 * 32  # nothing held beyond a window
+
+
+def pushed(w: StreamWindows, pcm: bytes, chunk: int, start: int = 0):
+    """(chunk start, windows it completed, boundary after it) for each chunk from ``start``."""
+    for i in range(start, len(pcm), chunk):
+        yield i, w.push(pcm[i : i + chunk]), w.boundary
+
+
+def spans(windows) -> list[tuple[int, int, bytes]]:
+    return [(w.start_ms, w.end_ms, w.pcm.tobytes()) for w in windows]
+
+
+@pytest.mark.parametrize("chunk", [6400, 3334])  # 200 ms, and a size the VAD's 30 ms frames straddle
+def test_a_resumed_cutter_cuts_exactly_like_an_uninterrupted_one(passage, chunk):
+    """offline_asr's checkpoint: a cut at a pause is the whole state; a cutter restored from it and
+    fed again from the chunk it was taken in gives the same windows, to the sample."""
+    pcm = np.concatenate([passage] * 2).tobytes()
+    first = StreamWindows(min_window_ms=4000)
+    whole = [w for _, ws, _ in pushed(first, pcm, chunk) for w in ws] + first.flush()
+    assert len(whole) >= 8
+    interrupted = StreamWindows(min_window_ms=4000)
+    out: list = []
+    checkpoint = None
+    for i, ws, boundary in pushed(interrupted, pcm, chunk):
+        out += ws
+        if boundary and len(out) == 3:
+            checkpoint = i, boundary
+            break
+    assert checkpoint and checkpoint[1]["start_ms"] == out[-1].end_ms
+    resumed = StreamWindows.resumed(checkpoint[1], min_window_ms=4000)
+    out += [w for _, ws, _ in pushed(resumed, pcm, chunk, start=checkpoint[0]) for w in ws] + resumed.flush()
+    assert spans(out) == spans(whole)
+
+
+def test_a_hard_cut_is_no_resume_point(passage):
+    """30 s (here 8 s) of speech without a pause is cut mid-speech, where the VAD's state is not
+    fresh: no boundary there, so the checkpoint stays at the last cut at a pause."""
+    voiced = passage[np.abs(passage) > 0]
+    after_hard_cuts = [
+        boundary
+        for _, ws, boundary in pushed(
+            StreamWindows(min_window_ms=4000, max_window_ms=8000), np.concatenate([voiced] * 2).tobytes(), 6400
+        )
+        if ws and ws[-1].end_ms - ws[-1].start_ms == 8000
+    ]
+    assert len(after_hard_cuts) >= 2 and all(b is None for b in after_hard_cuts)
+
+
+class WindowEcho:
+    """A stand-in for Whisper that names the window it was given (its time and a digest of its
+    samples), and is sure of the language only from its second question: what the processor's
+    checkpoint must carry is then visible in the text."""
+
+    model_name, model_version = "echo", "1"
+
+    def __init__(self):
+        self.model = type("Model", (), {"encoded_hits": 0})()
+        self.asked = 0
+
+    def detect(self, pcm):
+        self.asked += 1
+        return ("de", 0.9) if self.asked > 1 else ("en", 0.2)
+
+    def decode(self, pcm, start_ms, prompt=None, language=None, hotwords=()):
+        return Decoded(f"{start_ms}+{len(pcm)} {hash(pcm.tobytes()) % 10**6} {language}", language=language or "en")
+
+
+def offline_run(settings, info, pcm: bytes, chunk: int, resume_at: int | None = None):
+    """Records of an offline stream fed ``pcm``; with ``resume_at``, the processor is replaced at
+    its snapshot after that many windows by one resumed from it (JSON round trip, as the commit
+    metadata carries it), fed again from the snapshot's chunk. Returns (records, snapshots taken)."""
+    procs = OfflineProcessors(settings, decoder=WindowEcho())
+    proc, records, snapshots, i = procs.open(info), [], 0, 0
+    while i < len(pcm):
+        records += [o.record for o in proc.feed(Chunk(i // chunk + 1, pcm[i : i + chunk], i // 2, 0))]
+        state = proc.snapshot()
+        if state is not None:
+            snapshots += 1
+            if resume_at is not None and sum(r["kind"] == "SEGMENT" for r in records) == resume_at:
+                resume_at = None
+                fresh = OfflineProcessors(settings, decoder=WindowEcho())
+                proc = fresh.resume(StreamInfo(info.stream_id, info.tenant), json.loads(json.dumps(state)))
+                continue  # this chunk again
+        i += chunk
+    records += [o.record for o in proc.close("COMPLETE", i // chunk + 1)]
+    return [
+        (r["kind"], r["segment_index"], r["start_ms"], r["end_ms"], r["text"], r["language"]) for r in records
+    ], snapshots
+
+
+def test_a_resumed_offline_stream_publishes_what_an_uninterrupted_one_does(passage, tmp_path):
+    """From its snapshot a resumed stream gives its later windows the same indices, times, audio
+    and language (detected before the snapshot) as the uninterrupted stream."""
+    settings = Settings(data_dir=tmp_path, offline_nice=0, offline_nbest=1, offline_min_window_s=4.0)
+    pcm, info = np.concatenate([passage] * 2).tobytes(), StreamInfo("s1", "t1", "auto")
+    whole, snapshots = offline_run(settings, info, pcm, 6400)
+    assert snapshots >= 6 and len({r[5] for r in whole[1:]}) == 1  # detected from the second window on
+    resumed, _ = offline_run(settings, info, pcm, 6400, resume_at=3)
+    assert resumed == whole
+    with_hotwords = StreamInfo("s2", "t1", "auto", hotwords=("Dashwood",))
+    assert offline_run(settings, with_hotwords, pcm, 6400)[1] == 0  # their words stay out of commit metadata
 
 
 def test_device_choice_defaults_to_cpu_int8_here():

@@ -11,10 +11,14 @@ one window. The archive cannot serve this, because ingest writes its PCM in 30 s
 the open one only at stream end; it is the fallback for a stream whose audio this service
 never saw (StreamEnd without state), read in bounded windows.
 
-No snapshot: a restart re-reads open streams from their start, but windows fed again with
-``replay`` (their output was committed before the crash) are only cut, not decoded: the VAD costs milliseconds per audio second. Window cuts depend only
-on the audio, so the windows and their indices come out as in an uninterrupted run, and every
-window takes an index (one without text leaves a gap) so indices never depend on decoding.
+Resume point: the last window cut at a pause (windows.py), where the state is the cut's time,
+the next window's index and the stream's language (~110 bytes); a restart re-reads the stream from
+the chunk of that cut, not from its start. Chunks fed again with ``replay`` (their output was
+committed before the crash) are only cut, not decoded. Window cuts depend only on the audio, so
+the windows and their indices come out as in an uninterrupted run, and every window takes an
+index (one without text leaves a gap) so indices never depend on decoding. A stream with hotwords, or
+with the previous text as its prompt, takes no snapshot and is re-read from its start: the
+commit metadata that carries snapshots is not sealed, and those are the stream's own words.
 
 A/B rollout: with ``offline_candidate_model`` set, a stable share of streams
 (``offline_candidate_fraction``) is decoded by both models, window by window; the candidate's
@@ -75,7 +79,19 @@ class OfflineStream:
         return [o for w in self.windows.push(pcm) for o in self._decode(w, replay)]
 
     def snapshot(self) -> dict | None:
-        return None
+        cut = self.windows.boundary  # set by a feed whose last cut fell at a pause in its chunk
+        if cut is None or self.info.hotwords or self.owner.settings.offline_prompt_chars:
+            return None
+        return cut | {
+            "segments": self.segments,
+            "language": self.language,
+            "detections": self.detections,
+            "declared": self.info.language,
+        }
+
+    def restore(self, state: dict) -> None:
+        self.windows = self.owner.new_windows(state["start_ms"], resume=state)
+        self.segments, self.language, self.detections = state["segments"], state["language"], state["detections"]
 
     def discard(self) -> None:
         pass
@@ -203,11 +219,10 @@ class OfflineProcessors:
             ),
         )
 
-    def new_windows(self, start_ms: int) -> StreamWindows:
+    def new_windows(self, start_ms: int, resume: dict | None = None) -> StreamWindows:
         s = self.settings
-        return StreamWindows(
-            start_ms, int(s.offline_min_window_s * 1000), int(min(s.offline_max_window_s, MAX_WINDOW_S) * 1000)
-        )
+        bounds = int(s.offline_min_window_s * 1000), int(min(s.offline_max_window_s, MAX_WINDOW_S) * 1000)
+        return StreamWindows.resumed(resume, *bounds) if resume else StreamWindows(start_ms, *bounds)
 
     def open(self, stream: StreamInfo) -> OfflineStream:
         routed = self.candidate is not None and routed_to_candidate(
@@ -216,7 +231,9 @@ class OfflineProcessors:
         return OfflineStream(self, stream, routed)
 
     def resume(self, stream: StreamInfo, state: dict) -> OfflineStream:
-        raise AssertionError("offline_asr takes no snapshots")
+        proc = self.open(StreamInfo(stream.stream_id, stream.tenant, state["declared"], start_ms=state["start_ms"]))
+        proc.restore(state)
+        return proc
 
     def end_unseen(self, stream: StreamInfo, status: str, seq: int) -> list[Output]:
         """A stream this process has no state for: decode it from the archive, if it is there
