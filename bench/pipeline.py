@@ -170,6 +170,11 @@ def run_streams(settings, ingest, files: list[str], realtime: bool, stagger_ms: 
 def latency_stats(rows: list[dict]) -> dict:
     lat = np.array([x for r in rows for x in r["_latencies"]])
     fac = [r["latency"]["final_after_close_ms"] for r in rows if r["latency"]["final_after_close_ms"] is not None]
+
+    def after_close_p50(part: str) -> float | None:
+        xs = [r["latency"][part] for r in rows if r["latency"].get(part) is not None]
+        return round(float(np.median(xs)), 1) if xs else None
+
     accurate = np.array([x for r in rows for x in r.get("_accurate", [])])
     return {
         # time to accurate text: audio published -> the offline text covering each final word
@@ -180,6 +185,8 @@ def latency_stats(rows: list[dict]) -> dict:
         "partial_p95_ms": round(float(np.percentile(lat, 95)), 1),
         "partial_max_ms": round(float(lat.max()), 1),
         "final_after_close_p50_ms": round(float(np.median(fac)), 1) if fac else None,
+        "offline_after_close_p50_ms": after_close_p50("offline_after_close_ms"),
+        "speakers_after_close_p50_ms": after_close_p50("speakers_after_close_ms"),
         **latency_breakdown(rows),
     }
 
@@ -312,7 +319,8 @@ def realtime_only(a, tmp: Path) -> None:
         print(
             f"{key}: partial latency p50 {x['partial_p50_ms']} ms, p95 {x['partial_p95_ms']} ms "
             f"(max {x['partial_max_ms']} ms); accurate text p50 {x['accurate_p50_ms']} ms, "
-            f"p95 {x['accurate_p95_ms']} ms; finals {x['final_after_close_p50_ms']} ms after close (p50); "
+            f"p95 {x['accurate_p95_ms']} ms; finals {x['final_after_close_p50_ms']} ms after close (p50; the last "
+            f"offline text {x['offline_after_close_p50_ms']} ms, speakers {x['speakers_after_close_p50_ms']} ms); "
             f"offline WER {x['offline_wer']:.1%}; CPU % of one core: "
             + ", ".join(f"{n} {v['cpu_pct_of_one_core']:.0f}" for n, v in x["services"].items())
         )

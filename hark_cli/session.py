@@ -53,6 +53,8 @@ class StreamRun:
     word_latency_parts: list[tuple[int, int, int, int]] = field(default_factory=list)
     _first_seen: dict[int, list[tuple[str, int, int, int, int, int]]] = field(default_factory=dict)
     offline_ranges: list[tuple[int, int, int]] = field(default_factory=list)  # start, end, emitted_at_ms
+    # when the last offline FINAL and the last SPEAKERS record arrived: what finals after close wait for
+    last_received_ms: dict[str, int] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -69,10 +71,13 @@ class StreamRun:
             self.complete, self.complete_received_ms = rec, received_ms
             return None
         if kind in ("SPEAKERS", "ALTERNATIVES"):
+            if kind == "SPEAKERS":
+                self.last_received_ms["speakers"] = received_ms
             return None
         if rec["source"] == "offline":
             if kind == "FINAL":
                 self.offline_ranges.append((rec["start_ms"], rec["end_ms"], rec["emitted_at_ms"]))
+                self.last_received_ms["offline"] = received_ms
             return caption_line(rec)
         utt = rec["utterance_id"]
         seen = self._first_seen.setdefault(utt, [])
@@ -127,6 +132,9 @@ class StreamRun:
                 out.append(min(covering) - self.chunk_published_at_ms[idx])
         return out
 
+    def after_close(self, received_ms: int | None) -> int | None:
+        return received_ms - self.end_published_ms if received_ms and self.end_published_ms else None
+
     def summary(self) -> dict:
         out = {"stream_id": self.stream_id, "source": self.source}
         if self.error:
@@ -166,9 +174,10 @@ class StreamRun:
                 "accurate_p50_ms": round(float(np.percentile(accurate, 50)), 1) if accurate else None,
                 "accurate_p95_ms": round(float(np.percentile(accurate, 95)), 1) if accurate else None,
                 "accurate_words_measured": len(accurate),
-                "final_after_close_ms": (self.complete_received_ms - self.end_published_ms)
-                if self.complete_received_ms and self.end_published_ms
-                else None,
+                "final_after_close_ms": self.after_close(self.complete_received_ms),
+                # the parts of it: the last offline text's and the speakers' arrival after close
+                "offline_after_close_ms": self.after_close(self.last_received_ms.get("offline")),
+                "speakers_after_close_ms": self.after_close(self.last_received_ms.get("speakers")),
             },
         }
 

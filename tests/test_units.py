@@ -510,6 +510,15 @@ def test_accurate_text_latency_counts_each_final_word_from_its_audio_to_the_firs
     assert run.accurate_latency_ms() == [3600, 4600]
     lat = run.summary()["latency"]
     assert lat["accurate_words_measured"] == 2 and lat["accurate_p50_ms"] == 4100.0
+    # finals after close and its parts: the last offline text and the speakers, as they arrived
+    run.end_published_ms = 3000
+    run.on_result({"kind": "SPEAKERS"}, 8000)
+    lat = run.summary()["latency"]
+    assert (lat["final_after_close_ms"], lat["offline_after_close_ms"], lat["speakers_after_close_ms"]) == (
+        6200,
+        6100,
+        5000,
+    )
 
 
 def test_every_result_the_merger_builds_has_exactly_the_schema_fields():
