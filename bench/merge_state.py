@@ -8,13 +8,17 @@ passes (an online FINAL every 4 s with 10 words and a 5-best list, an offline SE
 with 50 words, diarizer turns every 6 s) and sums the size of the state after each record: the
 bytes such a table would write, against the bytes of the input records themselves.
 
+It also prints what the merger holds in memory for the stream (tracemalloc), per word kept.
+
   python -m bench.merge_state --minutes 60
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import pickle
+import tracemalloc
 
 from services.results.merger import ResultsMerger
 
@@ -66,7 +70,10 @@ def main(argv: list[str] | None = None) -> None:
                     start_ms=t,
                     end_ms=t + 3800,
                     words=w,
-                    nbest=[{"text": "a hypothesis of ten words or so", "score": -1.0}] * 5,
+                    # five alternatives of about the utterance's length, each its own text
+                    nbest=[
+                        {"text": f"{' '.join(x['word'] for x in w[k:])} alt{k}", "score": -1.0 - k} for k in range(5)
+                    ],
                     lattice_key=f"streams/s/lattices/{i:06d}.lat",
                     audio_seq=i,
                 ),
@@ -109,12 +116,22 @@ def main(argv: list[str] | None = None) -> None:
     events.sort(key=lambda e: e[0])
     handlers = {"online": merger.on_online, "offline": merger.on_offline, "speakers": merger.on_speakers}
     state_bytes = record_bytes = peak = 0
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
     for _, source, rec in events:
-        handlers[source](rec)
+        handlers[source](copy.deepcopy(rec))  # as read from Kafka: the merger's are its only references
         size = len(pickle.dumps(merger.streams["s"], protocol=5))
         state_bytes += size
         peak = max(peak, size)
         record_bytes += len(pickle.dumps(rec, protocol=5))
+    kept = sum(d.size_diff for d in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    tracemalloc.stop()
+    st = merger.streams["s"]
+    n_words = sum(p.words for p in st.passes.values())
+    print(
+        f"in memory: the merger keeps {kept / 1e6:.1f} MB for the open stream, "
+        f"{kept / max(n_words, 1):.0f} bytes per word kept ({n_words} words of every pass, and its speaker turns)"
+    )
     print(
         f"{a.minutes:g}-minute stream: {len(events)} input records, {record_bytes / 1e6:.1f} MB of input records; "
         f"a per-stream table value would write {state_bytes / 1e6:.1f} MB to its changelog "
