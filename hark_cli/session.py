@@ -53,8 +53,7 @@ class StreamRun:
     word_latency_parts: list[tuple[int, int, int, int]] = field(default_factory=list)
     _first_seen: dict[int, list[tuple[str, int, int, int, int, int]]] = field(default_factory=dict)
     offline_ranges: list[tuple[int, int, int]] = field(default_factory=list)  # start, end, emitted_at_ms
-    # when the last offline FINAL and the last SPEAKERS record arrived: what finals after close wait for
-    last_received_ms: dict[str, int] = field(default_factory=dict)
+    last_received_ms: dict[str, int] = field(default_factory=dict)  # "offline" / "speakers": the last one's arrival
 
     @property
     def done(self) -> bool:
@@ -71,8 +70,7 @@ class StreamRun:
             self.complete, self.complete_received_ms = rec, received_ms
             return None
         if kind in ("SPEAKERS", "ALTERNATIVES"):
-            if kind == "SPEAKERS":
-                self.last_received_ms["speakers"] = received_ms
+            self.last_received_ms[kind.lower()] = received_ms
             return None
         if rec["source"] == "offline":
             if kind == "FINAL":
@@ -174,8 +172,7 @@ class StreamRun:
                 "accurate_p50_ms": round(float(np.percentile(accurate, 50)), 1) if accurate else None,
                 "accurate_p95_ms": round(float(np.percentile(accurate, 95)), 1) if accurate else None,
                 "accurate_words_measured": len(accurate),
-                "final_after_close_ms": self.after_close(self.complete_received_ms),
-                # the parts of it: the last offline text's and the speakers' arrival after close
+                "final_after_close_ms": self.after_close(self.complete_received_ms),  # and what it waited for:
                 "offline_after_close_ms": self.after_close(self.last_received_ms.get("offline")),
                 "speakers_after_close_ms": self.after_close(self.last_received_ms.get("speakers")),
             },
