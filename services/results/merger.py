@@ -54,7 +54,7 @@ class PassState:
             self.dropped.add(index)
             return True
         # what STREAM_COMPLETE is made of, not the whole record: an online FINAL's n-best held
-        # as much again as its words (measured: 451 -> 200 bytes a word kept, python -m bench.merge_state)
+        # a third of what it held (288 -> 219 bytes a word kept an hour in, python -m bench.merge_state)
         self.parts[index] = {k: rec[k] for k in KEPT}
         self.words += len(rec["words"])
         return True
