@@ -9,7 +9,7 @@ from hark.audio import read_pcm_file
 from hark.config import Settings
 from hark.runtime import Chunk, StreamInfo
 from hark.wer import WerScore, score
-from services.offline_asr.decoder import Decoded, WhisperDecoder, choose_device, encoder_frames
+from services.offline_asr.decoder import FULL_FRAMES, Decoded, WhisperDecoder, choose_device, encoder_frames, looping
 from services.offline_asr.service import OfflineProcessors
 from services.offline_asr.windows import StreamWindows
 
@@ -224,6 +224,48 @@ def test_the_encoder_is_given_the_window_not_30_s(speech_dir, monkeypatch):
     decoder.decode(pcm, 0, hotwords=("forward",))
     decoder.nbest(pcm, 3, prompt="go")
     assert set(seen) == {3000}, seen
+
+
+def test_a_repetition_loop_is_told_from_speech(references):
+    """Whisper's own loop test (zlib ratio > 2.4): the loop tiny.en produced on a 2.8 s clip is
+    one; no reference text here is, the 28.7 s passage included."""
+    assert looping("Go forward 10 meters. " * 44) and looping("the " * 30)
+    assert not any(looping(text) for text in references.values())
+    assert not looping("") and not looping("Go forward 10 meters.")
+
+
+def test_a_decode_that_loops_is_done_again_on_whisper_s_30_s_input(speech_dir, monkeypatch):
+    """whisper tiny.en on a 2.8 s clip, its encoder given the clip and 2 s: on one CPU it read
+    "go forward 10 meters" 44 times (a WER of 4375% in `hark compare`), on another once. Whatever
+    this CPU does, the decode and the n-best give the clip's four words, and where they went into
+    a loop, they give what the 30 s input gives."""
+    from services.offline_asr import decoder as decoder_module
+
+    decoder = WhisperDecoder("tiny.en", cpu_threads=2, encode_pad_s=2.0)
+    pcm = read_pcm_file(speech_dir / "goforward.wav")
+    decoded = decoder.decode(pcm, 0)
+    assert len(decoded.words) == 4 and "forward" in decoded.text.lower(), decoded.text
+    best = decoder.nbest(pcm, 3)[0][0]
+    assert "forward" in best.lower(), best
+    if decoder.loops:  # and the n-best is given that input too (on the trimmed one it read the clip twice)
+        full = WhisperDecoder("tiny.en", cpu_threads=2, encode_pad_s=30.0)
+        assert decoded.text == full.decode(pcm, 0).text and best == full.nbest(pcm, 3)[0][0]
+
+    # the path itself, whatever this CPU does: a looping first decode is done again on 3000 frames
+    frames: list[int] = []
+    transcribe = decoder._transcribe
+
+    def loops_when_trimmed(audio, n_frames, *args):
+        frames.append(n_frames)
+        text, words, lang = transcribe(audio, n_frames, *args)
+        return (text + " Go forward 10 meters." * 20, words, lang) if n_frames < FULL_FRAMES else (text, words, lang)
+
+    monkeypatch.setattr(decoder, "_transcribe", loops_when_trimmed)
+    before = decoder.loops
+    again = decoder.decode(pcm, 0)
+    assert frames == [encoder_frames(len(pcm), 2.0), FULL_FRAMES] and not looping(again.text)
+    assert decoder.loops == before + 1
+    assert decoder_module.looping(again.text) is False
 
 
 def test_a_window_decodes_to_the_same_text_whatever_was_decoded_before(decoder, speech_dir):

@@ -10,6 +10,11 @@ grows with the frames it is given (0.12 s for 10 s of audio, 0.80 s padded to 30
 2 cores), and CTranslate2 accepts the shorter input. ``python -m bench.encoder_pad`` measures
 each padding's cost and WER; the default is 2 s (docs/measurements.md). Decoding is beam search
 only, so a window gives the same text every time it is decoded (after a restart, in a replay).
+
+A trimmed input can set off a repetition loop that Whisper's 30 s input does not (whisper
+tiny.en read the 2.8 s "go forward ten meters" 44 times over on one CPU, and once on another): a
+decode whose text compresses like a loop is done again on the full 30 s, which is deterministic
+too, so a restart or a replay takes the same path.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -28,6 +34,7 @@ from hark.languages import AUTO
 
 MAX_WINDOW_S = 30.0  # Whisper's receptive field
 FRAMES_PER_S = 100  # Whisper's mel frames
+FULL_FRAMES = int(MAX_WINDOW_S * FRAMES_PER_S)
 
 
 def encoder_frames(samples: int, pad_s: float) -> int:
@@ -94,11 +101,26 @@ def join_words(pieces: list[tuple[str, int, int, float]]) -> list[dict]:
 DETERMINISTIC = (0.0,)
 FALLBACK = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # faster-whisper's default
 
+# Whisper's own test of a repetition loop (its temperature fallback uses it): a text that zlib
+# compresses more than 2.4 times. Speech without loops stays under 2 on this repo's recordings
+# (tests/test_offline.py); a short text compresses less than 1.
+LOOP_RATIO = 2.4
+
+
+def looping(text: str) -> bool:
+    raw = text.encode()
+    return bool(raw) and len(raw) / len(zlib.compress(raw)) > LOOP_RATIO
+
+
 # Encoder outputs kept for reuse: a window's language detection, its decode and its n-best (run
 # later, when the service is idle, behind at most NBEST_QUEUE other windows) give the encoder the
 # same features, and each encoding of a window costs 0.80 s (10 s of audio padded to 30 s, 2 cores).
 # Each entry is <= 30 s of features and their encoding (~4 MB for whisper-base).
 ENCODED_KEEP = 10
+
+
+def _digest(pcm: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(pcm).tobytes(), digest_size=16).digest()
 
 
 def _trimmed_model():
@@ -164,6 +186,10 @@ class WhisperDecoder:
             f"{self.device}/{self.compute_type}"
         )
         self.english_only = not self.model.model.is_multilingual
+        self.loops = 0  # decodes and n-best lists done again on the 30 s input
+        # windows whose decode looped on the trimmed input: their n-best is given the 30 s input
+        # (on the trimmed one, tiny.en's best hypothesis read the clip twice)
+        self.looped: OrderedDict[bytes, None] = OrderedDict()
 
     def frames(self, samples: int, prompted) -> int:
         """The encoder's input for a window: a prompted one (hotwords, previous text) keeps Whisper's
@@ -198,7 +224,20 @@ class WhisperDecoder:
     ) -> Decoded:
         t0 = time.perf_counter()
         audio = pcm.astype(np.float32) / 32768.0
-        self.model.frames = self.frames(len(pcm), prompt or hotwords)
+        frames = self.frames(len(pcm), prompt or hotwords)
+        text, words, lang = self._transcribe(audio, frames, offset_ms, prompt, language, hotwords)
+        if frames < FULL_FRAMES and looping(text):
+            self.loops += 1
+            self.looped[_digest(pcm)] = None
+            while len(self.looped) > ENCODED_KEEP:
+                self.looped.popitem(last=False)
+            text, words, lang = self._transcribe(audio, FULL_FRAMES, offset_ms, prompt, language, hotwords)
+        return Decoded(text, words, lang, time.perf_counter() - t0)
+
+    def _transcribe(
+        self, audio: np.ndarray, frames: int, offset_ms: int, prompt, language: str, hotwords: tuple[str, ...]
+    ) -> tuple[str, list[dict], str]:
+        self.model.frames = frames
         segments, info = self.model.transcribe(
             audio,
             language=None if self.english_only or language == AUTO else language,  # None: Whisper detects
@@ -220,18 +259,28 @@ class WhisperDecoder:
                 [(w.word, offset_ms + int(round(w.start * 1000)), offset_ms + int(round(w.end * 1000)), w.probability)
                  for w in seg.words or []]
             )  # fmt: skip
-        return Decoded(" ".join(t for t in texts if t), words, info.language, time.perf_counter() - t0)
+        return " ".join(t for t in texts if t), words, info.language
 
     def nbest(
         self, pcm: np.ndarray, n: int, *, prompt: str | None = None, language: str = "en"
     ) -> list[tuple[str, float]]:
         """Up to ``n`` distinct whole-window hypotheses, best first, with length-normalised log-prob scores."""
+        # the frames set here, not left from the last decode (whose window may have been shorter)
+        frames = FULL_FRAMES if _digest(pcm) in self.looped else self.frames(len(pcm), prompt)
+        out = self._nbest(pcm, n, prompt, language, frames)
+        if frames < FULL_FRAMES and out and looping(out[0][0]):
+            self.loops += 1
+            out = self._nbest(pcm, n, prompt, language, FULL_FRAMES)
+        return out
+
+    def _nbest(
+        self, pcm: np.ndarray, n: int, prompt: str | None, language: str, frames: int
+    ) -> list[tuple[str, float]]:
         from faster_whisper.tokenizer import Tokenizer
 
         m = self.model
         features = self.features(pcm)
-        # set here, not left from the last decode (whose window may have been shorter)
-        frames = self.model.frames = self.frames(len(pcm), prompt)  # at most Whisper's 30 s
+        self.model.frames = frames
         features = np.pad(features, ((0, 0), (0, max(0, frames - features.shape[1]))))[:, :frames]
         tok = Tokenizer(
             m.hf_tokenizer, m.model.is_multilingual, task="transcribe", language=None if self.english_only else language

@@ -291,6 +291,7 @@ class OfflineProcessors:
             "nbest_dropped_total": self.nbest_dropped,
             "archive_fallbacks_total": self.archive_fallbacks,
             "encoder_reuses_total": self.decoder.model.encoded_hits,
+            "decode_loops_redone_total": self.decoder.loops,  # Whisper repetition loops, decoded again on 30 s
         }
 
     def record(
