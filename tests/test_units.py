@@ -214,6 +214,33 @@ def test_sequence_check_drops_repeats_and_counts_gaps():
     assert m.get("duplicate_chunks_total") == 2 and m.get("sequence_gaps_total") == 1
 
 
+def test_metrics_are_prometheus_counters_and_gauges_labelled_by_service():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from hark.runtime import Metrics
+
+    m = Metrics("online_asr")
+    m.inc("records_in_total", topic="hark.audio")
+    m.inc("records_in_total", 2, topic="hark.audio")
+    m.set("consumer_lag_records", 7, topic="hark.audio", partition=0)
+    m.set("consumer_lag_records", 3, topic="hark.audio", partition=1)
+    m.total("nbest_dropped_total", 5)
+    m.total("nbest_dropped_total", 4)  # a total kept elsewhere never makes the counter go back
+    m.drop("consumer_lag_records", topic="hark.audio", partition=1)
+    m.drop("consumer_lag_records", topic="hark.audio", partition=9)  # never set: nothing to forget
+    families = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
+    assert families["hark_records_in"].type == "counter" and families["hark_nbest_dropped"].type == "counter"
+    (sample,) = families["hark_records_in"].samples
+    assert sample.value == 3 and sample.labels == {"service": "online_asr", "topic": "hark.audio"}
+    assert [(s.labels["partition"], s.value) for s in families["hark_consumer_lag_records"].samples] == [("0", 7)]
+    assert m.get("nbest_dropped_total") == 5 and m.get("consumer_lag_records", topic="hark.audio", partition=0) == 7
+    assert not [f for f in families if f.endswith("_created")]
+    with pytest.raises(ValueError):
+        m.inc("records_in_total", partition=1)  # a name keeps its label names
+    with pytest.raises(ValueError):
+        m.set("records_in_total", 1, topic="hark.audio")  # and its kind
+
+
 def test_merger_ignores_re_sent_finals_and_late_records_of_completed_streams():
     m = ResultsMerger(wait_for=("online",))
     final = _online("FINAL", 0, "hello world", ["hello", "world"])

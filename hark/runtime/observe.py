@@ -8,6 +8,17 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
+
+disable_created_metrics()  # no ``*_created`` series beside each counter: nothing here reads them
+
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, service: str):
@@ -41,51 +52,61 @@ def kv(**fields) -> dict:
 
 
 class Metrics:
-    """Counters and gauges, optionally labelled, rendered in the Prometheus text format."""
+    """A service's counters and gauges on prometheus_client, each named on first use with the label
+    names it is used with: ``inc("records_in_total", topic=t)`` is the counter
+    ``hark_records_in_total{service=..., topic=...}``. A name keeps its labels; using it with
+    others is a programming error (ValueError)."""
 
     def __init__(self, service: str):
         self.service = service
+        self.registry = CollectorRegistry(auto_describe=True)
         self._lock = threading.Lock()
-        self._values: dict[tuple[str, tuple], float] = {}  # (name, labels) -> value
-        self._kinds: dict[str, str] = {}  # name -> counter | gauge
+        self._metrics: dict[str, Counter | Gauge] = {}
+
+    def _series(self, kind: type[Counter] | type[Gauge], name: str, labels: dict):
+        with self._lock:
+            metric = self._metrics.get(name)
+            if metric is None:
+                metric = self._metrics[name] = kind(
+                    f"hark_{name}",
+                    name.replace("_", " "),
+                    ["service", *sorted(labels)],
+                    registry=self.registry,
+                )
+        if not isinstance(metric, kind):
+            raise ValueError(f"metric {name} is a {type(metric).__name__}, not a {kind.__name__}")
+        return metric.labels(service=self.service, **{k: str(v) for k, v in labels.items()})
 
     def inc(self, name: str, by: float = 1.0, **labels) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            self._kinds.setdefault(name, "counter")
-            self._values[key] = self._values.get(key, 0.0) + by
+        self._series(Counter, name, labels).inc(by)
+
+    def total(self, name: str, value: float, **labels) -> None:
+        """A counter kept elsewhere (a processor's monotonic count), brought up to ``value``."""
+        behind = value - self.get(name, **labels)  # prometheus_client counters only go up: by the difference
+        if behind > 0:
+            self.inc(name, behind, **labels)
 
     def set(self, name: str, value: float, **labels) -> None:
-        with self._lock:
-            self._kinds.setdefault(name, "gauge")
-            self._values[(name, tuple(sorted(labels.items())))] = value
+        self._series(Gauge, name, labels).set(value)
 
     def drop(self, name: str, **labels) -> None:
         """Forget a labelled series (e.g. the lag of a partition this process no longer owns)."""
-        with self._lock:
-            self._values.pop((name, tuple(sorted(labels.items()))), None)
+        metric = self._metrics.get(name)
+        values = (self.service, *(str(labels[k]) for k in sorted(labels)))
+        try:
+            if metric is not None:
+                metric.remove(*values)
+        except KeyError:
+            pass
 
     def get(self, name: str, **labels) -> float:
-        with self._lock:
-            return self._values.get((name, tuple(sorted(labels.items()))), 0.0)
+        value = self.registry.get_sample_value(
+            f"hark_{name}", {"service": self.service, **{k: str(v) for k, v in labels.items()}}
+        )
+        return value or 0.0
 
-    def render(self) -> str:
-        lines = []
-        with self._lock:
-            by_name: dict[str, list] = {}
-            for (name, labels), v in sorted(self._values.items(), key=lambda kv_: (kv_[0][0], str(kv_[0][1]))):
-                by_name.setdefault(name, []).append((labels, v))
-            for name, series in by_name.items():
-                full = f"hark_{name}"
-                lines.append(f"# TYPE {full} {self._kinds[name]}")
-                for labels, v in series:
-                    text = ",".join(f'{k}="{_escape(str(val))}"' for k, val in (("service", self.service), *labels))
-                    lines.append(f"{full}{{{text}}} {v}")
-        return "\n".join(lines) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 class HealthServer:
@@ -101,7 +122,7 @@ class HealthServer:
                     body = json.dumps({"service": service, "status": "ok" if ok else "unhealthy", **detail})
                     self._send(200 if ok else 503, body.encode(), "application/json")
                 elif self.path.startswith("/metrics"):
-                    self._send(200, metrics.render().encode(), "text/plain; version=0.0.4")
+                    self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
                 else:
                     self._send(404, b"not found\n", "text/plain")
 

@@ -230,7 +230,10 @@ class StreamRunner(ConsumerService):
             log.warning("closing idle stream", extra=kv(stream_id=sid))
             self._close(sid, st.tenant, "IDLE_TIMEOUT", st.order.next_seq)
         for name, value in self.processors.stats().items():
-            self.metrics.set(name, value)
+            if name.endswith("_total"):
+                self.metrics.total(name, value)
+            else:
+                self.metrics.set(name, value)
 
     def idle(self) -> None:
         self.metrics.set("audio_delay_seconds", 0.0)  # everything read: not behind (the last chunk's age would stick)
