@@ -177,7 +177,7 @@ class Settings:
     # the real-speech set it changed nothing, on repetitive speech it set off repetition loops
     # (2x decode time, 2x WER), docs/decisions/stack-choices.md.
     offline_prompt_chars: int = 0
-    offline_min_window_s: float = 10.0  # decode once this much audio is pending and a pause is reached
+    offline_min_window_s: float = 10.0  # decode once this much audio is pending and a pause is reached; shorter brings accurate text sooner at a cost in WER (bench.windows)
     offline_max_window_s: float = 30.0  # never a longer window (Whisper's field)
     # Padding the encoder sees after an unprompted window (30: Whisper's full input); bench.encoder_pad
     offline_encode_pad_s: float = 2.0
