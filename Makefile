@@ -35,11 +35,11 @@ $(CHROMIUM_STAMP):
 	  || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium)
 	touch $@
 
-# Lint, format and types: the library, the CLI, the services and the unit tests.
+# Lint, format and types: the library, the CLI, the services, the benchmarks and the tests.
 check: $(STAMP)
 	$(BIN)/ruff check hark hark_cli services tests bench
 	$(BIN)/ruff format --check hark hark_cli services tests bench
-	$(BIN)/mypy hark hark_cli services tests/test_units.py
+	$(BIN)/mypy hark hark_cli services bench tests
 
 # The tests without a broker or models (seconds).
 unit: $(STAMP)

@@ -117,7 +117,9 @@ def search_bench(records: list[dict], hours: float, tmp: Path, repeats: int) -> 
     t0 = time.perf_counter()
     offset = 0
     for k in range(copies):
-        batch = [({**r, "stream_id": f"{r['stream_id']}~{k}"}, "bench", 0, offset + i) for i, r in enumerate(records)]
+        batch: list[tuple[dict | str, str, int, int]] = [
+            ({**r, "stream_id": f"{r['stream_id']}~{k}"}, "bench", 0, offset + i) for i, r in enumerate(records)
+        ]
         offset += len(batch)
         idx.apply(batch)
     build_s = time.perf_counter() - t0
@@ -170,8 +172,8 @@ def main(argv=None) -> None:
     p.add_argument("--page-streams", type=int, default=2)
     a = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="hark-bench-captions-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="hark-bench-captions-") as tmp_name:
+        tmp = Path(tmp_name)
         settings = Settings.load(data_dir=tmp)
         print(f"starting the embedded stack in {tmp} ...", flush=True)
         state = stack.launch(settings, name="bench-captions")

@@ -128,12 +128,16 @@ def main() -> None:
     )
     args = ap.parse_args()
     pads = [float(p) for p in args.pads.split(",")]
-    temps = {"beam": [DETERMINISTIC], "fallback": [FALLBACK], "both": [FALLBACK, DETERMINISTIC]}[args.temperatures]
+    choices: dict[str, list[tuple[float, ...]]] = {
+        "beam": [DETERMINISTIC],
+        "fallback": [FALLBACK],
+        "both": [FALLBACK, DETERMINISTIC],
+    }
+    temps = choices[args.temperatures]
     s = Settings.load()
     dev, held = dev_windows(), held_out_windows(s.offline_min_window_s)
-    audio_s = {
-        name: sum(len(p) for c in cases for p in c[1]) / 16000 for name, cases in (("dev", dev), ("held_out", held))
-    }
+    sets: list[tuple[str, list[Case]]] = [("dev", dev), ("held_out", held)]
+    audio_s = {name: sum(len(p) for c in cases for p in c[1]) / 16000 for name, cases in sets}
     print(
         f"dev: {len(dev)} windows, {audio_s['dev']:.0f} s; held out: {len(held)} windows, {audio_s['held_out']:.0f} s"
     )

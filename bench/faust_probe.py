@@ -64,7 +64,7 @@ def read_all(bootstrap: str, topic: str) -> tuple[int, list[tuple[int, int]]]:
 
 
 def main() -> None:
-    import faust  # noqa: F401  (fails early, with the install hint above, where it is missing)
+    import faust  # fails early, with the install hint above, where it is missing
 
     with tempfile.TemporaryDirectory() as tmp:
         node = broker.single_node(Path(tmp) / "kafka", partitions=2)
@@ -93,7 +93,6 @@ def main() -> None:
             while time.monotonic() < deadline and read_all(node.bootstrap, "probe-out")[0] < 100:
                 time.sleep(2)
             import aiokafka
-            import faust as f
 
             n_out, ends_out = read_all(node.bootstrap, "probe-out")
             changelog = next(t for t in adm.list_topics(timeout=10).topics if t.endswith("changelog"))
@@ -101,7 +100,7 @@ def main() -> None:
             markers_out = sum(e[1] for e in ends_out) - n_out  # offsets taken by transaction markers
             markers_log = sum(e[1] for e in ends_log) - n_log
             print(
-                f"faust-streaming {f.__version__}, aiokafka {aiokafka.__version__}, Kafka {broker.KAFKA_VERSION}: "
+                f"faust-streaming {faust.__version__}, aiokafka {aiokafka.__version__}, Kafka {broker.KAFKA_VERSION}: "
                 f"100 records in; read_committed: {n_out} output records ({markers_out} transaction markers), "
                 f"{n_log} changelog records ({markers_log} transaction markers)"
             )

@@ -33,7 +33,7 @@ def main() -> None:
     a = ap.parse_args()
     refs = load_references(SPEECH / "references.tsv")
     files = [SPEECH / n for n in refs]
-    options = [{}] + [{k: number(v)} for k, v in (kv.split("=", 1) for kv in a.options.split(",") if kv)]
+    options: list[dict] = [{}] + [{k: number(v)} for k, v in (kv.split("=", 1) for kv in a.options.split(",") if kv)]
     settings = [(int(cap), extra) for cap in a.caps.split(",") for extra in options]
     # Rounds interleave the settings: this machine's speed drifts by tens of percent over minutes,
     # and a setting measured only in a slow minute would look costlier than it is.

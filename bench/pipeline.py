@@ -239,10 +239,10 @@ def start_stack(tmp: Path, name: str, replicas: str, **overrides):
     settings = stack.client_settings(settings, state)
     procs = {"broker": psutil.Process(state["broker"]["pid"])}
     # replicas get their own rows (one name per replica would keep only the last one's CPU)
-    replicas = Counter(s["name"] for s in state["services"])
+    per_name = Counter(s["name"] for s in state["services"])
     procs.update(
         {
-            (s["name"] if replicas[s["name"]] == 1 else f"{s['name']}#{s['replica']}"): psutil.Process(s["pid"])
+            (s["name"] if per_name[s["name"]] == 1 else f"{s['name']}#{s['replica']}"): psutil.Process(s["pid"])
             for s in state["services"]
         }
     )
@@ -268,7 +268,7 @@ def soak(settings, procs, sampler, ingest, tmp: Path, utterances, minutes: float
     wav = tmp / "soak.wav"
     seconds = long_stream_wav(wav, minutes, utterances)
     print(f"one {seconds / 60:.1f}-minute stream, published fast ...", flush=True)
-    out = {"audio_s": round(seconds, 1)}
+    out: dict = {"audio_s": round(seconds, 1)}
     t0 = time.monotonic()
     with phase(procs, sampler, out):
         rows = run_streams(settings, ingest, [str(wav)], realtime=False)
@@ -290,7 +290,7 @@ def soak(settings, procs, sampler, ingest, tmp: Path, utterances, minutes: float
 
 def realtime(settings, procs, sampler, ingest, counts) -> dict:
     """Partial latency and CPU with n concurrent real-time streams of the passage, every service running."""
-    out = {}
+    out: dict = {}
     passage = SPEECH / "austen_passage.flac"
     for i, n in enumerate(counts):
         key = f"realtime_{n}" if f"realtime_{n}" not in out else f"realtime_{n}_{i}"

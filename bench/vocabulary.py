@@ -62,7 +62,7 @@ def main() -> None:
         pcm = read_pcm_file(SPEECH / name)
         for label, hot in (("without", ()), ("with", all_terms)):
             ordinary[label] += score(ref.strip(), dec.decode(pcm, 0, language="en", hotwords=hot).text)
-    report = {
+    report: dict = {
         "domain_sentences": len(DOMAIN),
         "domain_terms": n_terms,
         "term_recall": {k: round(v / n_terms, 3) for k, v in recall.items()},

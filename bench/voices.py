@@ -162,7 +162,7 @@ def other_scores(diarizer) -> list[dict]:
                     overlap[r.speaker] = overlap.get(r.speaker, 0) + max(
                         0, min(t.end_ms, r.end_ms) - max(t.start_ms, r.start_ms)
                     )
-            truth = max(overlap, key=overlap.get) if overlap else None
+            truth = max(overlap, key=lambda who: overlap[who]) if overlap else None
             for who, p in prints.items():
                 trial(float(vec @ p), truth == who, set="flite", stream=name, speaker=truth, voice=who)
         assert voices  # every conversation has its reference

@@ -14,6 +14,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import av
 import numpy as np
@@ -38,7 +39,7 @@ def encode(pcm: np.ndarray, rate: int, container: str, codec: str, channels: int
     layout = "mono" if channels == 1 else "stereo"
     fmt = "flt" if pcm.dtype == np.float32 else "s16"
     with av.open(buf, "w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout=layout)
+        stream = cast(av.AudioStream, out.add_stream(codec, rate=rate, layout=layout))
         interleaved = np.repeat(pcm, channels)[None, :]
         frame = av.AudioFrame.from_ndarray(interleaved, format=fmt, layout=layout)
         frame.sample_rate = rate

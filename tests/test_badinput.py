@@ -38,9 +38,9 @@ def test_bad_input_corpus_is_handled_with_reasons_and_crashes_nothing(live_stack
     from services.ingest.core import Ingest
 
     def processes() -> dict[tuple[str, int], int]:  # the shared stack: other tests may have killed one before
-        return {
-            (s["name"], s["replica"]): s["pid"] for s in stack.status(stack.stack_dir(settings, "pytest"))["services"]
-        }
+        state = stack.status(stack.stack_dir(settings, "pytest"))
+        assert state is not None
+        return {(s["name"], s["replica"]): s["pid"] for s in state["services"]}
 
     before = processes()
     speech = read_pcm_file(speech_dir / "goforward.wav")
@@ -74,12 +74,12 @@ def test_bad_input_corpus_is_handled_with_reasons_and_crashes_nothing(live_stack
     # a live stream that goes on past the maximum length is cut off with a reason
     live_id = f"bad-endless-{t}"
     pub = _live_publisher(small, live_id)
-    with pytest.raises(AudioError) as e:
+    with pytest.raises(AudioError) as raised:
         for _ in range(100):  # 10 s of audio against a 5 s maximum
             pub.push(speech[:1600].tobytes())
-    assert e.value.kind == "too_long"
-    pub.finish("ERROR", e.value.reason)
-    Ingest(small).reject(e.value, stream_id=live_id, tenant="default")
+    assert raised.value.kind == "too_long"
+    pub.finish("ERROR", raised.value.reason)
+    Ingest(small).reject(raised.value, stream_id=live_id, tenant="default")
     refused[live_id] = "too_long"
 
     # malformed and unknown-version records on every topic

@@ -78,7 +78,8 @@ def results_of(settings, ids: set[str], timeout: float) -> list[dict]:
     """Every Result of these streams, once all of them completed."""
     c = kafka.tail_consumer(settings, settings.results_topic, from_beginning=True)
     keys = Keyring.for_settings(settings)
-    out, done = [], set()
+    out: list[dict] = []
+    done: set[str] = set()
     deadline = time.monotonic() + timeout
     try:
         while done != ids and time.monotonic() < deadline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ def sample() -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def diarizer() -> Diarizer:
+def diarizer() -> Iterator[Diarizer]:
     import torch
 
     # As the service runs it: with the test stack's services beside it, more threads than cores

@@ -1,6 +1,7 @@
 """The offline pass without Kafka: where windows are cut, and Whisper on real speech."""
 
 import json
+from typing import cast
 
 import numpy as np
 import pytest
@@ -127,7 +128,7 @@ def offline_run(settings, info, pcm: bytes, chunk: int, resume_at: int | None = 
     """Records of an offline stream fed ``pcm``; with ``resume_at``, the processor is replaced at
     its snapshot after that many windows by one resumed from it (JSON round trip, as the commit
     metadata carries it), fed again from the snapshot's chunk. Returns (records, snapshots taken)."""
-    procs = OfflineProcessors(settings, decoder=WindowEcho())
+    procs = OfflineProcessors(settings, decoder=cast(WhisperDecoder, WindowEcho()))
     proc, records, snapshots, i = procs.open(info), [], 0, 0
     while i < len(pcm):
         records += [o.record for o in proc.feed(Chunk(i // chunk + 1, pcm[i : i + chunk], i // 2, 0))]
@@ -136,7 +137,7 @@ def offline_run(settings, info, pcm: bytes, chunk: int, resume_at: int | None = 
             snapshots += 1
             if resume_at is not None and sum(r["kind"] == "SEGMENT" for r in records) == resume_at:
                 resume_at = None
-                fresh = OfflineProcessors(settings, decoder=WindowEcho())
+                fresh = OfflineProcessors(settings, decoder=cast(WhisperDecoder, WindowEcho()))
                 proc = fresh.resume(StreamInfo(info.stream_id, info.tenant), json.loads(json.dumps(state)))
                 continue  # this chunk again
         i += chunk

@@ -285,9 +285,9 @@ def _records_of(settings, sid: str, keys) -> tuple[list[tuple[str, int]], list[t
     c = kafka.consumer(settings, f"hark-tail-scan-{time.time_ns()}", **{"enable.partition.eof": True})
     parts = [TopicPartition(t, p, OFFSET_BEGINNING) for t in settings.all_topics for p in range(settings.partitions)]
     c.assign(parts)
-    sealed: list[tuple[str, int]] = []
-    readable: list[tuple[str, str, dict, int]] = []
-    eof: set[tuple[str, int]] = set()
+    sealed: list[tuple] = []  # (topic, timestamp)
+    readable: list[tuple] = []  # (topic, record type, record, timestamp)
+    eof: set[tuple] = set()  # (topic, partition)
     deadline = time.monotonic() + 60
     try:
         while len(eof) < len(parts) and time.monotonic() < deadline:
@@ -497,12 +497,16 @@ def _probe(bootstrap: str, topics: list[str], login: dict[str, str], group: str)
     while time.monotonic() < deadline:
         for m in c.consume(500, 0.3):
             if not m.error():
-                reads[m.topic()] += 1
+                reads[str(m.topic())] += 1
     c.close()
-    writes: dict[str, str] = {}
+    writes: dict[str, str | None] = {}
     p = Producer({**base, "message.timeout.ms": 5000})
+
+    def delivered(topic: str):
+        return lambda err, _m: writes.__setitem__(topic, err and err.name())
+
     for t in topics:
-        p.produce(t, key=b"acl-probe", value=None, on_delivery=lambda e, _m, t=t: writes.__setitem__(t, e and e.name()))
+        p.produce(t, key=b"acl-probe", value=None, on_delivery=delivered(t))
     p.flush(10)
     return reads, writes
 
