@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEECH = ROOT / "data" / "speech"
 CANDIDATES = [30.0, 1.0, 2.0, 4.0, 8.0]  # 30: Whisper's full input, today's
 ALLOWED_WER_POINTS = 0.5
+CHUNK = 6400  # 200 ms, as ingest sends audio
 SENTENCES = [
     "Let us review the plan for the next release before lunch.",
     "I think the ingest service needs another look at its error messages.",
@@ -86,13 +87,17 @@ def dev_windows() -> list[Case]:
 def held_out_windows(min_window_s: float) -> list[Case]:
     refs = load_references(SPEECH / "references.tsv")
     out: list[Case] = [(refs[n], [read_pcm_file(SPEECH / n)]) for n in refs if n != "austen_passage.flac"]
-    cutter = StreamWindows(0, int(min_window_s * 1000))
-    passage = read_pcm_file(SPEECH / "austen_passage.flac").tobytes()
-    # in 200 ms chunks as ingest sends them: pushed whole, the cutter sees every pause at once
-    windows = [w for i in range(0, len(passage), 6400) for w in cutter.push(passage[i : i + 6400])]
-    windows += cutter.flush()
+    windows = cut(read_pcm_file(SPEECH / "austen_passage.flac"), min_window_s)
     # the passage's reference is scored against its windows' texts joined
     return out + [(refs["austen_passage.flac"], [w.pcm for w in windows])]
+
+
+def cut(pcm: np.ndarray, min_window_s: float) -> list:
+    """``pcm`` cut into windows as offline_asr cuts a stream: fed in 200 ms chunks as ingest sends
+    them (pushed whole, the cutter would see every pause at once)."""
+    cutter, raw = StreamWindows(0, int(min_window_s * 1000)), pcm.tobytes()
+    windows = [w for i in range(0, len(raw), CHUNK) for w in cutter.push(raw[i : i + CHUNK])]
+    return windows + cutter.flush()
 
 
 def run(dec: WhisperDecoder, cases: list[Case]) -> tuple[WerScore, float, list[list[int]]]:

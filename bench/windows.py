@@ -32,19 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.encoder_pad import SENTENCES, VOICES
+from bench.encoder_pad import SENTENCES, VOICES, cut
 from hark.audio import read_pcm_file
 from hark.config import Settings
 from hark.wer import WerScore, load_references, score
 from services.offline_asr.decoder import WhisperDecoder
-from services.offline_asr.windows import StreamWindows
 from tests.tts import say
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEECH = ROOT / "data" / "speech"
 CANDIDATES = [10.0, 5.0, 3.0, 2.0]  # 10: the default before this bench
 ALLOWED_WER_POINTS = 0.5
-CHUNK = 6400  # 200 ms, as ingest sends audio
 
 Stream = tuple[str, np.ndarray]  # a reference and the stream's audio
 
@@ -68,13 +66,6 @@ def held_out_streams() -> list[Stream]:
     for group in (names[0::3], names[1::3], names[2::3]):
         out.append((" ".join(refs[n] for n in group), np.concatenate([p for n in group for p in (read_pcm_file(SPEECH / n), pause)])))  # fmt: skip
     return out
-
-
-def cut(pcm: np.ndarray, min_window_s: float) -> list:
-    cutter = StreamWindows(0, int(min_window_s * 1000))
-    raw = pcm.tobytes()
-    windows = [w for i in range(0, len(raw), CHUNK) for w in cutter.push(raw[i : i + CHUNK])]
-    return windows + cutter.flush()
 
 
 def run(dec: WhisperDecoder, streams: list[Stream], min_window_s: float) -> dict:

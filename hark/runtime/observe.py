@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -93,17 +94,20 @@ class Metrics:
         """Forget a labelled series (e.g. the lag of a partition this process no longer owns)."""
         metric = self._metrics.get(name)
         values = (self.service, *(str(labels[k]) for k in sorted(labels)))
-        try:
-            if metric is not None:
+        if metric is not None:
+            with contextlib.suppress(KeyError):  # a series never set: nothing to forget
                 metric.remove(*values)
-        except KeyError:
-            pass
 
     def get(self, name: str, **labels) -> float:
-        value = self.registry.get_sample_value(
-            f"hark_{name}", {"service": self.service, **{k: str(v) for k, v in labels.items()}}
-        )
-        return value or 0.0
+        """A series' value (0 when never set), from its own metric's samples, not the whole
+        registry's: observe_decode reads two at every chunk."""
+        metric = self._metrics.get(name)
+        want = {"service": self.service, **{k: str(v) for k, v in labels.items()}}
+        for family in metric.collect() if metric is not None else ():
+            for sample in family.samples:
+                if sample.labels == want:
+                    return sample.value
+        return 0.0
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -119,8 +119,8 @@ def looping(text: str) -> bool:
 ENCODED_KEEP = 10
 
 
-def _digest(pcm: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(pcm).tobytes(), digest_size=16).digest()
+def _digest(array: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).digest()
 
 
 def _trimmed_model():
@@ -141,7 +141,7 @@ def _trimmed_model():
         def encode(self, features):
             if self.frames and features.shape[-1] > self.frames:
                 features = features[..., : self.frames]
-            key = (features.shape, hashlib.blake2b(np.ascontiguousarray(features).tobytes(), digest_size=16).digest())
+            key = (features.shape, _digest(features))
             if key in self.encoded:
                 self.encoded.move_to_end(key)
                 self.encoded_hits += 1
