@@ -12,7 +12,7 @@ each padding's cost and WER; the default is 2 s (docs/measurements.md). Decoding
 only, so a window gives the same text every time it is decoded (after a restart, in a replay).
 
 A trimmed input can set off a repetition loop that Whisper's 30 s input does not (whisper
-tiny.en read the 2.8 s "go forward ten meters" 44 times over on one CPU, and once on another): a
+tiny.en read the 2.8 s "go forward ten meters" about 45 times (179 words) on one CPU, and once on another): a
 decode whose text compresses like a loop is done again on the full 30 s, which is deterministic
 too, so a restart or a replay takes the same path.
 """
