@@ -2,10 +2,9 @@
 
 One flat dataclass, filled from defaults, then ``HARK_*`` environment variables, then
 explicit overrides (CLI flags). The same variables configure a service under
-docker-compose, so every field here has an env name: ``HARK_<FIELD>`` upper-cased.
-Extra librdkafka properties (SASL/TLS in production) pass through as
-``HARK_KAFKA_<PROPERTY>`` with dots written as underscores, e.g.
-``HARK_KAFKA_SECURITY_PROTOCOL=SASL_SSL``.
+docker-compose, so every field here has an env name: ``HARK_<FIELD>`` upper-cased. Extra
+librdkafka properties (SASL/TLS in production) pass through as ``HARK_KAFKA_<PROPERTY>``, dots
+written as underscores: ``HARK_KAFKA_SECURITY_PROTOCOL=SASL_SSL``.
 """
 
 from __future__ import annotations
@@ -54,6 +53,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "offline_prompt_chars": (0, 2000),
     "offline_min_window_s": (1, 30),
     "offline_max_window_s": (1, 30),  # Whisper's encoder window
+    "offline_provisional_s": (0, 30),
+    "offline_draft_max_streams": (0, 1000),
     "offline_encode_pad_s": (0, 30),
     "offline_nice": (0, 19),
     "offline_candidate_fraction": (0, 1),
@@ -179,6 +180,8 @@ class Settings:
     offline_prompt_chars: int = 0
     offline_min_window_s: float = 10.0  # decode once this much audio is pending and a pause is reached; shorter brings accurate text sooner at a cost in WER (bench.windows)
     offline_max_window_s: float = 30.0  # never a longer window (Whisper's field)
+    offline_provisional_s: float = 3.0  # draft the audio of a window still growing once this much is undrafted, when idle, as provisional text its own replaces; 0: off
+    offline_draft_max_streams: int = 2  # draft only while a replica has at most this many open streams: each costs ~0.45 core more (docs/architecture.md#drafts-whisper-text-before-a-window-ends)
     # Padding the encoder sees after an unprompted window (30: Whisper's full input); bench.encoder_pad
     offline_encode_pad_s: float = 2.0
     # The online pass is latency-critical, the offline one is not: lower its CPU priority.
@@ -380,7 +383,7 @@ def reference_markdown() -> str:
                 )
                 text = " ".join(comment + ([trailing] if trailing else [])).replace("|", "\\|")
                 accepts = (
-                    "..".join(_num(v) for v in RANGES[name])
+                    "..".join(str(int(v)) if float(v).is_integer() else f"{v:g}" for v in RANGES[name])
                     if name in RANGES
                     else " / ".join(CHOICES[name])
                     if name in CHOICES
@@ -393,8 +396,3 @@ def reference_markdown() -> str:
 
 if __name__ == "__main__":
     print(reference_markdown(), end="")
-
-
-def _num(v: float) -> str:
-    """A bound as people write it: 268435456, not 2.68435e+08."""
-    return str(int(v)) if float(v).is_integer() else f"{v:g}"

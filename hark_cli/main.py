@@ -15,6 +15,7 @@ from hark.config import ConfigError
 
 from . import voices
 from .common import connect, settings_of
+from .display import Display, caption_line, speaker_lines
 from .transcripts import (
     cmd_compare,
     cmd_erase,
@@ -125,7 +126,7 @@ HOTWORDS_HELP = 'terms the audio is likely to contain, comma separated ("metopro
 def cmd_tail(a) -> int:
     from hark.keys import Keyring
 
-    from .session import Display, caption_line, read_results
+    from .session import read_results
 
     s = connect(a, settings_of(a))
     c = kafka.tail_consumer(s, s.results_topic, from_beginning=a.from_beginning)
@@ -161,7 +162,7 @@ def _interrupt(*_args):
 def _run_session(a, make_runs) -> int:
     from services.ingest.core import Ingest
 
-    from .session import Display, follow
+    from .session import follow
 
     s = settings_of(a)
     started = None
@@ -201,13 +202,12 @@ def _run_session(a, make_runs) -> int:
             continue
         lat = r["latency"]
         print(f"== {r['source']} ({r['stream_id']}, {r['duration_s']:.1f} s, {r['status']})")
-        from .session import speaker_lines
-
         lines = speaker_lines([{"word": w["word"], "speaker": w["speaker"]} for w in r["words"]])
         print("\n".join(lines) if lines else (r["final_text"] or "(no speech recognised)"))
         print(
-            f"   partial latency p50 {lat['partial_p50_ms']} ms, p95 {lat['partial_p95_ms']} ms; "
-            f"final {lat['final_after_close_ms']} ms after close"
+            f"   partial latency p50 {lat['partial_p50_ms']} ms, p95 {lat['partial_p95_ms']} ms; accurate text "
+            f"p50 {lat['accurate_p50_ms']} ms, p95 {lat['accurate_p95_ms']} ms; final {lat['final_after_close_ms']} ms "
+            "after close"
         )
         if r["status"] not in ("COMPLETE",):
             failed += 1

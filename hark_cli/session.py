@@ -3,8 +3,10 @@
 Two latencies, for every word, from the moment ingest published the chunk holding the word's end:
 - partial: until the word first appeared (in a partial, or in the online final itself) on the
   results topic, as seen by this consumer;
-- accurate: until the offline text covering the word (the final transcript's text) first reached
-  the results topic (the results service's emit time; one clock on one machine).
+- accurate: until Whisper's text covering the word first reached the results topic: a provisional
+  FINAL (part of a window still growing) or the offline FINAL of its window (the results service's
+  emit time; one clock on one machine);
+- settled: until the offline FINAL of its window, the final transcript's own text, did.
 
 The client waits while the pipeline moves, not for a fixed time: records on the results topic (any
 stream's) and commits of the consumer groups it waits for count as progress; a stream fails only
@@ -13,8 +15,6 @@ when nothing moved for ``stall_timeout_s``, and the error names the stage that s
 
 from __future__ import annotations
 
-import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +28,8 @@ from hark.audio import TARGET_RATE, AudioError
 from hark.config import Settings
 from hark.keys import Keyring
 from hark.records import now_ms
+
+from .display import Display, caption_line
 
 
 @dataclass
@@ -53,6 +55,8 @@ class StreamRun:
     word_latency_parts: list[tuple[int, int, int, int]] = field(default_factory=list)
     _first_seen: dict[int, list[tuple[str, int, int, int, int, int]]] = field(default_factory=dict)
     offline_ranges: list[tuple[int, int, int]] = field(default_factory=list)  # start, end, emitted_at_ms
+    provisional_ranges: list[tuple[int, int, int]] = field(default_factory=list)  # the same, of provisional FINALs
+    provisional_texts: list[tuple[int, str]] = field(default_factory=list)  # their start and text
     last_received_ms: dict[str, int] = field(default_factory=dict)  # "offline" / "speakers": the last one's arrival
 
     @property
@@ -72,10 +76,13 @@ class StreamRun:
         if kind in ("SPEAKERS", "ALTERNATIVES"):
             self.last_received_ms[kind.lower()] = received_ms
             return None
-        if rec["source"] == "offline":
+        if rec["source"] in ("offline", "provisional"):
             if kind == "FINAL":
-                self.offline_ranges.append((rec["start_ms"], rec["end_ms"], rec["emitted_at_ms"]))
-                self.last_received_ms["offline"] = received_ms
+                ranges = self.offline_ranges if rec["source"] == "offline" else self.provisional_ranges
+                ranges.append((rec["start_ms"], rec["end_ms"], rec["emitted_at_ms"]))
+                if rec["source"] == "provisional":
+                    self.provisional_texts.append((rec["start_ms"], rec["text"]))
+                self.last_received_ms[rec["source"]] = received_ms
             return caption_line(rec)
         utt = rec["utterance_id"]
         seen = self._first_seen.setdefault(utt, [])
@@ -116,19 +123,33 @@ class StreamRun:
         self.partial_text = ""
         return caption_line(rec)
 
-    def accurate_latency_ms(self) -> list[int]:
+    def accurate_latency_ms(self, settled: bool = False) -> list[int]:
         """Per word of the final transcript (when its text came from the offline pass): the first
-        offline FINAL covering the word's end, emitted, minus the publishing of that audio."""
+        Whisper FINAL covering the word's end (``settled``: the offline one of its window), emitted,
+        minus the publishing of that audio."""
         c = self.complete or {}
         if c.get("final_source") != "offline" or not self.chunk_published_at_ms:
             return []
+        ranges = self.offline_ranges + ([] if settled else self.provisional_ranges)
         out = []
         for w in c.get("words", []):
-            covering = [em for s, e, em in self.offline_ranges if s < w["end_ms"] <= e]
+            covering = [em for s, e, em in ranges if s < w["end_ms"] <= e]
             if covering:
                 idx = min(max(w["end_ms"] - 1, 0) // self.chunk_ms, len(self.chunk_published_at_ms) - 1)
                 out.append(min(covering) - self.chunk_published_at_ms[idx])
         return out
+
+    def first_text(self) -> str:
+        """The text Whisper first gave each stretch: provisional text where a draft came, the final
+        transcript's words elsewhere (what captions showed before each window settled)."""
+        words = (self.complete or {}).get("words", [])
+        drafted = [(s, e) for s, e, _ in self.provisional_ranges]
+        rest = [
+            (w["start_ms"], w["word"])
+            for w in words
+            if not any(s <= (w["start_ms"] + w["end_ms"]) // 2 < e for s, e in drafted)
+        ]
+        return " ".join(t for _, t in sorted(rest + self.provisional_texts, key=lambda x: x[0]) if t)
 
     def after_close(self, received_ms: int | None) -> int | None:
         return received_ms - self.end_published_ms if received_ms and self.end_published_ms else None
@@ -139,7 +160,7 @@ class StreamRun:
             return {**out, "status": "FAILED", "error": self.error}
         c = self.complete or {}
         lat = np.array(self.word_latency_ms) if self.word_latency_ms else None
-        accurate = self.accurate_latency_ms()
+        accurate, settled = self.accurate_latency_ms(), self.accurate_latency_ms(settled=True)
         online_text = c.get("online_text") if c else " ".join(self.online_finals[k] for k in sorted(self.online_finals))
         return {
             **out,
@@ -172,36 +193,13 @@ class StreamRun:
                 "accurate_p50_ms": round(float(np.percentile(accurate, 50)), 1) if accurate else None,
                 "accurate_p95_ms": round(float(np.percentile(accurate, 95)), 1) if accurate else None,
                 "accurate_words_measured": len(accurate),
+                "settled_p50_ms": round(float(np.percentile(settled, 50)), 1) if settled else None,
+                "settled_p95_ms": round(float(np.percentile(settled, 95)), 1) if settled else None,
                 "final_after_close_ms": self.after_close(self.complete_received_ms),  # and what it waited for:
                 "offline_after_close_ms": self.after_close(self.last_received_ms.get("offline")),
                 "speakers_after_close_ms": self.after_close(self.last_received_ms.get("speakers")),
             },
         }
-
-
-def caption_line(rec: dict) -> str | None:
-    """The line a terminal commits for a Result FINAL (None for other kinds)."""
-    if str(rec["kind"]) != "FINAL":
-        return None
-    turns = speaker_lines(rec["words"])
-    text = " ".join(turns) if turns else rec["text"]
-    if rec["source"] == "offline":  # full-context text that replaces this range of the captions
-        return f"(offline {rec['start_ms'] / 1000:.1f}-{rec['end_ms'] / 1000:.1f} s) {text}"
-    return text
-
-
-def speaker_lines(words: list[dict]) -> list[str]:
-    """``SPEAKER: words`` per run of one speaker's words; [] when no word has a speaker."""
-    if not any(w.get("speaker") for w in words):
-        return []
-    out: list[tuple[str, list[str]]] = []
-    for w in words:
-        who = w.get("speaker") or (out[-1][0] if out else "?")  # an unlabelled word stays with its neighbours
-        if out and out[-1][0] == who:
-            out[-1][1].append(w["word"])
-        else:
-            out.append((who, [w["word"]]))
-    return [f"{who}: {' '.join(ws)}" for who, ws in out]
 
 
 def read_results(consumer, timeout: float, keys: Keyring):
@@ -220,47 +218,6 @@ def read_results(consumer, timeout: float, keys: Keyring):
 
 def _overlap(a0: int, a1: int, b0: int, b1: int) -> bool:
     return a0 < b1 and b0 < a1
-
-
-class Display:
-    """Live partials and a progress bar on a terminal; plain committed lines otherwise."""
-
-    def __init__(self, stream=sys.stderr, quiet: bool = False):
-        self.out, self.quiet = stream, quiet
-        self.tty = stream.isatty() and not quiet
-        self._last = 0.0
-
-    def commit(self, line: str) -> None:
-        if self.quiet:
-            return
-        self.out.write(("\r\x1b[2K" if self.tty else "") + line + "\n")
-        self.out.flush()
-
-    def status(self, runs: list[StreamRun], force: bool = False, waiting: str | None = None) -> None:
-        if not self.tty or (time.monotonic() - self._last < 0.1 and not force):
-            return
-        self._last = time.monotonic()
-        width = shutil.get_terminal_size((100, 20)).columns
-        done = sum(r.samples_published for r in runs) / TARGET_RATE
-        total = sum(r.expected_seconds or r.samples_published / TARGET_RATE for r in runs) or 1.0
-        frac = min(1.0, done / total)
-        bar = "#" * int(frac * 20) + "-" * (20 - int(frac * 20))
-        finished = sum(r.done for r in runs)
-        live = next((r for r in reversed(runs) if r.partial_text), None)
-        line = f"[{bar}] {frac:4.0%} {finished}/{len(runs)} done"
-        if waiting and frac >= 1.0:
-            line += f" | waiting for {waiting}"
-        if live:
-            line += f" | {live.stream_id}: "
-            room = max(0, width - 1 - len(line))
-            line += live.partial_text[-room:] if room else ""
-        self.out.write("\r\x1b[2K" + line[: width - 1])
-        self.out.flush()
-
-    def clear(self) -> None:
-        if self.tty:
-            self.out.write("\r\x1b[2K")
-            self.out.flush()
 
 
 class Progress:

@@ -189,6 +189,7 @@ def test_captions_page_in_headless_chromium(live_stack, speech_dir, passage):
             page.wait_for_selector("#captions .seg.partial", timeout=20000)  # provisional text while speaking
             page.wait_for_selector("#captions .seg.final", timeout=20000)  # committed online text
             page.screenshot(path=str(ARTIFACTS / "captions-online.png"))
+            page.wait_for_selector("#captions .seg.provisional", timeout=30000)  # Whisper on a window growing
             page.wait_for_selector("#captions .seg.offline", timeout=60000)  # offline text replaced online text
             page.screenshot(path=str(ARTIFACTS / "captions-live.png"))  # offline, online and provisional text
             publisher.join(60)
@@ -198,7 +199,15 @@ def test_captions_page_in_headless_chromium(live_stack, speech_dir, passage):
             text = page.inner_text("#transcript")
             assert "Dashwood" in text and "amiable" in text
             assert page.locator("#captions .seg.partial").count() == 0 and page.is_hidden("#captions")
+            assert page.locator("#captions .seg.provisional").count() == 0  # each replaced by its window's text
             events = page.evaluate("window.harkEvents")
+            finals = [e for e in events if e["kind"] == "FINAL"]
+            drafts = [e for e in finals if e["source"] == "provisional"]
+            for d in drafts:  # each came before the offline text of its window
+                window = next(
+                    e for e in finals if e["source"] == "offline" and e["start_ms"] <= d["start_ms"] < e["end_ms"]
+                )
+                assert finals.index(d) < finals.index(window) and d["end_ms"] <= window["end_ms"]
             live = [e for e in events if not e["history"] and e["kind"] == "PARTIAL"]
             assert len(live) >= 10, "partials arrived live, not only at the end"
             delays = sorted(e["received_ms"] - e["emitted_at_ms"] for e in live)

@@ -1,5 +1,6 @@
 """The offline pass without Kafka: where windows are cut, and Whisper on real speech."""
 
+import dataclasses
 import json
 from typing import cast
 
@@ -160,6 +161,65 @@ def test_a_resumed_offline_stream_publishes_what_an_uninterrupted_one_does(passa
     assert offline_run(settings, with_hotwords, pcm, 6400)[1] == 0  # their words stay out of commit metadata
 
 
+class WordEcho(WindowEcho):
+    """WindowEcho with a word a second, each named by its start: what a draft keeps is visible."""
+
+    def decode(self, pcm, start_ms, prompt=None, language=None, hotwords=()):
+        words = [
+            {"word": f"w{t}", "start_ms": t, "end_ms": t + 900, "confidence": 0.9, "speaker": None}
+            for t in range(start_ms, start_ms + len(pcm) // 16 - 900 + 1, 1000)
+        ]
+        return Decoded(" ".join(w["word"] for w in words), words, language=language or "en")
+
+
+def test_drafts_cover_a_growing_window_when_idle_and_stop_where_its_text_comes(passage, tmp_path):
+    """Fed in real time with an idle moment after each chunk, the audio of a window still growing
+    is drafted: SEGMENTs with variant "provisional" and the index of the window that holds them,
+    each before that window's text, covering it in order without overlap; a draft cut inside
+    speech keeps only the words ending 0.5 s before the cut. Never idle, or with more streams
+    open than drafts are allowed for, there are none, and the real windows are the same."""
+    settings = Settings(data_dir=tmp_path, offline_nice=0, offline_nbest=0, offline_provisional_s=3.0)
+    pcm, info = np.concatenate([passage] * 2).tobytes(), StreamInfo("s1", "t1", "en")
+
+    def run(idle: bool, most: int = 2):
+        procs = OfflineProcessors(
+            dataclasses.replace(settings, offline_draft_max_streams=most), decoder=cast(WhisperDecoder, WordEcho())
+        )
+        procs.open(StreamInfo("other", "t1", "en"))  # open, silent
+        proc, records = procs.open(info), []
+        for n, i in enumerate(range(0, len(pcm), 6400)):
+            records += [o.record for o in proc.feed(Chunk(n + 1, pcm[i : i + 6400], i // 2, 0))]
+            if idle:
+                records += [o.record for o in procs.idle()]
+        records += [o.record for o in proc.close("COMPLETE", len(pcm) // 6400 + 2)]
+        return records + [o.record for o in procs.idle()], procs
+
+    live, procs = run(idle=True)
+    drafts = [r for r in live if r["variant"] == "provisional"]
+    real = [r for r in live if r["variant"] == "primary" and r["kind"] == "SEGMENT"]
+    assert len(drafts) >= 8 and procs.drafts >= len(drafts) and list(procs.live) == ["other"]
+    for d in drafts:
+        (holder,) = [r for r in real if r["start_ms"] <= d["start_ms"] < r["end_ms"]]
+        assert d["segment_index"] == holder["segment_index"] and d["end_ms"] <= holder["end_ms"]
+        assert live.index(d) < live.index(holder)
+        assert d["words"] and all(d["start_ms"] <= w["start_ms"] and w["end_ms"] <= d["end_ms"] for w in d["words"])
+        assert d["text"] == " ".join(w["word"] for w in d["words"])
+    for a, b in zip(drafts, drafts[1:]):
+        assert a["end_ms"] <= b["start_ms"]
+    # cut inside speech (the passage pauses every ~4-7 s): a draft ends at its last word kept, which
+    # ended 0.5 s before the audio then pending, and the next draft starts there
+    inside = [d for d in drafts if d["end_ms"] == d["words"][-1]["end_ms"]]
+    assert len(inside) >= len(drafts) // 2
+
+    def primary(records):
+        return [(r["kind"], r["segment_index"], r["start_ms"], r["end_ms"], r["text"]) for r in records]
+
+    busy, procs = run(idle=False)
+    assert procs.drafts == 0 and primary(busy) == primary(r for r in live if r["variant"] != "provisional")
+    crowded, procs = run(idle=True, most=1)
+    assert procs.drafts == 0 and primary(crowded) == primary(busy)
+
+
 def test_device_choice_defaults_to_cpu_int8_here():
     assert choose_device("auto", "auto") in (("cpu", "int8"), ("cuda", "float16"))
     assert choose_device("cpu", "auto") == ("cpu", "int8")
@@ -228,16 +288,20 @@ def test_the_encoder_is_given_the_window_not_30_s(speech_dir, monkeypatch):
 
 
 def test_a_repetition_loop_is_told_from_speech(references):
-    """Whisper's own loop test (zlib ratio > 2.4): the loop tiny.en produced on a 2.8 s clip is
-    one; no reference text here is, the 28.7 s passage included."""
+    """Whisper's own loop test (zlib ratio > 2.4), and a sentence read again at once: the loops
+    tiny.en produced on a 2.8 s clip (45 readings on one CPU, two on another) are; no reference
+    text here is, the 28.7 s passage included."""
     assert looping("Go forward 10 meters. " * 44) and looping("the " * 30)
+    assert looping("Go forward 10 meters. Go forward 10 meters.") and looping("Yes. No. Go on then. go on, then!")
+    assert not looping("Yes. Yes.") and not looping("Go forward. Go back. Go forward.")
     assert not any(looping(text) for text in references.values())
     assert not looping("") and not looping("Go forward 10 meters.")
 
 
 def test_a_decode_that_loops_is_done_again_on_whisper_s_30_s_input(speech_dir, monkeypatch):
     """whisper tiny.en on a 2.8 s clip, its encoder given the clip and 2 s: on one CPU it read
-    "go forward 10 meters" about 45 times (179 words, a WER of 4375% in `hark compare`), on another once. Whatever
+    "go forward 10 meters" about 45 times (179 words, a WER of 4375% in `hark compare`), on another
+    twice, on a third once. Whatever
     this CPU does, the decode and the n-best give the clip's four words, and where they went into
     a loop, they give what the 30 s input gives."""
     from services.offline_asr import decoder as decoder_module

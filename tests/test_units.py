@@ -126,6 +126,20 @@ def test_merger_waits_for_both_passes_and_prefers_offline_text():
     assert m.on_offline(_offline("NBEST", 0, "x", 0, 1))[0]["kind"] == "ALTERNATIVES" and not m.is_open("s")
 
 
+def test_merger_shows_provisional_text_until_its_window_s_own_and_never_keeps_it():
+    m = ResultsMerger(wait_for=("online", "offline"))
+    draft = {**_offline("SEGMENT", 0, "Go forward ten.", 0, 1500, ["Go", "forward", "ten."]), "variant": "provisional"}
+    (caption,) = m.on_offline(draft)
+    assert caption["kind"] == "FINAL" and caption["source"] == "provisional" and caption["utterance_id"] == 0
+    assert m.on_offline({**_offline("SEGMENT", 0, "x", 0, 1500, ["x"]), "variant": "candidate"}) == []
+    m.on_offline(_offline("SEGMENT", 0, "Go forward ten meters.", 0, 2800, ["Go", "forward", "ten", "meters."]))
+    assert m.on_offline(draft) == []  # after its window's text (a late idle decode): dropped
+    m.on_online(_online("STREAM_END", 1, "", end_status="COMPLETE"))
+    (done,) = m.on_offline(_offline("STREAM_END", 1, "", 2800, 2800))
+    assert done["text"] == "Go forward ten meters." and len(done["words"]) == 4  # the draft is not in it
+    assert m.on_offline(draft) == [] and not m.is_open("s")  # nor does one reopen a completed stream
+
+
 def test_merger_stops_online_captions_once_the_offline_pass_found_another_language():
     m = ResultsMerger(wait_for=("online", "offline"))
     assert [r["kind"] for r in m.on_online(_online("FINAL", 0, "a sex test", ["a", "sex", "test"]))] == ["FINAL"]
@@ -494,7 +508,7 @@ def test_a_secured_node_takes_sasl_only_denies_by_default_and_keeps_its_secrets_
     assert secured.security and not (tmp_path / "old").exists() and list(tmp_path.glob("old.before-security-*"))
 
 
-def test_accurate_text_latency_counts_each_final_word_from_its_audio_to_the_first_offline_text():
+def test_accurate_text_latency_counts_each_final_word_from_its_audio_to_the_first_whisper_text():
     from hark_cli.session import StreamRun
 
     run = StreamRun("f.wav", "s", lambda r: None, chunk_ms=200)
@@ -518,6 +532,7 @@ def test_accurate_text_latency_counts_each_final_word_from_its_audio_to_the_firs
     run.on_result(final(0, 1000, 5000, [w1]), 5100)
     run.on_result(final(1000, 2000, 7000, [w2]), 7100)
     run.on_result(final(1000, 2000, 9000, [w2]), 9100)  # a later re-decode of the same range: not first
+    run.on_result({**final(1000, 1800, 6000, [w2]), "source": "provisional", "text": "bee"}, 6100)  # a draft
     run.on_result(
         {
             "kind": "STREAM_COMPLETE",
@@ -534,9 +549,13 @@ def test_accurate_text_latency_counts_each_final_word_from_its_audio_to_the_firs
         9200,
     )
     # a: ends at 450 ms, in chunk 2 published at 1400 -> 5000 - 1400; b: chunk 7 at 2400 -> 7000 - 2400
-    assert run.accurate_latency_ms() == [3600, 4600]
+    # when settled by its window's text, 6000 - 2400 when its draft came first
+    assert run.accurate_latency_ms(settled=True) == [3600, 4600]
+    assert run.accurate_latency_ms() == [3600, 3600]
     lat = run.summary()["latency"]
-    assert lat["accurate_words_measured"] == 2 and lat["accurate_p50_ms"] == 4100.0
+    assert lat["accurate_words_measured"] == 2 and lat["accurate_p50_ms"] == 3600.0
+    assert lat["settled_p50_ms"] == 4100.0
+    assert run.first_text() == "a bee"  # what captions showed first: the draft where there was one
     # finals after close and its parts: the last offline text and the speakers, as they arrived
     run.end_published_ms = 3000
     run.on_result({"kind": "SPEAKERS"}, 8000)

@@ -113,7 +113,9 @@ class TranscriptIndex:
             "updated_ms = excluded.updated_ms, end_ms = max(end_ms, excluded.end_ms)",
             (sid, r["tenant"], now, now, r["end_ms"]),
         )
-        if kind == "FINAL":
+        if kind == "FINAL" and r["source"] == "provisional":
+            pass  # a draft of an offline window's text: shown live, replaced, never searched or exported
+        elif kind == "FINAL":
             best = r["text"].strip()
             # online text of a range an offline window already covers is an alternative from the start
             # (the records of a stream can interleave either way: the result must not depend on it)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 import zlib
 from collections import OrderedDict
@@ -105,11 +106,18 @@ FALLBACK = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # faster-whisper's default
 # compresses more than 2.4 times. Speech without loops stays under 2 on this repo's recordings
 # (tests/test_offline.py); a short text compresses less than 1.
 LOOP_RATIO = 2.4
+# A loop too short for the ratio: a sentence of at least this many words read again at once
+# (tiny.en on a 2.8 s clip read it twice on one CPU). Speech repeats a sentence word for word
+# rarely, and then the 30 s decode, which is kept, repeats it too.
+LOOP_SENTENCE_WORDS = 3
 
 
 def looping(text: str) -> bool:
     raw = text.encode()
-    return bool(raw) and len(raw) / len(zlib.compress(raw)) > LOOP_RATIO
+    if raw and len(raw) / len(zlib.compress(raw)) > LOOP_RATIO:
+        return True
+    sentences = [" ".join(re.findall(r"[\w']+", s.lower())) for s in re.split(r"(?<=[.!?])\s+", text)]
+    return any(a == b and len(a.split()) >= LOOP_SENTENCE_WORDS for a, b in zip(sentences, sentences[1:]))
 
 
 # Encoder outputs kept for reuse: a window's language detection, its decode and its n-best (run

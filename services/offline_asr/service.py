@@ -6,6 +6,12 @@ the rest at StreamEnd (the previous offline text can be the prompt: ``offline_pr
 off by default, docs/decisions/stack-choices.md). n-best lists are
 computed when the service is otherwise idle (they cost another decode and nobody waits on them).
 
+Drafts: while a window grows, its undrafted audio is decoded in idle moments once
+``offline_provisional_s`` of it is pending, up to its latest pause or, inside speech, up to the
+words ending 0.5 s before the cut (drafts.py): SEGMENTs with ``variant="provisional"`` that captions
+show until the window's own text replaces them (docs/architecture.md#drafts-whisper-text-before-a-window-ends).
+They depend on timing, so they are not snapshotted or replayed, and nothing else depends on them.
+
 Audio source: the stream's chunks as they arrive on the audio topic, buffered per stream up to
 one window. The archive cannot serve this, because ingest writes its PCM in 30 s segments and
 the open one only at stream end; it is the fallback for a stream whose audio this service
@@ -42,6 +48,7 @@ from hark.runtime import NOTICES, Chunk, Output, StreamInfo, StreamRunner, kv, m
 from hark.storage import archived_meta, archived_pcm
 
 from .decoder import MAX_WINDOW_S, WhisperDecoder, whisper_language
+from .drafts import Drafter
 from .windows import StreamWindows, Window
 
 log = logging.getLogger("hark.offline_asr")
@@ -70,6 +77,8 @@ class OfflineStream:
         self.prompt = ""
         self.segments = 0
         self.published_at_ms = 0
+        self.closed = False
+        self.drafts = Drafter(int(owner.settings.offline_provisional_s * 1000), info.start_ms)
 
     def feed(self, chunk: Chunk, replay: bool = False) -> list[Output]:
         self.published_at_ms = chunk.published_at_ms
@@ -77,6 +86,9 @@ class OfflineStream:
 
     def push(self, pcm: bytes, replay: bool = False) -> list[Output]:
         return [o for w in self.windows.push(pcm) for o in self._decode(w, replay)]
+
+    def undrafted_ms(self) -> int:
+        return 0 if self.closed else self.drafts.undrafted_ms(self.windows)
 
     def snapshot(self) -> dict | None:
         cut = self.windows.boundary  # set by a feed whose last cut fell at a pause in its chunk
@@ -94,9 +106,10 @@ class OfflineStream:
         self.segments, self.language, self.detections = state["segments"], state["language"], state["detections"]
 
     def discard(self) -> None:
-        pass
+        self.closed = True
 
     def close(self, status: str, seq: int, replay: bool = False) -> list[Output]:
+        self.closed = True
         out = [o for w in self.windows.flush() for o in self._decode(w, replay)]
         end = self.windows.end_ms
         decoders = [self.owner.decoder] + ([self.owner.candidate] if self.candidate and self.owner.candidate else [])
@@ -174,6 +187,29 @@ class OfflineStream:
             decoder=decoder,
         )
 
+    def draft(self) -> list[Output]:
+        """Whisper's text for the next stretch of the window still growing (drafts.py): a
+        SEGMENT with ``variant`` "provisional" and the index the window will take."""
+        stretch = self.drafts.stretch(self.windows, int(MAX_WINDOW_S * 1000))
+        if stretch is None:
+            return []
+        w, language = stretch.window, self.language
+        if language is None:  # not settled yet: Whisper's guess on the draft, kept for it alone (the
+            language, sure = self.owner.decoder.detect(w.pcm)  # stream's comes from its real windows)
+            if sure < DETECT_SURE:
+                return []
+        d = self.owner.decoder.decode(
+            w.pcm, w.start_ms, prompt=self._prompt(), language=language, hotwords=self.info.hotwords
+        )
+        kept = self.drafts.keep(stretch, d.words)
+        if not kept:
+            return []
+        if not stretch.at_pause:
+            d.text, d.words = " ".join(x["word"] for x in kept), kept
+        rec = self._segment(self.segments, w, d, self.owner.decoder)
+        rec.record["variant"] = "provisional"
+        return [rec]
+
     def _prompt(self) -> str | None:
         chars = self.owner.settings.offline_prompt_chars
         return self.prompt[-chars:] if chars else None
@@ -207,6 +243,8 @@ class OfflineProcessors:
             )
         self.nbest_jobs: deque = deque()
         self.nbest_dropped = 0
+        self.live: dict[str, OfflineStream] = {}  # open streams, for drafts
+        self.drafts = 0
         self.archive_fallbacks = 0
         self.store = open_archive(settings)
         log.info(
@@ -228,7 +266,8 @@ class OfflineProcessors:
         routed = self.candidate is not None and routed_to_candidate(
             stream.stream_id, self.settings.offline_candidate_fraction
         )
-        return OfflineStream(self, stream, routed)
+        self.live[stream.stream_id] = st = OfflineStream(self, stream, routed)
+        return st
 
     def resume(self, stream: StreamInfo, state: dict) -> OfflineStream:
         proc = self.open(StreamInfo(stream.stream_id, stream.tenant, state["declared"], start_ms=state["start_ms"]))
@@ -264,7 +303,23 @@ class OfflineProcessors:
         self.nbest_jobs.append((info, index, w, prompt, language))
 
     def idle(self) -> list[Output]:
-        """One window's n-best list (they cost another decode and nobody waits on them)."""
+        """Deferred work, one decode per call: a draft of the stream with the most undrafted audio
+        (while few streams are open: ``offline_draft_max_streams``), else one window's n-best
+        list. Both wait for a poll that found no audio to read, so under load they are shed and the
+        real windows, which every transcript needs, keep their pace."""
+        for sid in [sid for sid, st in self.live.items() if st.closed]:
+            del self.live[sid]
+        if len(self.live) > self.settings.offline_draft_max_streams:
+            return self._nbest()  # drafts would take the CPU the real windows and the diarizer need
+        undrafted, stream = max(
+            ((st.undrafted_ms(), st) for st in self.live.values()), default=(0, None), key=lambda x: x[0]
+        )
+        if undrafted and stream is not None:
+            self.drafts += 1
+            return stream.draft()
+        return self._nbest()
+
+    def _nbest(self) -> list[Output]:
         if not self.nbest_jobs:
             return []
         info, index, w, prompt, language = self.nbest_jobs.popleft()
@@ -292,6 +347,7 @@ class OfflineProcessors:
             "archive_fallbacks_total": self.archive_fallbacks,
             "encoder_reuses_total": self.decoder.model.encoded_hits,
             "decode_loops_redone_total": self.decoder.loops,  # Whisper repetition loops, decoded again on 30 s
+            "drafts_decoded_total": self.drafts,
         }
 
     def record(

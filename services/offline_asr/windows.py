@@ -108,11 +108,22 @@ class StreamWindows:
             out.append(self._take(cut))
         return [w for w in out if w.has_speech], cut
 
+    def audio(self, start_ms: int, end_ms: int) -> Window:
+        """A copy of the pending audio in [start_ms, end_ms) (clipped to what is pending), for a
+        provisional decode of a window still growing."""
+        start_ms, end_ms = max(start_ms, self.start_ms), min(end_ms, self.end_ms)
+        a, b = (start_ms - self.start_ms) * BYTES_PER_MS, (end_ms - self.start_ms) * BYTES_PER_MS
+        w = Window(start_ms, np.frombuffer(bytes(self._pending[a:b]), dtype="<i2").copy())
+        w.has_speech = any(s < end_ms and (e == -1 or e > start_ms) for s, e in self._speech)
+        return w
+
+    def pauses_after(self, ms: int) -> list[int]:
+        """The pauses (ends of speech) pending after ``ms``, ascending."""
+        return [p for p in self._pauses if p > ms]
+
     def _take(self, cut_ms: int) -> Window:
-        n = (cut_ms - self.start_ms) * BYTES_PER_MS
-        w = Window(self.start_ms, np.frombuffer(bytes(self._pending[:n]), dtype="<i2").copy())
-        w.has_speech = any(s < cut_ms and (e == -1 or e > w.start_ms) for s, e in self._speech)
-        del self._pending[:n]
+        w = self.audio(self.start_ms, cut_ms)
+        del self._pending[: (cut_ms - self.start_ms) * BYTES_PER_MS]
         self.start_ms = cut_ms
         self._pauses = [p for p in self._pauses if p > cut_ms]
         self._speech = [r for r in self._speech if r[1] == -1 or r[1] > cut_ms]

@@ -12,6 +12,10 @@
 - Diarizer INCREMENTAL turns become SPEAKERS results (labels never change) and label the words of
   later FINALs; the FULL turns (whole stream) label the STREAM_COMPLETE words (largest time
   overlap) and fill its ``turns``.
+- An offline SEGMENT with ``variant`` "provisional" (Whisper on the stretch of a window still
+  growing) becomes a FINAL with source "provisional": captions show it in place of the online text
+  of its range until the offline FINAL of the window holding it arrives. It is not kept for
+  STREAM_COMPLETE, and one arriving after its window's text is dropped.
 - Offline records of an A/B candidate model (``variant`` "candidate") are not served: they stay on
   the offline topic for comparison.
 
@@ -184,7 +188,10 @@ class ResultsMerger:
         return result
 
     def on_offline(self, rec: dict) -> list[dict]:
-        if rec.get("variant", "primary") != "primary":
+        variant = rec.get("variant", "primary")
+        if variant == "provisional":
+            return self._provisional(rec)
+        if variant != "primary":
             return []  # an A/B candidate's output: kept on the offline topic, not served
         kind = str(rec["kind"])
         if kind == "NBEST":  # may arrive after the stream completed: no state needed
@@ -204,6 +211,15 @@ class ResultsMerger:
             p.ended = rec.get("end_status") or "COMPLETE"
             return self._maybe_complete(rec["stream_id"], rec)
         raise ValueError(f"unknown offline transcript kind {kind}")
+
+    def _provisional(self, rec: dict) -> list[dict]:
+        if self.late(rec) or str(rec["kind"]) != "SEGMENT":
+            return []
+        st = self._state(rec)
+        p = st.passes["offline"]
+        if rec["segment_index"] in p.parts or rec["segment_index"] in p.dropped or p.ended:
+            return []  # the window's own text is out: it must not be overwritten by a draft of it
+        return [self._labelled(rec, result_record(rec, "FINAL", "provisional", rec["segment_index"]))]
 
     def expire(self, now: float | None = None) -> list[dict]:
         """Complete streams whose offline pass is overdue, with the online text (``now``: a

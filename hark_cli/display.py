@@ -1,0 +1,79 @@
+"""What ``hark run`` / ``hark listen`` show on a terminal: caption lines and a live status line."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from hark.audio import TARGET_RATE
+
+if TYPE_CHECKING:
+    from .session import StreamRun
+
+
+def caption_line(rec: dict) -> str | None:
+    """The line a terminal commits for a Result FINAL (None for other kinds)."""
+    if str(rec["kind"]) != "FINAL":
+        return None
+    turns = speaker_lines(rec["words"])
+    text = " ".join(turns) if turns else rec["text"]
+    if rec["source"] in ("offline", "provisional"):  # Whisper's text that replaces this range of the captions
+        return f"({rec['source']} {rec['start_ms'] / 1000:.1f}-{rec['end_ms'] / 1000:.1f} s) {text}"
+    return text
+
+
+def speaker_lines(words: list[dict]) -> list[str]:
+    """``SPEAKER: words`` per run of one speaker's words; [] when no word has a speaker."""
+    if not any(w.get("speaker") for w in words):
+        return []
+    out: list[tuple[str, list[str]]] = []
+    for w in words:
+        who = w.get("speaker") or (out[-1][0] if out else "?")  # an unlabelled word stays with its neighbours
+        if out and out[-1][0] == who:
+            out[-1][1].append(w["word"])
+        else:
+            out.append((who, [w["word"]]))
+    return [f"{who}: {' '.join(ws)}" for who, ws in out]
+
+
+class Display:
+    """Live partials and a progress bar on a terminal; plain committed lines otherwise."""
+
+    def __init__(self, stream=sys.stderr, quiet: bool = False):
+        self.out, self.quiet = stream, quiet
+        self.tty = stream.isatty() and not quiet
+        self._last = 0.0
+
+    def commit(self, line: str) -> None:
+        if self.quiet:
+            return
+        self.out.write(("\r\x1b[2K" if self.tty else "") + line + "\n")
+        self.out.flush()
+
+    def status(self, runs: list[StreamRun], force: bool = False, waiting: str | None = None) -> None:
+        if not self.tty or (time.monotonic() - self._last < 0.1 and not force):
+            return
+        self._last = time.monotonic()
+        width = shutil.get_terminal_size((100, 20)).columns
+        done = sum(r.samples_published for r in runs) / TARGET_RATE
+        total = sum(r.expected_seconds or r.samples_published / TARGET_RATE for r in runs) or 1.0
+        frac = min(1.0, done / total)
+        bar = "#" * int(frac * 20) + "-" * (20 - int(frac * 20))
+        finished = sum(r.done for r in runs)
+        live = next((r for r in reversed(runs) if r.partial_text), None)
+        line = f"[{bar}] {frac:4.0%} {finished}/{len(runs)} done"
+        if waiting and frac >= 1.0:
+            line += f" | waiting for {waiting}"
+        if live:
+            line += f" | {live.stream_id}: "
+            room = max(0, width - 1 - len(line))
+            line += live.partial_text[-room:] if room else ""
+        self.out.write("\r\x1b[2K" + line[: width - 1])
+        self.out.flush()
+
+    def clear(self) -> None:
+        if self.tty:
+            self.out.write("\r\x1b[2K")
+            self.out.flush()
