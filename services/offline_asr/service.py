@@ -77,7 +77,6 @@ class OfflineStream:
         self.prompt = ""
         self.segments = 0
         self.published_at_ms = 0
-        self.closed = False
         self.drafts = Drafter(int(owner.settings.offline_provisional_s * 1000), info.start_ms)
 
     def feed(self, chunk: Chunk, replay: bool = False) -> list[Output]:
@@ -88,7 +87,11 @@ class OfflineStream:
         return [o for w in self.windows.push(pcm) for o in self._decode(w, replay)]
 
     def undrafted_ms(self) -> int:
-        return 0 if self.closed else self.drafts.undrafted_ms(self.windows)
+        return self.drafts.undrafted_ms(self.windows)
+
+    def _gone(self) -> None:
+        if self.owner.live.get(self.info.stream_id) is self:  # not a later stream of the same id
+            del self.owner.live[self.info.stream_id]
 
     def snapshot(self) -> dict | None:
         cut = self.windows.boundary  # set by a feed whose last cut fell at a pause in its chunk
@@ -106,10 +109,10 @@ class OfflineStream:
         self.segments, self.language, self.detections = state["segments"], state["language"], state["detections"]
 
     def discard(self) -> None:
-        self.closed = True
+        self._gone()
 
     def close(self, status: str, seq: int, replay: bool = False) -> list[Output]:
-        self.closed = True
+        self._gone()
         out = [o for w in self.windows.flush() for o in self._decode(w, replay)]
         end = self.windows.end_ms
         decoders = [self.owner.decoder] + ([self.owner.candidate] if self.candidate and self.owner.candidate else [])
@@ -243,7 +246,7 @@ class OfflineProcessors:
             )
         self.nbest_jobs: deque = deque()
         self.nbest_dropped = 0
-        self.live: dict[str, OfflineStream] = {}  # open streams, for drafts
+        self.live: dict[str, OfflineStream] = {}  # open streams (removed at close or discard), for drafts
         self.drafts = 0
         self.archive_fallbacks = 0
         self.store = open_archive(settings)
@@ -307,8 +310,6 @@ class OfflineProcessors:
         (while few streams are open: ``offline_draft_max_streams``), else one window's n-best
         list. Both wait for a poll that found no audio to read, so under load they are shed and the
         real windows, which every transcript needs, keep their pace."""
-        for sid in [sid for sid, st in self.live.items() if st.closed]:
-            del self.live[sid]
         if len(self.live) > self.settings.offline_draft_max_streams:
             return self._nbest()  # drafts would take the CPU the real windows and the diarizer need
         undrafted, stream = max(
