@@ -19,9 +19,10 @@
 - Offline records of an A/B candidate model (``variant`` "candidate") are not served: they stay on
   the offline topic for comparison.
 
-Memory per stream is bounded: transcripts kept for STREAM_COMPLETE stop growing at ``max_words``
-per pass (then ``truncated``; the FINAL records still hold every word), and a stream's state is
-dropped when it completes.
+Memory per stream is bounded and does not grow with the stream: the parts kept for
+STREAM_COMPLETE go to a ``Parts`` store (a file, in the service) and stop growing at ``max_words``
+per pass (then ``truncated``; the FINAL records still hold every word); a stream's state and parts
+are dropped when it completes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from hark.languages import UNDETERMINED
 from hark.records import now_ms, result_record
 from hark.runtime import REFUSED, RecentIds
 
+from .parts import MemoryParts, Parts
+
 PASSES = ("online", "offline", "diarizer")
 MAX_TURNS = 20000  # incremental turns kept per stream to label words (~16 h of conversation)
 MAX_COMPLETED = 100_000  # stream ids remembered after completion (~5 MB)
@@ -42,16 +45,22 @@ KEPT = ("text", "words", "start_ms", "end_ms")  # of each FINAL/SEGMENT, for STR
 
 @dataclass
 class PassState:
-    parts: dict[int, dict] = field(default_factory=dict)  # utterance/segment index -> record
+    stream_id: str
+    name: str
+    store: Parts  # the parts themselves (on disk in the service): here only what counts them
+    parts: int = 0
     words: int = 0
     truncated: bool = False
     dropped: set = field(default_factory=set)  # indices past max_words (the caption was still sent)
     ended: str | None = None  # end status once the pass is done
     model: tuple[str, str] | None = None
 
+    def has(self, index: int) -> bool:
+        return index in self.dropped or self.store.has(self.stream_id, self.name, index)
+
     def add(self, index: int, rec: dict, max_words: int) -> bool:
         """False for an index seen before (the merge stays right if an input record repeats)."""
-        if index in self.parts or index in self.dropped:
+        if self.has(index):
             return False
         if self.words + len(rec["words"]) > max_words:
             self.truncated = True
@@ -59,21 +68,23 @@ class PassState:
             return True
         # what STREAM_COMPLETE is made of, not the whole record: an online FINAL's n-best held
         # a third of what it held (288 -> 219 bytes a word kept an hour in, python -m bench.merge_state)
-        self.parts[index] = {k: rec[k] for k in KEPT}
+        self.store.add(self.stream_id, self.name, index, {k: rec[k] for k in KEPT})
+        self.parts += 1
         self.words += len(rec["words"])
         return True
 
     def ordered(self) -> list[dict]:
-        return [self.parts[k] for k in sorted(self.parts)]
+        return self.store.ordered(self.stream_id, self.name)
 
-    def text(self) -> str:
-        return " ".join(p["text"] for p in self.ordered() if p["text"])
+
+def text(parts: list[dict]) -> str:
+    return " ".join(p["text"] for p in parts if p["text"])
 
 
 @dataclass
 class StreamTranscript:
     tenant: str
-    passes: dict[str, PassState] = field(default_factory=lambda: {p: PassState() for p in PASSES})
+    passes: dict[str, PassState]
     last_published_at_ms: int = 0
     online_ended_at: float | None = None  # monotonic, for the offline timeout
     turns: list[dict] = field(default_factory=list)  # incremental speaker turns so far
@@ -115,6 +126,7 @@ class ResultsMerger:
         wait_for: tuple[str, ...] = PASSES,
         offline_timeout_s: float = 600.0,
         abandon_after_s: float = 4 * 3600.0,
+        parts: Parts | None = None,
     ):
         unknown = set(wait_for) - set(PASSES)
         if unknown or "online" not in wait_for:
@@ -123,11 +135,17 @@ class ResultsMerger:
         # a live stream may pause for as long as it may last (no record comes while it is silent)
         self.abandon_after_s = max(offline_timeout_s, abandon_after_s)
         self.streams: dict[str, StreamTranscript] = {}
+        self.parts = parts if parts is not None else MemoryParts()
         self.completed = RecentIds(MAX_COMPLETED)  # a record after its stream completed must not reopen it
         self.abandoned = 0
 
     def is_open(self, stream_id: str) -> bool:
         return stream_id in self.streams
+
+    def drop(self, stream_id: str) -> None:
+        """Forget an open stream unpublished (erased, abandoned, or moved to another replica)."""
+        self.streams.pop(stream_id, None)
+        self.parts.drop(stream_id)
 
     def late(self, rec: dict) -> bool:
         """A record of a stream completed already (an NBEST computed late, a repeated input): ignored."""
@@ -136,7 +154,9 @@ class ResultsMerger:
     def _state(self, rec: dict) -> StreamTranscript:
         st = self.streams.get(rec["stream_id"])
         if st is None:
-            st = self.streams[rec["stream_id"]] = StreamTranscript(rec["tenant"])
+            sid = rec["stream_id"]
+            passes = {p: PassState(sid, p, self.parts) for p in PASSES}
+            st = self.streams[sid] = StreamTranscript(rec["tenant"], passes)
         st.last_published_at_ms = max(st.last_published_at_ms, rec["audio_published_at_ms"])
         st.last_seen = time.monotonic()
         return st
@@ -217,7 +237,7 @@ class ResultsMerger:
             return []
         st = self._state(rec)
         p = st.passes["offline"]
-        if rec["segment_index"] in p.parts or rec["segment_index"] in p.dropped or p.ended:
+        if p.ended or p.has(rec["segment_index"]):
             return []  # the window's own text is out: it must not be overwritten by a draft of it
         return [self._labelled(rec, result_record(rec, "FINAL", "provisional", rec["segment_index"]))]
 
@@ -232,7 +252,7 @@ class ResultsMerger:
                 # no record for longer than a stream may last and no online end: records of a
                 # stream whose start this process never saw (it joined mid-way), or whose end
                 # was lost. Dropped, not completed: its STREAM_COMPLETE would be partial.
-                del self.streams[sid]
+                self.drop(sid)
                 self.abandoned += 1
         return out
 
@@ -248,6 +268,8 @@ class ResultsMerger:
         online, offline = st.passes["online"], st.passes["offline"]
         final, source = (offline, "offline") if offline.ended and offline.parts else (online, "online")
         ordered = final.ordered()
+        online_text = text(online.ordered()) if final is offline else text(ordered)
+        self.parts.drop(sid)
         name, version = final.model or online.model or ("", "")
         status = online.ended or "INCOMPLETE"
         refused = [name for name, p in st.passes.items() if p.ended == REFUSED]
@@ -262,12 +284,12 @@ class ResultsMerger:
                 "kind": "STREAM_COMPLETE",
                 "source": source,
                 "utterance_id": -1,
-                "text": final.text(),
+                "text": text(ordered),
                 "start_ms": ordered[0]["start_ms"] if ordered else 0,
                 "end_ms": ordered[-1]["end_ms"] if ordered else 0,
                 "words": words,
                 "nbest": [],
-                "online_text": online.text(),
+                "online_text": online_text,
                 "turns": turns,
                 "status": status if not reason else f"{status} ({reason})",
                 "final_source": source,

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from confluent_kafka import Message
 
-from hark import kafka
+from hark import kafka, serde
 from hark.config import Settings
+from hark.keys import KeyMissing, StreamErased
 from hark.runtime import ERASED, ConsumerService, InputError, main_for
 
 from .merger import ResultsMerger
+from .parts import DiskParts
 
 
 class Results(ConsumerService):
@@ -25,8 +27,9 @@ class Results(ConsumerService):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         wait_for = tuple(p.strip() for p in settings.results_wait_for.split(",") if p.strip())
+        parts = DiskParts(settings.data_dir / "spill", self._seal, self._unseal)
         self.merger = ResultsMerger(
-            settings.max_transcript_words, wait_for, settings.offline_timeout_s, settings.max_stream_seconds
+            settings.max_transcript_words, wait_for, settings.offline_timeout_s, settings.max_stream_seconds, parts
         )
         self.partitions_of: dict[str, set[tuple[str, int]]] = {}
 
@@ -58,6 +61,20 @@ class Results(ConsumerService):
                 self.hold(f"{sid}@{msg.topic()}", msg)
         self.metrics.set("open_streams", len(self.merger.streams))
 
+    def _seal(self, sid: str, data: bytes, where: bytes) -> bytes:
+        try:
+            return b"S" + self.keys.seal(sid, data, where)
+        except KeyMissing:  # the stream's input came unsealed (hand-made): so may its parts
+            return b"P" + data
+        except StreamErased:
+            raise serde.Erased(sid) from None
+
+    def _unseal(self, sid: str, body: bytes, where: bytes) -> bytes:
+        try:
+            return self.keys.open(sid, body[1:], where) if body[:1] == b"S" else body[1:]
+        except StreamErased:
+            raise serde.Erased(sid) from None
+
     def _publish(self, results: list[dict]) -> None:
         for result in results:
             self.produce(self.settings.results_topic, result["stream_id"], "Result", result)
@@ -78,7 +95,7 @@ class Results(ConsumerService):
 
     def stream_erased(self, stream_id: str) -> None:
         """Its merge state is dropped unpublished; later records of it no longer open (key gone)."""
-        self.merger.streams.pop(stream_id, None)
+        self.merger.drop(stream_id)
         self.merger.completed.add(stream_id)
         self._release_stream(stream_id)
 
@@ -86,7 +103,7 @@ class Results(ConsumerService):
         # Streams on revoked partitions are rebuilt by their new owner from the held offsets.
         gone = set(partitions)
         for sid in [s for s, tps in self.partitions_of.items() if tps & gone]:
-            self.merger.streams.pop(sid, None)
+            self.merger.drop(sid)
             self._release_stream(sid)
 
 
