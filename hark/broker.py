@@ -210,8 +210,12 @@ class Node:
             # tiered: C1 alone halved a fresh broker's CPU but doubled a long-lived one's (24% of a
             # core against 11-17% at 6 soak streams), and the stack lives for hours.
             *([f"-XX:SharedArchiveFile={archive}"] if (archive := class_archive()).exists() else []),
-            f"-Xms{min(256, self.heap_mb)}m",
+            # the whole heap committed and touched at start, as Kafka's own scripts size it (-Xms =
+            # -Xmx): a long-lived broker's RSS is then its ceiling from the first minute, not a slow
+            # climb toward it that looks like a leak (493 -> 704 MB over make soak's hour)
+            f"-Xms{self.heap_mb}m",
             f"-Xmx{self.heap_mb}m",
+            "-XX:+AlwaysPreTouch",
             "-XX:+UseG1GC",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.directory / 'log4j2.yaml'}",
