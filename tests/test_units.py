@@ -705,3 +705,23 @@ def test_a_commit_that_lost_its_broker_is_given_up_once_the_broker_is_back(monke
     tx.commit(["offset"], None)
     threading.Timer(1.0, p.release.set).start()
     tx.wait()  # raises Wedged if given up
+
+
+def test_the_soak_fails_a_cost_that_grows_and_passes_one_that_settles():
+    from bench.load import soak_verdict
+
+    def run(cpu: list[float], rss: list[float]) -> dict:
+        return soak_verdict(
+            {
+                "broker_cpu_pct_by_minute": cpu,
+                "rss_mb_by_minute": {"broker": rss},
+                "partial_p95_ms_by_minute": [500] * len(cpu),
+            }
+        )
+
+    steady = [100.0] * 60
+    assert run([60.0] + [12.0] * 59, steady)["passed"]  # the JVM's warm-up, then flat
+    assert not run([60.0] + [12.0] * 59, steady)["broker_cpu_within_20pct"]
+    assert not run([11.0] * 30 + [11.0 + i for i in range(30)], steady)["passed"]  # grows with the log
+    assert not run([12.0] * 60, [100.0] * 30 + [100.0 + i for i in range(30)])["passed"]  # RSS climbs
+    assert not run([12.0] * 15, [100.0] * 15)["passed"]  # too short to tell
