@@ -8,7 +8,8 @@ passes (an online FINAL every 4 s with 10 words and a 5-best list, an offline SE
 with 50 words, diarizer turns every 6 s) and sums the size of the state after each record: the
 bytes such a table would write, against the bytes of the input records themselves.
 
-It also prints what the merger holds in memory for the stream (tracemalloc), per word kept.
+It also prints what the merger holds in memory for the stream (tracemalloc), per word kept, with
+its parts in memory and with them on disk as the results service keeps them (``DiskParts``).
 
   python -m bench.merge_state --minutes 60
 """
@@ -18,9 +19,12 @@ from __future__ import annotations
 import argparse
 import copy
 import pickle
+import tempfile
 import tracemalloc
+from pathlib import Path
 
 from services.results.merger import ResultsMerger
+from services.results.parts import DiskParts
 
 
 def words(n: int, start_ms: int, step_ms: int) -> list[dict]:
@@ -54,7 +58,6 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=60.0)
     a = ap.parse_args(argv)
-    merger = ResultsMerger(wait_for=("online", "offline", "diarizer"))
     total_ms = int(a.minutes * 60_000)
     events = []
     for i, t in enumerate(range(0, total_ms, 4000)):
@@ -114,24 +117,36 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     events.sort(key=lambda e: e[0])
+    # with its parts in memory, the stream's state pickles whole: what a table value would hold
+    merger = ResultsMerger(wait_for=("online", "offline", "diarizer"))
     handlers = {"online": merger.on_online, "offline": merger.on_offline, "speakers": merger.on_speakers}
     state_bytes = record_bytes = peak = 0
-    tracemalloc.start()
-    before = tracemalloc.take_snapshot()
     for _, source, rec in events:
-        handlers[source](copy.deepcopy(rec))  # as read from Kafka: the merger's are its only references
+        handlers[source](copy.deepcopy(rec))
         size = len(pickle.dumps(merger.streams["s"], protocol=5))
         state_bytes += size
         peak = max(peak, size)
         record_bytes += len(pickle.dumps(rec, protocol=5))
-    kept = sum(d.size_diff for d in tracemalloc.take_snapshot().compare_to(before, "filename"))
-    tracemalloc.stop()
-    st = merger.streams["s"]
-    n_words = sum(p.words for p in st.passes.values())
-    print(
-        f"in memory: the merger keeps {kept / 1e6:.1f} MB for the open stream, "
-        f"{kept / max(n_words, 1):.0f} bytes per word kept ({n_words} words of every pass, and its speaker turns)"
-    )
+    n_words = sum(p.words for p in merger.streams["s"].passes.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        for where, m in (
+            ("parts in memory", ResultsMerger(wait_for=("online", "offline", "diarizer"))),
+            (
+                "parts on disk (the service)",
+                ResultsMerger(wait_for=("online", "offline", "diarizer"), parts=DiskParts(Path(tmp))),
+            ),
+        ):
+            handlers = {"online": m.on_online, "offline": m.on_offline, "speakers": m.on_speakers}
+            tracemalloc.start()
+            before = tracemalloc.take_snapshot()
+            for _, source, rec in events:
+                handlers[source](copy.deepcopy(rec))  # as read from Kafka: the merger's are its only references
+            kept = sum(d.size_diff for d in tracemalloc.take_snapshot().compare_to(before, "filename"))
+            tracemalloc.stop()
+            print(
+                f"in memory, {where}: the merger keeps {kept / 1e6:.2f} MB for the open stream, "
+                f"{kept / max(n_words, 1):.0f} bytes per word kept ({n_words} words of every pass, and its speaker turns)"
+            )
     print(
         f"{a.minutes:g}-minute stream: {len(events)} input records, {record_bytes / 1e6:.1f} MB of input records; "
         f"a per-stream table value would write {state_bytes / 1e6:.1f} MB to its changelog "
