@@ -268,7 +268,8 @@ class ResultsMerger:
         online, offline = st.passes["online"], st.passes["offline"]
         final, source = (offline, "offline") if offline.ended and offline.parts else (online, "online")
         ordered = final.ordered()
-        online_text = text(online.ordered()) if final is offline else text(ordered)
+        final_text = text(ordered)
+        online_text = text(online.ordered()) if final is offline else final_text
         self.parts.drop(sid)
         name, version = final.model or online.model or ("", "")
         status = online.ended or "INCOMPLETE"
@@ -284,7 +285,7 @@ class ResultsMerger:
                 "kind": "STREAM_COMPLETE",
                 "source": source,
                 "utterance_id": -1,
-                "text": text(ordered),
+                "text": final_text,
                 "start_ms": ordered[0]["start_ms"] if ordered else 0,
                 "end_ms": ordered[-1]["end_ms"] if ordered else 0,
                 "words": words,

@@ -96,6 +96,3 @@ class DiskParts:
 
     def drop(self, stream_id: str) -> None:
         self._db.execute("DELETE FROM parts WHERE stream = ?", (stream_id,))
-
-    def close(self) -> None:
-        self._db.close()
