@@ -1,4 +1,4 @@
-"""Language detection as the offline pass does it (services/offline_asr/service.py): Whisper's
+"""Language detection as the offline pass does it (services/offline_asr/stream.py): Whisper's
 guess on a window, kept when its probability is >= 0.5, else English.
 
 Two sets: sentences spoken by espeak-ng voices in six languages (tests/tts.py), and the real
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hark.audio import read_pcm_file
 from services.offline_asr.decoder import WhisperDecoder
-from services.offline_asr.service import DETECT_SURE
+from services.offline_asr.stream import DETECT_SURE
 from tests.tts import say
 
 SPEECH = Path(__file__).resolve().parent.parent / "data" / "speech"

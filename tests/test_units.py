@@ -400,7 +400,7 @@ def test_configuration_reference_is_current():
     `python -m hark.config` when a setting changes."""
     from pathlib import Path
 
-    from hark.config import reference_markdown
+    from hark.config_table import reference_markdown
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
     table = doc.split("<!-- settings:begin -->\n", 1)[1].split("<!-- settings:end -->", 1)[0]
