@@ -57,6 +57,7 @@ bench: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m bench.decode_cost
 	$(BIN)/python -m bench.redecode
 	$(BIN)/python -m bench.windows
+	$(BIN)/python -m bench.draft_batch
 	$(BIN)/python -m bench.broker
 	$(BIN)/python -m bench.merge_state --minutes 60
 	$(BIN)/python -m bench.sealing

@@ -55,6 +55,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "offline_max_window_s": (1, 30),  # Whisper's encoder window
     "offline_provisional_s": (0, 30),
     "offline_draft_max_streams": (0, 1000),
+    "offline_draft_batch": (1, 64),
     "offline_encode_pad_s": (0, 30),
     "offline_nice": (0, 19),
     "offline_candidate_fraction": (0, 1),
@@ -181,6 +182,8 @@ class Settings:
     offline_min_window_s: float = 10.0  # decode once this much audio is pending and a pause is reached; shorter brings accurate text sooner at a cost in WER (bench.windows)
     offline_max_window_s: float = 30.0  # never a longer window (Whisper's field)
     offline_provisional_s: float = 3.0  # draft the audio of a window still growing once this much is undrafted, when idle, as provisional text its own replaces; 0: off
+    # drafts of this many streams are decoded in one batched Whisper call (bench.draft_batch)
+    offline_draft_batch: int = 4
     offline_draft_max_streams: int = 2  # draft only while a replica has at most this many open streams: each costs ~0.4-0.6 core more (docs/architecture.md#drafts-whisper-text-before-a-window-ends)
     # Padding the encoder sees after an unprompted window (30: Whisper's full input); bench.encoder_pad
     offline_encode_pad_s: float = 2.0

@@ -149,6 +149,8 @@ def _trimmed_model():
         def encode(self, features):
             if self.frames and features.shape[-1] > self.frames:
                 features = features[..., : self.frames]
+            if features.ndim == 3 and features.shape[0] > 1:
+                return super().encode(features)  # a batch of drafts: used once, and several MB a window
             key = (features.shape, _digest(features))
             if key in self.encoded:
                 self.encoded.move_to_end(key)
@@ -268,6 +270,62 @@ class WhisperDecoder:
                  for w in seg.words or []]
             )  # fmt: skip
         return " ".join(t for t in texts if t), words, info.language
+
+    def decode_batch(
+        self, pcms: list[np.ndarray], offsets_ms: list[int], *, language: str = "en", beam_size: int = 0
+    ) -> list[Decoded]:
+        """Several unprompted windows (drafts of different streams) in one CTranslate2 call.
+
+        Beam search is mostly matrix-vector work per window, and a batch turns it into
+        matrix-matrix work: 4 windows of 3-10 s cost 1.4 s together against 2.8 s one by one
+        (``python -m bench.draft_batch``). Each window's encoder input is padded to the longest
+        one's, so its text may differ slightly from a decode of it alone: drafts are
+        provisional and are replaced by their window's own decode, which stays unbatched and
+        deterministic. A text that loops is decoded again alone."""
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import BatchedInferencePipeline, TranscriptionOptions
+
+        beam_size = beam_size or self.beam_size
+        if len(pcms) == 1 and beam_size == self.beam_size:
+            return [self.decode(pcms[0], offsets_ms[0], language=language)]
+        t0 = time.perf_counter()
+        m = self.model
+        lang = None if self.english_only else whisper_language(language)
+        tok = Tokenizer(m.hf_tokenizer, m.model.is_multilingual, task="transcribe", language=lang or "en")
+        frames = max(self.frames(len(p), None) for p in pcms)
+        feats = np.stack([np.pad(f, ((0, 0), (0, max(0, FULL_FRAMES - f.shape[1]))))[:, :FULL_FRAMES]
+                          for f in map(self.features, pcms)])  # fmt: skip
+        # each window on a timeline of its own, one after the other, as faster-whisper lays out the
+        # clips of one recording (its word-time heuristics look at the previous clip's last word)
+        # (starting on whole 10 ms, as faster-whisper rounds its word times to 0.01 s)
+        starts = np.cumsum([0] + [-(-len(p) // 160) for p in pcms]) / 100
+        meta = [{"offset": float(starts[i]), "duration": len(p) / 16000} for i, p in enumerate(pcms)]
+        options = TranscriptionOptions(
+            beam_size=beam_size, best_of=5, patience=1, length_penalty=1, repetition_penalty=1,
+            no_repeat_ngram_size=0, log_prob_threshold=None, no_speech_threshold=None,
+            compression_ratio_threshold=None, condition_on_previous_text=False, prompt_reset_on_temperature=0.5,
+            temperatures=[0.0], initial_prompt=None, prefix=None, suppress_blank=True, suppress_tokens=[-1],
+            without_timestamps=False, max_initial_timestamp=0.0, word_timestamps=True,
+            prepend_punctuations="\"'“¿([{-", append_punctuations="\"'.。,，!！?？:：”)]}、",
+            multilingual=False, max_new_tokens=None, clip_timestamps="0", hallucination_silence_threshold=None,
+            hotwords=None,
+        )  # fmt: skip
+        m.frames = frames
+        batch = BatchedInferencePipeline(m).forward(feats, tok, meta, options)
+        took = (time.perf_counter() - t0) / len(pcms)
+        out = []
+        for i, segments in enumerate(batch):
+            shift = offsets_ms[i] - int(round(starts[i] * 1000))
+            text = " ".join(
+                t for t in (tok.decode([x for x in s["tokens"] if x < tok.eot]).strip() for s in segments) if t
+            )
+            if looping(text):
+                out.append(self.decode(pcms[i], offsets_ms[i], language=language))
+                continue
+            words = join_words([(w["word"], shift + int(round(w["start"] * 1000)), shift + int(round(w["end"] * 1000)),
+                                 w["probability"]) for s in segments for w in s.get("words") or []])  # fmt: skip
+            out.append(Decoded(text, words, lang or "en", took))
+        return out
 
     def nbest(
         self, pcm: np.ndarray, n: int, *, prompt: str | None = None, language: str = "en"

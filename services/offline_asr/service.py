@@ -84,6 +84,7 @@ class OfflineProcessors:
         self.nbest_dropped = 0
         self.live: dict[str, OfflineStream] = {}  # open streams (removed at close or discard), for drafts
         self.drafts = 0
+        self.draft_batches = 0  # decoder calls that drafted several streams at once
         self.archive_fallbacks = 0
         self.store = open_archive(settings)
         log.info(
@@ -142,19 +143,27 @@ class OfflineProcessors:
         self.nbest_jobs.append((info, index, w, prompt, language))
 
     def idle(self) -> list[Output]:
-        """Deferred work, one decode per call: a draft of the stream with the most undrafted audio
-        (while few streams are open: ``offline_draft_max_streams``), else one window's n-best
+        """Deferred work, one decoder call per call: drafts of the streams with the most undrafted
+        audio (while few streams are open: ``offline_draft_max_streams``), else one window's n-best
         list. Both wait for a poll that found no audio to read, so under load they are shed and the
         real windows, which every transcript needs, keep their pace."""
         if len(self.live) > self.settings.offline_draft_max_streams:
             return self._nbest()  # drafts would take the CPU the real windows and the diarizer need
-        undrafted, stream = max(
-            ((st.undrafted_ms(), st) for st in self.live.values()), default=(0, None), key=lambda x: x[0]
-        )
-        if undrafted and stream is not None:
+        due = sorted((st for st in self.live.values() if st.undrafted_ms()), key=lambda st: -st.undrafted_ms())
+        if not due:
+            return self._nbest()
+        key = due[0].batch_key()
+        if key is None or self.settings.offline_draft_batch == 1:
             self.drafts += 1
-            return stream.draft()
-        return self._nbest()
+            return due[0].draft()
+        group = [st for st in due if st.batch_key() == key][: self.settings.offline_draft_batch]
+        taken = [(st, x) for st in group if (x := st.stretch()) is not None]
+        self.drafts += len(taken)
+        self.draft_batches += 1
+        decoded = self.decoder.decode_batch(
+            [x.window.pcm for _, x in taken], [x.window.start_ms for _, x in taken], language=key
+        )
+        return [o for (st, x), d in zip(taken, decoded) for o in st.drafted(x, d)]
 
     def _nbest(self) -> list[Output]:
         if not self.nbest_jobs:
@@ -185,6 +194,7 @@ class OfflineProcessors:
             "encoder_reuses_total": self.decoder.model.encoded_hits,
             "decode_loops_redone_total": self.decoder.loops,  # Whisper repetition loops, decoded again on 30 s
             "drafts_decoded_total": self.drafts,
+            "draft_batches_total": self.draft_batches,
         }
 
     def record(

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 from hark.languages import AUTO, UNDETERMINED
 from hark.runtime import Chunk, Output, StreamInfo, kv
 
-from .decoder import MAX_WINDOW_S, WhisperDecoder, whisper_language
-from .drafts import Drafter
+from .decoder import MAX_WINDOW_S, Decoded, WhisperDecoder, whisper_language
+from .drafts import Drafter, Stretch
 from .windows import Window
 
 if TYPE_CHECKING:
@@ -152,10 +152,15 @@ class OfflineStream:
             decoder=decoder,
         )
 
+    def batch_key(self) -> str | None:
+        """Drafts with the same key share one batched decode: the language, when the stream has
+        settled it and gives Whisper no prompt (its hotwords, its previous text); None: alone."""
+        return None if self.language is None or self.info.hotwords or self._prompt() else self.language
+
     def draft(self) -> list[Output]:
-        """Whisper's text for the next stretch of the window still growing (drafts.py): a
-        SEGMENT with ``variant`` "provisional" and the index the window will take."""
-        stretch = self.drafts.stretch(self.windows, int(MAX_WINDOW_S * 1000))
+        """Whisper's text for the next stretch of the window still growing (drafts.py), decoded
+        alone: a SEGMENT with ``variant`` "provisional" and the index the window will take."""
+        stretch = self.stretch()
         if stretch is None:
             return []
         w, language = stretch.window, self.language
@@ -166,12 +171,20 @@ class OfflineStream:
         d = self.owner.decoder.decode(
             w.pcm, w.start_ms, prompt=self._prompt(), language=language, hotwords=self.info.hotwords
         )
+        return self.drafted(stretch, d)
+
+    def stretch(self) -> Stretch | None:
+        """The next stretch to draft (None: none with speech)."""
+        return self.drafts.stretch(self.windows, int(MAX_WINDOW_S * 1000))
+
+    def drafted(self, stretch: Stretch, d: Decoded) -> list[Output]:
+        """The provisional SEGMENT for a decoded stretch, with the words its draft keeps."""
         kept = self.drafts.keep(stretch, d.words)
         if not kept:
             return []
         if not stretch.at_pause:
             d.text, d.words = " ".join(x["word"] for x in kept), kept
-        rec = self._segment(self.segments, w, d, self.owner.decoder)
+        rec = self._segment(self.segments, stretch.window, d, self.owner.decoder)
         rec.record["variant"] = "provisional"
         return [rec]
 
