@@ -184,7 +184,9 @@ class Settings:
     offline_provisional_s: float = 3.0  # draft the audio of a window still growing once this much is undrafted, when idle, as provisional text its own replaces; 0: off
     # drafts of this many streams are decoded in one batched Whisper call (bench.draft_batch)
     offline_draft_batch: int = 4
-    offline_draft_max_streams: int = 2  # draft only while a replica has at most this many open streams: each costs ~0.4-0.6 core more (docs/architecture.md#drafts-whisper-text-before-a-window-ends)
+    # draft only while a replica has at most this many open streams: 4 real-time streams fill 2 cores
+    # with every pass; docs/architecture.md#drafts-whisper-text-before-a-window-ends
+    offline_draft_max_streams: int = 4
     # Padding the encoder sees after an unprompted window (30: Whisper's full input); bench.encoder_pad
     offline_encode_pad_s: float = 2.0
     # The online pass is latency-critical, the offline one is not: lower its CPU priority.
@@ -203,7 +205,9 @@ class Settings:
     diarizer_merge_threshold: float = 0.8  # full pass: merge speakers more similar than this
     diarizer_min_speaker_s: float = 2.0  # full pass: less speech than this (or 10%) is not a speaker of its own
     diarizer_threads: int = 1  # torch threads: on 2 cores the decoders need the rest
-    diarizer_nice: int = 19  # its labels trail the audio by seconds anyway: the online pass goes first
+    # the online pass goes first; at 19, below offline_asr, drafts starved it and speaker labels
+    # came 4-9 s after a stream closed at 4 streams, against 1.5-3 s at 10 (docs/measurements.md)
+    diarizer_nice: int = 10
     voice_match_threshold: float = 0.77  # a speaker is named when this similar to an enrolled voice (bench.voices)
     voice_live_min_s: float = 4.0  # live turns carry a name once the speaker has this much speech
     voiceprint_retention_days: float = 365.0  # enrolled voices older than this are erased (0: kept)
