@@ -84,7 +84,7 @@ class OfflineProcessors:
         self.nbest_dropped = 0
         self.live: dict[str, OfflineStream] = {}  # open streams (removed at close or discard), for drafts
         self.drafts = 0
-        self.draft_batches = 0  # decoder calls that drafted several streams at once
+        self.draft_batches = 0  # decode_batch calls for drafts (each of 1 to offline_draft_batch streams)
         self.archive_fallbacks = 0
         self.store = open_archive(settings)
         log.info(
@@ -149,7 +149,8 @@ class OfflineProcessors:
         real windows, which every transcript needs, keep their pace."""
         if len(self.live) > self.settings.offline_draft_max_streams:
             return self._nbest()  # drafts would take the CPU the real windows and the diarizer need
-        due = sorted((st for st in self.live.values() if st.undrafted_ms()), key=lambda st: -st.undrafted_ms())
+        pending = sorted(((st.undrafted_ms(), st) for st in self.live.values()), key=lambda x: -x[0])
+        due = [st for undrafted, st in pending if undrafted]
         if not due:
             return self._nbest()
         key = due[0].batch_key()
