@@ -372,6 +372,7 @@ def test_a_batch_of_windows_reads_as_each_alone(decoder, speech_dir):
     pcms, offsets = [read_pcm_file(speech_dir / n) for n in names], [0, 40_000, 123_456]
     alone = [decoder.decode(p, o) for p, o in zip(pcms, offsets)]
     batch = decoder.decode_batch(pcms, offsets)
+    assert decoder.decode_batch([], []) == []  # the due streams' stretches all held no speech
     for a, b in zip(alone, batch):
         assert score(a.text, b.text).errors <= 1, (a.text, b.text)
         assert len(a.words) == len(b.words) and b.words[0]["start_ms"] >= offsets[batch.index(b)]

@@ -286,6 +286,8 @@ class WhisperDecoder:
         from faster_whisper.transcribe import BatchedInferencePipeline, TranscriptionOptions
 
         beam_size = beam_size or self.beam_size
+        if not pcms:  # every due stretch held no speech
+            return []
         if len(pcms) == 1 and beam_size == self.beam_size:
             return [self.decode(pcms[0], offsets_ms[0], language=language)]
         t0 = time.perf_counter()
