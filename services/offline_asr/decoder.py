@@ -277,7 +277,7 @@ class WhisperDecoder:
         """Several unprompted windows (drafts of different streams) in one CTranslate2 call.
 
         Beam search is mostly matrix-vector work per window, and a batch turns it into
-        matrix-matrix work: 4 windows of 3-10 s cost 1.4 s together against 2.8 s one by one
+        matrix-matrix work: 4 draft-sized stretches cost about half the CPU of 4 decodes
         (``python -m bench.draft_batch``). Each window's encoder input is padded to the longest
         one's, so its text may differ slightly from a decode of it alone: drafts are
         provisional and are replaced by their window's own decode, which stays unbatched and
