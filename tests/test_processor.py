@@ -91,6 +91,9 @@ class ActivityProcessors:
     def end_unseen(self, stream: StreamInfo, status: str, seq: int) -> list[Output]:
         return [self.record(stream, "FULL", [], status)]
 
+    def step(self) -> list[Output]:
+        return []
+
     def idle(self) -> list[Output]:
         return []
 

@@ -103,6 +103,11 @@ class Processors(Protocol):
         in NOTICES, it is not to be read)."""
         ...
 
+    def step(self) -> list[Output]:
+        """Called on every pass of the loop, busy or not: work done beside the streams' records
+        (e.g. collecting and starting background jobs); it must return at once."""
+        ...
+
     def idle(self) -> list[Output]:
         """Called when nothing waits to be read: deferrable work (e.g. n-best lists)."""
         ...

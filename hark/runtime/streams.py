@@ -223,6 +223,7 @@ class StreamRunner(ConsumerService):
 
     # -- housekeeping ---------------------------------------------------------------------------
     def tick(self) -> None:
+        self.publish(self.processors.step())
         if not self.sweep_due(self.STATS_PERIOD_S):
             return
         for sid in self.idle_streams(self.streams):

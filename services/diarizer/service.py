@@ -162,6 +162,9 @@ class DiarizerProcessors:
         log.warning("stream ended with no audio seen", extra=kv(stream_id=stream.stream_id))
         return [self.record(stream, "FULL", [], 0, 0, 0, 0, status)]
 
+    def step(self) -> list[Output]:
+        return []
+
     def idle(self) -> list[Output]:
         return []
 

@@ -183,6 +183,9 @@ class OnlineProcessors:
         rec = transcript_record(stream.stream_id, stream.tenant, "STREAM_END", 0, "", 0, 0, seq, 0, end_status=status)
         return [Output(self.settings.online_topic, "OnlineTranscript", rec)]
 
+    def step(self) -> list[Output]:
+        return []
+
     def idle(self) -> list[Output]:
         return []
 
