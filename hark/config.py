@@ -58,6 +58,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "offline_draft_batch": (1, 64),
     "offline_encode_pad_s": (0, 30),
     "offline_nice": (0, 19),
+    "offline_draft_nice": (0, 19),
     "offline_candidate_fraction": (0, 1),
     "diarizer_block_s": (1, 60),
     "diarizer_context_s": (0, 30),
@@ -181,12 +182,15 @@ class Settings:
     offline_prompt_chars: int = 0
     offline_min_window_s: float = 10.0  # decode once this much audio is pending and a pause is reached; shorter brings accurate text sooner at a cost in WER (bench.windows)
     offline_max_window_s: float = 30.0  # never a longer window (Whisper's field)
-    offline_provisional_s: float = 3.0  # draft the audio of a window still growing once this much is undrafted, when idle, as provisional text its own replaces; 0: off
+    offline_provisional_s: float = 3.0  # draft the audio of a window still growing once this much is undrafted, as provisional text its own replaces; 0: off
     # drafts of this many streams are decoded in one batched Whisper call (bench.draft_batch)
     offline_draft_batch: int = 4
     # draft only while a replica has at most this many open streams: 4 real-time streams fill 2 cores
     # with every pass; docs/architecture.md#drafts-whisper-text-before-a-window-ends
     offline_draft_max_streams: int = 4
+    # drafts run on a thread and model of their own at this niceness, below the windows and the
+    # online pass; docs/architecture.md#drafts-whisper-text-before-a-window-ends
+    offline_draft_nice: int = 19
     # Padding the encoder sees after an unprompted window (30: Whisper's full input); bench.encoder_pad
     offline_encode_pad_s: float = 2.0
     # The online pass is latency-critical, the offline one is not: lower its CPU priority.
@@ -205,9 +209,9 @@ class Settings:
     diarizer_merge_threshold: float = 0.8  # full pass: merge speakers more similar than this
     diarizer_min_speaker_s: float = 2.0  # full pass: less speech than this (or 10%) is not a speaker of its own
     diarizer_threads: int = 1  # torch threads: on 2 cores the decoders need the rest
-    # the online pass goes first; at 19, below offline_asr, drafts starved it and speaker labels
-    # came 4-9 s after a stream closed at 4 streams, against 1.5-3 s at 10 (docs/measurements.md)
-    diarizer_nice: int = 10
+    # the online pass and the windows go first; at 10 the diarizer took the online pass's CPU and
+    # 5 full streams failed make load (partial p95 1.3-3.0 s, against 0.7-0.8 s at 19: measurements)
+    diarizer_nice: int = 19
     voice_match_threshold: float = 0.77  # a speaker is named when this similar to an enrolled voice (bench.voices)
     voice_live_min_s: float = 4.0  # live turns carry a name once the speaker has this much speech
     voiceprint_retention_days: float = 365.0  # enrolled voices older than this are erased (0: kept)

@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import os
+import threading
+from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -12,6 +15,7 @@ from hark.config import Settings
 from hark.runtime import Chunk, StreamInfo
 from hark.wer import WerScore, score
 from services.offline_asr.decoder import FULL_FRAMES, Decoded, WhisperDecoder, choose_device, encoder_frames, looping
+from services.offline_asr.lane import Lane, built_at_nice
 from services.offline_asr.service import OfflineProcessors
 from services.offline_asr.windows import StreamWindows
 
@@ -176,16 +180,25 @@ class WordEcho(WindowEcho):
         return [self.decode(p, o, language=language) for p, o in zip(pcms, offsets_ms)]
 
 
-def test_drafts_cover_a_growing_window_when_idle_and_stop_where_its_text_comes(passage, tmp_path):
-    """Fed in real time with an idle moment after each chunk, the audio of a window still growing
-    is drafted: SEGMENTs with variant "provisional" and the index of the window that holds them,
+def drafting(procs: OfflineProcessors) -> list[dict]:
+    """The drafts' step of offline_asr's loop, given the time to finish the job it starts."""
+    out = procs.step()
+    assert procs.lane is not None
+    procs.lane.wait(30)
+    return [o.record for o in out + procs.step()]
+
+
+def test_drafts_cover_a_growing_window_and_stop_where_its_text_comes(passage, tmp_path):
+    """Fed in real time with the drafts' lane keeping up, the audio of a window still growing is
+    drafted: SEGMENTs with variant "provisional" and the index of the window that holds them,
     each before that window's text, covering it in order without overlap; a draft cut inside
-    speech keeps only the words ending 0.5 s before the cut. Never idle, or with more streams
-    open than drafts are allowed for, there are none, and the real windows are the same."""
+    speech keeps only the words ending 0.5 s before the cut. With no time given to the lane, or
+    with more streams open than drafts are allowed for, there are none, and the real windows are
+    the same."""
     settings = Settings(data_dir=tmp_path, offline_nice=0, offline_nbest=0, offline_provisional_s=3.0)
     pcm, info = np.concatenate([passage] * 2).tobytes(), StreamInfo("s1", "t1", "en")
 
-    def run(idle: bool, most: int = 2):
+    def run(spare: bool, most: int = 2):
         procs = OfflineProcessors(
             dataclasses.replace(settings, offline_draft_max_streams=most), decoder=cast(WhisperDecoder, WordEcho())
         )
@@ -193,12 +206,12 @@ def test_drafts_cover_a_growing_window_when_idle_and_stop_where_its_text_comes(p
         proc, records = procs.open(info), []
         for n, i in enumerate(range(0, len(pcm), 6400)):
             records += [o.record for o in proc.feed(Chunk(n + 1, pcm[i : i + 6400], i // 2, 0))]
-            if idle:
-                records += [o.record for o in procs.idle()]
+            if spare:
+                records += drafting(procs)
         records += [o.record for o in proc.close("COMPLETE", len(pcm) // 6400 + 2)]
-        return records + [o.record for o in procs.idle()], procs
+        return records + drafting(procs), procs
 
-    live, procs = run(idle=True)
+    live, procs = run(spare=True)
     drafts = [r for r in live if r["variant"] == "provisional"]
     real = [r for r in live if r["variant"] == "primary" and r["kind"] == "SEGMENT"]
     assert len(drafts) >= 8 and procs.drafts >= len(drafts) and list(procs.live) == ["other"]
@@ -218,14 +231,14 @@ def test_drafts_cover_a_growing_window_when_idle_and_stop_where_its_text_comes(p
     def primary(records):
         return [(r["kind"], r["segment_index"], r["start_ms"], r["end_ms"], r["text"]) for r in records]
 
-    busy, procs = run(idle=False)
+    busy, procs = run(spare=False)
     assert procs.drafts == 0 and primary(busy) == primary(r for r in live if r["variant"] != "provisional")
-    crowded, procs = run(idle=True, most=1)
+    crowded, procs = run(spare=True, most=1)
     assert procs.drafts == 0 and primary(crowded) == primary(busy)
 
 
 def test_drafts_of_several_streams_share_one_decoder_call(passage, tmp_path):
-    """Streams drafted in the same idle moment go to the decoder as one batch (up to
+    """Streams drafted together go to the decoder as one batch (up to
     offline_draft_batch); each still gets its own drafts, in order and without overlap. A stream
     with hotwords is prompted differently and is drafted alone."""
     settings = Settings(
@@ -240,7 +253,7 @@ def test_drafts_of_several_streams_share_one_decoder_call(passage, tmp_path):
     for n, i in enumerate(range(0, len(pcm), 6400)):
         for st in streams:
             records += [o.record for o in st.feed(Chunk(n + 1, pcm[i : i + 6400], i // 2, 0))]
-        records += [o.record for o in procs.idle()]
+        records += drafting(procs)
     drafts = [r for r in records if r["variant"] == "provisional"]
     sizes = [len(b) for b in echo.batches]
     assert max(sizes) == 2 and procs.draft_batches == len(sizes)  # a, b and c due together: at most 2 a call
@@ -249,6 +262,110 @@ def test_drafts_of_several_streams_share_one_decoder_call(passage, tmp_path):
         mine = [d for d in drafts if d["stream_id"] == name]
         assert len(mine) >= 2, name
         assert all(a["end_ms"] <= b["start_ms"] for a, b in zip(mine, mine[1:])), name
+
+
+class HeldEcho(WordEcho):
+    """WordEcho whose decodes wait until the test lets them go: a draft still running while
+    the loop moves on."""
+
+    def __init__(self):
+        super().__init__()
+        self.go = threading.Event()
+
+    def decode(self, pcm, start_ms, prompt=None, language=None, hotwords=()):
+        assert self.go.wait(30)
+        return super().decode(pcm, start_ms, prompt, language, hotwords)
+
+
+def test_a_draft_overtaken_by_its_window_or_its_stream_s_end_is_dropped(passage, tmp_path):
+    """The loop does not wait for a draft: the stream's windows go on being cut and decoded while
+    it runs. A draft that finishes after its window's own text, or after its stream ended, is
+    dropped (counted), never published over the text that replaced it."""
+    settings = Settings(data_dir=tmp_path, offline_nice=0, offline_nbest=0, offline_provisional_s=3.0)
+    pcm = np.concatenate([passage] * 2).tobytes()
+    for ending in ("window", "stream"):
+        held = HeldEcho()
+        procs = OfflineProcessors(
+            settings, decoder=cast(WhisperDecoder, WordEcho()), draft_decoder=cast(WhisperDecoder, held)
+        )
+        assert procs.lane is not None
+        proc, records, n = procs.open(StreamInfo("s1", "t1", "en")), [], 0
+        while not procs.lane.busy:
+            n += 1
+            records += [o.record for o in proc.feed(Chunk(n, pcm[(n - 1) * 6400 : n * 6400], (n - 1) * 3200, 0))]
+            assert procs.step() == []
+        index = proc.segments
+        if ending == "window":
+            while proc.segments == index:
+                n += 1
+                records += [o.record for o in proc.feed(Chunk(n, pcm[(n - 1) * 6400 : n * 6400], (n - 1) * 3200, 0))]
+        else:
+            records += [o.record for o in proc.close("COMPLETE", n + 1)]
+        assert [r["segment_index"] for r in records if r["kind"] == "SEGMENT"] == [index]
+        held.go.set()
+        procs.lane.wait(30)
+        assert procs.step() == [] and procs.drafts_dropped == 1 and procs.drafts == 1, ending
+
+
+class FailingEcho(WordEcho):
+    def __init__(self):
+        self.calls = 0
+
+    def decode(self, pcm, start_ms, prompt=None, language=None, hotwords=()):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("out of memory")
+        return super().decode(pcm, start_ms, prompt, language, hotwords)
+
+
+def test_a_failed_draft_job_is_counted_and_the_lane_goes_on(passage, tmp_path):
+    """A draft that raises is logged and counted (draft_failures_total), not published and not
+    fatal: the next stretch is drafted, and the real windows are unaffected."""
+    settings = Settings(
+        data_dir=tmp_path, offline_nice=0, offline_nbest=0, offline_provisional_s=3.0, offline_draft_batch=1
+    )
+    procs = OfflineProcessors(
+        settings, decoder=cast(WhisperDecoder, WordEcho()), draft_decoder=cast(WhisperDecoder, FailingEcho())
+    )
+    proc, records, pcm = procs.open(StreamInfo("s1", "t1", "en")), [], passage.tobytes()
+    for n, i in enumerate(range(0, len(pcm), 6400)):
+        records += [o.record for o in proc.feed(Chunk(n + 1, pcm[i : i + 6400], i // 2, 0))]
+        records += drafting(procs)
+    assert procs.lane is not None and procs.lane.failures == 1
+    assert sum(r["variant"] == "provisional" for r in records) >= 2
+    assert sum(r["kind"] == "SEGMENT" and r["variant"] == "primary" for r in records) >= 1
+
+
+def _ticks_by_nice() -> dict[int, int]:
+    """CPU ticks this process's threads have used, by the threads' niceness (/proc, Linux)."""
+    ticks: dict[int, int] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a thread that ended
+        nice = int(fields[16])  # stat's 19th field; [0] here is its 3rd (the state)
+        ticks[nice] = ticks.get(nice, 0) + int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks
+
+
+def test_the_drafts_decoder_computes_at_the_lower_priority(speech_dir):
+    """A Whisper model built for the lane at nice 19 does its computing on threads at nice 19
+    (CTranslate2's own and OpenMP's, started from the niced thread), while the caller's thread
+    keeps its priority: drafts take only CPU the windows and the online pass leave."""
+    own = os.nice(0)
+    decoder = built_at_nice(lambda: WhisperDecoder("tiny.en", cpu_threads=2, encode_pad_s=2.0), 19)
+    lane = Lane(decoder, 19)
+    pcm = read_pcm_file(speech_dir / "austen_passage.flac")[: 16000 * 20]
+    before = _ticks_by_nice()
+    lane.submit("passage", lambda d: d.decode(pcm, 0, language="en"))
+    lane.wait(120)
+    done = lane.done()
+    after = _ticks_by_nice()
+    lane.close()
+    assert done is not None and done[1].text and os.nice(0) == own
+    used = {n: after.get(n, 0) - before.get(n, 0) for n in after}
+    assert used.get(19, 0) >= 0.8 * sum(used.values()), used
 
 
 def test_device_choice_defaults_to_cpu_int8_here():

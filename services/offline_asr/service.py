@@ -4,11 +4,13 @@ Triggers: a window is decoded as soon as the stream has moved past a pause with 
 ``offline_min_window_s`` of audio pending (so long streams are improved while they run), and
 the rest at StreamEnd (the previous offline text can be the prompt: ``offline_prompt_chars``,
 off by default, docs/decisions/stack-choices.md). n-best lists are
-computed when the service is otherwise idle (they cost another decode and nobody waits on them).
+computed when the service is otherwise idle and the lane free (they cost another decode and nobody
+waits on them).
 
-Drafts: while a window grows, its undrafted audio is decoded in idle moments once
-``offline_provisional_s`` of it is pending, up to its latest pause or, inside speech, up to the
-words ending 0.5 s before the cut (drafts.py): SEGMENTs with ``variant="provisional"`` that captions
+Drafts: while a window grows, its undrafted audio is decoded once ``offline_provisional_s`` of it
+is pending, up to its latest pause or, inside speech, up to the words ending 0.5 s before the cut
+(drafts.py), on a background lane with a model of its own at nice ``offline_draft_nice`` (lane.py),
+so the loop never waits for one: SEGMENTs with ``variant="provisional"`` that captions
 show until the window's own text replaces them (docs/architecture.md#drafts-whisper-text-before-a-window-ends).
 They depend on timing, so they are not snapshotted or replayed, and nothing else depends on them.
 
@@ -46,6 +48,8 @@ from hark.runtime import NOTICES, Output, StreamInfo, StreamRunner, kv, main_for
 from hark.storage import archived_meta, archived_pcm
 
 from .decoder import MAX_WINDOW_S, WhisperDecoder
+from .drafts import Stretch
+from .lane import Lane, built_at_nice
 from .stream import OfflineStream, routed_to_candidate
 from .windows import StreamWindows, Window
 
@@ -58,34 +62,30 @@ class OfflineProcessors:
     name = "offline_asr"
     group = "hark-offline-asr"
 
-    def __init__(self, settings: Settings, decoder: WhisperDecoder | None = None):
+    def __init__(
+        self, settings: Settings, decoder: WhisperDecoder | None = None, draft_decoder: WhisperDecoder | None = None
+    ):
         self.settings = s = settings
         if s.offline_nice:
             os.nice(s.offline_nice)
-        self.decoder = decoder or WhisperDecoder(
-            s.offline_model,
-            s.offline_device,
-            s.offline_compute_type,
-            s.offline_cpu_threads,
-            s.offline_beam_size,
-            s.offline_encode_pad_s,
-        )
+        self.decoder = decoder or self._whisper(s.offline_model)
         self.candidate: WhisperDecoder | None = None
         if s.offline_candidate_model and s.offline_candidate_fraction > 0:
-            self.candidate = WhisperDecoder(
-                s.offline_candidate_model,
-                s.offline_device,
-                s.offline_compute_type,
-                s.offline_cpu_threads,
-                s.offline_beam_size,
-                s.offline_encode_pad_s,
+            self.candidate = self._whisper(s.offline_candidate_model)
+        # drafts decode on a model of their own (Whisper base int8: ~200 MB more RSS), never the windows'
+        self.lane: Lane[WhisperDecoder] | None = None
+        if s.offline_provisional_s > 0:
+            drafter = (
+                draft_decoder or decoder or built_at_nice(lambda: self._whisper(s.offline_model), s.offline_draft_nice)
             )
+            self.lane = Lane(drafter, s.offline_draft_nice)
         self.nbest_jobs: deque = deque()
         self.nbest_dropped = 0
         self.live: dict[str, OfflineStream] = {}  # open streams (removed at close or discard), for drafts
         self.drafts = 0
         self.draft_batches = 0  # decode_batch calls for drafts (each of 1 to offline_draft_batch streams)
         self.archive_fallbacks = 0
+        self.drafts_dropped = 0  # finished after their window was decoded or their stream ended
         self.store = open_archive(settings)
         log.info(
             "model loaded",
@@ -95,6 +95,17 @@ class OfflineProcessors:
                 candidate=self.candidate.model_name if self.candidate else None,
                 candidate_fraction=s.offline_candidate_fraction,
             ),
+        )
+
+    def _whisper(self, model: str) -> WhisperDecoder:
+        s = self.settings
+        return WhisperDecoder(
+            model,
+            s.offline_device,
+            s.offline_compute_type,
+            s.offline_cpu_threads,
+            s.offline_beam_size,
+            s.offline_encode_pad_s,
         )
 
     def new_windows(self, start_ms: int, resume: dict | None = None) -> StreamWindows:
@@ -142,29 +153,56 @@ class OfflineProcessors:
             self.nbest_dropped += 1
         self.nbest_jobs.append((info, index, w, prompt, language))
 
-    def idle(self) -> list[Output]:
-        """Deferred work, one decoder call per call: drafts of the streams with the most undrafted
-        audio (while few streams are open: ``offline_draft_max_streams``), else one window's n-best
-        list. Both wait for a poll that found no audio to read, so under load they are shed and the
-        real windows, which every transcript needs, keep their pace."""
-        if len(self.live) > self.settings.offline_draft_max_streams:
-            return self._nbest()  # drafts would take the CPU the real windows and the diarizer need
+    def step(self) -> list[Output]:
+        """Drafts, on every pass of the loop: the lane's finished job is published and the next
+        started, for the streams with the most undrafted audio (while few streams are open:
+        ``offline_draft_max_streams``). A draft whose window was decoded meanwhile, or whose
+        stream ended, is dropped: the window's own text is there."""
+        if self.lane is None:
+            return []
+        out = self._drafted(self.lane)
+        if not self.lane.busy and len(self.live) <= self.settings.offline_draft_max_streams:
+            self._start_drafts(self.lane)
+        return out
+
+    def _drafted(self, lane: Lane) -> list[Output]:
+        finished = lane.done()
+        if finished is None:
+            return []
+        taken: list[tuple[OfflineStream, int, Stretch]] = finished[0]
+        out: list[Output] = []
+        for (st, index, stretch), d in zip(taken, finished[1]):
+            if self.live.get(st.info.stream_id) is not st or st.segments != index:
+                self.drafts_dropped += 1
+                continue
+            out += st.drafted(stretch, d)
+        return out
+
+    def _start_drafts(self, lane: Lane) -> None:
         pending = sorted(((st.undrafted_ms(), st) for st in self.live.values()), key=lambda x: -x[0])
         due = [st for undrafted, st in pending if undrafted]
         if not due:
-            return self._nbest()
+            return
         key = due[0].batch_key()
-        if key is None or self.settings.offline_draft_batch == 1:
-            self.drafts += 1
-            return due[0].draft()
-        group = [st for st in due if st.batch_key() == key][: self.settings.offline_draft_batch]
-        taken = [(st, x) for st in group if (x := st.stretch()) is not None]
+        group = [due[0]] if key is None else [st for st in due if st.batch_key() == key]
+        taken = [(st, st.segments, x) for st in group[: self.settings.offline_draft_batch] if (x := st.stretch())]
+        if not taken:
+            return
         self.drafts += len(taken)
+        if key is None or self.settings.offline_draft_batch == 1:
+            st, _, x = taken[0]
+            lane.submit(taken, st.draft_job(x))
+            return
         self.draft_batches += 1
-        decoded = self.decoder.decode_batch(
-            [x.window.pcm for _, x in taken], [x.window.start_ms for _, x in taken], language=key
-        )
-        return [o for (st, x), d in zip(taken, decoded) for o in st.drafted(x, d)]
+        pcms, starts = [x.window.pcm for _, _, x in taken], [x.window.start_ms for _, _, x in taken]
+        lane.submit(taken, lambda decoder: decoder.decode_batch(pcms, starts, language=key))
+
+    def idle(self) -> list[Output]:
+        """One window's n-best list when a poll found no audio to read, and the drafts' lane is
+        not decoding: n-best lists are shed under load, and the real windows keep their pace."""
+        if self.lane is not None and self.lane.busy:
+            return []
+        return self._nbest()
 
     def _nbest(self) -> list[Output]:
         if not self.nbest_jobs:
@@ -196,6 +234,8 @@ class OfflineProcessors:
             "decode_loops_redone_total": self.decoder.loops,  # Whisper repetition loops, decoded again on 30 s
             "drafts_decoded_total": self.drafts,
             "draft_batches_total": self.draft_batches,
+            "drafts_dropped_total": self.drafts_dropped,
+            "draft_failures_total": self.lane.failures if self.lane else 0,
         }
 
     def record(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hark.languages import AUTO, UNDETERMINED
@@ -157,30 +158,31 @@ class OfflineStream:
         settled it and gives Whisper no prompt (its hotwords, its previous text); None: alone."""
         return None if self.language is None or self.info.hotwords or self._prompt() else self.language
 
-    def draft(self) -> list[Output]:
-        """Whisper's text for the next stretch of the window still growing (drafts.py), decoded
-        alone: a SEGMENT with ``variant`` "provisional" and the index the window will take."""
-        stretch = self.stretch()
-        if stretch is None:
-            return []
-        w, language = stretch.window, self.language
-        if language is None:  # not settled yet: Whisper's guess on the draft, kept for it alone (the
-            language, sure = self.owner.decoder.detect(w.pcm)  # stream's comes from its real windows)
-            if sure < DETECT_SURE:
-                return []
-        d = self.owner.decoder.decode(
-            w.pcm, w.start_ms, prompt=self._prompt(), language=language, hotwords=self.info.hotwords
-        )
-        return self.drafted(stretch, d)
+    def draft_job(self, stretch: Stretch) -> Callable[[WhisperDecoder], list[Decoded | None]]:
+        """The decode of a stretch drafted alone, as a job for the drafts' lane (lane.py): the
+        prompt, language and hotwords are taken now, so the job reads nothing the loop changes.
+        A stream whose language is not settled yet gets Whisper's guess on the stretch, kept for
+        the draft alone (the stream's comes from its real windows); None: no confident guess."""
+        w, language, prompt, hotwords = stretch.window, self.language, self._prompt(), self.info.hotwords
+
+        def job(decoder: WhisperDecoder) -> list[Decoded | None]:
+            lang = language
+            if lang is None:
+                lang, sure = decoder.detect(w.pcm)
+                if sure < DETECT_SURE:
+                    return [None]
+            return [decoder.decode(w.pcm, w.start_ms, prompt=prompt, language=lang, hotwords=hotwords)]
+
+        return job
 
     def stretch(self) -> Stretch | None:
         """The next stretch to draft (None: none with speech)."""
         return self.drafts.stretch(self.windows, int(MAX_WINDOW_S * 1000))
 
-    def drafted(self, stretch: Stretch, d: Decoded) -> list[Output]:
+    def drafted(self, stretch: Stretch, d: Decoded | None) -> list[Output]:
         """The provisional SEGMENT for a decoded stretch, with the words its draft keeps."""
-        kept = self.drafts.keep(stretch, d.words)
-        if not kept:
+        kept = [] if d is None else self.drafts.keep(stretch, d.words)
+        if d is None or not kept:
             return []
         if not stretch.at_pause:
             d.text, d.words = " ".join(x["word"] for x in kept), kept
