@@ -15,7 +15,7 @@ from hark.config import Settings
 from hark.runtime import Chunk, StreamInfo
 from hark.wer import WerScore, score
 from services.offline_asr.decoder import FULL_FRAMES, Decoded, WhisperDecoder, choose_device, encoder_frames, looping
-from services.offline_asr.lane import Lane, built_at_nice
+from services.offline_asr.lane import Lane
 from services.offline_asr.service import OfflineProcessors
 from services.offline_asr.windows import StreamWindows
 
@@ -354,8 +354,7 @@ def test_the_drafts_decoder_computes_at_the_lower_priority(speech_dir):
     (CTranslate2's own and OpenMP's, started from the niced thread), while the caller's thread
     keeps its priority: drafts take only CPU the windows and the online pass leave."""
     own = os.nice(0)
-    decoder = built_at_nice(lambda: WhisperDecoder("tiny.en", cpu_threads=2, encode_pad_s=2.0), 19)
-    lane = Lane(decoder, 19)
+    lane = Lane(lambda: WhisperDecoder("tiny.en", cpu_threads=2, encode_pad_s=2.0), 19)
     pcm = read_pcm_file(speech_dir / "austen_passage.flac")[: 16000 * 20]
     before = _ticks_by_nice()
     lane.submit("passage", lambda d: d.decode(pcm, 0, language="en"))

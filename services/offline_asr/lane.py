@@ -6,53 +6,34 @@ Drafts run beside the service's loop, not in its idle moments: a loop whose poll
 they ran. On a thread of its own at nice 19 a draft takes only the CPU the windows (nice
 ``offline_nice``), the online pass and the diarizer leave, and the loop is never blocked by one.
 Linux niceness is per thread and inherited by the threads a thread creates, so the draft decoder
-is built on a thread niced first: CTranslate2's worker and its OpenMP threads are created there.
+is built on the lane's own niced thread: CTranslate2's worker and its OpenMP threads start there.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("hark.offline_asr")
 
-T = TypeVar("T")
 D = TypeVar("D")
 
 
-def built_at_nice(make: Callable[[], T], nice: int) -> T:
-    """``make()`` run on a short-lived thread whose niceness is ``nice`` (absolute, never lower
-    than the process's): threads it starts, such as a model's compute pool, keep that priority."""
-    box: dict[str, Any] = {}
-
-    def build() -> None:
-        try:
-            os.nice(max(0, nice - os.nice(0)))  # per thread on Linux: the process keeps its own
-            box["made"] = make()
-        except BaseException as e:  # re-raised on the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=build, name="draft-decoder-build", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["made"]
-
-
 class Lane(Generic[D]):
-    """Runs ``work(decoder)`` jobs one at a time, tagged, off the caller's thread. The caller
-    submits when not ``busy`` and collects with ``done()`` from its own loop, so everything but
-    the decode stays on the caller's thread."""
+    """Runs ``work(decoder)`` jobs one at a time, tagged, on one thread at niceness ``nice``
+    (absolute, never below the process's). The decoder is made on that thread, so the threads
+    it starts, such as a model's compute pool, keep the priority. The caller submits when not
+    ``busy`` and collects with ``done()`` from its own loop, so everything but the decode stays
+    on the caller's thread."""
 
-    def __init__(self, decoder: D, nice: int = 0):
-        self.decoder = decoder
+    def __init__(self, make: Callable[[], D], nice: int = 0):
         self.failures = 0
+        # os.nice is per thread on Linux: the process keeps its own
         self._pool = ThreadPoolExecutor(1, "draft-lane", initializer=lambda: os.nice(max(0, nice - os.nice(0))))
+        self.decoder: D = self._pool.submit(make).result()
         self._job: tuple[Any, Future] | None = None
 
     @property
@@ -78,7 +59,7 @@ class Lane(Generic[D]):
         return tag, future.result()
 
     def wait(self, timeout: float | None = None) -> None:
-        """Until the running job (if any) finishes: for tests and shutdown."""
+        """Until the running job (if any) finishes (tests use it to let a draft end)."""
         if self._job is not None:
             self._job[1].exception(timeout)
 

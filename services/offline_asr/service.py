@@ -49,7 +49,7 @@ from hark.storage import archived_meta, archived_pcm
 
 from .decoder import MAX_WINDOW_S, WhisperDecoder
 from .drafts import Stretch
-from .lane import Lane, built_at_nice
+from .lane import Lane
 from .stream import OfflineStream, routed_to_candidate
 from .windows import StreamWindows, Window
 
@@ -75,10 +75,7 @@ class OfflineProcessors:
         # drafts decode on a model of their own (Whisper base int8: ~200 MB more RSS), never the windows'
         self.lane: Lane[WhisperDecoder] | None = None
         if s.offline_provisional_s > 0:
-            drafter = (
-                draft_decoder or decoder or built_at_nice(lambda: self._whisper(s.offline_model), s.offline_draft_nice)
-            )
-            self.lane = Lane(drafter, s.offline_draft_nice)
+            self.lane = Lane(lambda: draft_decoder or decoder or self._whisper(s.offline_model), s.offline_draft_nice)
         self.nbest_jobs: deque = deque()
         self.nbest_dropped = 0
         self.live: dict[str, OfflineStream] = {}  # open streams (removed at close or discard), for drafts

@@ -181,8 +181,10 @@ class OfflineStream:
 
     def drafted(self, stretch: Stretch, d: Decoded | None) -> list[Output]:
         """The provisional SEGMENT for a decoded stretch, with the words its draft keeps."""
-        kept = [] if d is None else self.drafts.keep(stretch, d.words)
-        if d is None or not kept:
+        if d is None:
+            return []
+        kept = self.drafts.keep(stretch, d.words)
+        if not kept:
             return []
         if not stretch.at_pause:
             d.text, d.words = " ".join(x["word"] for x in kept), kept
