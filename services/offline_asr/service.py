@@ -72,7 +72,7 @@ class OfflineProcessors:
         self.candidate: WhisperDecoder | None = None
         if s.offline_candidate_model and s.offline_candidate_fraction > 0:
             self.candidate = self._whisper(s.offline_candidate_model)
-        # drafts decode on a model of their own (Whisper base int8: ~200 MB more RSS), never the windows'
+        # drafts decode on a model of their own (Whisper base: ~270 MB more peak RSS), never the windows'
         self.lane: Lane[WhisperDecoder] | None = None
         if s.offline_provisional_s > 0:
             self.lane = Lane(lambda: draft_decoder or decoder or self._whisper(s.offline_model), s.offline_draft_nice)
