@@ -41,6 +41,14 @@ RANGES: dict[str, tuple[float, float]] = {
     "ingest_max_streams": (0, 100_000),
     "tenant_max_streams": (0, 100_000),
     "tenant_audio_seconds_per_hour": (0, 1e9),
+    "ingest_max_connections": (1, 100_000),
+    "tenant_max_connections": (0, 100_000),
+    "max_upload_seconds": (1, 7 * 86400),
+    "upload_idle_timeout_s": (1, 86400),
+    "ingest_upload_workers": (1, 64),
+    "ingest_upload_nice": (0, 19),
+    "live_pace_factor": (1, 1000),
+    "live_burst_seconds": (0, 3600),
     "partial_interval_ms": (0, 10_000),
     "idle_timeout_s": (1, 86400),
     "max_streams": (1, 4096),
@@ -157,7 +165,19 @@ class Settings:
     # open per tenant, and audio seconds a tenant may publish in any hour
     ingest_max_streams: int = 32
     tenant_max_streams: int = 0
-    tenant_audio_seconds_per_hour: float = 0.0
+    # 16 h of audio an hour: 16 real-time streams all hour, or a few long uploads; 0: no quota
+    tenant_audio_seconds_per_hour: float = 16 * 3600.0
+    # WebSocket connections open at once on this replica, of anyone (refused before the token is read)
+    ingest_max_connections: int = 128
+    tenant_max_connections: int = 16  # WebSocket connections open at once per tenant; 0: no limit
+    # a live stream publishes at most this many times faster than real time, once past its burst
+    live_pace_factor: float = 2.0
+    # how far ahead of the wall clock a live stream's audio may run before it is refused (too_fast)
+    live_burst_seconds: float = 10.0
+    max_upload_seconds: float = 4 * 3600.0  # decoded audio per upload (a small file can decode to hours)
+    upload_idle_timeout_s: float = 60.0  # an upload that sends nothing this long is refused (idle)
+    ingest_upload_workers: int = 2  # threads that decode and publish uploads, apart from live streams'
+    ingest_upload_nice: int = 10  # their CPU priority (Linux nice), below live streams'
 
     # online_asr
     partial_interval_ms: int = 100  # at most one partial per this much audio (and per chunk)

@@ -53,6 +53,14 @@ class StreamErased(Exception):
         self.stream_id = stream_id
 
 
+class StreamExists(Exception):
+    """The stream id is taken: it has a key already."""
+
+    def __init__(self, stream_id: str):
+        super().__init__(f"stream {stream_id} exists already")
+        self.stream_id = stream_id
+
+
 class KeyMissing(Exception):
     """No key for the stream (never accepted by ingest, or the key store was lost)."""
 
@@ -126,16 +134,23 @@ class Keyring:
 
     # -- the key store ----------------------------------------------------------------------------
     def create(self, stream_id: str) -> None:
-        """Give a new stream its key; an erased id is refused (StreamErased). Idempotent."""
+        """Claim ``stream_id`` with a new key, exclusively: the key's create-if-absent in the key
+        store is the one atomic step that decides who owns the id, across processes and ingest
+        replicas. StreamExists when it has a key (another stream's, of any tenant), StreamErased
+        when it was erased."""
         if not STREAM_ID_RE.fullmatch(stream_id):
             raise ValueError(f"invalid stream id {stream_id!r}")
         if self.store.exists(f"{stream_id}.erased"):
             raise StreamErased(stream_id)
-        if self.store.exists(f"{stream_id}.key"):
-            return
         dek = AESGCM.generate_key(bit_length=256)
         nonce = secrets.token_bytes(NONCE)
-        self.store.put(f"{stream_id}.key", nonce + self._master.encrypt(nonce, dek, self._aad(stream_id)))
+        if not self.store.put_if_absent(
+            f"{stream_id}.key", nonce + self._master.encrypt(nonce, dek, self._aad(stream_id))
+        ):
+            raise StreamExists(stream_id)
+        if self.store.exists(f"{stream_id}.erased"):  # erased between the look and the claim
+            self.store.delete(f"{stream_id}.key")
+            raise StreamErased(stream_id)
         self._remember(stream_id, dek)
 
     def erase(self, stream_id: str) -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import broker, kafka, security
 from .config import Settings
+from .params import parse_count
 
 SERVICES = {  # name -> (module with main(argv), the topic whose partitions its replicas split)
     "ingest": ("services.ingest.server", None),
@@ -34,6 +35,9 @@ SERVICES = {  # name -> (module with main(argv), the topic whose partitions its 
     "captions": ("services.captions.app", None),  # reads every results partition itself, no group
 }
 
+
+# replicas of one service at most: a consumer group splits at most 1024 partitions (HARK_PARTITIONS)
+MAX_REPLICAS = 1024
 
 # the consumer groups whose lag `hark status` shows (each service's class names its own)
 GROUPS = [kafka.ONLINE_GROUP, "hark-offline-asr", "hark-diarizer", "hark-results"]
@@ -81,20 +85,36 @@ def parse_replicas(spec: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for part in filter(None, (s.strip() for s in spec.split(","))):
         name, _, n = part.partition("=")
-        if (
-            name not in SERVICES
-            or not n.isdigit()
-            or (int(n) < 1 and name not in ("offline_asr", "diarizer", "captions"))
-        ):
+        lo = 0 if name in ("offline_asr", "diarizer", "captions") else 1
+        try:
+            if name not in SERVICES:
+                raise ValueError(f"no service {name!r}")
+            out[name] = parse_count(n, name, 1, lo, MAX_REPLICAS)
+        except ValueError as e:
             raise SystemExit(
-                f"bad --replicas entry {part!r} (e.g. online_asr=2, offline_asr=0, diarizer=0 or captions=0; "
-                f"services: {', '.join(SERVICES)})"
-            )
-        out[name] = int(n)
+                f"bad --replicas entry {part!r}: {e} (e.g. online_asr=2, offline_asr=0, diarizer=0 or "
+                f"captions=0; services: {', '.join(SERVICES)})"
+            ) from None
     return out
 
 
 # ---- client side: what `hark up/down/status/run` call ------------------------------------------
+def private_data_dir(settings: Settings) -> Path:
+    """The data folder, made 0700 (an existing one too: files an older version left readable stay
+    out of others' reach), and this process's umask 077, which every process of the stack
+    inherits: stream ids name files, logs quote them, and the archive holds everyone's audio. The
+    process that starts a stack writes there too (keys, the erasure audit, exports), so it is set
+    here and not only in the supervisor."""
+    os.umask(0o077)
+    d = Path(settings.data_dir)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        d.chmod(0o700)
+    except PermissionError as e:
+        raise RuntimeError(f"the data folder {d} must belong to this user (it is kept 0700): {e}") from None
+    return d
+
+
 def launch(
     settings: Settings,
     name: str = "default",
@@ -108,6 +128,7 @@ def launch(
     the services use ``settings.bootstrap`` (a cluster of the caller's) instead of their own broker."""
     if not external_broker:
         broker.check_installed()  # one clear line now, not a supervisor log to read
+    private_data_dir(settings)
     d = stack_dir(settings, name)
     state = read_state(d)
     if state and state.get("status") in ("starting", "ready") and pid_alive(state["supervisor_pid"]):

@@ -1,15 +1,18 @@
 """Tenants and their tokens: who may publish, and whose streams a reader may see.
 
-A tokens file (``HARK_TOKENS_FILE``) holds one line per token: ``<sha256 of the token> <tenant>``.
-Only hashes are stored, so the file leaks no credential; ``hark token create TENANT`` adds a line
-and prints the token once. With a tokens file, ingest requires a token and stamps every record of
-the stream with the token's tenant, and the captions server shows a token only its tenant's
-streams. Without one (the embedded default for a single user) access is open and the tenant is
-whatever the producer names ("default" unless told).
+A tokens file holds one line per token: ``<sha256 of the token> <tenant>``. Only hashes are
+stored, so the file leaks no credential; ``hark token create TENANT`` adds a line and prints the
+token once. The file is ``HARK_TOKENS_FILE``, else ``<data_dir>/tokens`` (``tokens_path``), where
+``hark token create`` puts it by default: creating a token is what turns tokens on. With a tokens
+file, ingest requires a token and stamps every record of the stream with the token's tenant, and
+the captions server shows a token only its tenant's streams. While ``<data_dir>/tokens`` does not
+exist and no ``HARK_TOKENS_FILE`` is named (the embedded default for a single user), access is
+open and the tenant is whatever the producer names ("default" unless told).
 
 The file is read again when it changes (checked at most once a second), so a token removed from
-it stops working without a restart. A file that no longer parses denies every token until it
-is fixed: a broken edit never opens access or keeps a revoked token alive.
+it stops working, and a file created in the data folder starts being enforced, without a
+restart. Once enforced, a file that no longer parses or is gone denies every token until it is
+fixed: a broken edit never opens access or keeps a revoked token alive.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from .config import Settings
 
 log = logging.getLogger("hark.tenants")
 
+Identity = tuple[int, int, int]  # a file's inode, size and mtime: a change to it shows in one of them
+
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -35,6 +40,12 @@ class AccessDenied(Exception):
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
         self.kind, self.reason = kind, reason
+
+
+def tokens_path(settings: Settings) -> Path:
+    """The tokens file the servers enforce and ``hark token`` writes: ``HARK_TOKENS_FILE``, else
+    ``<data_dir>/tokens``."""
+    return Path(settings.tokens_file) if settings.tokens_file else Path(settings.data_dir) / "tokens"
 
 
 def token_hash(token: str) -> str:
@@ -48,21 +59,31 @@ def check_tenant(tenant: str) -> str:
 
 
 class Access:
-    RECHECK_S = 1.0  # how often the tokens file's identity (inode, size, mtime) is looked at
+    # how often the tokens file's identity (inode, size, mtime) is looked at: a stat() twice a
+    # second, so a revoked token's open streams end within a second (services/ingest/live.py)
+    RECHECK_S = 0.5
 
-    def __init__(self, hashes: dict[str, str] | None, path: Path | None = None):
+    def __init__(self, hashes: dict[str, str] | None, path: Path | None = None, seen: Identity | None = None):
         self._hashes = hashes  # sha256 hex -> tenant; None: open access
         self._path = path
-        self._seen = _identity(path) if path else None
+        # the file's identity (None: absent) taken before ``hashes`` were read from it: a change
+        # while it was read shows at the next check
+        self._seen = seen
         self._checked = time.monotonic()
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, settings: Settings) -> Access:
-        if not settings.tokens_file:
-            return cls(None)
-        path = Path(settings.tokens_file)
-        return cls(_parse(path), path)
+        """Tokens from ``tokens_path(settings)``. A named file must exist; the data folder's may
+        not yet, and access is open until it does (watched like a named one)."""
+        path = tokens_path(settings)
+        seen = _identity(path)
+        try:
+            return cls(_parse(path), path, seen)
+        except FileNotFoundError:
+            if settings.tokens_file:
+                raise
+            return cls(None, path)
 
     def _reload_if_changed(self) -> None:
         if self._path is None or time.monotonic() - self._checked < self.RECHECK_S:
@@ -103,7 +124,7 @@ class Access:
         return tenant
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
+def _identity(path: Path) -> Identity | None:
     try:
         st = path.stat()
     except OSError:

@@ -155,10 +155,6 @@ def cmd_tail(a) -> int:
         c.close()
 
 
-def _interrupt(*_args):
-    raise KeyboardInterrupt
-
-
 def _run_session(a, make_runs) -> int:
     from services.ingest.core import Ingest
 
@@ -173,7 +169,7 @@ def _run_session(a, make_runs) -> int:
         name = f"run-{os.getpid()}"
         state = stack.launch(s, name=name, parent_pid=os.getpid(), ephemeral=True)
         s, started = stack.client_settings(s, state), stack.stack_dir(s, name)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     ingest = None
     try:
         ingest = Ingest(s)
@@ -389,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     sv.set_defaults(fn=cmd_service)
 
     a = p.parse_args(argv)
+    if a.cmd != "models":  # what hark writes is the user's alone; model weights are the installation's
+        os.umask(0o077)  # inherited by every process it starts (the stack's supervisor, broker, services)
     try:
         sys.exit(a.fn(a))
     except ConfigError as e:

@@ -196,10 +196,10 @@ def cmd_retention(a) -> int:
 
 
 def cmd_token(a) -> int:
-    from hark.tenants import AccessDenied, create_token, revoke_tokens
+    from hark.tenants import AccessDenied, create_token, revoke_tokens, tokens_path
 
     s = settings_of(a)
-    path = a.file or s.tokens_file or str(Path(s.data_dir) / "tokens")
+    path = a.file or str(tokens_path(s))
     if a.action == "revoke":
         if not Path(path).exists():
             raise SystemExit(f"hark: no tokens file {path}")
@@ -211,11 +211,12 @@ def cmd_token(a) -> int:
     except AccessDenied as e:
         raise SystemExit(f"hark: {e.reason}") from None
     print(token)
-    print(
-        f"hark: token for tenant {a.tenant!r} added to {path} (only its hash is stored; "
-        f"services read it with HARK_TOKENS_FILE={path})",
-        file=sys.stderr,
+    enforced = (
+        "ingest and captions with these settings require tokens within a second"
+        if Path(path) == tokens_path(s)
+        else f"services read it with HARK_TOKENS_FILE={path}"
     )
+    print(f"hark: token for tenant {a.tenant!r} added to {path} (only its hash is stored; {enforced})", file=sys.stderr)
     return 0
 
 

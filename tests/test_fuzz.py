@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import string
+import time
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from hark import serde
+from hark import serde, stack
 from hark.audio import MAX_CHANNELS, AudioError, PcmResampler
 from hark.config import Settings
 from services.ingest.admission import Admission
@@ -47,6 +48,9 @@ KINDS = {
     "capacity",
     "tenant_limit",
     "quota",
+    "bad_message",
+    "too_fast",
+    "idle",
 }
 
 text = st.text(string.printable + "é\x00\n", max_size=40)
@@ -125,6 +129,9 @@ messages = st.lists(
     st.one_of(
         st.binary(max_size=4096),
         st.sampled_from(['{"type": "end"}', "{}", "not json", '{"type": 1}', '[{"type": "end"}]']),
+        st.sampled_from(  # structured hostility: deep nesting, numbers past every type, odd escapes
+            ["[" * 200_000, "{" * 3000, '{"type": 1e999999}', '{"type": ' + "9" * 4000 + "}", '"\\ud800"']
+        ),
     ),
     max_size=6,
 )
@@ -160,6 +167,18 @@ def test_the_endpoint_answers_anything_with_ready_done_or_a_known_refusal(live_s
         assert a["type"] in ("ready", "done", "error"), a
         if a["type"] == "error":
             assert a["error"] in KINDS and a["reason"], a
-    # and it still serves an ordinary stream
+    # every slot it took is given back, and it still serves an ordinary stream
+    assert _ingest_health(state)["open_streams"] == 0
     ok = asyncio.run(_talk(state["ingest_url"], {}, [b"\x00\x00" * 1600]))
     assert [a["type"] for a in ok] == ["ready", "done"]
+
+
+def _ingest_health(state: dict, timeout: float = 10.0) -> dict:
+    """The stack's ingest's /healthz once its open streams are back to 0 (or the last answer)."""
+    port = next(s["health_port"] for s in state["services"] if s["name"].startswith("ingest"))
+    deadline = time.monotonic() + timeout
+    while True:
+        health = stack.health(port) or {}
+        if health.get("open_streams") == 0 or time.monotonic() > deadline:
+            return health
+        time.sleep(0.05)

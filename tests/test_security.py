@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -609,3 +610,25 @@ def test_closed_doors_by_default_hosts_origins_headers_and_file_modes(live_stack
         asyncio.run(connect_with("http://attacker.example"))
     assert refused.value.response.status_code == 403
     assert asyncio.run(connect_with(None)) == "ready"
+    # nothing under the data folder is open to other users: logs, state, archive, index, the broker's log
+    assert exposed_under(Path(os.environ["HARK_DATA_DIR"])) == []
+
+
+def exposed_under(root: Path) -> list[str]:
+    """Every file or folder under ``root`` (``root`` too) that grants its group or others anything:
+    files are to be 0600 and folders 0700 (the umask of every hark process and the 0700 data folder)."""
+    found = _exposed(root)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            found += _exposed(Path(folder) / name)
+    return found
+
+
+def _exposed(path: Path) -> list[str]:
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:  # the live stack removed it meanwhile (a rolled log segment, a temp file)
+        return []
+    if stat.S_ISLNK(mode) or not mode & 0o077:
+        return []
+    return [f"{stat.filemode(mode)} {path}"]

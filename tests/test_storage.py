@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -60,3 +62,35 @@ def test_s3_credentials_are_checked(s3_server):
     )
     with pytest.raises(S3Error):
         open_store(wrong).put("streams/x/meta.json", b"{}")
+
+
+def test_put_if_absent_creates_once(store):
+    store.delete_prefix("")
+    assert store.put_if_absent("claims/a", b"first") is True
+    assert store.put_if_absent("claims/a", b"second") is False
+    assert store.get("claims/a") == b"first"
+    assert store.list("") == ["claims/a"]  # no temp file or S3 probe object left behind
+    with pytest.raises(ValueError):
+        store.put_if_absent("../a", b"")
+
+
+def test_put_if_absent_has_one_winner_under_a_race(store):
+    store.delete_prefix("claims/")
+    n = 16
+    barrier = threading.Barrier(n)
+
+    def claim(i: int) -> bool:
+        barrier.wait()
+        return store.put_if_absent("claims/race", f"payload-{i}".encode())
+
+    with ThreadPoolExecutor(n) as pool:
+        won = list(pool.map(claim, range(n)))
+    assert won.count(True) == 1
+    assert store.get("claims/race") == f"payload-{won.index(True)}".encode()
+
+
+def test_put_if_absent_refuses_a_server_that_ignores_the_precondition(s3_server, monkeypatch):
+    store = open_store(s3_server)
+    monkeypatch.setattr(store.client, "_put_object", lambda *a, **k: None)  # every PUT answers 200
+    with pytest.raises(RuntimeError, match="ignores If-None-Match"):
+        store.put_if_absent("claims/x", b"")

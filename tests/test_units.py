@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -725,3 +726,169 @@ def test_the_soak_fails_a_cost_that_grows_and_passes_one_that_settles():
     assert not run([11.0] * 30 + [11.0 + i for i in range(30)], steady)["passed"]  # grows with the log
     assert not run([12.0] * 60, [100.0] * 30 + [100.0 + i for i in range(30)])["passed"]  # RSS climbs
     assert not run([12.0] * 15, [100.0] * 15)["passed"]  # too short to tell
+
+
+def test_counts_from_the_network_are_ascii_digits_in_range_and_nothing_else():
+    """The finding: ``/api/search?limit=²`` and a 4,301-digit limit answered 500 (``isdigit``
+    admits superscripts, ``int()`` refuses them and more than 4,300 digits)."""
+    from hark.params import parse_count
+    from services.captions.audio import byte_range
+
+    assert parse_count(None, "limit", 20, 1, 200) == 20  # absent: the default
+    assert parse_count("1", "limit", 20, 1, 200) == 1 and parse_count("200", "limit", 20, 1, 200) == 200
+    assert parse_count("007", "limit", 20, 1, 200) == 7
+    for bad in ("²", "٣", "9" * 4301, "-1", "+5", " 5", "5 ", "5\n", "1_0", "1.5", "0x10", "", "0", "201"):
+        with pytest.raises(ValueError, match=r"limit must be a whole number 1\.\.200"):
+            parse_count(bad, "limit", 20, 1, 200)
+    for bad in ("bytes=٣-", "bytes=-²", f"bytes={'9' * 4301}-", "bytes=+1-2", "bytes=1_0-"):
+        with pytest.raises(ValueError):
+            byte_range(bad, 1000)
+    assert byte_range("bytes=10-19", 1000) == (10, 20)
+
+
+def _asgi_get(app, path: str, query: str) -> tuple[int, str]:
+    """One GET through an ASGI app, without a server."""
+    import asyncio
+
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body").decode()
+
+
+def test_the_search_api_answers_a_hostile_limit_with_400_naming_it(tmp_path):
+    from services.captions.app import create_app
+    from services.captions.follower import Hub
+    from services.captions.index import TranscriptIndex
+
+    s = Settings.load({"HARK_DATA_DIR": str(tmp_path)})
+    TranscriptIndex(s.index_file).close()
+    app = create_app(s, Hub(), None)
+    for bad in ("%C2%B2", "9" * 4301, "-1", "", "0", "201", "1_0", "%205"):
+        status, body = _asgi_get(app, "/api/search", f"q=x&limit={bad}")
+        assert (status, body) == (400, "limit must be a whole number 1..200\n"), bad
+    assert _asgi_get(app, "/api/search", "q=x&limit=3")[0] == 200
+    assert _asgi_get(app, "/api/search", "q=x")[0] == 200
+
+
+def test_a_tokens_file_in_the_data_folder_turns_tokens_on_while_the_servers_run(tmp_path, monkeypatch):
+    """The finding: `hark token create` wrote <data_dir>/tokens, but the servers enforced tokens
+    only with HARK_TOKENS_FILE, so anonymous streams went on after a user created tokens."""
+    import types
+
+    from hark import tenants
+    from hark.tenants import Access, AccessDenied, create_token, revoke_tokens, tokens_path
+
+    clock = [1000.0]
+    monkeypatch.setattr(tenants, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+
+    def later():  # one recheck period on: the next request looks at the file again
+        clock[0] += Access.RECHECK_S
+
+    s = Settings.load({"HARK_DATA_DIR": str(tmp_path)})
+    path = tokens_path(s)
+    assert path == tmp_path / "tokens"
+    assert tokens_path(Settings.load({"HARK_DATA_DIR": str(tmp_path), "HARK_TOKENS_FILE": "/x/t"})) == Path("/x/t")
+    access = Access.load(s)
+    assert access.tenant_of(None) is None and access.publishing_tenant(None, "anyone") == "anyone"  # open
+    acme, globex = create_token(path, "acme"), create_token(path, "globex")
+    later()
+    with pytest.raises(AccessDenied):  # a request without a token is refused from now on
+        access.tenant_of(None)
+    with pytest.raises(AccessDenied):
+        access.publishing_tenant(None, "anyone")
+    assert access.tenant_of(acme) == "acme"
+    assert Access.load(s).tenant_of(globex) == "globex"  # present at start: enforced at once
+    assert revoke_tokens(path, acme) == 1
+    later()
+    with pytest.raises(AccessDenied):  # revoked
+        access.tenant_of(acme)
+    assert access.tenant_of(globex) == "globex"
+    path.unlink()  # gone once enforced: every token refused, access does not fall open
+    later()
+    for token in (globex, None):
+        with pytest.raises(AccessDenied):
+            access.tenant_of(token)
+    with pytest.raises(FileNotFoundError):  # a named file must exist
+        Access.load(Settings.load({"HARK_DATA_DIR": str(tmp_path), "HARK_TOKENS_FILE": str(path)}))
+
+
+def test_hark_writes_private_files_and_folders_under_its_data_folder(tmp_path):
+    """The finding: logs, stack.json and supervisor.log 0644 and archive folders 0755 under the
+    data folder. The `hark` command runs with umask 077: folders it makes, parents too, are 0700;
+    `hark token create` writes the tokens file the servers of that data folder enforce."""
+    from hark.tenants import Access, tokens_path
+
+    data = tmp_path / "a" / "b" / "data"
+    env = {k: v for k, v in os.environ.items() if k not in ("HARK_TOKENS_FILE", "HARK_DATA_DIR")}
+    cmd = [sys.executable, "-m", "hark_cli", "--data-dir", str(data), "token", "create", "acme"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    s = Settings.load({"HARK_DATA_DIR": str(data)})
+    assert tokens_path(s) == data / "tokens" and Access.load(s).tenant_of(out.stdout.strip()) == "acme"
+    for folder in (tmp_path / "a", tmp_path / "a" / "b", data):
+        assert oct(folder.stat().st_mode & 0o777) == "0o700", folder
+    assert oct((data / "tokens").stat().st_mode & 0o777) == "0o600"
+
+
+def test_starting_a_stack_makes_the_data_folder_and_everything_after_private(tmp_path):
+    from hark import stack
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)  # as an older version left it
+    old = os.umask(0o022)
+    try:
+        assert stack.private_data_dir(Settings.load({"HARK_DATA_DIR": str(data)})) == data
+        assert os.umask(0o077) == 0o077  # what every process the stack starts inherits
+        (data / "stacks" / "x").mkdir(parents=True)
+        (data / "stacks" / "x" / "supervisor.log").write_text("")
+    finally:
+        os.umask(old)
+    assert oct(data.stat().st_mode & 0o777) == "0o700"
+    assert oct((data / "stacks").stat().st_mode & 0o777) == "0o700"
+    assert oct((data / "stacks" / "x" / "supervisor.log").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_service_process_starts_with_umask_077(tmp_path, monkeypatch):
+    from hark.runtime import entry
+
+    monkeypatch.setattr(entry, "setup_logging", lambda *_a: None)
+    monkeypatch.setattr(entry.kafka, "wait_for_broker", lambda *_a, **_k: None)
+    monkeypatch.setattr(entry.kafka, "ensure_topics", lambda *_a, **_k: None)
+    old = os.umask(0o022)
+    try:
+        entry.service_settings("results", ["--bootstrap", "127.0.0.1:1", "--data-dir", str(tmp_path)])
+        assert os.umask(old) == 0o077
+    finally:
+        os.umask(old)
+
+
+def test_replicas_are_counted_strictly():
+    from hark.stack import parse_replicas
+
+    assert parse_replicas("online_asr=2, offline_asr=0") == {"online_asr": 2, "offline_asr": 0}
+    for bad in ("online_asr=²", "online_asr=0", "online_asr=-1", "online_asr=", "nope=1", f"ingest={'9' * 4301}"):
+        with pytest.raises(SystemExit, match="bad --replicas entry"):
+            parse_replicas(bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from typing import Protocol
 
@@ -20,6 +21,7 @@ def service_settings(name: str, argv: list[str] | None = None, listen: str | Non
     up, the broker is waited for and the topics exist. ``listen`` names the settings prefix of a
     service that serves its own port (``ingest``: --host/--port set ingest_host/ingest_port)."""
 
+    os.umask(0o077)  # the archive, index, keys and logs it writes are the owner's alone
     p = argparse.ArgumentParser(prog=f"python -m services.{name}")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers host:port (env HARK_BOOTSTRAP)")
     p.add_argument("--health-port", type=int, help="port for /healthz and /metrics (0 = any)")

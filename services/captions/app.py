@@ -13,9 +13,10 @@ each batch in one transaction and fans each record out to the pages following th
   /api/streams/{id}/export?format=vtt|srt|json|rttm|ctm
   /api/streams/{id}/audio     the archived audio as WAV, with range requests (audio.py)
 
-With a tokens file (``HARK_TOKENS_FILE``) every request needs a token (``Authorization: Bearer``,
-``?token=`` or the ``hark_token`` cookie that a ``?token=`` sets for the page's own requests) and
-sees only its tenant's streams: another tenant's stream answers 404, as if it did not exist.
+With a tokens file (``HARK_TOKENS_FILE``, else ``<data_dir>/tokens`` once it exists) every
+request needs a token (``Authorization: Bearer``, ``?token=`` or the ``hark_token`` cookie that a
+``?token=`` sets for the page's own requests) and sees only its tenant's streams: another
+tenant's stream answers 404, as if it did not exist.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from starlette.routing import Route
 
 from hark.config import Settings
 from hark.keys import open_archive
+from hark.params import parse_count
 from hark.records import now_ms
 from hark.runtime import HealthServer, Metrics, kv, service_settings
 from hark.tenants import Access, AccessDenied, request_token
@@ -110,10 +112,11 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
 
     async def api_search(request: Request, tenant: str | None) -> Response:
         q = request.query_params.get("q", "")
-        stream, raw = request.query_params.get("stream") or None, request.query_params.get("limit", "20")
-        limit = int(raw) if raw.isdigit() else 0
-        if not 1 <= limit <= MAX_SEARCH_HITS:
-            return PlainTextResponse(f"limit must be a whole number 1..{MAX_SEARCH_HITS}\n", status_code=400)
+        stream = request.query_params.get("stream") or None
+        try:
+            limit = parse_count(request.query_params.get("limit"), "limit", 20, 1, MAX_SEARCH_HITS)
+        except ValueError as e:
+            return PlainTextResponse(f"{e}\n", status_code=400)
         t0 = time.perf_counter()
         hits = await read_index(lambda idx: idx.search(q, stream, limit, tenant=tenant))
         return JSONResponse({"query": q, "hits": hits, "took_ms": round(1000 * (time.perf_counter() - t0), 2)})

@@ -21,7 +21,8 @@ from hark.storage import ObjectStore, archive_prefix, archived_meta
 
 SAMPLE_RATE, BYTES_PER_SAMPLE = 16000, 2
 HEADER = 44
-RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)$")
+# ASCII digits only (``\d`` matches any script's), and few enough that int() never refuses them
+RANGE_RE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
 
 
 class NoAudio(Exception):
@@ -91,7 +92,7 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     """[start, end) of a ``Range: bytes=...`` header; None without one; ValueError if unsatisfiable."""
     if not header:
         return None
-    m = RANGE_RE.match(header.strip())
+    m = RANGE_RE.fullmatch(header.strip())
     if not m or (not m.group(1) and not m.group(2)):
         raise ValueError(header)
     if not m.group(1):  # the last N bytes

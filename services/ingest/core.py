@@ -4,6 +4,7 @@ stream this process publishes (files, replays, live WebSocket streams)."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -79,7 +80,11 @@ class Ingest:
         payload: bytes | None = None,
         payload_size: int = 0,
     ) -> None:
-        """Record a refused input on the dead-letter topic (the caller reports it to the producer)."""
+        """Record a refused input on the dead-letter topic (the caller reports it to the producer),
+        once: an error already recorded by a step below is not recorded again."""
+        if getattr(err, "dead_lettered", False):
+            return
+        err.dead_lettered = True  # type: ignore[attr-defined]
         self.deadletters.send(
             err.kind, err.reason, stream_id=stream_id, tenant=tenant, payload=payload, payload_size=payload_size
         )
@@ -107,8 +112,12 @@ class Ingest:
         on_chunk: ChunkCallback | None = None,
         on_start: Callable[[StreamPublisher], None] | None = None,
         hotwords: str | list[str] | None = None,
+        max_seconds: float | None = None,
+        admitted: bool = False,
     ) -> StreamSummary:
-        """Publish a whole encoded input. Raises AudioError (after dead-lettering it) if it is refused."""
+        """Publish a whole encoded input. Raises AudioError (after dead-lettering it) if it is refused.
+        ``max_seconds``: the most decoded audio it may hold (default: a stream's maximum);
+        ``admitted``: the caller counted the stream in admission already (and releases it)."""
         name = Path(source).name if isinstance(source, (str, Path)) else getattr(source, "name", None)
         stream_id = stream_id or new_stream_id(Path(name).stem if name else "upload")
         size = None
@@ -122,7 +131,7 @@ class Ingest:
                 raise AudioError(
                     "too_large", f"input is {size} bytes, above the {self.settings.max_upload_bytes}-byte maximum"
                 )
-            decoded = DecodedAudio(source, self.settings.max_stream_seconds)
+            decoded = DecodedAudio(source, min(max_seconds or math.inf, self.settings.max_stream_seconds))
             blocks = decoded.blocks()
             first = next(blocks)  # fail before anything is published if the audio does not decode
         except AudioError as e:
@@ -143,6 +152,7 @@ class Ingest:
             realtime=realtime,
             on_chunk=on_chunk,
             hotwords=hotwords,
+            admitted=admitted,
         )
         try:
             pub.start()

@@ -69,6 +69,11 @@ class PartitionPlacer:
             self._next = p + 1
             return p
 
+    @property
+    def open_streams(self) -> int:
+        """Streams placed and not released (0 once every stream has ended)."""
+        return sum(self._open)
+
     def release(self, partition: int | None) -> None:
         if partition is not None:
             with self._lock:

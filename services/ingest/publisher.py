@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from hark import serde
 from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, Chunker, SourceInfo
-from hark.keys import StreamErased
+from hark.keys import StreamErased, StreamExists
 from hark.languages import check_hotwords, check_language
 from hark.records import STREAM_ID_RE, now_ms
 from hark.runtime import kv
@@ -71,6 +71,7 @@ class StreamPublisher:
         on_chunk: ChunkCallback | None = None,
         live: bool = False,
         hotwords: str | list[str] | tuple[str, ...] | None = None,
+        admitted: bool = False,
     ):
         s = ingest.settings
         self.ingest, self.settings = ingest, s
@@ -96,10 +97,17 @@ class StreamPublisher:
         self.partition: int | None = None  # chosen at start(); None: the key's hash
         self._t0: float | None = None
         self._finished = False
-        self._admitted = False
+        # start() counts the stream in admission and finish() releases it, unless the caller
+        # counted it already (an upload is counted from its first byte)
+        self._admits = not admitted
+        self._started = False
         self._erase_checked = self._opened = self._last_audio = time.monotonic()
         self.erased = False  # `hark erase` ended it: nothing more of it is written anywhere
         self._failures_before = ingest.producer.failures
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
 
     def _key(self) -> bytes:
         return self.stream_id.encode()
@@ -123,35 +131,48 @@ class StreamPublisher:
         self.ingest.store.put(self.prefix + "meta.json", json.dumps(meta, indent=1).encode())
 
     def start(self) -> None:
-        self.ingest.admission.admit(self.tenant)  # refused at the door (AudioError) over a limit
-        try:  # before anything of the stream is written: everything of it is sealed with this key
+        if self._admits:
+            self.ingest.admission.admit(self.tenant)  # refused at the door (AudioError) over a limit
+        try:  # the id's claim, before anything of the stream is written: all of it is sealed with this key
             self.ingest.keys.create(self.stream_id)
-        except StreamErased:
-            self.ingest.admission.release(self.tenant)
+        except (StreamErased, StreamExists) as e:
+            if self._admits:
+                self.ingest.admission.release(self.tenant)
+            if isinstance(e, StreamExists):
+                raise AudioError(
+                    "stream_exists", f"stream {self.stream_id!r} exists already; choose another id"
+                ) from None
             raise AudioError(
                 "stream_erased", f"stream id {self.stream_id!r} was erased and cannot be used again; choose another id"
             ) from None
-        self._admitted = True
-        self.partition = self._placer.acquire(self.ingest.online_owners())
-        self._meta(status="OPEN", started_at_ms=now_ms())
-        self._produce(
-            "StreamStart",
-            {
-                "stream_id": self.stream_id,
-                "tenant": self.tenant,
-                "seq": 0,
-                "language": self.language,
-                "source_format": self.info.format,
-                "source_name": self.source_name,
-                "sample_rate": TARGET_RATE,
-                "source_sample_rate": self.info.sample_rate,
-                "source_channels": self.info.channels,
-                "archive_prefix": self.prefix,
-                "started_at_ms": now_ms(),
-                "metadata": {k: str(v) for k, v in self.metadata.items()},
-                "hotwords": list(self.hotwords),
-            },
-        )
+        self._started = True
+        try:
+            self.partition = self._placer.acquire(self.ingest.online_owners())
+            self._meta(status="OPEN", started_at_ms=now_ms())
+            self._produce("StreamStart", self._start_record())
+        except BaseException:  # nothing downstream opened it: give back what it holds
+            self._finished = True
+            self._placer.release(self.partition)
+            if self._admits:
+                self.ingest.admission.release(self.tenant)
+            raise
+
+    def _start_record(self) -> dict:
+        return {
+            "stream_id": self.stream_id,
+            "tenant": self.tenant,
+            "seq": 0,
+            "language": self.language,
+            "source_format": self.info.format,
+            "source_name": self.source_name,
+            "sample_rate": TARGET_RATE,
+            "source_sample_rate": self.info.sample_rate,
+            "source_channels": self.info.channels,
+            "archive_prefix": self.prefix,
+            "started_at_ms": now_ms(),
+            "metadata": {k: str(v) for k, v in self.metadata.items()},
+            "hotwords": list(self.hotwords),
+        }
 
     def push(self, pcm: bytes) -> None:
         self._check_open()
@@ -225,14 +246,14 @@ class StreamPublisher:
             self.on_chunk(self.seq, offset, n, published)
 
     def finish(self, status: str = "COMPLETE", reason: str | None = None) -> StreamSummary:
-        if self._finished:
+        if self._finished or not self._started:  # once, and only what start() opened
             return self.summary
         self._finished = True
         try:
             return self._finish(status, reason)
         finally:
             self._placer.release(self.partition)
-            if self._admitted:
+            if self._started and self._admits:
                 self.ingest.admission.release(self.tenant)
 
     def _finish(self, status: str, reason: str | None) -> StreamSummary:

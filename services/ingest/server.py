@@ -1,24 +1,30 @@
 """The network endpoint for live clients: WebSocket at ``ws://HOST:PORT/v1/streams``.
 
-Authentication: with a tokens file (``HARK_TOKENS_FILE``) every connection must carry a token,
-``Authorization: Bearer TOKEN`` or ``?token=TOKEN``; the stream belongs to the token's tenant. A
-missing or unknown token gets an ``error`` message (unauthorized) and close code 1008.
+Authentication: with a tokens file (``HARK_TOKENS_FILE``, or ``<data dir>/tokens`` once `hark token
+create` made one) every connection must carry a token, ``Authorization: Bearer TOKEN`` or
+``?token=TOKEN``; the stream belongs to the token's tenant. A missing or unknown token gets an
+``error`` message (unauthorized) and close code 1008; a token revoked while its stream is open
+ends the stream (ERROR, unauthorized) with what arrived before.
 
 Query parameters: ``stream_id`` (optional), ``tenant``, ``language``, ``hotwords`` (a comma list
 of terms the offline pass favours, at most 50), ``format``:
 - ``pcm_s16le`` (default, live): binary messages of raw interleaved s16le PCM at
   ``sample_rate`` (default 16000) with ``channels`` (default 1), resampled and chunked as
-  they arrive, so captions start while the client is still speaking;
+  they arrive, so captions start while the client is still speaking. Paced: at most
+  ``live_pace_factor`` x real time after a burst of ``live_burst_seconds`` (pacing.py);
 - ``file``: binary messages carrying an encoded file (WAV, FLAC, MP3, Ogg/Opus...), spooled
-  to disk (not memory) up to the upload limit and published when the client says end.
-A text message ``{"type": "end"}`` ends the stream. The server answers with JSON text
-messages: ``ready`` (with the stream id), ``done`` (chunks, seconds) or ``error`` (error,
-reason). A message above ``max_ws_message_bytes`` closes the connection (1009): too-large
-payloads are refused, never buffered. A client that disconnects without ``end`` gets its
-stream closed as ABORTED, so downstream services release its state. A client may pause (send
-nothing) for as long as it likes: ingest publishes a keep-alive (StreamAlive) every third of the
-idle timeout, so the stream stays open and its utterances keep their numbering; a live stream
-ends (too_long) once it has been open ``max_stream_seconds`` of wall-clock time.
+  to disk (not memory) up to the upload limit and published when the client says end, on
+  threads of their own; at most ``max_upload_seconds`` of decoded audio.
+The only text message is ``{"type": "end"}``, which ends the stream; any other is refused
+(bad_message). The server answers with JSON text messages: ``ready`` (with the stream id),
+``done`` (chunks, seconds) or ``error`` (error, reason). A message above ``max_ws_message_bytes``
+closes the connection (1009): too-large payloads are refused, never buffered. A client that
+disconnects without ``end`` gets its stream closed as ABORTED, so downstream services release its
+state. A client may pause (send nothing) for as long as it likes: ingest publishes a keep-alive
+(StreamAlive) every third of the idle timeout, so the stream stays open and its utterances keep
+their numbering; a live stream ends (too_long) once it has been open ``max_stream_seconds`` of
+wall-clock time. Connections are capped per replica (``ingest_max_connections``) and per tenant
+(``tenant_max_connections``); streams, uploads included, count in admission (admission.py).
 """
 
 from __future__ import annotations
@@ -26,26 +32,35 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs, urlparse
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.typing import Origin
 
-from hark.audio import TARGET_RATE, AudioError, PcmResampler, SourceInfo
+from hark.audio import AudioError
 from hark.config import Settings
 from hark.languages import AUTO, check_hotwords, check_language
 from hark.records import new_stream_id
 from hark.runtime import HealthServer, Metrics, kv, service_settings
 from hark.tenants import Access, AccessDenied, request_token
 
-from .archive import SegmentWriter, source_segment_bytes
 from .core import Ingest
-from .publisher import StreamPublisher, StreamSummary, check_stream_id
+from .live import TICK_S, LiveStream, control
+from .publisher import StreamSummary, check_stream_id
 
 log = logging.getLogger("hark.ingest")
+
+UPLOAD_MEMORY_BYTES = 256 << 10  # an upload's spool in memory; beyond it, a temporary file
+# Messages a connection's reader queues before it stops reading the socket: with pacing holding a
+# reader back, this (times max_ws_message_bytes) is all a connection can make ingest hold.
+MAX_QUEUE = 4
 
 
 class IngestServer:
@@ -54,9 +69,35 @@ class IngestServer:
         self.metrics = Metrics("ingest")
         self.ingest = Ingest(settings, metrics=self.metrics)
         self.access = Access.load(settings)
-        self.open_streams = 0
+        self.connections = 0
+        self._tenant_connections: Counter[str] = Counter()
+        # Uploads decode and publish on threads of their own at a lower priority: however many
+        # arrive, the threads that serve live streams (asyncio's default pool) never queue behind them.
+        self.uploads = ThreadPoolExecutor(
+            settings.ingest_upload_workers, "upload", initializer=_renice, initargs=(settings.ingest_upload_nice,)
+        )
+
+    def health(self) -> dict:
+        placer = self.ingest._placer
+        return {
+            "open_streams": self.ingest.admission.open_streams,
+            "open_partition_slots": placer.open_streams if placer else 0,
+            "connections": self.connections,
+        }
 
     async def handler(self, ws: ServerConnection) -> None:
+        if self.connections >= self.settings.ingest_max_connections:  # before any work, even the token's
+            self.metrics.inc("refused_connections_total", reason="capacity")
+            limit = self.settings.ingest_max_connections
+            await _error(ws, AudioError("capacity", f"ingest has {limit} connections open, its limit; retry later"))
+            return
+        self.connections += 1
+        try:
+            await self._connection(ws)
+        finally:
+            self.connections -= 1
+
+    async def _connection(self, ws: ServerConnection) -> None:
         assert ws.request is not None  # the handshake is done when the handler runs
         url = urlparse(ws.request.path)
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -67,11 +108,38 @@ class IngestServer:
         token = request_token(ws.request.headers.get("Authorization"), q.get("token"))
         try:
             tenant = self.access.publishing_tenant(token, q.get("tenant"))
+            cap = self.settings.tenant_max_connections
+            if cap and self._tenant_connections[tenant] >= cap:
+                raise AccessDenied("tenant_limit", f"tenant {tenant!r} has {cap} connections open, its limit")
         except AccessDenied as e:  # refused before anything is read; not dead-lettered (nothing to keep)
             self.metrics.inc("refused_connections_total", reason=e.kind)
             log.warning("connection refused: %s", e.reason, extra=kv(stream_id=stream_id))
             await _error(ws, AudioError(e.kind, e.reason))
             return
+        self._tenant_connections[tenant] += 1
+        try:
+            await self._stream(ws, q, stream_id, tenant, self._authorizer(token, tenant))
+        finally:
+            self._tenant_connections[tenant] -= 1
+            if self._tenant_connections[tenant] <= 0:
+                del self._tenant_connections[tenant]
+
+    def _authorizer(self, token: str | None, tenant: str):
+        """A check that raises AudioError (unauthorized) once ``token`` no longer admits ``tenant``:
+        revoking a token ends its open streams too."""
+
+        def check() -> None:
+            try:
+                now = self.access.tenant_of(token)
+            except AccessDenied as e:
+                raise AudioError("unauthorized", f"the stream's token no longer admits it ({e.reason})") from None
+            if now is not None and now != tenant:
+                raise AudioError("unauthorized", "the stream's token no longer admits it (tenant changed)")
+
+        return check
+
+    async def _stream(self, ws: ServerConnection, q: dict, stream_id: str, tenant: str, authorized) -> None:
+        """One stream's door checks and its publishing; whatever goes wrong, the client hears why."""
         try:
             check_stream_id(stream_id)
             try:  # before any audio is read
@@ -86,120 +154,87 @@ class IngestServer:
             await asyncio.to_thread(self.ingest.check_new_stream, stream_id)
             fmt = q.get("format", "pcm_s16le")
             if fmt == "pcm_s16le":
-                await self._live_pcm(ws, q, stream_id, tenant)
+                summary = await LiveStream(self.ingest, ws, q, stream_id, tenant, authorized).run()
             elif fmt == "file":
-                await self._file_upload(ws, q, stream_id, tenant)
+                summary = await self._file_upload(ws, q, stream_id, tenant, authorized)
             else:
                 raise AudioError("unsupported_format", f"unknown format {fmt!r} (pcm_s16le or file)")
+            if summary is not None:
+                await _done(ws, stream_id, summary)
         except AudioError as e:
-            await asyncio.to_thread(self.ingest.reject, e, stream_id=stream_id, tenant=tenant)
-            await _error(ws, e)
+            await self._refuse(ws, e, stream_id, tenant)
         except ConnectionClosed:
             pass
+        except Exception as e:  # a defect of ingest's: the stream was ended (LiveStream), say so
+            log.exception("stream failed", extra=kv(stream_id=stream_id))
+            self.metrics.inc("internal_errors_total")
+            err = AudioError("internal", f"ingest failed on this stream ({type(e).__name__}); retry under a new id")
+            await self._refuse(ws, err, stream_id, tenant, code=1011)
 
-    async def _live_pcm(self, ws, q, stream_id, tenant) -> None:
+    async def _refuse(self, ws, err: AudioError, stream_id: str, tenant: str, code: int = 1008) -> None:
         try:
-            rate, channels = int(q.get("sample_rate", TARGET_RATE)), int(q.get("channels", 1))
-        except ValueError:
-            raise AudioError("bad_parameter", "sample_rate and channels must be integers") from None
-        resampler = PcmResampler(rate, channels)
-        info = SourceInfo(f"raw/pcm_s16le@{rate}x{channels}", rate, channels)
-        pub = StreamPublisher(
-            self.ingest,
-            stream_id,
-            tenant,
-            info,
-            source_name=q.get("source"),
-            language=q.get("language", AUTO),
-            live=True,
-            hotwords=q.get("hotwords"),
-        )
-        raw = SegmentWriter(
-            self.ingest.store,
-            pub.prefix + "source/",
-            source_segment_bytes(self.settings, rate, channels),
-            ".pcm",
-        )
+            await asyncio.to_thread(self.ingest.reject, err, stream_id=stream_id, tenant=tenant)
+        except Exception:  # the client is still told
+            log.exception("could not dead-letter a refusal", extra=kv(stream_id=stream_id))
+        await _error(ws, err, code)
 
-        def take(message: bytes) -> None:  # archive writes and producer back-pressure block
-            raw.write(message)
-            pub.push(resampler.push(message))
-
-        def finish() -> StreamSummary:
-            raw.close()
-            pub.push(resampler.flush())
-            return pub.finish()
-
-        # Everything that can block (archive PUTs, the producer's flush at the end) runs in a
-        # worker thread, one call at a time per connection so the stream stays in order: a slow
-        # store stalls its own client, never the loop that serves every other one.
-        await asyncio.to_thread(pub.start)
-        self.open_streams += 1
-        self.metrics.set("open_streams", self.open_streams)
+    async def _file_upload(self, ws, q, stream_id, tenant, authorized) -> StreamSummary | None:
+        """An encoded file, spooled to disk as it arrives, then decoded and published on the uploads'
+        own threads. It counts in admission from its first byte, like a live stream."""
+        self.ingest.admission.admit(tenant)
+        spool = tempfile.SpooledTemporaryFile(max_size=UPLOAD_MEMORY_BYTES)
+        ended = False
         try:
             await ws.send(json.dumps({"type": "ready", "stream_id": stream_id}))
-            ended = False
-            # a client that pauses (sends nothing) keeps its stream: ingest tells the services it
-            # is alive well within their idle timeout
-            keepalive_s = self.settings.idle_timeout_s / 3
-            while True:
-                try:
-                    message = await asyncio.wait_for(ws.recv(), keepalive_s)  # cancelling recv is safe
-                except TimeoutError:
-                    await asyncio.to_thread(pub.keep_alive)
-                    continue
-                except ConnectionClosedOK:
-                    break
-                if isinstance(message, str):
-                    if _is_end(message):
-                        ended = True
-                        break
-                    continue
-                await asyncio.to_thread(take, message)
-            if not ended:
-                await asyncio.to_thread(raw.close)
-                await asyncio.to_thread(pub.finish, "ABORTED", "client disconnected before end")
-                return
-            summary = await asyncio.to_thread(finish)
-            await _done(ws, stream_id, summary)
-        except AudioError as e:
-            await asyncio.to_thread(raw.close)
-            await asyncio.to_thread(pub.finish, "ERROR", e.reason)
-            raise
-        except ConnectionClosed as e:
-            await asyncio.to_thread(raw.close)
-            reason = f"connection closed ({e.rcvd.code if e.rcvd else 'no close frame'})"
-            await asyncio.to_thread(pub.finish, "ABORTED", reason)
+            ended = await self._receive_upload(ws, spool, authorized)
         finally:
-            self.open_streams -= 1
-            self.metrics.set("open_streams", self.open_streams)
+            if not ended:  # refused, or closed without "end": nothing was published
+                spool.close()
+                self.ingest.admission.release(tenant)
+        if not ended:
+            return None
+        spool.seek(0)
 
-    async def _file_upload(self, ws, q, stream_id, tenant) -> None:
-        limit = self.settings.max_upload_bytes
-        with tempfile.SpooledTemporaryFile(max_size=1 << 20) as spool:
-            size = 0
-            await ws.send(json.dumps({"type": "ready", "stream_id": stream_id}))
-            async for message in ws:
-                if isinstance(message, str):
-                    if _is_end(message):
-                        break
-                    continue
-                size += len(message)
-                if size > limit:
-                    raise AudioError("too_large", f"upload exceeds the {limit}-byte maximum")
-                spool.write(message)
-            else:
-                return  # closed without "end": nothing was published
-            spool.seek(0)
-            summary = await asyncio.to_thread(
-                self.ingest.publish_file,
-                spool,  # type: ignore[arg-type]  # a binary file object
-                stream_id=stream_id,
-                tenant=tenant,
-                language=q.get("language", AUTO),
-                hotwords=q.get("hotwords"),
-            )
-        await _done(ws, stream_id, summary)
+        def publish() -> StreamSummary:  # owns the spool and the admission slot from here on
+            try:
+                return self.ingest.publish_file(
+                    spool,  # type: ignore[arg-type]  # a binary file object
+                    stream_id=stream_id,
+                    tenant=tenant,
+                    language=q.get("language", AUTO),
+                    hotwords=q.get("hotwords"),
+                    max_seconds=self.settings.max_upload_seconds,
+                    admitted=True,
+                )
+            finally:
+                spool.close()
+                self.ingest.admission.release(tenant)
+
+        # shielded: a client that leaves, or a server that stops, does not cancel a publish that
+        # has not begun yet (the slot would never be released)
+        return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self.uploads, publish))
+
+    async def _receive_upload(self, ws, spool, authorized) -> bool:
+        """Spools the upload's messages until ``end`` (True) or a clean close without it (False)."""
+        limit, idle = self.settings.max_upload_bytes, self.settings.upload_idle_timeout_s
+        size, last = 0, time.monotonic()
+        while True:
+            authorized()
+            try:
+                message = await asyncio.wait_for(ws.recv(), TICK_S)
+            except TimeoutError:
+                if time.monotonic() - last > idle:
+                    raise AudioError("idle", f"the upload sent nothing for {idle:.0f} s") from None
+                continue
+            except ConnectionClosedOK:
+                return False
+            last = time.monotonic()
+            if isinstance(message, str):
+                return control(message) == "end"
+            size += len(message)
+            if size > limit:
+                raise AudioError("too_large", f"upload exceeds the {limit}-byte maximum")
+            spool.write(message)
 
     async def serve(self, host: str, port: int, ready: asyncio.Event | None = None) -> None:
         stop = asyncio.Event()
@@ -216,7 +251,12 @@ class IngestServer:
         allowed = [Origin(o.strip()) for o in self.settings.ingest_allowed_origins.split(",") if o.strip()]
         origins: list[Origin | None] = [None, *allowed]
         async with serve(
-            self.handler, host, port, max_size=self.settings.max_ws_message_bytes, origins=origins
+            self.handler,
+            host,
+            port,
+            max_size=self.settings.max_ws_message_bytes,
+            max_queue=MAX_QUEUE,
+            origins=origins,
         ) as server:
             self.port = server.sockets[0].getsockname()[1]
             log.info("listening", extra=kv(url=f"ws://{host}:{self.port}/v1/streams"))
@@ -252,17 +292,14 @@ async def _done(ws, stream_id: str, summary: StreamSummary) -> None:
     await ws.send(json.dumps(done))
 
 
-def _is_end(message: str) -> bool:
-    try:
-        return json.loads(message).get("type") == "end"
-    except (ValueError, AttributeError):
-        return False
+def _renice(nice: int) -> None:
+    os.nice(max(0, nice - os.nice(0)))  # per thread on Linux: the process keeps its own
 
 
-async def _error(ws, err: AudioError) -> None:
+async def _error(ws, err: AudioError, code: int = 1008) -> None:
     try:
         await ws.send(json.dumps({"type": "error", "error": err.kind, "reason": err.reason}))
-        await ws.close(1008, err.kind[:100])
+        await ws.close(code, err.kind[:100])
     except ConnectionClosed:
         pass
 
@@ -270,9 +307,7 @@ async def _error(ws, err: AudioError) -> None:
 def main(argv: list[str] | None = None) -> None:
     s = service_settings("ingest", argv, listen="ingest")
     server = IngestServer(s)
-    health = HealthServer(
-        s.health_host, s.health_port, "ingest", lambda: (True, {"open_streams": server.open_streams}), server.metrics
-    )
+    health = HealthServer(s.health_host, s.health_port, "ingest", lambda: (True, server.health()), server.metrics)
     try:
         asyncio.run(server.serve(s.ingest_host, s.ingest_port))
     finally:
