@@ -64,6 +64,7 @@ bench: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m bench.vocabulary
 	$(BIN)/python -m bench.languages
 	$(BIN)/python -m bench.admission
+	$(BIN)/python -m bench.flood
 
 # Fault injection at a larger scale than CI's: every service killed mid-stream, the embedded broker
 # killed, the audio leader of a three-broker cluster killed.
