@@ -140,15 +140,13 @@ class Keyring:
         when it was erased."""
         if not STREAM_ID_RE.fullmatch(stream_id):
             raise ValueError(f"invalid stream id {stream_id!r}")
-        if self.store.exists(f"{stream_id}.erased"):
-            raise StreamErased(stream_id)
         dek = AESGCM.generate_key(bit_length=256)
         nonce = secrets.token_bytes(NONCE)
         if not self.store.put_if_absent(
             f"{stream_id}.key", nonce + self._master.encrypt(nonce, dek, self._aad(stream_id))
         ):
             raise StreamExists(stream_id)
-        if self.store.exists(f"{stream_id}.erased"):  # erased between the look and the claim
+        if self.store.exists(f"{stream_id}.erased"):  # looked at after the claim: no erase slips between
             self.store.delete(f"{stream_id}.key")
             raise StreamErased(stream_id)
         self._remember(stream_id, dek)

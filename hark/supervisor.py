@@ -240,7 +240,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ephemeral", action="store_true", help="delete the broker's log when the stack stops")
     p.add_argument("--external-broker", action="store_true", help="use HARK_BOOTSTRAP's cluster, start no broker")
     a = p.parse_args(argv)
-    os.umask(0o077)  # inherited by the broker and the services: the state, logs and data are the owner's alone
     settings = Settings.load()
     sup = Supervisor(settings, Path(a.dir), parse_replicas(a.replicas), a.parent_pid, a.ephemeral, a.external_broker)
     signal.signal(signal.SIGTERM, sup.stop)

@@ -9,7 +9,7 @@ the captions server shows a token only its tenant's streams. While ``<data_dir>/
 exist and no ``HARK_TOKENS_FILE`` is named (the embedded default for a single user), access is
 open and the tenant is whatever the producer names ("default" unless told).
 
-The file is read again when it changes (checked at most once a second), so a token removed from
+The file is read again when it changes (checked twice a second), so a token removed from
 it stops working, and a file created in the data folder starts being enforced, without a
 restart. Once enforced, a file that no longer parses or is gone denies every token until it is
 fixed: a broken edit never opens access or keeps a revoked token alive.

@@ -8,6 +8,10 @@ from hark import stack
 from hark.config import Settings
 
 
+def add_bootstrap(sp) -> None:
+    sp.add_argument("--bootstrap", help="Kafka bootstrap host:port (default: the running stack)")
+
+
 def settings_of(a) -> Settings:
     return Settings.load(data_dir=getattr(a, "data_dir", None), partitions=getattr(a, "partitions", None))
 

@@ -13,20 +13,9 @@ from hark import kafka, stack
 from hark.audio import AudioError
 from hark.config import ConfigError
 
-from . import voices
-from .common import connect, settings_of
+from . import transcripts, voices
+from .common import add_bootstrap, connect, settings_of
 from .display import Display, caption_line, speaker_lines
-from .transcripts import (
-    cmd_compare,
-    cmd_erase,
-    cmd_export,
-    cmd_models,
-    cmd_retention,
-    cmd_search,
-    cmd_serve,
-    cmd_service,
-    cmd_token,
-)
 
 
 # ---- stack -------------------------------------------------------------------------------------
@@ -246,11 +235,33 @@ def cmd_replay(a) -> int:
     return _run_session(a, make)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="hark", description="Kafka-native speech recognition")
-    p.add_argument("--data-dir", help="data folder (default $HARK_DATA_DIR or ~/.local/share/hark)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _stream_opts(sp) -> None:
+    """What a published stream carries, for `hark publish` and `hark run` alike."""
+    sp.add_argument(
+        "--meta", action="append", metavar="KEY=VALUE", help="stream metadata (repeatable), e.g. max_speakers=4"
+    )
+    sp.add_argument("--speakers", type=int, help="number of speakers, a hint for the diarizer")
+    sp.add_argument("--language", default="auto", help=LANGUAGE_HELP)
+    sp.add_argument("--hotwords", help=HOTWORDS_HELP)
 
+
+def _session_opts(sp) -> None:
+    """How `hark run` and `hark replay` follow their streams."""
+    sp.add_argument("--json", metavar="OUT", help="write one JSON object per stream per line")
+    sp.add_argument("--fast", action="store_true", help="publish as fast as possible, not at real time")
+    sp.add_argument("--quiet", action="store_true", help="no live captions/progress")
+    sp.add_argument("--tenant", default="default")
+    sp.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="fail a stream only when the pipeline has not moved for S seconds (default 120)",
+    )
+    add_bootstrap(sp)
+
+
+def _stack_commands(sub) -> None:
     up = sub.add_parser("up", help="start the embedded stack (broker, archive, services) in the background")
     up.add_argument("--replicas", default="", help="e.g. online_asr=2")
     up.add_argument("--partitions", type=int, help="partitions per topic (default 8)")
@@ -261,129 +272,45 @@ def main(argv: list[str] | None = None) -> None:
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_status)
 
-    def conn(sp):
-        sp.add_argument("--bootstrap", help="Kafka bootstrap host:port (default: the running stack)")
 
+def _stream_commands(sub) -> None:
     pub = sub.add_parser("publish", help="publish audio files as streams")
     pub.add_argument("files", nargs="+")
     pub.add_argument("--stream-id")
     pub.add_argument("--tenant", default="default")
-    pub.add_argument("--language", default="auto", help=LANGUAGE_HELP)
-    pub.add_argument("--hotwords", help=HOTWORDS_HELP)
     pub.add_argument("--realtime", action="store_true", help="pace chunks at real time")
-    pub.add_argument(
-        "--meta", action="append", metavar="KEY=VALUE", help="stream metadata (repeatable), e.g. max_speakers=4"
-    )
-    pub.add_argument("--speakers", type=int, help="number of speakers, a hint for the diarizer")
-    conn(pub)
+    _stream_opts(pub)
+    add_bootstrap(pub)
     pub.set_defaults(fn=cmd_publish)
 
     tail = sub.add_parser("tail", help="live captions from the results topic")
     tail.add_argument("--stream")
     tail.add_argument("--from-beginning", action="store_true")
     tail.add_argument("--exit-on-complete", action="store_true", help="with --stream: stop when it completes")
-    conn(tail)
+    add_bootstrap(tail)
     tail.set_defaults(fn=cmd_tail)
-
-    def session_opts(sp):
-        sp.add_argument("--json", metavar="OUT", help="write one JSON object per stream per line")
-        sp.add_argument("--fast", action="store_true", help="publish as fast as possible, not at real time")
-        sp.add_argument("--quiet", action="store_true", help="no live captions/progress")
-        sp.add_argument("--tenant", default="default")
-        sp.add_argument(
-            "--stall-timeout",
-            type=float,
-            default=120.0,
-            metavar="S",
-            help="fail a stream only when the pipeline has not moved for S seconds (default 120)",
-        )
-        conn(sp)
 
     run = sub.add_parser("run", help="transcribe files end to end (starts the embedded stack unless --bootstrap)")
     run.add_argument("files", nargs="+")
-    run.add_argument(
-        "--meta", action="append", metavar="KEY=VALUE", help="stream metadata (repeatable), e.g. max_speakers=4"
-    )
-    run.add_argument("--speakers", type=int, help="number of speakers, a hint for the diarizer")
-    run.add_argument("--language", default="auto", help=LANGUAGE_HELP)
-    run.add_argument("--hotwords", help=HOTWORDS_HELP)
-    session_opts(run)
+    _stream_opts(run)
+    _session_opts(run)
     run.set_defaults(fn=cmd_run)
 
     rp = sub.add_parser("replay", help="re-publish an archived stream through the pipeline")
     rp.add_argument("stream_id")
     rp.add_argument("--as", dest="as_id", help="stream id for the replay")
-    session_opts(rp)
+    _session_opts(rp)
     rp.set_defaults(fn=cmd_replay)
 
-    sv_ = sub.add_parser("serve", help="the captions page, search and export API in the foreground")
-    sv_.add_argument("--host", default="127.0.0.1")
-    sv_.add_argument("--port", type=int, default=8000)
-    conn(sv_)
-    sv_.set_defaults(fn=cmd_serve)
 
-    se = sub.add_parser("search", help="search transcripts: 1-best and n-best alternatives, best first")
-    se.add_argument("query", nargs="+")
-    se.add_argument("--stream", help="only this stream")
-    se.add_argument(
-        "--json", action="store_true", help="JSON lines: stream_id, start, end, speaker, text, marked, source"
-    )
-    se.add_argument("--limit", type=int, default=20)
-    se.set_defaults(fn=cmd_search)
-
-    ex = sub.add_parser("export", help="a stream's final transcript as WebVTT, SubRip, JSON, RTTM or CTM")
-    ex.add_argument("stream_id")
-    ex.add_argument("--format", required=True, choices=["vtt", "srt", "json", "rttm", "ctm"])
-    ex.add_argument("-o", "--output", help="file (default stdout)")
-    ex.add_argument(
-        "--wait",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="wait for the final transcript while the pipeline moves; give up after S seconds with nothing moving",
-    )
-    ex.set_defaults(fn=cmd_export)
-
-    cp = sub.add_parser("compare", help="re-decode archived streams with two offline model versions: WER / agreement")
-    cp.add_argument("--replay", nargs="+", required=True, metavar="STREAM_ID", help="archived stream ids")
-    cp.add_argument(
-        "--models",
-        default="base,tiny.en",
-        help="comma-separated: model names or CTranslate2 folders; the first is the baseline for agreement",
-    )
-    cp.add_argument("--refs", help="TSV of (stream id or source file name) TAB reference text")
-    cp.add_argument("--json", metavar="OUT", help="also write the report, with every stream's texts, as JSON")
-    cp.add_argument("--quiet", action="store_true", help="no per-stream progress on stderr")
-    cp.set_defaults(fn=cmd_compare)
-
-    md = sub.add_parser("models", help="model weights")
-    md.add_argument("action", choices=["install", "verify"], help="install: assemble split weights, then verify")
-    md.set_defaults(fn=cmd_models)
-
-    er = sub.add_parser("erase", help="forget streams: archived audio, search entries, results (tombstone), audited")
-    er.add_argument("stream_ids", nargs="+", metavar="STREAM_ID")
-    er.add_argument("--reason", default="request", help="recorded in the audit log")
-    conn(er)
-    er.set_defaults(fn=cmd_erase)
-
-    rt = sub.add_parser("retention", help="erase archived streams older than the retention period now")
-    rt.add_argument("--days", type=float, help="default $HARK_ARCHIVE_RETENTION_DAYS")
-    conn(rt)
-    rt.set_defaults(fn=cmd_retention)
-
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="hark", description="Kafka-native speech recognition")
+    p.add_argument("--data-dir", help="data folder (default $HARK_DATA_DIR or ~/.local/share/hark)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _stack_commands(sub)
+    _stream_commands(sub)
+    transcripts.add_parsers(sub)
     voices.add_parser(sub)
-
-    tk = sub.add_parser("token", help="tenant tokens for ingest and the captions server")
-    tk.add_argument("action", choices=["create", "revoke"])
-    tk.add_argument("tenant", help="create: the tenant; revoke: a token, or a tenant (all its tokens)")
-    tk.add_argument("--file", help="tokens file (default $HARK_TOKENS_FILE or <data dir>/tokens)")
-    tk.set_defaults(fn=cmd_token)
-
-    sv = sub.add_parser("service", help="run one service in the foreground (docker-compose)")
-    sv.add_argument("name", choices=list(stack.SERVICES))
-    sv.add_argument("args", nargs=argparse.REMAINDER)
-    sv.set_defaults(fn=cmd_service)
-
     a = p.parse_args(argv)
     if a.cmd != "models":  # what hark writes is the user's alone; model weights are the installation's
         os.umask(0o077)  # inherited by every process it starts (the stack's supervisor, broker, services)

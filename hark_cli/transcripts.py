@@ -3,13 +3,14 @@ tokens, model comparison, and one service in the foreground."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 from hark import kafka, stack
 
-from .common import connect, settings_of
+from .common import add_bootstrap, connect, settings_of
 
 
 def cmd_models(a) -> int:
@@ -225,3 +226,78 @@ def cmd_service(a) -> int:
 
     importlib.import_module(stack.SERVICES[a.name][0]).main(a.args)
     return 0
+
+
+def add_parsers(sub) -> None:
+    """The commands of this module, on ``hark``'s subparsers."""
+    _transcript_parsers(sub)
+    _admin_parsers(sub)
+    sv = sub.add_parser("service", help="run one service in the foreground (docker-compose)")
+    sv.add_argument("name", choices=list(stack.SERVICES))
+    sv.add_argument("args", nargs=argparse.REMAINDER)
+    sv.set_defaults(fn=cmd_service)
+
+
+def _transcript_parsers(sub) -> None:
+    sv_ = sub.add_parser("serve", help="the captions page, search and export API in the foreground")
+    sv_.add_argument("--host", default="127.0.0.1")
+    sv_.add_argument("--port", type=int, default=8000)
+    add_bootstrap(sv_)
+    sv_.set_defaults(fn=cmd_serve)
+
+    se = sub.add_parser("search", help="search transcripts: 1-best and n-best alternatives, best first")
+    se.add_argument("query", nargs="+")
+    se.add_argument("--stream", help="only this stream")
+    se.add_argument(
+        "--json", action="store_true", help="JSON lines: stream_id, start, end, speaker, text, marked, source"
+    )
+    se.add_argument("--limit", type=int, default=20)
+    se.set_defaults(fn=cmd_search)
+
+    ex = sub.add_parser("export", help="a stream's final transcript as WebVTT, SubRip, JSON, RTTM or CTM")
+    ex.add_argument("stream_id")
+    ex.add_argument("--format", required=True, choices=["vtt", "srt", "json", "rttm", "ctm"])
+    ex.add_argument("-o", "--output", help="file (default stdout)")
+    ex.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="wait for the final transcript while the pipeline moves; give up after S seconds with nothing moving",
+    )
+    ex.set_defaults(fn=cmd_export)
+
+    cp = sub.add_parser("compare", help="re-decode archived streams with two offline model versions: WER / agreement")
+    cp.add_argument("--replay", nargs="+", required=True, metavar="STREAM_ID", help="archived stream ids")
+    cp.add_argument(
+        "--models",
+        default="base,tiny.en",
+        help="comma-separated: model names or CTranslate2 folders; the first is the baseline for agreement",
+    )
+    cp.add_argument("--refs", help="TSV of (stream id or source file name) TAB reference text")
+    cp.add_argument("--json", metavar="OUT", help="also write the report, with every stream's texts, as JSON")
+    cp.add_argument("--quiet", action="store_true", help="no per-stream progress on stderr")
+    cp.set_defaults(fn=cmd_compare)
+
+
+def _admin_parsers(sub) -> None:
+    md = sub.add_parser("models", help="model weights")
+    md.add_argument("action", choices=["install", "verify"], help="install: assemble split weights, then verify")
+    md.set_defaults(fn=cmd_models)
+
+    er = sub.add_parser("erase", help="forget streams: archived audio, search entries, results (tombstone), audited")
+    er.add_argument("stream_ids", nargs="+", metavar="STREAM_ID")
+    er.add_argument("--reason", default="request", help="recorded in the audit log")
+    add_bootstrap(er)
+    er.set_defaults(fn=cmd_erase)
+
+    rt = sub.add_parser("retention", help="erase archived streams older than the retention period now")
+    rt.add_argument("--days", type=float, help="default $HARK_ARCHIVE_RETENTION_DAYS")
+    add_bootstrap(rt)
+    rt.set_defaults(fn=cmd_retention)
+
+    tk = sub.add_parser("token", help="tenant tokens for ingest and the captions server")
+    tk.add_argument("action", choices=["create", "revoke"])
+    tk.add_argument("tenant", help="create: the tenant; revoke: a token, or a tenant (all its tokens)")
+    tk.add_argument("--file", help="tokens file (default $HARK_TOKENS_FILE or <data dir>/tokens)")
+    tk.set_defaults(fn=cmd_token)

@@ -57,15 +57,37 @@ def _sse(event: dict) -> str:
 
 
 def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -> Guard:
-    access = Access.load(settings)
-    archive = open_archive(settings)
+    api = CaptionsApi(settings, hub, follower)
+    guarded = api.guarded
+    app = Starlette(
+        routes=[
+            Route("/", guarded(api.home)),
+            Route("/streams/{stream_id}", guarded(api.stream_page)),
+            Route("/api/streams", guarded(api.streams)),
+            Route("/api/search", guarded(api.search)),
+            Route("/api/streams/{stream_id}/events", guarded(api.events)),
+            Route("/api/streams/{stream_id}/export", guarded(api.export)),
+            Route("/api/streams/{stream_id}/audio", guarded(api.audio), methods=["GET", "HEAD"]),
+        ]
+    )
+    return Guard(app, allowed_hosts(settings))
 
-    async def read_index(work: Callable[[TranscriptIndex], Any]) -> Any:
+
+class CaptionsApi:
+    """The pages and the API's handlers; each takes the request and the caller's tenant (None:
+    open access, everything visible), which ``guarded`` finds from its token."""
+
+    def __init__(self, settings: Settings, hub: Hub, follower: ResultsFollower | None):
+        self.settings, self.hub, self.follower = settings, hub, follower
+        self.access = Access.load(settings)
+        self.archive = open_archive(settings)
+
+    async def read_index(self, work: Callable[[TranscriptIndex], Any]) -> Any:
         """``work`` on a reader of the index, in a worker thread: SQLite blocks, the loop serves
         every page and live caption."""
 
         def run():
-            idx = TranscriptIndex.reader(settings.index_file)
+            idx = TranscriptIndex.reader(self.settings.index_file)
             try:
                 return work(idx)
             finally:
@@ -73,9 +95,9 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
 
         return await asyncio.to_thread(run)
 
-    def tenant_of(request: Request) -> str | None:
+    def tenant_of(self, request: Request) -> str | None:
         """The caller's tenant (None: open access, everything visible); AccessDenied without a good token."""
-        return access.tenant_of(
+        return self.access.tenant_of(
             request_token(
                 request.headers.get("authorization"),
                 request.query_params.get("token"),
@@ -83,13 +105,10 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
             )
         )
 
-    def visible(st: dict | None, tenant: str | None) -> bool:
-        return st is not None and (tenant is None or st["tenant"] == tenant)
-
-    def guarded(handler):
+    def guarded(self, handler):
         async def wrapper(request: Request) -> Response:
             try:
-                tenant = tenant_of(request)
+                tenant = self.tenant_of(request)
             except AccessDenied as e:
                 return PlainTextResponse(f"{e.reason}\n", status_code=401, headers={"WWW-Authenticate": "Bearer"})
             response = await handler(request, tenant)
@@ -100,17 +119,17 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
 
         return wrapper
 
-    async def home(request: Request, tenant: str | None) -> Response:
+    async def home(self, request: Request, tenant: str | None) -> Response:
         return HTMLResponse(PAGE.replace("__STREAM__", ""))
 
-    async def stream_page(request: Request, tenant: str | None) -> Response:
+    async def stream_page(self, request: Request, tenant: str | None) -> Response:
         sid = request.path_params["stream_id"]
         return HTMLResponse(PAGE.replace("__STREAM__", html.escape(sid, quote=True)))
 
-    async def api_streams(request: Request, tenant: str | None) -> Response:
-        return JSONResponse(await read_index(lambda idx: idx.streams(tenant=tenant)))
+    async def streams(self, request: Request, tenant: str | None) -> Response:
+        return JSONResponse(await self.read_index(lambda idx: idx.streams(tenant=tenant)))
 
-    async def api_search(request: Request, tenant: str | None) -> Response:
+    async def search(self, request: Request, tenant: str | None) -> Response:
         q = request.query_params.get("q", "")
         stream = request.query_params.get("stream") or None
         try:
@@ -118,13 +137,13 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
         except ValueError as e:
             return PlainTextResponse(f"{e}\n", status_code=400)
         t0 = time.perf_counter()
-        hits = await read_index(lambda idx: idx.search(q, stream, limit, tenant=tenant))
+        hits = await self.read_index(lambda idx: idx.search(q, stream, limit, tenant=tenant))
         return JSONResponse({"query": q, "hits": hits, "took_ms": round(1000 * (time.perf_counter() - t0), 2)})
 
-    async def api_export(request: Request, tenant: str | None) -> Response:
+    async def export(self, request: Request, tenant: str | None) -> Response:
         sid, fmt = request.path_params["stream_id"], request.query_params.get("format", "vtt")
-        st = await read_index(lambda idx: idx.stream(sid))
-        if st is None or not visible(st, tenant) or st["complete"] is None:
+        st = await self.read_index(lambda idx: idx.stream(sid))
+        if not _visible(st, tenant) or st["complete"] is None:
             return PlainTextResponse(f"stream {sid!r} has no final transcript (yet)\n", status_code=404)
         try:
             body = exports.export(st["complete"], fmt)
@@ -136,10 +155,10 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
             headers["Content-Disposition"] = f'attachment; filename="{exports.filename(sid, fmt)}"'
         return Response(body, media_type=f"{media}; charset=utf-8", headers=headers)
 
-    async def api_audio(request: Request, tenant: str | None) -> Response:
+    async def audio(self, request: Request, tenant: str | None) -> Response:
         sid = request.path_params["stream_id"]
         try:
-            audio = await asyncio.to_thread(open_audio, archive, sid, tenant)
+            audio = await asyncio.to_thread(open_audio, self.archive, sid, tenant)
         except NoAudio:
             return PlainTextResponse(f"no audio for stream {sid!r}\n", status_code=404)
         headers = {"Accept-Ranges": "bytes", "Cache-Control": "no-store"}
@@ -154,64 +173,57 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
         body = audio.read(start, end) if request.method == "GET" else None
         return StreamingResponse(body or iter(()), 206 if span else 200, headers, media_type="audio/wav")
 
-    async def api_events(request: Request, tenant: str | None) -> Response:
+    async def events(self, request: Request, tenant: str | None) -> Response:
         sid = request.path_params["stream_id"]
         if tenant is not None:  # a stream not indexed yet has no tenant to check: 404 until it is
-            st = await read_index(lambda idx: idx.stream(sid))
-            if not visible(st, tenant):
+            st = await self.read_index(lambda idx: idx.stream(sid))
+            if not _visible(st, tenant):
                 return PlainTextResponse(f"no stream {sid!r}\n", status_code=404)
-        hub.loop = asyncio.get_running_loop()
-        queue = hub.subscribe(sid)  # before reading history: nothing falls between the two
-
-        async def events():
-            try:
-                history, st = await read_index(lambda idx: (idx.captions(sid), idx.stream(sid)))
-                for event in history:
-                    yield _sse({**event, "history": True})
-                partial = follower.partials.get(sid) if follower else None
-                if partial:
-                    yield _sse({**partial, "history": True})
-                if st and st["complete"]:
-                    c = st["complete"]
-                    yield _sse(
-                        {
-                            "kind": "STREAM_COMPLETE",
-                            "status": c["status"],
-                            "final_source": c["final_source"],
-                            "history": True,
-                            "emitted_at_ms": c["emitted_at_ms"],
-                        }
-                    )
-                while True:
-                    try:
-                        event = await asyncio.wait_for(queue.get(), 15)
-                    except TimeoutError:
-                        yield ": keep-alive\n\n"
-                        continue
-                    if event is None:
-                        break
-                    yield _sse({**event, "sent_at_ms": now_ms()})
-                    if event.get("kind") == "ERASED":  # nothing more will come; the page says so
-                        break
-            finally:
-                hub.unsubscribe(sid, queue)
-
+        self.hub.loop = asyncio.get_running_loop()
+        queue = self.hub.subscribe(sid)  # before reading history: nothing falls between the two
         return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            self._event_stream(sid, queue),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    app = Starlette(
-        routes=[
-            Route("/", guarded(home)),
-            Route("/streams/{stream_id}", guarded(stream_page)),
-            Route("/api/streams", guarded(api_streams)),
-            Route("/api/search", guarded(api_search)),
-            Route("/api/streams/{stream_id}/events", guarded(api_events)),
-            Route("/api/streams/{stream_id}/export", guarded(api_export)),
-            Route("/api/streams/{stream_id}/audio", guarded(api_audio), methods=["GET", "HEAD"]),
-        ]
-    )
-    return Guard(app, allowed_hosts(settings))
+    async def _event_stream(self, sid: str, queue: asyncio.Queue):
+        """A stream's captions so far (marked history), then each new one as it comes."""
+        try:
+            history, st = await self.read_index(lambda idx: (idx.captions(sid), idx.stream(sid)))
+            for event in history:
+                yield _sse({**event, "history": True})
+            partial = self.follower.partials.get(sid) if self.follower else None
+            if partial:
+                yield _sse({**partial, "history": True})
+            if st and st["complete"]:
+                c = st["complete"]
+                yield _sse(
+                    {
+                        "kind": "STREAM_COMPLETE",
+                        "status": c["status"],
+                        "final_source": c["final_source"],
+                        "history": True,
+                        "emitted_at_ms": c["emitted_at_ms"],
+                    }
+                )
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), 15)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if event is None:
+                    break
+                yield _sse({**event, "sent_at_ms": now_ms()})
+                if event.get("kind") == "ERASED":  # nothing more will come; the page says so
+                    break
+        finally:
+            self.hub.unsubscribe(sid, queue)
+
+
+def _visible(st: dict | None, tenant: str | None) -> bool:
+    return st is not None and (tenant is None or st["tenant"] == tenant)
 
 
 def serve(settings: Settings) -> None:

@@ -48,6 +48,17 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-9)
 
 
+def _waves(window: np.ndarray, start_ms: int, subs: list[tuple[int, int]], regions: list) -> list[np.ndarray]:
+    """Each piece's audio for its embedding: at least EMBED_MS around it, within its region."""
+    waves = []
+    for (s, e), region in zip(subs, regions):
+        c = (s + e) // 2
+        ws = max(region[0], min(c - EMBED_MS // 2, region[1] - EMBED_MS))
+        we = min(region[1], ws + max(EMBED_MS, e - s))
+        waves.append(window[(ws - start_ms) * 16 : (we - start_ms) * 16].astype(np.float32) / 32768.0)
+    return waves
+
+
 def _around(turn: tuple[int, int], speech: list[tuple[int, int]], gap_ms: int = 200) -> tuple[int, int]:
     """The stretch of speech (turns that touch or overlap, any speaker) that contains ``turn``."""
     s, e = turn
@@ -149,37 +160,9 @@ class StreamDiarizer:
         # included); identity comes from CAM++ embeddings of short pieces of those turns, clustered
         # within the block and linked to the stream's speakers.
         speech = [(start_ms + t.start_ms, start_ms + t.end_ms) for t in turns]
-        subs = []  # (start_ms, end_ms) of the new part, each with an embedding window around it
-        regions = []  # where each sub-segment's embedding window may reach
-        for s, e in speech:
-            s2, e2 = max(s, self.emitted_ms), min(e, end_ms)
-            if e2 - s2 < 100:
-                continue
-            # a turn shorter than EMBED_MS embeds with the speech around it: a short clean window
-            # gave noisier identities than a longer one that crosses a change (live labels on the
-            # real sample: 5 speakers found instead of 2)
-            region = (s, e) if e - s >= EMBED_MS else _around((s, e), speech)
-            n = max(1, int(round((e2 - s2) / PIECE_MS)))
-            bounds = np.linspace(s2, e2, n + 1).astype(int)
-            subs += [(int(x), int(y)) for x, y in zip(bounds, bounds[1:])]
-            regions += [region] * n
-        waves = []
-        for (s, e), region in zip(subs, regions):  # embed at least EMBED_MS around the sub-segment
-            c = (s + e) // 2
-            ws = max(region[0], min(c - EMBED_MS // 2, region[1] - EMBED_MS))
-            we = min(region[1], ws + max(EMBED_MS, e - s))
-            waves.append(window[(ws - start_ms) * 16 : (we - start_ms) * 16].astype(np.float32) / 32768.0)
-        emb = self._embed(waves)
-        valid = np.isfinite(emb).all(axis=1)
-        local = np.full(len(subs), -1)
-        if valid.sum() == 1:
-            local[valid] = 0
-        elif valid.sum() > 1:
-            z = linkage(_unit(emb[valid]), method="average", metric="cosine")
-            local[valid] = fcluster(z, self.cluster_threshold, criterion="distance") - 1
-        for short in np.nonzero(~valid)[0]:  # too short to embed: the nearest embedded neighbour's cluster
-            near = [j for j in np.argsort(np.abs(np.arange(len(subs)) - short)) if valid[j]]
-            local[short] = local[near[0]] if near else -1
+        subs, regions = self._pieces(speech, end_ms)
+        emb = self._embed(_waves(window, start_ms, subs, regions))
+        local, valid = self._cluster(emb)
         k = int(local.max()) + 1 if len(local) else 0
         cents = np.zeros((k, emb.shape[1]))
         speech_ms = np.zeros(k)
@@ -207,6 +190,39 @@ class StreamDiarizer:
         self._buf = self._buf[(keep_from - self._buf_start_ms) * 16 :]
         self._buf_start_ms = keep_from
         return merge_turns(emitted)
+
+    def _pieces(self, speech: list[tuple[int, int]], end_ms: int) -> tuple[list[tuple[int, int]], list]:
+        """The new part of each speech turn, cut into pieces of about PIECE_MS: (the pieces, and
+        for each the region its embedding window may reach)."""
+        subs: list[tuple[int, int]] = []
+        regions: list[tuple[int, int]] = []
+        for s, e in speech:
+            s2, e2 = max(s, self.emitted_ms), min(e, end_ms)
+            if e2 - s2 < 100:
+                continue
+            # a turn shorter than EMBED_MS embeds with the speech around it: a short clean window
+            # gave noisier identities than a longer one that crosses a change (live labels on the
+            # real sample: 5 speakers found instead of 2)
+            region = (s, e) if e - s >= EMBED_MS else _around((s, e), speech)
+            n = max(1, int(round((e2 - s2) / PIECE_MS)))
+            bounds = np.linspace(s2, e2, n + 1).astype(int)
+            subs += [(int(x), int(y)) for x, y in zip(bounds, bounds[1:])]
+            regions += [region] * n
+        return subs, regions
+
+    def _cluster(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each piece's cluster within the block (-1: none), and which pieces had an embedding."""
+        valid = np.isfinite(emb).all(axis=1)
+        local = np.full(len(emb), -1)
+        if valid.sum() == 1:
+            local[valid] = 0
+        elif valid.sum() > 1:
+            z = linkage(_unit(emb[valid]), method="average", metric="cosine")
+            local[valid] = fcluster(z, self.cluster_threshold, criterion="distance") - 1
+        for short in np.nonzero(~valid)[0]:  # too short to embed: the nearest embedded neighbour's cluster
+            near = [j for j in np.argsort(np.abs(np.arange(len(emb)) - short)) if valid[j]]
+            local[short] = local[near[0]] if near else -1
+        return local, valid
 
     def _embed(self, waves: list[np.ndarray]) -> np.ndarray:
         """(pieces, dim) CAM++ embeddings; NaN rows for windows too short to embed."""

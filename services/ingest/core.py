@@ -61,6 +61,11 @@ class Ingest:
                 self._placer = PartitionPlacer(mode, partitions)
             return self._placer
 
+    @property
+    def open_partition_slots(self) -> int:
+        """Streams placed on a partition and not yet released (0 before the first stream)."""
+        return self._placer.open_streams if self._placer else 0
+
     def online_owners(self) -> Owners | None:
         """Each online_asr replica's audio partitions now, for balanced placement (None: unknown)."""
         if self.settings.audio_placement == "hash":
@@ -120,27 +125,7 @@ class Ingest:
         ``admitted``: the caller counted the stream in admission already (and releases it)."""
         name = Path(source).name if isinstance(source, (str, Path)) else getattr(source, "name", None)
         stream_id = stream_id or new_stream_id(Path(name).stem if name else "upload")
-        size = None
-        try:
-            check_stream_id(stream_id)
-            self.check_new_stream(stream_id)
-            size = _size_of(source)
-            if size == 0:
-                raise AudioError("empty", "input is empty (0 bytes)")
-            if size > self.settings.max_upload_bytes:
-                raise AudioError(
-                    "too_large", f"input is {size} bytes, above the {self.settings.max_upload_bytes}-byte maximum"
-                )
-            decoded = DecodedAudio(source, min(max_seconds or math.inf, self.settings.max_stream_seconds))
-            blocks = decoded.blocks()
-            first = next(blocks)  # fail before anything is published if the audio does not decode
-        except AudioError as e:
-            self.reject(e, stream_id=stream_id, tenant=tenant, payload_size=size or 0)
-            raise
-        except StopIteration:  # pragma: no cover - blocks() raises "empty" itself
-            err = AudioError("empty", "input decodes to no audio samples")
-            self.reject(err, stream_id=stream_id, tenant=tenant, payload_size=size or 0)
-            raise err from None
+        size, decoded, blocks, first = self._open_input(source, stream_id, tenant, max_seconds)
         pub = StreamPublisher(
             self,
             stream_id,
@@ -175,6 +160,31 @@ class Ingest:
             raise
         self.metrics.inc("streams_published_total")
         return pub.finish()
+
+    def _open_input(self, source, stream_id: str, tenant: str, max_seconds: float | None):
+        """Checks before anything is published: the id, the size, and that the audio decodes.
+        (size, the decoder, its blocks, the first block); AudioError, dead-lettered, if refused."""
+        size = None
+        try:
+            check_stream_id(stream_id)
+            self.check_new_stream(stream_id)
+            size = _size_of(source)
+            if size == 0:
+                raise AudioError("empty", "input is empty (0 bytes)")
+            if size > self.settings.max_upload_bytes:
+                raise AudioError(
+                    "too_large", f"input is {size} bytes, above the {self.settings.max_upload_bytes}-byte maximum"
+                )
+            decoded = DecodedAudio(source, min(max_seconds or math.inf, self.settings.max_stream_seconds))
+            blocks = decoded.blocks()
+            return size, decoded, blocks, next(blocks)  # fails before anything is published
+        except AudioError as e:
+            self.reject(e, stream_id=stream_id, tenant=tenant, payload_size=size or 0)
+            raise
+        except StopIteration:  # pragma: no cover - blocks() raises "empty" itself
+            err = AudioError("empty", "input decodes to no audio samples")
+            self.reject(err, stream_id=stream_id, tenant=tenant, payload_size=size or 0)
+            raise err from None
 
     def _archive_source(self, source, stream_id: str, info: SourceInfo, size: int | None) -> None:
         ext = info.format.split("/")[0].split(",")[0] or "bin"

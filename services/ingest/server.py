@@ -78,10 +78,9 @@ class IngestServer:
         )
 
     def health(self) -> dict:
-        placer = self.ingest._placer
         return {
             "open_streams": self.ingest.admission.open_streams,
-            "open_partition_slots": placer.open_streams if placer else 0,
+            "open_partition_slots": self.ingest.open_partition_slots,
             "connections": self.connections,
         }
 
@@ -250,22 +249,25 @@ class IngestServer:
         # the origins allowed, and clients that send none (not a browser)
         allowed = [Origin(o.strip()) for o in self.settings.ingest_allowed_origins.split(",") if o.strip()]
         origins: list[Origin | None] = [None, *allowed]
-        async with serve(
-            self.handler,
-            host,
-            port,
-            max_size=self.settings.max_ws_message_bytes,
-            max_queue=MAX_QUEUE,
-            origins=origins,
-        ) as server:
-            self.port = server.sockets[0].getsockname()[1]
-            log.info("listening", extra=kv(url=f"ws://{host}:{self.port}/v1/streams"))
-            if ready:
-                ready.set()
-            await stop.wait()
-        if sweeper:
-            sweeper.cancel()
-        self.ingest.producer.flush(30)
+        try:
+            async with serve(
+                self.handler,
+                host,
+                port,
+                max_size=self.settings.max_ws_message_bytes,
+                max_queue=MAX_QUEUE,
+                origins=origins,
+            ) as server:
+                self.port = server.sockets[0].getsockname()[1]
+                log.info("listening", extra=kv(url=f"ws://{host}:{self.port}/v1/streams"))
+                if ready:
+                    ready.set()
+                await stop.wait()
+        finally:  # a signal, or the task cancelled (an embedding caller, the tests)
+            if sweeper:
+                sweeper.cancel()
+            self.uploads.shutdown(wait=False)  # an upload being published finishes first
+            self.ingest.producer.flush(30)
 
     async def _retention(self, period_s: float = 3600.0) -> None:
         """Ingest owns the archive, so it enforces its retention (streams, and the enrolled voices
