@@ -12,6 +12,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constrai
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	rm -rf $(VENV)/kafka/libs
 	mvn -q -B -f broker/pom.xml dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/$(VENV)/kafka/libs
+	$(BIN)/python -m hark.registry install  # Apicurio Registry, checked against its SHA-1; needs Java 21+
 	$(BIN)/pip install -q -r requirements-dev.txt -c constraints.txt
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	$(BIN)/pip uninstall -q -y torchcodec  # CUDA-linked, unusable here; the diarizer passes tensors

@@ -9,6 +9,10 @@ The broker is a single KRaft node (``hark.broker``) whose log lives in
 ``<data_dir>/stacks/<name>/kafka``: it outlives ``hark down``, so the next ``hark up`` finds its
 topics, records and committed offsets again. ``hark run``'s own stack is ephemeral: its log is
 deleted when the stack stops.
+
+Beside the broker runs a schema registry (``hark.registry``, Apicurio) with its H2 database in
+``<data_dir>/stacks/<name>/registry``, durable the same way; the services get its URL as
+HARK_SCHEMA_REGISTRY_URL. An operator's registry (HARK_SCHEMA_REGISTRY_URL set) replaces it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import broker, kafka, security
+from . import broker, kafka, registry, security, serde
 from .config import Settings
 from .params import parse_count
 
@@ -128,6 +132,8 @@ def launch(
     the services use ``settings.bootstrap`` (a cluster of the caller's) instead of their own broker."""
     if not external_broker:
         broker.check_installed()  # one clear line now, not a supervisor log to read
+    if not settings.schema_registry_url:
+        registry.check_installed()
     private_data_dir(settings)
     d = stack_dir(settings, name)
     state = read_state(d)
@@ -180,9 +186,13 @@ def status(directory: Path) -> dict | None:
     if state is None:
         return None
     state["supervisor_alive"] = pid_alive(state["supervisor_pid"])
-    for svc in state.get("services", []) + ([state["broker"]] if state.get("broker") else []):
+    jvms = [state[k] for k in ("broker", "registry") if state.get(k)]
+    for svc in state.get("services", []) + jvms:
         svc["alive"] = bool(svc.get("pid")) and pid_alive(svc["pid"])
-        if svc.get("health_port"):
+        if svc["name"] == "registry":  # it answers on its API, anonymously
+            up = svc["alive"] and bool(state.get("schema_registry_url"))
+            svc["health"] = "ok" if up and registry.answers(state["schema_registry_url"]) else "down"
+        elif svc.get("health_port"):
             h = health(svc["health_port"]) if svc["alive"] else None
             svc["health"] = h.get("status") if h else "down"
             svc["partitions_assigned"] = h.get("partitions") if h else None
@@ -199,22 +209,28 @@ def status(directory: Path) -> dict | None:
 
 
 def client_settings(settings: Settings, state: dict) -> Settings:
-    """``settings`` pointed at a running stack's broker, logged in as the stack's owner (the
-    credentials file beside its broker log, readable by that user only)."""
+    """``settings`` pointed at a running stack's broker and schema registry, logged in to the
+    broker as the stack's owner (the credentials file beside its broker log, readable by that
+    user only); the registry is read anonymously."""
     settings.bootstrap = state["bootstrap"]
+    settings.schema_registry_url = state.get("schema_registry_url") or settings.schema_registry_url
     if state.get("credentials"):
         creds = security.Credentials.load(Path(state["credentials"]))
         settings.kafka_extra = {**settings.kafka_extra, **creds.client(security.ADMIN)}
+    serde.configure(settings, eager=False)  # its records carry the registry's ids
     return settings
 
 
 def owner_of(settings: Settings, bootstrap: str) -> Settings:
     """``settings`` for ``bootstrap``: logged in as owner when it is a stack of this data folder
-    (``hark ... --bootstrap`` against a local ``hark up``), else as HARK_KAFKA_* says."""
+    (``hark ... --bootstrap`` against a local ``hark up``), else as HARK_KAFKA_* says; with that
+    stack's schema registry either way (not a credential: anyone reads it)."""
     settings.bootstrap = bootstrap
     stacks = Path(settings.data_dir) / "stacks"
     for state_file in sorted(stacks.glob("*/stack.json")) if stacks.exists() else []:
         state = read_state(state_file.parent)
-        if state and state.get("bootstrap") == bootstrap and "sasl.username" not in settings.kafka_extra:
-            return client_settings(settings, state)
+        if state and state.get("bootstrap") == bootstrap:
+            if "sasl.username" not in settings.kafka_extra:
+                return client_settings(settings, state)
+            settings.schema_registry_url = settings.schema_registry_url or state.get("schema_registry_url") or ""
     return settings

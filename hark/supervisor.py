@@ -1,9 +1,10 @@
-"""The supervisor process of an embedded stack (``hark.stack``): starts the broker and every
-service, restarts what dies, writes the state file, stops everything on SIGTERM."""
+"""The supervisor process of an embedded stack (``hark.stack``): starts the broker, the schema
+registry and every service, restarts what dies, writes the state file, stops everything on SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -14,10 +15,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import broker, kafka, security
+from . import broker, kafka, registry, security, serde
 from .broker import free_port
 from .config import Settings
 from .stack import SERVICES, health, parse_replicas, pid_alive
+
+# the key of the registry writer's password in the stack's credentials file (not a Kafka principal)
+REGISTRY_WRITER = "schema-registry"
 
 
 @dataclass
@@ -70,6 +74,9 @@ class Supervisor:
         self.credentials: security.Credentials | None = None
         self.children: list[Child] = []
         self.broker: Child | None = None
+        self.registry_node: registry.Node | None = None
+        self.registry: Child | None = None
+        self.timings: dict[str, float] = {}  # seconds from the supervisor's start, kept in every state write
         self.status = "starting"
         self._stopping = False
 
@@ -84,7 +91,10 @@ class Supervisor:
             "broker_log": str(self.node.log_dir) if self.node else None,
             "credentials": str(self.credentials.path) if self.credentials else None,
             "broker": self.broker.info() if self.broker else None,
+            "registry": self.registry.info() if self.registry else None,
+            "schema_registry_url": self.settings.schema_registry_url or None,
             "services": [c.info() for c in self.children],
+            **self.timings,
             **extra,
         }
         ingest = next((c for c in self.children if c.name == "ingest"), None)
@@ -99,25 +109,59 @@ class Supervisor:
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        logs = self.dir / "logs"
-        logs.mkdir(exist_ok=True)
+        (self.dir / "logs").mkdir(exist_ok=True)
         t0 = time.monotonic()
+        self._start_registry()  # first: its JVM is the slower to answer, and needs no broker
         if not self.external_broker:  # else the services use settings.bootstrap's cluster
-            creds = security.Credentials.load(self.dir / "credentials.json", security.stack_principals(self.settings))
-            secrets = {p: creds.passwords[p] for p in (security.ADMIN, security.CONTROLLER)}
-            self.node = broker.single_node(self.dir / "kafka", partitions=self.settings.partitions, security=secrets)
-            self.node.format()
-            self.credentials = creds
-            self.settings.bootstrap = self.node.bootstrap
-            self.settings.kafka_extra = {**self.settings.kafka_extra, **creds.client(security.ADMIN)}
-            self.broker = Child("broker", 0, self.node.command(), dict(os.environ), logs / "broker.log", 0)
-            self.broker.start()
-            self.write_state()
+            self._start_broker()
         kafka.wait_for_broker(self.settings, timeout=90)
         kafka.ensure_topics(self.settings)
         if self.credentials:  # every service logs in as itself, with ACLs for its own topics only
             security.install(self.settings, self.credentials.passwords)
-        self.write_state(broker_start_s=round(time.monotonic() - t0, 2))
+        self.timings["broker_start_s"] = round(time.monotonic() - t0, 2)
+        self.write_state()
+        self._registry_ready(t0)
+        self._start_services()
+        self.write_state()
+
+    def _start_broker(self) -> None:
+        creds = security.Credentials.load(self.dir / "credentials.json", security.stack_principals(self.settings))
+        secrets = {p: creds.passwords[p] for p in (security.ADMIN, security.CONTROLLER)}
+        self.node = broker.single_node(self.dir / "kafka", partitions=self.settings.partitions, security=secrets)
+        self.node.format()
+        self.credentials = creds
+        self.settings.bootstrap = self.node.bootstrap
+        self.settings.kafka_extra = {**self.settings.kafka_extra, **creds.client(security.ADMIN)}
+        self.broker = Child("broker", 0, self.node.command(), dict(os.environ), self.dir / "logs" / "broker.log", 0)
+        self.broker.start()
+        self.write_state()
+
+    def _start_registry(self) -> None:
+        """The stack's own schema registry, unless the operator named one (HARK_SCHEMA_REGISTRY_URL).
+        Its writer's password joins the broker's in the 0600 credentials file."""
+        if self.settings.schema_registry_url:
+            return
+        creds = security.Credentials.load(self.dir / "credentials.json", [REGISTRY_WRITER])
+        self.registry_node = registry.Node(self.dir / "registry", password=creds.passwords[REGISTRY_WRITER])
+        cmd = self.registry_node.command()
+        self.registry = Child("registry", 0, cmd, dict(os.environ), self.dir / "logs" / "registry.log", 0)
+        self.registry.start()
+        self.write_state()
+
+    def _registry_ready(self, t0: float) -> None:
+        """Wait for the registry, point the services at it and register hark's schemas as its
+        writer: the services only read (look ids up) and carry no credential."""
+        writer = self.settings
+        if self.registry_node is not None and self.registry is not None:
+            self.registry_node.wait_ready(timeout=120, proc=self.registry.proc, log=self.registry.log)
+            self.settings.schema_registry_url = self.registry_node.url
+            writer = dataclasses.replace(self.settings, schema_registry_url=self.registry_node.writer_url)
+        if self.settings.schema_registry_url:
+            serde.register_schemas(writer)
+            self.timings["registry_start_s"] = round(time.monotonic() - t0, 2)  # answering, schemas registered
+            self.write_state()
+
+    def _start_services(self) -> None:
         # results must not wait for a pass nobody runs
         passes = [p for p in self.settings.results_wait_for.split(",") if p.strip()]
         absent = {"offline": "offline_asr", "diarizer": "diarizer"}
@@ -125,6 +169,7 @@ class Supervisor:
             p for p in passes if p not in absent or self.replicas.get(absent[p], 1) > 0
         )
         base_env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        logs = self.dir / "logs"
         for name, (module, _topic) in SERVICES.items():
             for i in range(self.replicas.get(name, 1)):
                 hp = free_port()
@@ -140,7 +185,6 @@ class Supervisor:
                 )
                 child.start()
                 self.children.append(child)
-        self.write_state()
 
     def ready(self) -> bool:
         """Every child answers ok, and every consumer group holds all its partitions with each of
@@ -174,6 +218,8 @@ class Supervisor:
     def _check_children(self) -> None:
         if self.broker is not None and self.broker.exited() and not self._stopping:
             self._restart(self.broker)  # its log is durable: on the same ports it finds everything again
+        if self.registry is not None and self.registry.exited() and not self._stopping:
+            self._restart(self.registry)  # its H2 file keeps every id; the same port keeps its URL
         for c in self.children:
             if c.exited() and not self._stopping:
                 self._restart(c)
@@ -219,15 +265,20 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     c.proc.kill()
                     c.proc.wait()
-        if self.broker and self.broker.proc and self.broker.proc.poll() is None:
-            self.broker.proc.terminate()  # a controlled shutdown: the log is clean for the next start
+        jvms = [j.proc for j in (self.registry, self.broker) if j and j.proc and j.proc.poll() is None]
+        for proc in jvms:  # after the services, which read both to the end
+            proc.terminate()  # a controlled shutdown: the log and the database are clean for the next start
+        deadline = time.monotonic() + 30
+        for proc in jvms:
             try:
-                self.broker.proc.wait(30)
+                proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self.broker.proc.kill()
-                self.broker.proc.wait()
-        if self.ephemeral and self.node is not None:
-            shutil.rmtree(self.node.directory, ignore_errors=True)
+                proc.kill()
+                proc.wait()
+        if self.ephemeral:
+            for node in (self.node, self.registry_node):
+                if node is not None:
+                    shutil.rmtree(node.directory, ignore_errors=True)
         self.status = "stopped"
         self.write_state()
 
@@ -237,7 +288,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir", required=True)
     p.add_argument("--replicas", default="")
     p.add_argument("--parent-pid", type=int)
-    p.add_argument("--ephemeral", action="store_true", help="delete the broker's log when the stack stops")
+    p.add_argument(
+        "--ephemeral",
+        action="store_true",
+        help="delete the broker's log and the registry's database when the stack stops",
+    )
     p.add_argument("--external-broker", action="store_true", help="use HARK_BOOTSTRAP's cluster, start no broker")
     a = p.parse_args(argv)
     settings = Settings.load()

@@ -23,7 +23,7 @@ from .helpers import complete_record
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
-INFRA = {"kafka", "kafka-setup", "minio", "minio-init"}
+INFRA = {"kafka", "kafka-setup", "minio", "minio-init", "registry"}
 
 
 def broker_properties() -> dict[str, str]:
