@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from hark import stack
+from hark import serde, stack
 from hark.config import Settings
 
 
@@ -18,10 +18,10 @@ def settings_of(a) -> Settings:
 
 def connect(a, settings: Settings) -> Settings:
     """--bootstrap, else HARK_BOOTSTRAP, else the running default stack."""
-    if getattr(a, "bootstrap", None):
-        return stack.owner_of(settings, a.bootstrap)
-    if os.environ.get("HARK_BOOTSTRAP"):
-        return stack.owner_of(settings, settings.bootstrap)
+    if getattr(a, "bootstrap", None) or os.environ.get("HARK_BOOTSTRAP"):
+        settings = stack.owner_of(settings, getattr(a, "bootstrap", None) or settings.bootstrap)
+        serde.configure(settings, eager=False)  # an operator's registry (HARK_SCHEMA_REGISTRY_URL)
+        return settings
     state = stack.status(stack.stack_dir(settings))
     if not state or not state.get("supervisor_alive") or state.get("status") != "ready":
         raise SystemExit("hark: no stack is running; start one with `hark up` or pass --bootstrap HOST:PORT")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hark import stack
+from hark import serde, stack
 from hark.config import Settings
 from hark.wer import load_references
 
@@ -52,6 +52,15 @@ def live_stack(stack_env):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def _schema_ids_of_the_live_stack(request):
+    """A test on the session stack reads and writes with its registry's ids, whatever stack an
+    earlier test of this process talked to (serde's registry is one per process)."""
+    if "live_stack" in request.fixturenames:
+        settings, _ = request.getfixturevalue("live_stack")
+        serde.configure(settings, eager=False)
 
 
 def run_hark(*args, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Protocol
 
-from .. import kafka
+from .. import kafka, serde
 from ..config import ConfigError, Settings
 from .observe import setup_logging
 
@@ -38,6 +38,7 @@ def service_settings(name: str, argv: list[str] | None = None, listen: str | Non
     setup_logging(name, settings.log_level)
     kafka.wait_for_broker(settings, timeout=60)
     kafka.ensure_topics(settings)
+    serde.configure(settings)  # the registry's ids from here on (the stack registered them)
     return settings
 
 
