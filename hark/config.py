@@ -14,82 +14,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config_limits import CHOICES, RANGES
+
 
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names its variable and what it accepts."""
 
 
-# The range of every number (inclusive): anything outside is refused when settings load, naming
-# the variable, instead of surfacing later as a hung stream or a broker error.
-RANGES: dict[str, tuple[float, float]] = {
-    "partitions": (1, 1024),
-    "replication_factor": (1, 16),
-    "topic_retention_hours": (0.01, 87600),
-    "audio_retention_mb": (0, 10_000_000),
-    "archive_retention_days": (0, 36500),
-    "chunk_ms": (20, 2000),
-    "audio_linger_ms": (0, 1000),
-    "output_linger_ms": (0, 1000),
-    "max_upload_bytes": (1024, 1 << 34),
-    "max_stream_seconds": (1, 7 * 86400),
-    "max_ws_message_bytes": (1024, 64 << 20),
-    "ingest_port": (0, 65535),
-    "captions_port": (0, 65535),
-    "health_port": (0, 65535),
-    "archive_segment_seconds": (1, 600),
-    "ingest_buffer_bytes": (64 * 1024, 256 << 20),
-    "ingest_max_streams": (0, 100_000),
-    "tenant_max_streams": (0, 100_000),
-    "tenant_audio_seconds_per_hour": (0, 1e9),
-    "ingest_max_connections": (1, 100_000),
-    "tenant_max_connections": (0, 100_000),
-    "max_upload_seconds": (1, 7 * 86400),
-    "upload_idle_timeout_s": (1, 86400),
-    "ingest_upload_workers": (1, 64),
-    "ingest_upload_nice": (0, 19),
-    "live_pace_factor": (1, 1000),
-    "live_burst_seconds": (0, 3600),
-    "partial_interval_ms": (0, 10_000),
-    "idle_timeout_s": (1, 86400),
-    "max_streams": (1, 4096),
-    "prewarm_decoders": (0, 4096),
-    "nbest": (1, 20),
-    "online_max_hmm_per_frame": (100, 100_000),
-    "offline_cpu_threads": (0, 256),
-    "offline_beam_size": (1, 20),
-    "offline_nbest": (0, 20),
-    "offline_prompt_chars": (0, 2000),
-    "offline_min_window_s": (1, 30),
-    "offline_max_window_s": (1, 30),  # Whisper's encoder window
-    "offline_provisional_s": (0, 30),
-    "offline_draft_max_streams": (0, 1000),
-    "offline_draft_batch": (1, 64),
-    "offline_encode_pad_s": (0, 30),
-    "offline_nice": (0, 19),
-    "offline_draft_nice": (0, 19),
-    "offline_candidate_fraction": (0, 1),
-    "diarizer_block_s": (1, 60),
-    "diarizer_context_s": (0, 30),
-    "diarizer_link_threshold": (0, 1),  # cosine similarity
-    "diarizer_cluster_threshold": (0, 2),  # cosine distance
-    "diarizer_merge_threshold": (0, 1),
-    "diarizer_min_speaker_s": (0, 600),
-    "diarizer_threads": (1, 256),
-    "diarizer_nice": (0, 19),
-    "voice_match_threshold": (0, 1),  # cosine similarity
-    "voice_live_min_s": (0, 600),
-    "voiceprint_retention_days": (0, 36500),
-    "max_transcript_words": (100, 10_000_000),
-    "offline_timeout_s": (1, 86400),
-    "commit_interval_s": (0.01, 60),
-    "transaction_timeout_s": (1, 900),  # the broker's transaction.max.timeout.ms is 15 minutes
-    "session_timeout_s": (6, 1800),  # the broker's group.{min,max}.session.timeout.ms
-}
-CHOICES: dict[str, tuple[str, ...]] = {
-    "audio_placement": ("balanced", "hash"),
-    "offline_device": ("auto", "cpu", "cuda"),
-    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
-}
 PASSES = ("online", "offline", "diarizer")
 
 
@@ -130,6 +61,18 @@ class Settings:
     topic_retention_hours: float = 168.0
     # retention.bytes of each audio partition (the bulk of the log); 0: by time only
     audio_retention_mb: float = 2048.0
+
+    # the schema registry's Confluent-compatible API (http://host:port/apis/ccompat/v7); empty:
+    # schema ids are fingerprints of each schema, known to hark only (the embedded stack starts
+    # its own registry and sets this)
+    schema_registry_url: str = ""
+    # the published tier (plain Avro per tenant, hark/published.py): max.compaction.lag.ms of
+    # each tenant's topic, so an erased stream's records are compacted away within about this
+    published_compaction_lag_s: float = 600.0
+    # each tenant's produce topic (<prefix>audio-in.<tenant>, plain audio from its own producers):
+    # records younger than this are never compacted (ingest must read them within it), older
+    # ones are, so an erased stream's plain audio goes about this long after its tombstone
+    produce_compaction_lag_s: float = 3600.0
 
     # access: a file of "<sha256 of token> <tenant>" lines (`hark token create`); empty: open access
     tokens_file: str = ""
@@ -298,6 +241,14 @@ class Settings:
     @property
     def deadletter_topic(self) -> str:
         return self.topic("deadletter")
+
+    def published_topic(self, tenant: str) -> str:
+        """A tenant's published tier: plain Confluent-framed Avro its own client logins read."""
+        return self.topic(f"published.{tenant}")
+
+    def produce_topic(self, tenant: str) -> str:
+        """Where a tenant's own producers publish audio (ingest reads it and applies its doors)."""
+        return self.topic(f"audio-in.{tenant}")
 
     @property
     def all_topics(self) -> list[str]:

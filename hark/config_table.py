@@ -3,7 +3,8 @@ environment variable, default, accepted range and the comment above it."""
 
 from __future__ import annotations
 
-from hark.config import CHOICES, RANGES, Settings
+from hark.config import Settings
+from hark.config_limits import CHOICES, RANGES
 
 
 def reference_markdown() -> str:

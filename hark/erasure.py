@@ -11,6 +11,13 @@
 - a tombstone (the stream id as key, no value) on the results topic, which is compacted in
   production: Kafka drops the stream's results at the next compaction, and every captions
   server that follows the topic erases the stream from its own index when it reads it;
+- a tombstone on the tenant's published topic (hark/published.py), compacted with a bounded lag
+  (HARK_PUBLISHED_COMPACTION_LAG_S): the plain copies go at the next compaction, and a sink
+  that deletes on tombstones (Kafka Connect's JDBC sink with delete.enabled) deletes its row.
+  The same on the tenant's produce topic, where its own producer's plain audio is compacted
+  away after HARK_PRODUCE_COMPACTION_LAG_S. The tenant comes from the archive's meta.json; a
+  stream whose archive is gone gets no tombstone there (writing one on every tenant's topic would
+  show its id to all of them);
 - an audit line (stream id, tenant, what was removed, when; no content) in
   ``<data_dir>/audit/erasures.jsonl``.
 The intermediate topics (audio, transcripts, speakers) are not compacted: their sealed records
@@ -55,10 +62,11 @@ def erase(
     tombstones = []
     if producer is not None:
         _announce(settings, producer, stream_id, meta)
-        producer.produce(settings.results_topic, key=stream_id.encode(), value=None)
+        tombstones = [settings.results_topic, *_tenant_topics(settings, producer, meta.get("tenant"))]
+        for topic in tombstones:
+            producer.produce(topic, key=stream_id.encode(), value=None)
         if producer.flush(10) != 0:
             raise RuntimeError(f"the erasure of {stream_id} was not delivered to the broker")
-        tombstones.append(settings.results_topic)
     entry = {
         "kind": "stream",  # the audit log also records voiceprints erased (hark/voices.py)
         "stream_id": stream_id,
@@ -73,6 +81,17 @@ def erase(
     audit(settings, entry)
     log.info("stream erased", extra={"fields": entry})
     return entry
+
+
+def _tenant_topics(settings: Settings, producer, tenant: str | None) -> list[str]:
+    """The tenant's published and produce topics, where they exist (nothing of the stream is on
+    one that does not)."""
+    out = []
+    for topic in [settings.published_topic(tenant), settings.produce_topic(tenant)] if tenant else []:
+        md = producer.list_topics(topic, timeout=10).topics.get(topic)
+        if md is not None and md.error is None and md.partitions:
+            out.append(topic)
+    return out
 
 
 def audit(settings: Settings, entry: dict) -> None:

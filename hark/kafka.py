@@ -179,20 +179,43 @@ def topic_config(settings: Settings, topic: str) -> dict[str, str]:
     return conf
 
 
+def tenant_topic_config(settings: Settings, topic: str) -> dict[str, str]:
+    """A tenant's topics are keyed by stream and compacted with a bounded lag, so an erasure
+    tombstone removes the stream's plain records (segments roll at that age too: compaction never
+    touches the active one). The published tier's lag is short (HARK_PUBLISHED_COMPACTION_LAG_S);
+    the produce topic's is also its minimum (HARK_PRODUCE_COMPACTION_LAG_S), since compaction
+    keeps one record per key and ingest must read every chunk of a stream before that."""
+    produce = topic.startswith(settings.topic("audio-in."))
+    conf = topic_config(settings, settings.audio_topic if produce else topic)
+    lag_s = settings.produce_compaction_lag_s if produce else settings.published_compaction_lag_s
+    lag_ms = str(int(lag_s * 1000))
+    conf.update({"cleanup.policy": "compact,delete", "max.compaction.lag.ms": lag_ms, "segment.ms": lag_ms})
+    if produce:
+        conf["min.compaction.lag.ms"] = lag_ms
+    return conf
+
+
+def ensure_tenant_topics(settings: Settings, tenant: str, produce: bool = True, timeout: float = 30.0) -> None:
+    """Create a tenant's published topic (and its produce topic) unless they exist."""
+    topics = [settings.published_topic(tenant)] + ([settings.produce_topic(tenant)] if produce else [])
+    _create(settings, topics, lambda t: tenant_topic_config(settings, t), timeout)
+
+
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
     """Create hark's topics explicitly (the broker does not auto-create them). A principal without
     the right to create (a service on a secured broker, which sees only its own topics) leaves
     that to the stack's owner, who creates them before any service starts."""
+    _create(settings, settings.all_topics, lambda t: topic_config(settings, t), timeout)
+
+
+def _create(settings: Settings, topics: list[str], config, timeout: float) -> None:
     adm = admin(settings)
     existing = set(adm.list_topics(timeout=timeout).topics)
     new = [
         NewTopic(
-            t,
-            num_partitions=settings.partitions,
-            replication_factor=settings.replication_factor,
-            config=topic_config(settings, t),
+            t, num_partitions=settings.partitions, replication_factor=settings.replication_factor, config=config(t)
         )
-        for t in settings.all_topics
+        for t in topics
         if t not in existing
     ]
     if not new:

@@ -29,6 +29,7 @@ log = logging.getLogger("hark")
 # the embedded broker restarts in ~5 s, and waiting out the whole deadline kept every service of
 # the stack stalled for 30 s after it (tests/test_chaos.py's broker scenarios).
 COMMIT_DEADLINE_S = 30.0
+Headers = list[tuple[str, bytes]] | None
 RECONNECTED_S = 8.0
 
 
@@ -55,19 +56,19 @@ class Transactions:
         self._open = False
         self._inflight: concurrent.futures.Future | None = None
         self._started = 0.0  # when the commit in flight began (monotonic)
-        self._waiting: list[tuple[str, bytes | None, bytes]] = []
+        self._waiting: list[tuple[str, bytes | None, bytes, Headers]] = []
         self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="commit")
 
     def init(self) -> None:
         self.producer.init_transactions(60)  # aborts what a predecessor with this id left open
 
-    def send(self, topic: str, key: bytes | None, value: bytes) -> None:
+    def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers = None) -> None:
         if self._inflight is not None:
             if not self._inflight.done() and len(self._waiting) < self.MAX_WAITING:
-                self._waiting.append((topic, key, value))
+                self._waiting.append((topic, key, value, headers))
                 return
             self.wait()
-        self._produce(topic, key, value)
+        self._produce(topic, key, value, headers)
 
     def commit(self, offsets: list, group_metadata) -> bool:
         """Start committing everything sent so far with ``offsets`` (TopicPartitions with metadata).
@@ -110,17 +111,20 @@ class Transactions:
             raise RuntimeError(f"transaction failed, restarting from the last commit: {e}") from e
         self._open = False
         waiting, self._waiting = self._waiting, []
-        for topic, key, value in waiting:
-            self._produce(topic, key, value)
+        for topic, key, value, headers in waiting:
+            self._produce(topic, key, value, headers)
 
     def close(self) -> None:
         self._committer.shutdown(wait=False)
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes) -> None:
+    def _produce(self, topic: str, key: bytes | None, value: bytes, headers: Headers = None) -> None:
         if not self._open:
             self.producer.begin_transaction()
             self._open = True
-        self.producer.produce(topic, key=key, value=value)
+        if headers:
+            self.producer.produce(topic, key=key, value=value, headers=headers)
+        else:
+            self.producer.produce(topic, key=key, value=value)
 
     def _commit(self, offsets: list, group_metadata) -> None:
         if offsets:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import subprocess
 import time
 import wave
+from pathlib import Path
 
-from hark import kafka, serde
+from hark import broker, kafka, serde
 from hark.keys import Keyring
 
 
@@ -51,3 +53,17 @@ def wav_bytes(pcm) -> bytes:
         w.setframerate(16000)
         w.writeframes(pcm.tobytes())
     return buf.getvalue()
+
+
+def segments_holding(log_root: Path, topic: str, needle: str) -> int:
+    """How many times ``needle`` appears in ``topic``'s segment files under a broker's log folder,
+    read with Kafka's own DumpLogSegments (what kafka-dump-log.sh runs)."""
+    files = sorted(str(f) for f in log_root.glob(f"**/{topic}-*/*.log"))
+    if not files:  # the topic is not there (yet)
+        return 0
+    libs = str(broker.libs_dir()) + "/*"
+    out = subprocess.run(
+        [broker.java_binary(), "-cp", libs, "kafka.tools.DumpLogSegments", "--files", ",".join(files), "--print-data-log"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return out.count(needle)

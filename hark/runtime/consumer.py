@@ -159,23 +159,25 @@ class ConsumerService:
         return positions
 
     # -- helpers --------------------------------------------------------------------------------
-    def produce(self, topic: str, key: str, rtype: str, record: dict, sealed: bool = True) -> None:
+    def produce(self, topic: str, key: str, rtype: str, record: dict, sealed: bool = True) -> bool:
         """``key`` is the stream id, whose key seals the record; ``sealed=False`` only for a
-        content-free notice about an erased stream (its key is gone)."""
+        content-free notice about an erased stream (its key is gone). True when the record was
+        sent (not suppressed in a replay, not of an erased stream)."""
         if self.replaying:  # committed before, with the offsets it was made from
             self.metrics.inc("outputs_suppressed_total", topic=topic)
-            return
+            return False
         try:
             value = serde.encode(rtype, record, keys=self.keys if sealed else None, stream_id=key)
         except StreamErased:
             self.metrics.inc("outputs_of_erased_streams_total", topic=topic)
             self.stream_erased(key)
-            return
+            return False
         except KeyMissing:  # input that came unsealed (hand-made, or older than keys): no key to use
             value = serde.encode(rtype, record)
             self.metrics.inc("records_unsealed_total", topic=topic)
         self.transactions.send(topic, key.encode(), value)
         self.metrics.inc("records_out_total", topic=topic)
+        return True
 
     def observe_decode(self, decode_s: float, audio_s: float, **labels) -> None:
         """Decoder time against audio time: counters, and their ratio as the ``decode_rtf`` gauge."""

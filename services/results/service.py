@@ -9,15 +9,20 @@ themselves: commits are held at each open stream's first record on each topic.
 
 from __future__ import annotations
 
+import logging
+import time
+
 from confluent_kafka import Message
 
-from hark import kafka, serde
+from hark import kafka, published, serde
 from hark.config import Settings
 from hark.keys import KeyMissing, StreamErased
 from hark.runtime import ERASED, ConsumerService, InputError, main_for
 
 from .merger import ResultsMerger
 from .parts import DiskParts
+
+log = logging.getLogger("hark.results")
 
 
 class Results(ConsumerService):
@@ -32,6 +37,12 @@ class Results(ConsumerService):
             settings.max_transcript_words, wait_for, settings.offline_timeout_s, settings.max_stream_seconds, parts
         )
         self.partitions_of: dict[str, set[tuple[str, int]]] = {}
+        self.publisher = published.Publisher(settings) if published.enabled(settings) else None
+        lag_s = min(settings.published_compaction_lag_s, settings.produce_compaction_lag_s)
+        self.nudges = published.Nudges(lag_s, lambda: published.end_offsets(settings))
+        self._nudge_period_s = max(1.0, min(60.0, lag_s / 10))
+        self._nudged_at = 0.0
+        self._nudger = kafka.producer(settings) if self.publisher else None
 
     @property
     def topics(self) -> list[str]:
@@ -77,9 +88,35 @@ class Results(ConsumerService):
 
     def _publish(self, results: list[dict]) -> None:
         for result in results:
-            self.produce(self.settings.results_topic, result["stream_id"], "Result", result)
+            if self.produce(self.settings.results_topic, result["stream_id"], "Result", result):
+                self._publish_tier(result)
             if result["kind"] == "STREAM_COMPLETE":
                 self._release_stream(result["stream_id"])
+
+    def _publish_tier(self, result: dict) -> None:
+        """The tenant's plain copy of a final or a complete transcript (hark/published.py), in the
+        same transaction as the sealed Result: both or neither."""
+        message = self.publisher.message(result) if self.publisher else None
+        if message is not None:
+            topic, key, value, headers = message
+            self.transactions.send(topic, key, value, headers)
+            self.metrics.inc("records_out_total", topic="published")
+
+    def _nudge(self) -> None:
+        """Roll quiet published partitions so compaction reaches erased streams (published.Nudges)."""
+        now = time.monotonic()
+        if self._nudger is None or now - self._nudged_at < self._nudge_period_s:
+            return
+        self._nudged_at = now
+        try:
+            due = self.nudges.due()
+        except Exception as e:  # the broker busy or away: the next period tries again
+            log.warning("cannot read the published partitions' ends: %s", e)
+            return
+        for topic, partition in due:
+            self._nudger.produce(topic, key=b"", value=None, partition=partition)
+            self.metrics.inc("published_nudges_total")
+        self._nudger.poll(0)
 
     def _release_stream(self, sid: str) -> None:
         self.keys.forget(sid)
@@ -87,6 +124,7 @@ class Results(ConsumerService):
             self.release(f"{sid}@{topic}")
 
     def tick(self) -> None:
+        self._nudge()
         if self.sweep_due():
             self._publish(self.merger.expire())
             for sid in [s for s in self.partitions_of if not self.merger.is_open(s)]:
