@@ -9,7 +9,9 @@ machine. The credentials are generated at a stack's first start into a 0600 file
 broker log: the same Unix user that can read them can read the log files themselves, so the
 file adds no reader; every other local user and process meets a listener that refuses it.
 Clients of the product (WebSocket publishers, people on the captions page) never get broker
-credentials: ingest and captions speak to Kafka for them.
+credentials: ingest and captions speak to Kafka for them. A tenant's own Kafka consumers and
+producers get a login of their own from ``hark clients`` (hark/clients.py), held to that
+tenant's two topics.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ MECHANISM = "SCRAM-SHA-512"
 ITERATIONS = 8192
 ADMIN = "admin"
 CONTROLLER = "controller"
+# ingest's consumer group on the tenants' produce topics
+INGEST_IN_GROUP = "hark-ingest-in"
 
 
 @dataclass(frozen=True)
@@ -38,15 +42,29 @@ class Grant:
     groups: tuple[str, ...] = ()  # consumer group name prefixes it may join and commit in
     transactional: str | None = None  # transactional id prefix (its group: ids are group-instance)
     watches: tuple[str, ...] = ()  # consumer groups whose members and assignment it may describe
+    # topic name prefixes: every tenant's topic of one kind, including tenants not yet seen
+    read_prefixes: tuple[str, ...] = ()
+    write_prefixes: tuple[str, ...] = ()
+    create_prefixes: tuple[str, ...] = ()  # it creates such a topic on first use
 
 
 def grants(s: Settings) -> dict[str, Grant]:
     """Every service principal of the stack and its grant (the topic names come from settings)."""
     dead = s.deadletter_topic
+    # every tenant's topics of a kind share the prefix a tenant name completes (Settings.*_topic)
+    published, produce = s.published_topic(""), s.produce_topic("")
     return {
-        # ingest also writes results: the tombstones of its retention sweep; it places new streams
-        # by online_asr's assignment, so it may describe that group (not join or read it)
-        "ingest": Grant(writes=(s.audio_topic, s.results_topic, dead), watches=(ONLINE_GROUP,)),
+        # ingest also writes results: the tombstones of its retention sweep, which go to the
+        # stream's tenant's published and produce topics too (hark/erasure.py); it places new
+        # streams by online_asr's assignment, so it may describe that group (not join or read
+        # it); it reads what tenants' own producers publish, in its own group
+        "ingest": Grant(
+            writes=(s.audio_topic, s.results_topic, dead),
+            groups=(INGEST_IN_GROUP,),
+            watches=(ONLINE_GROUP,),
+            read_prefixes=(produce,),
+            write_prefixes=(published, produce),
+        ),
         "online_asr": Grant(
             (s.audio_topic,), (s.online_topic, s.results_topic, dead), (ONLINE_GROUP,), ONLINE_GROUP + "-"
         ),
@@ -57,6 +75,11 @@ def grants(s: Settings) -> dict[str, Grant]:
             (s.results_topic, dead),
             ("hark-results",),
             "hark-results-",
+            # each tenant's published tier, created when the tenant's first transcript arrives;
+            # and the empty-keyed nudge that lets compaction reach a quiet partition of a tenant's
+            # published or produce topic (hark/published.py: Nudges)
+            write_prefixes=(published, produce),
+            create_prefixes=(published,),
         ),
         # captions reads every results partition itself (assigned, no group commits)
         "captions": Grant((s.results_topic,), (dead,), ("hark-tail-",)),
@@ -75,11 +98,25 @@ def acl_bindings(s: Settings) -> list:
     for principal, g in grants(s).items():
         out += [allow(ResourceType.TOPIC, t, lit, principal, AclOperation.READ) for t in g.reads]
         out += [allow(ResourceType.TOPIC, t, lit, principal, AclOperation.WRITE) for t in g.writes]
+        # READ and WRITE imply DESCRIBE (the authorizer's IMPLIES_DESCRIBE), so no ACL says it
+        out += [allow(ResourceType.TOPIC, t, pre, principal, AclOperation.READ) for t in g.read_prefixes]
+        out += [allow(ResourceType.TOPIC, t, pre, principal, AclOperation.WRITE) for t in g.write_prefixes]
+        out += [allow(ResourceType.TOPIC, t, pre, principal, AclOperation.CREATE) for t in g.create_prefixes]
         out += [allow(ResourceType.GROUP, grp, pre, principal, AclOperation.READ) for grp in g.groups]
         out += [allow(ResourceType.GROUP, grp, lit, principal, AclOperation.DESCRIBE) for grp in g.watches]
         if g.transactional:
             out.append(allow(ResourceType.TRANSACTIONAL_ID, g.transactional, pre, principal, AclOperation.WRITE))
     return out
+
+
+def write_private(path: Path, data: object) -> None:
+    """``data`` as JSON in a file only its owner may read, replaced whole (never half written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -99,12 +136,7 @@ class Credentials:
         return creds
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.passwords, f, indent=1)
-        os.replace(tmp, self.path)
+        write_private(self.path, self.passwords)
 
     def client(self, principal: str) -> dict[str, str]:
         """librdkafka properties that log in as ``principal`` (Settings.kafka_extra)."""

@@ -13,7 +13,7 @@ from hark import kafka, stack
 from hark.audio import AudioError
 from hark.config import ConfigError
 
-from . import transcripts, voices
+from . import clients, transcripts, voices
 from .common import add_bootstrap, connect, settings_of
 from .display import Display, caption_line, speaker_lines
 
@@ -45,11 +45,12 @@ def cmd_status(a) -> int:
     if not state or not state.get("supervisor_alive"):
         print("hark: no stack is running")
         return 1
-    print(f"stack {state['status']}  broker {state['bootstrap']}  archive {state['archive']}")
+    registry = f"  schema registry {state['schema_registry_url']}" if state.get("schema_registry_url") else ""
+    print(f"stack {state['status']}  broker {state['bootstrap']}{registry}  archive {state['archive']}")
     print(f"{'service':<12} {'replica':>7} {'pid':>8} {'health':>10} {'partitions':>10} {'restarts':>8}")
-    b = state["broker"]
-    if b:
-        print(f"{'broker':<12} {0:>7} {b['pid']:>8} {b['health']:>10} {'-':>10} {b['restarts']:>8}")
+    for jvm in (state.get("broker"), state.get("registry")):
+        if jvm:
+            print(f"{jvm['name']:<12} {0:>7} {jvm['pid']:>8} {jvm['health']:>10} {'-':>10} {jvm['restarts']:>8}")
     for svc in state["services"]:
         parts = svc.get("partitions_assigned")
         print(
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     _stack_commands(sub)
     _stream_commands(sub)
     transcripts.add_parsers(sub)
+    clients.add_parsers(sub)
     voices.add_parser(sub)
     a = p.parse_args(argv)
     if a.cmd != "models":  # what hark writes is the user's alone; model weights are the installation's
