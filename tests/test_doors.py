@@ -359,6 +359,7 @@ def _replica(live_stack, tokens: Path, log: Path) -> tuple[subprocess.Popen, str
         **creds.env("ingest"),
         "HARK_TOKENS_FILE": str(tokens),
         "HARK_BOOTSTRAP": settings.bootstrap,
+        "HARK_SCHEMA_REGISTRY_URL": settings.schema_registry_url,
         "HARK_HEALTH_PORT": "0",
     }
     proc = subprocess.Popen(

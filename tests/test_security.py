@@ -44,6 +44,7 @@ def secured(live_stack, tmp_path_factory):
         **os.environ,
         "HARK_TOKENS_FILE": str(tokens),
         "HARK_BOOTSTRAP": settings.bootstrap,
+        "HARK_SCHEMA_REGISTRY_URL": settings.schema_registry_url,
         "HARK_INDEX_PATH": str(d / "index.sqlite"),
         "HARK_HEALTH_PORT": "0",
     }
@@ -224,7 +225,8 @@ def test_erase_removes_audio_index_entries_and_results_and_is_audited(live_stack
     proc = run_hark("erase", sid, "--reason", "test", "--bootstrap", settings.bootstrap)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["archive_objects"] >= 3 and report["tombstones"] == [settings.results_topic]
+    assert report["archive_objects"] >= 3
+    assert report["tombstones"] == [settings.results_topic, settings.published_topic("acme")]
     assert store.list(archive_prefix(sid)) == []
     # the secured captions server has its own index: it erases the stream when it reads the tombstone
     deadline = time.monotonic() + 30
@@ -420,6 +422,7 @@ def test_admission_limits_refuse_at_the_door_with_a_reason(live_stack, secured, 
         **creds.env("ingest"),
         "HARK_TOKENS_FILE": str(secured["tokens"]),
         "HARK_BOOTSTRAP": settings.bootstrap,
+        "HARK_SCHEMA_REGISTRY_URL": settings.schema_registry_url,
         "HARK_HEALTH_PORT": "0",
         "HARK_TENANT_MAX_STREAMS": "1",
         "HARK_TENANT_AUDIO_SECONDS_PER_HOUR": "12",

@@ -25,6 +25,8 @@ state. A client may pause (send nothing) for as long as it likes: ingest publish
 their numbering; a live stream ends (too_long) once it has been open ``max_stream_seconds`` of
 wall-clock time. Connections are capped per replica (``ingest_max_connections``) and per tenant
 (``tenant_max_connections``); streams, uploads included, count in admission (admission.py).
+Beside it, with the server, runs the reader of what tenants' own Kafka producers publish, through
+the same doors (kafka_source.py).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from hark.runtime import HealthServer, Metrics, kv, service_settings
 from hark.tenants import Access, AccessDenied, request_token
 
 from .core import Ingest
+from .kafka_source import KafkaSource
 from .live import TICK_S, LiveStream, control
 from .publisher import StreamSummary, check_stream_id
 
@@ -249,6 +252,9 @@ class IngestServer:
         # the origins allowed, and clients that send none (not a browser)
         allowed = [Origin(o.strip()) for o in self.settings.ingest_allowed_origins.split(",") if o.strip()]
         origins: list[Origin | None] = [None, *allowed]
+        # what tenants' own Kafka producers publish, through the same doors (kafka_source.py)
+        self.kafka_source = KafkaSource(self.ingest, self.metrics)
+        self.kafka_source.start()
         try:
             async with serve(
                 self.handler,
@@ -267,6 +273,7 @@ class IngestServer:
             if sweeper:
                 sweeper.cancel()
             self.uploads.shutdown(wait=False)  # an upload being published finishes first
+            self.kafka_source.stop()  # its open streams end, its positions commit
             self.ingest.producer.flush(30)
 
     async def _retention(self, period_s: float = 3600.0) -> None:
