@@ -21,6 +21,7 @@ time an erased stream's plain records stay on disk at HARK_PUBLISHED_COMPACTION_
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from hark import published, serde, stack
+from hark import kafka, published, serde, stack
 from hark.config import Settings
 from hark.keys import Keyring
 from services.ingest.core import Ingest
@@ -102,6 +103,8 @@ def transcribe(settings: Settings, sid: str) -> tuple[list, list]:
     ]
     for r in readers:
         r.start()
+    kafka.ensure_tenant_topics(settings, TENANT, produce=False)  # what `hark clients create` makes
+    time.sleep(published.Publisher.TOPICS_S + 1)  # results sees it
     ingest = Ingest(settings)
     ingest.publish_file(SPEECH / "austen_passage.flac", stream_id=sid, tenant=TENANT, realtime=True)
     deadline = time.monotonic() + 180
@@ -139,7 +142,8 @@ def erasure(settings: Settings, sid: str, log_root: Path) -> None:
     needle = "Dashwood"
     print(f"before erasure: {segments_holding(log_root, topic, needle)} records on disk hold {needle!r}")
     erase = [sys.executable, "-m", "hark_cli", "erase", sid, "--bootstrap", settings.bootstrap]
-    subprocess.run(erase, check=True, capture_output=True)
+    env = {**os.environ, "HARK_DATA_DIR": str(settings.data_dir)}  # the bench stack's keys and archive
+    subprocess.run(erase, check=True, capture_output=True, env=env)
     t0 = time.monotonic()
     lag = settings.published_compaction_lag_s
     while time.monotonic() - t0 < lag * 2 + 300:

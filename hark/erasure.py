@@ -64,7 +64,8 @@ def erase(
         _announce(settings, producer, stream_id, meta)
         tombstones = [settings.results_topic, *_tenant_topics(settings, producer, meta.get("tenant"))]
         for topic in tombstones:
-            producer.produce(topic, key=stream_id.encode(), value=None)
+            for partition in _partitions(settings, producer, topic, meta):
+                producer.produce(topic, key=stream_id.encode(), value=None, partition=partition)
         if producer.flush(10) != 0:
             raise RuntimeError(f"the erasure of {stream_id} was not delivered to the broker")
     entry = {
@@ -81,6 +82,19 @@ def erase(
     audit(settings, entry)
     log.info("stream erased", extra={"fields": entry})
     return entry
+
+
+def _partitions(settings: Settings, producer, topic: str, meta: dict) -> list[int]:
+    """Where the stream's records are on ``topic``: hark's own (results, published) by this
+    client's partitioner (-1); a tenant's produce topic by the partition ingest read the stream's
+    start from, since its producer's partitioner may be another (Java's murmur2), else all."""
+    if not topic.startswith(settings.topic("audio-in.")):
+        return [-1]
+    origin = str((meta.get("metadata") or {}).get("kafka_origin") or "")
+    if origin.startswith(topic + ":"):
+        return [int(origin[len(topic) + 1 :].split(":")[0])]
+    md = producer.list_topics(topic, timeout=10).topics[topic]
+    return sorted(md.partitions)
 
 
 def _tenant_topics(settings: Settings, producer, tenant: str | None) -> list[str]:

@@ -34,11 +34,14 @@ schema must be the registered one (serde.register_schemas), exactly what a stock
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 from . import kafka, serde
 from .config import Settings
+
+log = logging.getLogger("hark.published")
 
 SUBJECT = "hark.published.Transcript"
 FINAL_HEADER = "hark.final"
@@ -74,13 +77,20 @@ def record(result: dict) -> dict | None:
 
 
 class Publisher:
-    """Turns Results into published messages; creates a tenant's topic the first time it needs it."""
+    """Turns Results into published messages, for the tenants whose published topic exists: it is
+    made by ``hark clients create`` (a tenant with no login has no reader), so no producer that
+    names a tenant in open access makes a topic, and tenant names that Kafka would take for the
+    same topic (``a.b``, ``a_b``) fail there, at the command, not here. A topic made now is found
+    within TOPICS_S."""
 
-    def __init__(self, settings: Settings):
+    TOPICS_S = 10.0
+
+    def __init__(self, settings: Settings, clock=time.monotonic):
         from confluent_kafka.schema_registry import record_subject_name_strategy
         from confluent_kafka.schema_registry.avro import AvroSerializer
+        from confluent_kafka.serialization import MessageField, SerializationContext
 
-        self.settings = settings
+        self.settings, self._clock = settings, clock
         conf = {
             "auto.register.schemas": False,
             "use.latest.version": False,
@@ -88,27 +98,46 @@ class Publisher:
         }
         schema = serde.schema_json(serde.published_schemas()[SUBJECT])
         self._serialize = AvroSerializer(serde.registry_client(settings), schema, conf=conf)
-        self._topics: set[str] = set()
+        self._context = lambda topic: SerializationContext(topic, MessageField.VALUE)
+        # the registry's id now, at the service's start, not in the middle of a transaction
+        self._serialize(_SAMPLE, self._context(settings.published_topic("-")))
+        self._topics: frozenset[str] = frozenset()
+        self._listed_at = -self.TOPICS_S
 
     def message(self, result: dict) -> tuple[str, bytes, bytes, list[tuple[str, bytes]]] | None:
-        """(topic, key, value, headers) of a Result's published record, or None."""
-        from confluent_kafka.serialization import MessageField, SerializationContext
-
+        """(topic, key, value, headers) of a Result's published record; None for a kind that is
+        not published or a tenant without a published topic."""
         rec = record(result)
         if rec is None:
             return None
-        topic = self.topic(rec["tenant"])
-        value = self._serialize(rec, SerializationContext(topic, MessageField.VALUE))
+        topic = self.settings.published_topic(rec["tenant"])
+        if topic not in self.topics():
+            return None
+        value = self._serialize(rec, self._context(topic))
         assert value is not None
         headers = [(FINAL_HEADER, b"1")] if rec["kind"] == "FINAL" else []
         return topic, rec["stream_id"].encode(), value, headers
 
-    def topic(self, tenant: str) -> str:
-        topic = self.settings.published_topic(tenant)
-        if topic not in self._topics:
-            kafka.ensure_tenant_topics(self.settings, tenant, produce=False)
-            self._topics.add(topic)
-        return topic
+    def topics(self) -> frozenset[str]:
+        """The published topics that exist (listed at most every TOPICS_S; a broker that does not
+        answer keeps the last list)."""
+        if self._clock() - self._listed_at >= self.TOPICS_S:
+            self._listed_at = self._clock()
+            prefix = self.settings.topic("published.")
+            try:
+                listed = kafka.admin(self.settings).list_topics(timeout=5).topics
+            except Exception as e:  # KafkaException: the next look tries again
+                log.warning("cannot list the published topics: %s", e)
+            else:
+                self._topics = frozenset(t for t in listed if t.startswith(prefix))
+        return self._topics
+
+
+_SAMPLE = {
+    "stream_id": "-", "tenant": "-", "kind": "COMPLETE", "utterance_id": -1, "text": "", "start_ms": 0,
+    "end_ms": 0, "words": [], "turns": [], "status": None, "language": None, "final_source": None,
+    "model_name": "", "model_version": "", "audio_published_at_ms": 0, "emitted_at_ms": 0, "schema_version": 1,
+}  # fmt: skip
 
 
 Partition = tuple[str, int]

@@ -45,7 +45,7 @@ class Grant:
     # topic name prefixes: every tenant's topic of one kind, including tenants not yet seen
     read_prefixes: tuple[str, ...] = ()
     write_prefixes: tuple[str, ...] = ()
-    create_prefixes: tuple[str, ...] = ()  # it creates such a topic on first use
+    create_prefixes: tuple[str, ...] = ()  # it may create such topics (no service does today)
 
 
 def grants(s: Settings) -> dict[str, Grant]:
@@ -75,11 +75,10 @@ def grants(s: Settings) -> dict[str, Grant]:
             (s.results_topic, dead),
             ("hark-results",),
             "hark-results-",
-            # each tenant's published tier, created when the tenant's first transcript arrives;
-            # and the empty-keyed nudge that lets compaction reach a quiet partition of a tenant's
-            # published or produce topic (hark/published.py: Nudges)
+            # each tenant's published tier (made by `hark clients create`), and the empty-keyed
+            # nudge that lets compaction reach a quiet partition of a tenant's published or
+            # produce topic (hark/published.py: Nudges)
             write_prefixes=(published, produce),
-            create_prefixes=(published,),
         ),
         # captions reads every results partition itself (assigned, no group commits)
         "captions": Grant((s.results_topic,), (dead,), ("hark-tail-",)),

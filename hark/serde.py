@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ SEALED = 0x68  # "h": not 0 or 1, Confluent's (module doc)
 LEGACY_SEALED = 1  # sealed records written before the registry: opened, never written
 _HEADER = struct.Struct(">BI")
 _NEGATIVE_CACHE = 1024  # ids the registry did not know, remembered so garbage cannot flood it
+ASKS_PER_S, ASK_BURST = 5.0, 20
 SILENT_S = 10.0  # after a registry did not answer, fingerprints only for this long (no retry storm)
 
 RECORD_TYPES = (
@@ -121,6 +123,8 @@ class LocalSchemaRegistry:
         self._client = None  # a confluent_kafka SchemaRegistryClient once attached
         self._url = ""  # the registry it asks
         self._silent_until = 0.0  # a lazily attached registry that did not answer is left alone till then
+        self._lock = threading.Lock()  # ingest decodes on two threads (WebSocket, produce topics)
+        self._asks, self._asked_at = float(ASK_BURST), 0.0  # a token bucket: garbage ids cannot flood it
         self._unknown: dict[int, None] = {}  # ids the registry does not know as hark's (bounded)
         for name in RECORD_TYPES:
             parsed: dict = load_schema(  # type: ignore[assignment]  # a record schema parses to a dict
@@ -150,8 +154,9 @@ class LocalSchemaRegistry:
         id when first read (``by_id``). Another registry than the one attached (a process that
         talks to several stacks) starts from the fingerprints again."""
         if url != self._url:
-            self._by_id, self._write_ids, self._unknown = dict(self._fingerprints), {}, {}
-            self._client, self._url = client, url
+            with self._lock:
+                self._by_id, self._write_ids, self._unknown = dict(self._fingerprints), {}, {}
+                self._client, self._url = client, url
         if eager:
             for name in self.names():
                 for reg in self.versions(name):
@@ -189,13 +194,26 @@ class LocalSchemaRegistry:
                 self._silent_until = time.monotonic() + SILENT_S
         return sid if sid is not None else self._by_name[name].id
 
+    def _may_ask(self) -> bool:
+        """At most ASKS_PER_S questions a second about unknown ids (ASK_BURST at once): a producer
+        sending random ids costs the registry that much, and its records are refused either way."""
+        with self._lock:
+            now = time.monotonic()
+            self._asks = min(ASK_BURST, self._asks + (now - self._asked_at) * ASKS_PER_S)
+            self._asked_at = now
+            if self._asks < 1:
+                return False
+            self._asks -= 1
+            return True
+
     def _answers(self) -> bool:
         return self._client is not None and time.monotonic() >= self._silent_until
 
     def by_id(self, sid: int) -> RegisteredSchema:
         reg = self._by_id.get(sid)
-        if reg is None and self._answers() and sid not in self._unknown:
-            reg = self._ask(sid)
+        if reg is None and self._answers() and sid not in self._unknown and self._may_ask():
+            with self._lock:
+                reg = self._ask(sid)
         if reg is None:
             raise UnknownSchemaError(f"unknown schema id {sid}")
         return reg

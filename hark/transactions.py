@@ -56,13 +56,13 @@ class Transactions:
         self._open = False
         self._inflight: concurrent.futures.Future | None = None
         self._started = 0.0  # when the commit in flight began (monotonic)
-        self._waiting: list[tuple[str, bytes | None, bytes, Headers]] = []
+        self._waiting: list[tuple[str, bytes | None, bytes | None, Headers]] = []
         self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="commit")
 
     def init(self) -> None:
         self.producer.init_transactions(60)  # aborts what a predecessor with this id left open
 
-    def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers = None) -> None:
+    def send(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers = None) -> None:
         if self._inflight is not None:
             if not self._inflight.done() and len(self._waiting) < self.MAX_WAITING:
                 self._waiting.append((topic, key, value, headers))
@@ -117,7 +117,7 @@ class Transactions:
     def close(self) -> None:
         self._committer.shutdown(wait=False)
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes, headers: Headers = None) -> None:
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers = None) -> None:
         if not self._open:
             self.producer.begin_transaction()
             self._open = True

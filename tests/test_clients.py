@@ -185,21 +185,18 @@ def test_clients_are_listed_without_passwords_refused_when_wrong_and_revoked(liv
 
 
 def test_services_reach_every_tenants_topics_of_their_kind(live_stack):
-    """results creates and writes any tenant's published topic; ingest reads any tenant's
-    produce topic in its group, and writes (its retention sweep's tombstones) but never reads
-    their published topics; neither reaches past its prefixes."""
+    """results writes any tenant's published topic but creates none (`hark clients create` does);
+    ingest reads any tenant's produce topic in its group, and writes (its retention sweep's
+    tombstones) but never reads their published topics; neither reaches past its prefixes."""
     settings, state = live_stack
     creds = security.Credentials.load(Path(state["credentials"]))
     results, ingest = _owner(settings) | creds.client("results"), _owner(settings) | creds.client("ingest")
     new = NewTopic(settings.published_topic("clients-new"), num_partitions=1, replication_factor=1)
     as_results = AdminClient(results)  # held: a dropped client fails its futures
-    for fut in as_results.create_topics([new], request_timeout=10).values():
-        fut.result()
-    outside = NewTopic(settings.topic("elsewhere"), num_partitions=1, replication_factor=1)
     with pytest.raises(kafka.KafkaException, match="AUTHORIZATION"):
-        as_results.create_topics([outside], request_timeout=10)[outside.topic].result()
-    assert _write(results, new.topic) is None
+        as_results.create_topics([new], request_timeout=10)[new.topic].result()
     kafka.ensure_tenant_topics(settings, "clients-new")
+    assert _write(results, new.topic) is None
     assert _write(_owner(settings), settings.produce_topic("clients-new")) is None
     group = security.INGEST_IN_GROUP + ".probe"  # within ingest's prefix, beside the service's own group
     assert _read(ingest, settings.produce_topic("clients-new"), group) == b"probe"

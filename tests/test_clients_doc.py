@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from hark import published
 from hark.wer import score
 
 from . import connect_helpers as ch
@@ -68,6 +69,7 @@ def test_the_clients_page_runs_as_written(live_stack, speech_dir, references, tm
     tenant, sid = f"doc{time.time_ns() % 10**8}", f"doc-{time.time_ns()}"
     login = create(state, f"app{time.time_ns() % 10**8}", tenant, "--consume", "--produce")
     assert login["produce_topic"] == settings.produce_topic(tenant)
+    time.sleep(published.Publisher.TOPICS_S + 1)  # the results service finds the tenant's new topic
     (tmp_path / "login.json").write_text(json.dumps(login))
     consume = snippet(tmp_path, "# consume.py", "consume.py")
     produce = snippet(tmp_path, "# produce.py", "produce.py")

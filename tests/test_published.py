@@ -124,6 +124,8 @@ def test_a_sealed_record_fails_cleanly_in_a_stock_deserializer(live_stack):
 def test_a_recording_reaches_the_published_tier_and_erasure_tombstones_it(live_stack, speech_dir, references):
     settings, _ = live_stack
     sid = f"published-{time.time_ns()}"
+    kafka.ensure_tenant_topics(settings, "pubtenant", produce=False)  # what `hark clients create` makes
+    time.sleep(published.Publisher.TOPICS_S + 1)  # results sees it
     pub = run_hark(
         "publish", str(speech_dir / "austen_passage.flac"), "--stream-id", sid, "--tenant", "pubtenant",
         "--bootstrap", settings.bootstrap,
@@ -169,6 +171,9 @@ def test_an_erased_streams_plain_records_leave_the_brokers_disk(tmp_path, speech
         state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
         sid, log_root = f"gone-{time.time_ns()}", Path(state["data_dir"]) / "stacks" / "default" / "kafka"
         topic = Settings().published_topic("gone")
+        login = run_hark("clients", "create", "sink", "--tenant", "gone", "--consume", env_extra=env)
+        assert login.returncode == 0, login.stderr
+        time.sleep(published.Publisher.TOPICS_S + 1)  # results sees the tenant's new topic
         pub = run_hark(
             "publish", str(speech_dir / "goforward.wav"), "--stream-id", sid, "--tenant", "gone",
             "--bootstrap", state["bootstrap"], env_extra=env,

@@ -226,7 +226,9 @@ def test_erase_removes_audio_index_entries_and_results_and_is_audited(live_stack
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["archive_objects"] >= 3
-    assert report["tombstones"] == [settings.results_topic, settings.published_topic("acme")]
+    # acme's own topics too where a login made them (tests/test_published.py, test_clients_doc.py)
+    assert report["tombstones"][0] == settings.results_topic
+    assert set(report["tombstones"][1:]) <= {settings.published_topic("acme"), settings.produce_topic("acme")}
     assert store.list(archive_prefix(sid)) == []
     # the secured captions server has its own index: it erases the stream when it reads the tombstone
     deadline = time.monotonic() + 30

@@ -60,7 +60,7 @@ class Results(ConsumerService):
         topic, partition, _ = kafka.position(msg)
         sid, tp = rec["stream_id"], (topic, partition)
         if rec.get("end_status") == ERASED:  # a pass's notice that `hark erase` ended the stream
-            self.stream_erased(sid)
+            self.stream_erased(sid, rec.get("tenant"))
             return
         if self.finished_before_checkpoint(f"{sid}@{msg.topic()}"):
             return
@@ -88,25 +88,27 @@ class Results(ConsumerService):
 
     def _publish(self, results: list[dict]) -> None:
         for result in results:
-            if self.produce(self.settings.results_topic, result["stream_id"], "Result", result):
-                self._publish_tier(result)
+            # made first: what fails in it fails before the sealed Result is sent (both or neither)
+            plain = self.publisher.message(result) if self.publisher and not self.replaying else None
+            if self.produce(self.settings.results_topic, result["stream_id"], "Result", result) and plain:
+                self._publish_tier(plain)
             if result["kind"] == "STREAM_COMPLETE":
                 self._release_stream(result["stream_id"])
 
-    def _publish_tier(self, result: dict) -> None:
-        """The tenant's plain copy of a final or a complete transcript (hark/published.py), in the
-        same transaction as the sealed Result: both or neither."""
-        message = self.publisher.message(result) if self.publisher else None
-        if message is not None:
-            topic, key, value, headers = message
-            self.transactions.send(topic, key, value, headers)
-            self.metrics.inc("records_out_total", topic="published")
+    def _publish_tier(self, message: tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]) -> None:
+        """The tenant's plain copy of a final or a complete transcript (hark/published.py), or a
+        tombstone, in the same transaction as the sealed Results: both or neither."""
+        topic, key, value, headers = message
+        self.transactions.send(topic, key, value, headers)
+        self.metrics.inc("records_out_total", topic="published")
 
     def _nudge(self) -> None:
         """Roll quiet published partitions so compaction reaches erased streams (published.Nudges)."""
         now = time.monotonic()
         if self._nudger is None or now - self._nudged_at < self._nudge_period_s:
             return
+        if (self.settings.online_topic, 0) not in self._assigned:
+            return  # one replica nudges (two would nudge each other's nudges for ever)
         self._nudged_at = now
         try:
             due = self.nudges.due()
@@ -131,8 +133,15 @@ class Results(ConsumerService):
                 self._release_stream(sid)  # abandoned by the merger: release its holds
             self.metrics.set("streams_abandoned", self.merger.abandoned)
 
-    def stream_erased(self, stream_id: str) -> None:
-        """Its merge state is dropped unpublished; later records of it no longer open (key gone)."""
+    def stream_erased(self, stream_id: str, tenant: str | None = None) -> None:
+        """Its merge state is dropped unpublished; later records of it no longer open (key gone).
+        A tombstone follows whatever plain copy this process wrote of it before it knew (its key
+        was still in memory): `hark erase`'s own tombstone may be older than those."""
+        st = self.merger.streams.get(stream_id)
+        tenant = tenant or (st.tenant if st is not None else None)
+        topic = self.settings.published_topic(tenant) if tenant else None
+        if self.publisher and topic in self.publisher.topics() and not self.replaying:
+            self._publish_tier((topic, stream_id.encode(), None, []))
         self.merger.drop(stream_id)
         self.merger.completed.add(stream_id)
         self._release_stream(stream_id)
