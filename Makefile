@@ -38,7 +38,8 @@ $(CHROMIUM_STAMP):
 
 # Stock readers of the published tier (tests/test_connect.py): a standalone Kafka Connect worker,
 # Debezium's JDBC sink and Apicurio's AvroConverter, each plugin in its own folder (Connect gives
-# every plugin its own class loader), and the Java consumer of clients/java. PostgreSQL is Debian's.
+# every plugin its own class loader), and the Java consumer and producer of clients/java.
+# PostgreSQL is Debian's.
 CONNECT_STAMP := $(VENV)/.connect
 CONNECT := $(CURDIR)/$(VENV)/connect
 $(CONNECT_STAMP): connect/pom.xml clients/java/pom.xml $(wildcard clients/java/src/main/java/dev/hark/client/*.java)

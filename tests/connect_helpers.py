@@ -508,3 +508,37 @@ def java_consume(
             f"the Java consumer exited {out.returncode} with {len(lines)} records: {out.stderr[-3000:]}"
         )
     return lines
+
+
+def java_produce(
+    bootstrap: str,
+    login: Login,
+    registry_url: str,
+    topic: str,
+    wav: Path,
+    stream_id: str,
+    timeout: float = 120.0,
+    directory: Path | None = None,
+) -> subprocess.CompletedProcess:
+    """Run clients/java's AudioProducer: ``wav`` published as stream ``stream_id`` on ``topic``.
+    Its properties, as docs/clients.md shows them, go through a 0600 file, not argv. The finished
+    process: the caller checks returncode (non-zero, with the error on stderr, if a send failed)."""
+    home = check_installed()
+    props = doc_snippets.properties(
+        "# producer.properties",
+        bootstrap=bootstrap,
+        username=login.username,
+        password=login.password,
+        registry=registry_base(registry_url),
+    )
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        config = _write_private(Path(tmp) / "producer.properties", _properties(props))
+        client = home / "client"
+        cp = f"{client / 'hark-published-consumer-1.jar'}:{client / 'lib'}/*"
+        return subprocess.run(
+            [broker.java_binary(), "-XX:TieredStopAtLevel=1", "-cp", cp, "dev.hark.client.AudioProducer"]
+            + [str(config), topic, str(wav), stream_id],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )

@@ -2,7 +2,9 @@
 a tenant's producer (stock confluent-kafka, the registry's schemas) publishes a real recording,
 its consumer (stock AvroDeserializer) reads the transcript, Kafka Connect's JDBC sink puts it in
 PostgreSQL and `hark erase` deletes the row through the tombstone, and a Java consumer (Apache
-Kafka's client, Apicurio's deserializer) reads it too. Another tenant's login gets nothing.
+Kafka's client, Apicurio's deserializer) reads it too; a Java producer (Apache Kafka's client,
+Apicurio's serializer) publishes a recording that is transcribed. Another tenant's login gets
+nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from .conftest import ROOT, run_hark
 
 pytestmark = pytest.mark.e2e
 
-JAVA_SOURCE = ROOT / "clients" / "java" / "src" / "main" / "java" / "dev" / "hark" / "client" / "PublishedConsumer.java"
+JAVA_DIR = ROOT / "clients" / "java" / "src" / "main" / "java" / "dev" / "hark" / "client"
+JAVA_SOURCE = JAVA_DIR / "PublishedConsumer.java"
+JAVA_PRODUCER = JAVA_DIR / "AudioProducer.java"
 
 
 def create(state: dict, name: str, tenant: str, *grants: str) -> dict:
@@ -116,6 +120,32 @@ def test_the_clients_page_runs_as_written(live_stack, speech_dir, references, tm
             consumer.kill()
 
 
+def test_the_java_producer_is_transcribed(live_stack, speech_dir, references, tmp_path):
+    settings, state = live_stack
+    tenant, sid = f"docj{time.time_ns() % 10**8}", f"docj-{time.time_ns()}"
+    login = create(state, f"japp{time.time_ns() % 10**8}", tenant, "--consume", "--produce")
+    time.sleep(published.Publisher.TOPICS_S + 1)  # the results service finds the tenant's new topic
+    (tmp_path / "login.json").write_text(json.dumps(login))
+    consume = snippet(tmp_path, "# consume.py", "consume.py")
+    wav = speech_dir / "forever_input_2_16k.wav"
+    consumer = subprocess.Popen(
+        [sys.executable, str(consume), str(tmp_path / "login.json")], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        lines = Lines(consumer)
+        out = ch.java_produce(
+            settings.bootstrap, ch.Login.from_client(login), login["schema_registry_url"],
+            login["produce_topic"], wav, sid, directory=tmp_path,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.startswith(f"{sid} published:"), out.stdout
+        complete = lines.wait_for(lambda x: x.startswith(f"{sid} COMPLETE "), 120)
+        text = complete.split(" ", 3)[3]
+        assert score(references[wav.name], text).wer <= 0.5, text
+    finally:
+        consumer.kill()
+
+
 def test_another_tenants_login_cannot_publish_into_this_tenant(live_stack, speech_dir, tmp_path):
     _, state = live_stack
     victim = create(state, f"v{time.time_ns() % 10**8}", f"victim{time.time_ns() % 10**6}", "--produce")
@@ -128,8 +158,15 @@ def test_another_tenants_login_cannot_publish_into_this_tenant(live_stack, speec
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode != 0 and "TOPIC_AUTHORIZATION_FAILED" in out.stderr, out.stderr[-2000:]
+    java = ch.java_produce(
+        state["bootstrap"], ch.Login.from_client(other), other["schema_registry_url"], victim["produce_topic"],
+        speech_dir / "goforward.wav", "x-2", directory=tmp_path,
+    )  # fmt: skip
+    assert java.returncode != 0 and "not published" in java.stderr and "uthoriz" in java.stderr, java.stderr[-2000:]
 
 
 def test_the_java_shown_is_the_java_that_runs():
     excerpt = doc_snippets.block("        props.putIfAbsent(ConsumerConfig.KEY_DESERIALIZER")
     assert excerpt in JAVA_SOURCE.read_text()
+    excerpt = doc_snippets.block("        props.putIfAbsent(ProducerConfig.KEY_SERIALIZER")
+    assert excerpt in JAVA_PRODUCER.read_text()
