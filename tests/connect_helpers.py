@@ -491,17 +491,9 @@ def java_consume(
     )
     # a group of its own each run by default (the program commits what it printed)
     props["group.id"] = group or f"{props['group.id']}-{secrets.token_hex(4)}"
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        config = _write_private(Path(tmp) / "consumer.properties", _properties(props))
-        client = home / "client"
-        cp = f"{client / 'hark-published-consumer-1.jar'}:{client / 'lib'}/*"
-        out = subprocess.run(
-            [broker.java_binary(), "-XX:TieredStopAtLevel=1", "-cp", cp, "dev.hark.client.PublishedConsumer"]
-            + [str(config), topic, str(max_records), str(int(timeout))],
-            capture_output=True,
-            text=True,
-            timeout=timeout + 60,
-        )
+    out = _run_client(
+        home, "PublishedConsumer", props, [topic, str(max_records), str(int(timeout))], timeout + 60, directory
+    )
     lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     if out.returncode != 0:
         raise AssertionError(
@@ -531,13 +523,19 @@ def java_produce(
         password=login.password,
         registry=registry_base(registry_url),
     )
+    return _run_client(home, "AudioProducer", props, [topic, str(wav), stream_id], timeout, directory)
+
+
+def _run_client(
+    home: Path, main: str, props: dict[str, str], args: list[str], timeout: float, directory: Path | None
+) -> subprocess.CompletedProcess:
+    """One of clients/java's programs, its properties (the password among them) in a 0600 file."""
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        config = _write_private(Path(tmp) / "producer.properties", _properties(props))
+        config = _write_private(Path(tmp) / "client.properties", _properties(props))
         client = home / "client"
         cp = f"{client / 'hark-published-consumer-1.jar'}:{client / 'lib'}/*"
         return subprocess.run(
-            [broker.java_binary(), "-XX:TieredStopAtLevel=1", "-cp", cp, "dev.hark.client.AudioProducer"]
-            + [str(config), topic, str(wav), stream_id],
+            [broker.java_binary(), "-XX:TieredStopAtLevel=1", "-cp", cp, f"dev.hark.client.{main}", str(config), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
