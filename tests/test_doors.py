@@ -15,10 +15,7 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,41 +31,11 @@ from services.ingest.live import LiveStream
 from services.ingest.server import IngestServer
 
 from .conftest import ROOT
-from .helpers import collect, complete_record
+from .helpers import collect, complete_record, running
 
 pytestmark = pytest.mark.e2e
 
 SILENCE = b"\x00\x00" * 3200  # 0.2 s at 16 kHz
-
-
-@contextmanager
-def running(settings) -> Iterator[tuple[IngestServer, str]]:
-    """An IngestServer serving on a thread of its own (its own event loop) until the block ends."""
-    server = IngestServer(settings)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    task: asyncio.Task | None = None
-
-    async def main() -> None:
-        nonlocal task
-        up = asyncio.Event()
-        task = asyncio.create_task(server.serve("127.0.0.1", 0, up))
-        await up.wait()
-        started.set()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    assert started.wait(60), "ingest did not start"
-    try:
-        yield server, f"ws://127.0.0.1:{server.port}/v1/streams"
-    finally:
-        assert task is not None
-        loop.call_soon_threadsafe(task.cancel)
-        thread.join(60)
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +163,10 @@ def test_a_live_flood_is_held_to_the_pace_factor_then_refused(doors):
             try:
                 while time.monotonic() - t0 < 60:  # as fast as the server lets it
                     await ws.send(message)
+                    # a send that fits the socket's buffers completes without yielding, and where they
+                    # are large (tcp_rmem up to 32 MB) this loop would not read the server's answer for
+                    # many seconds: a client that also reads, as every real one does
+                    await asyncio.sleep(0)
             except ConnectionClosed:
                 pass
             return time.monotonic() - t0, json.loads(await ws.recv())
