@@ -78,6 +78,7 @@ test: $(STAMP) $(CHROMIUM_STAMP) $(CONNECT_STAMP) check
 bench: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.captions
+	$(BIN)/python -m bench.record
 	$(BIN)/python -m bench.diarization
 	$(BIN)/python -m bench.online_search
 	$(BIN)/python -m bench.decode_cost

@@ -96,8 +96,8 @@ class Settings:
     max_ws_message_bytes: int = 1024 * 1024  # a larger WebSocket message closes the connection (1009)
     ingest_host: str = "127.0.0.1"  # the WebSocket endpoint (port 0: any free port)
     ingest_port: int = 0
-    # web page origins that may publish (comma list, e.g. https://app.example); clients that are not
-    # browsers send no Origin and are not affected; empty: no web page may publish
+    # web page origins that may publish besides the captions page's own (comma list, e.g.
+    # https://app.example); clients that are not browsers send no Origin and are not affected
     ingest_allowed_origins: str = ""
     archive_segment_seconds: float = 30.0  # archived PCM is written in segments this long
     # the most source audio a live connection holds before archiving it, whatever its rate and
@@ -190,6 +190,9 @@ class Settings:
     # host names the page answers to beyond loopback (comma list; what a proxy in front uses)
     captions_allowed_hosts: str = ""
     index_path: str = ""  # SQLite file; default <data_dir>/index/transcripts.sqlite
+    # ingest's WebSocket as a browser reaches it, for the page's Record button (ws:// or wss://);
+    # empty: the page's own host name at ingest_port (wss:// when the page came over https)
+    captions_ingest_url: str = ""
 
     # Consume-transform-produce services commit their input offsets and their output in one Kafka
     # transaction this often while there is work; read_committed readers see output only then.

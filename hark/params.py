@@ -22,3 +22,13 @@ def parse_count(raw: str | None, name: str, default: int, lo: int, hi: int) -> i
     if not _COUNT.fullmatch(raw) or not lo <= int(raw) <= hi:
         raise ValueError(f"{name} must be a whole number {lo}..{hi}")
     return int(raw)
+
+
+MAX_SPEAKERS = 32  # the diarizer's bound on a stream's speaker hints
+
+
+def speakers_metadata(raw: str | None) -> dict[str, str]:
+    """A client's ``speakers`` parameter (how many people speak) as stream metadata for the
+    diarizer (``num_speakers``); nothing when absent. ValueError for anything but 1..32."""
+    n = parse_count(raw, "speakers", 0, 1, MAX_SPEAKERS)
+    return {"num_speakers": str(n)} if n else {}

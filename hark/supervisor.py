@@ -169,6 +169,9 @@ class Supervisor:
             p for p in passes if p not in absent or self.replicas.get(absent[p], 1) > 0
         )
         base_env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        # each side knows the other's port: the captions page's Record button opens ingest's
+        # WebSocket, and ingest admits that page's origin (and no other page's)
+        base_env["HARK_INGEST_PORT"], base_env["HARK_CAPTIONS_PORT"] = str(free_port()), str(free_port())
         logs = self.dir / "logs"
         for name, (module, _topic) in SERVICES.items():
             for i in range(self.replicas.get(name, 1)):
@@ -176,9 +179,9 @@ class Supervisor:
                 env = {**base_env, "HARK_HEALTH_PORT": str(hp), "HARK_INSTANCE_ID": f"{name}-{i}"}
                 if self.credentials:
                     env.update(self.credentials.env(name))
-                if name == "ingest":
+                if name == "ingest" and i > 0:  # the page records through the first
                     env["HARK_INGEST_PORT"] = str(free_port())
-                if name == "captions":
+                if name == "captions" and i > 0:  # each its own port; the first is the page's
                     env["HARK_CAPTIONS_PORT"] = str(free_port())
                 child = Child(
                     name, i, [sys.executable, "-m", module.rsplit(".", 1)[0]], env, logs / f"{name}-{i}.log", hp

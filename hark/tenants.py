@@ -1,7 +1,9 @@
 """Tenants and their tokens: who may publish, and whose streams a reader may see.
 
 A tokens file holds one line per token: ``<sha256 of the token> <tenant>``. Only hashes are
-stored, so the file leaks no credential; ``hark token create TENANT`` adds a line and prints the
+stored, so the file holds no token; but each hash is the key that signs the captions page's
+recording tickets (tickets.py), so whoever reads the file can open streams as its tenants for a
+minute at a time: it is a secret, 0600. ``hark token create TENANT`` adds a line and prints the
 token once. The file is ``HARK_TOKENS_FILE``, else ``<data_dir>/tokens`` (``tokens_path``), where
 ``hark token create`` puts it by default: creating a token is what turns tokens on. With a tokens
 file, ingest requires a token and stamps every record of the stream with the token's tenant, and
@@ -113,6 +115,19 @@ class Access:
             if hmac.compare_digest(known, digest):
                 return tenant
         raise AccessDenied("unauthorized", "unknown token")
+
+    def hash_with_key_id(self, kid: str, key_id) -> str | None:
+        """The stored token hash whose ``key_id(hash)`` is ``kid`` (tickets.py), or None."""
+        self._reload_if_changed()
+        for known in self._hashes or {}:
+            if hmac.compare_digest(key_id(known).encode(), str(kid).encode()):
+                return known
+        return None
+
+    def tenant_of_hash(self, stored: str) -> str | None:
+        """The tenant of a token by its stored hash; None once the token is gone."""
+        self._reload_if_changed()
+        return (self._hashes or {}).get(stored)
 
     def publishing_tenant(self, token: str | None, requested: str | None) -> str:
         """The tenant a producer publishes as: its token's, or with open access the one it names."""

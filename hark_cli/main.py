@@ -26,7 +26,7 @@ def cmd_up(a) -> int:
     state = stack.launch(s, replicas=a.replicas, external_broker=bool(a.bootstrap))
     print(f"hark stack up: broker {state['bootstrap']}, ingest {state.get('ingest_url')}, archive {state['archive']}")
     if state.get("captions_url"):
-        print(f"captions page, search and exports: {state['captions_url']}")
+        print(f"captions page (press Record to caption your voice), search, exports: {state['captions_url']}")
     print(f"state and logs in {stack.stack_dir(s)}; `hark status`, `hark down`")
     return 0
 

@@ -1,15 +1,21 @@
-"""What several test modules share: reading a topic until a condition holds."""
+"""What several test modules share: reading a topic until a condition holds, an ingest server
+running in this process."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import subprocess
+import threading
 import time
 import wave
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hark import broker, kafka, serde
 from hark.keys import Keyring
+from services.ingest.server import IngestServer
 
 
 def collect(settings, topic: str, until, timeout: float = 60.0) -> list[tuple[str, dict]]:
@@ -67,3 +73,33 @@ def segments_holding(log_root: Path, topic: str, needle: str) -> int:
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     return out.count(needle)
+
+
+@contextmanager
+def running(settings) -> Iterator[tuple[IngestServer, str]]:
+    """An IngestServer serving on a thread of its own (its own event loop) until the block ends."""
+    server = IngestServer(settings)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    task: asyncio.Task | None = None
+
+    async def main() -> None:
+        nonlocal task
+        up = asyncio.Event()
+        task = asyncio.create_task(server.serve("127.0.0.1", 0, up))
+        await up.wait()
+        started.set()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(60), "ingest did not start"
+    try:
+        yield server, f"ws://127.0.0.1:{server.port}/v1/streams"
+    finally:
+        assert task is not None
+        loop.call_soon_threadsafe(task.cancel)
+        thread.join(60)

@@ -47,6 +47,9 @@ def secured(live_stack, tmp_path_factory):
         "HARK_SCHEMA_REGISTRY_URL": settings.schema_registry_url,
         "HARK_INDEX_PATH": str(d / "index.sqlite"),
         "HARK_HEALTH_PORT": "0",
+        # as `hark up` gives them: the page records through this ingest, which admits that page
+        "HARK_INGEST_PORT": str(ingest_port),
+        "HARK_CAPTIONS_PORT": str(captions_port),
     }
     procs = [
         subprocess.Popen(
@@ -606,15 +609,22 @@ def test_closed_doors_by_default_hosts_origins_headers_and_file_modes(live_stack
     index = Path(os.environ.get("HARK_DATA_DIR", "")) / "index" / "transcripts.sqlite"
     assert index.exists() and oct(index.stat().st_mode & 0o777) == "0o600"
 
-    # a web page's WebSocket (it sends its Origin) may not publish; a client that sends none may
+    # a web page's WebSocket (it sends its Origin) may not publish unless it is the captions
+    # page's own (its Record button); a client that sends none may
     async def connect_with(origin):
         async with connect(f"{secured['ingest']}?token={token}", origin=origin) as ws:
             return json.loads(await ws.recv())["type"]
 
-    with pytest.raises(InvalidStatus) as refused:
-        asyncio.run(connect_with("http://attacker.example"))
-    assert refused.value.response.status_code == 403
+    for other in ("http://attacker.example", "http://127.0.0.1:1", base.replace("http://", "https://evil.")):
+        with pytest.raises(InvalidStatus) as refused:
+            asyncio.run(connect_with(other))
+        assert refused.value.response.status_code == 403
     assert asyncio.run(connect_with(None)) == "ready"
+    assert asyncio.run(connect_with(base.rstrip("/"))) == "ready"
+    assert asyncio.run(connect_with(base.rstrip("/").replace("127.0.0.1", "localhost"))) == "ready"
+    # the page may connect to itself and that ingest, nowhere else
+    ingest_origin = secured["ingest"].split("/v1/")[0]
+    assert f"connect-src 'self' {ingest_origin};" in csp, csp
     # nothing under the data folder is open to other users: logs, state, archive, index, the broker's log
     assert exposed_under(Path(os.environ["HARK_DATA_DIR"])) == []
 

@@ -12,6 +12,8 @@ each batch in one transaction and fans each record out to the pages following th
   /api/search?q=&stream=      hits as JSON, best first (same as `hark search`)
   /api/streams/{id}/export?format=vtt|srt|json|rttm|ctm
   /api/streams/{id}/audio     the archived audio as WAV, with range requests (audio.py)
+  POST /api/record            a new stream id and ingest's WebSocket URL for the page's Record
+                              button, with a one-use ticket when tokens are on (record.py)
 
 With a tokens file (``HARK_TOKENS_FILE``, else ``<data_dir>/tokens`` once it exists) every
 request needs a token (``Authorization: Bearer``, ``?token=`` or the ``hark_token`` cookie that a
@@ -46,6 +48,7 @@ from .audio import NoAudio, byte_range, open_audio
 from .follower import Hub, ResultsFollower
 from .guard import PAGE, Guard, allowed_hosts
 from .index import TranscriptIndex
+from .record import Recordings, ingest_url, record
 
 log = logging.getLogger("hark.captions")
 
@@ -68,9 +71,10 @@ def create_app(settings: Settings, hub: Hub, follower: ResultsFollower | None) -
             Route("/api/streams/{stream_id}/events", guarded(api.events)),
             Route("/api/streams/{stream_id}/export", guarded(api.export)),
             Route("/api/streams/{stream_id}/audio", guarded(api.audio), methods=["GET", "HEAD"]),
+            Route("/api/record", guarded(api.record), methods=["POST"]),
         ]
     )
-    return Guard(app, allowed_hosts(settings))
+    return Guard(app, allowed_hosts(settings), lambda host, scheme: ingest_url(settings, host, scheme))
 
 
 class CaptionsApi:
@@ -81,6 +85,7 @@ class CaptionsApi:
         self.settings, self.hub, self.follower = settings, hub, follower
         self.access = Access.load(settings)
         self.archive = open_archive(settings)
+        self.recordings = Recordings()
 
     async def read_index(self, work: Callable[[TranscriptIndex], Any]) -> Any:
         """``work`` on a reader of the index, in a worker thread: SQLite blocks, the loop serves
@@ -125,6 +130,9 @@ class CaptionsApi:
     async def stream_page(self, request: Request, tenant: str | None) -> Response:
         sid = request.path_params["stream_id"]
         return HTMLResponse(PAGE.replace("__STREAM__", html.escape(sid, quote=True)))
+
+    async def record(self, request: Request, tenant: str | None) -> Response:
+        return await record(request, tenant, self.settings, self.recordings)
 
     async def streams(self, request: Request, tenant: str | None) -> Response:
         return JSONResponse(await self.read_index(lambda idx: idx.streams(tenant=tenant)))
@@ -175,9 +183,9 @@ class CaptionsApi:
 
     async def events(self, request: Request, tenant: str | None) -> Response:
         sid = request.path_params["stream_id"]
-        if tenant is not None:  # a stream not indexed yet has no tenant to check: 404 until it is
-            st = await self.read_index(lambda idx: idx.stream(sid))
-            if not _visible(st, tenant):
+        if tenant is not None:  # a stream not indexed yet has no tenant to check: 404 until it is,
+            st = await self.read_index(lambda idx: idx.stream(sid))  # unless its page is recording it
+            if not _visible(st, tenant) and (st is not None or not self.recordings.handed_to(sid, tenant)):
                 return PlainTextResponse(f"no stream {sid!r}\n", status_code=404)
         self.hub.loop = asyncio.get_running_loop()
         queue = self.hub.subscribe(sid)  # before reading history: nothing falls between the two

@@ -6,9 +6,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from hark.config import Settings
+
+from .record import ws_origin
 
 PAGE = (Path(__file__).parent / "page.html").read_text()
 
@@ -18,15 +21,26 @@ def _inline_hashes(tag: str) -> str:
     return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in bodies)
 
 
-# The page's own inline script and style, by hash, and nothing else: no other script runs, no
-# other site frames it, and it talks to this server only.
-CSP = (
-    f"default-src 'none'; script-src {_inline_hashes('script')}; style-src {_inline_hashes('style')}; "
-    "connect-src 'self'; img-src 'self' data:; media-src 'self'; base-uri 'none'; form-action 'self'; "
-    "frame-ancestors 'none'"
-)
+_SCRIPTS, _STYLES = _inline_hashes("script"), _inline_hashes("style")
+
+
+def csp(ingest: str | None = None) -> str:
+    """The page's own inline script and style, by hash, and nothing else: no other script runs, no
+    other site frames it, and it talks to this server only, and to ingest's WebSocket (``ingest``,
+    an origin) where its Record button streams the microphone.
+
+    'strict-dynamic' lets the hashed script load its audio worklet, whose source is a string in
+    that same script (a Blob URL): every line that runs is covered by the hash. No page markup can
+    add a script (parser-inserted scripts still need a hash), and no other origin's is loaded."""
+    connect = "'self'" + (f" {ingest}" if ingest else "")
+    return (
+        f"default-src 'none'; script-src {_SCRIPTS} 'strict-dynamic'; "
+        f"style-src {_STYLES}; connect-src {connect}; img-src 'self' data:; media-src 'self'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
+
+
 SECURITY_HEADERS = [
-    (b"content-security-policy", CSP.encode()),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
@@ -38,8 +52,8 @@ class Guard:
     re-points its own name at 127.0.0.1, DNS rebinding, gets 400), and every response carries the
     security headers."""
 
-    def __init__(self, app, hosts: set[str]):
-        self.app, self.hosts = app, hosts
+    def __init__(self, app, hosts: set[str], ingest_url: Callable[[str, str], str | None] = lambda h, s: None):
+        self.app, self.hosts, self.ingest_url = app, hosts, ingest_url
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -48,14 +62,16 @@ class Guard:
         name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
         if name not in self.hosts:
             body = f"unknown host {host!r}: set HARK_CAPTIONS_ALLOWED_HOSTS\n".encode()
-            await send({"type": "http.response.start", "status": 400,
-                        "headers": [(b"content-type", b"text/plain"), *SECURITY_HEADERS]})  # fmt: skip
+            headers = [(b"content-type", b"text/plain"), (b"content-security-policy", csp().encode())]
+            await send({"type": "http.response.start", "status": 400, "headers": headers + SECURITY_HEADERS})
             await send({"type": "http.response.body", "body": body})
             return
+        url = self.ingest_url(host, scope.get("scheme", "http"))
+        policy = (b"content-security-policy", csp(ws_origin(url) if url else None).encode())
 
         async def with_headers(message):
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+                message = {**message, "headers": [*message.get("headers", []), policy, *SECURITY_HEADERS]}
             await send(message)
 
         await self.app(scope, receive, with_headers)

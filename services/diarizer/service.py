@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from hark.config import Settings
+from hark.params import MAX_SPEAKERS
 from hark.records import now_ms
 from hark.runtime import Chunk, InputError, Output, StreamInfo, StreamRunner, kv, main_for
 from hark.voices import TenantVoices, VoiceStore
@@ -45,8 +46,8 @@ def speaker_hints(metadata: dict | None) -> dict[str, int]:
             out[k] = int(v)
         except ValueError:
             raise InputError("bad_metadata", f"stream metadata {k}={v!r} is not an integer") from None
-        if not 1 <= out[k] <= 32:
-            raise InputError("bad_metadata", f"stream metadata {k}={v} is outside 1..32")
+        if not 1 <= out[k] <= MAX_SPEAKERS:
+            raise InputError("bad_metadata", f"stream metadata {k}={v} is outside 1..{MAX_SPEAKERS}")
     return out
 
 

@@ -60,7 +60,14 @@ class LiveStream:
     connection's token no longer admits it (revoked)."""
 
     def __init__(
-        self, ingest: Ingest, ws: ServerConnection, q: dict, stream_id: str, tenant: str, authorized: Authorize
+        self,
+        ingest: Ingest,
+        ws: ServerConnection,
+        q: dict,
+        stream_id: str,
+        tenant: str,
+        authorized: Authorize,
+        metadata: dict | None = None,
     ):
         self.ingest, self.settings, self.ws = ingest, ingest.settings, ws
         self.stream_id, self.authorized = stream_id, authorized
@@ -80,6 +87,7 @@ class LiveStream:
             language=q.get("language", AUTO),
             live=True,
             hotwords=q.get("hotwords"),
+            metadata=metadata,
         )
         self.raw = SegmentWriter(
             ingest.store, self.pub.prefix + "source/", source_segment_bytes(self.settings, rate, channels), ".pcm"

@@ -43,15 +43,17 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs, urlparse
 
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+from websockets.exceptions import ConcurrencyError, ConnectionClosed, ConnectionClosedOK
 from websockets.typing import Origin
 
 from hark.audio import AudioError
 from hark.config import Settings
 from hark.languages import AUTO, check_hotwords, check_language
+from hark.params import speakers_metadata
 from hark.records import new_stream_id
 from hark.runtime import HealthServer, Metrics, kv, service_settings
 from hark.tenants import Access, AccessDenied, request_token
+from hark.tickets import Redeemer
 
 from .core import Ingest
 from .kafka_source import KafkaSource
@@ -72,6 +74,7 @@ class IngestServer:
         self.metrics = Metrics("ingest")
         self.ingest = Ingest(settings, metrics=self.metrics)
         self.access = Access.load(settings)
+        self.tickets = Redeemer(self.access)
         self.connections = 0
         self._tenant_connections: Counter[str] = Counter()
         # Uploads decode and publish on threads of their own at a lower priority: however many
@@ -109,7 +112,14 @@ class IngestServer:
         stream_id = q.get("stream_id") or new_stream_id("live")
         token = request_token(ws.request.headers.get("Authorization"), q.get("token"))
         try:
-            tenant = self.access.publishing_tenant(token, q.get("tenant"))
+            if q.get("ticket"):  # a browser page's, from the captions server (hark/tickets.py)
+                tenant, stored = self.tickets.redeem(q["ticket"], stream_id)
+                if q.get("tenant") and q["tenant"] != tenant:
+                    raise AccessDenied("forbidden", f"this ticket publishes as tenant {tenant!r}, not {q['tenant']!r}")
+                authorizer = self._ticket_authorizer(stored, tenant)
+            else:
+                tenant = self.access.publishing_tenant(token, q.get("tenant"))
+                authorizer = self._authorizer(token, tenant)
             cap = self.settings.tenant_max_connections
             if cap and self._tenant_connections[tenant] >= cap:
                 raise AccessDenied("tenant_limit", f"tenant {tenant!r} has {cap} connections open, its limit")
@@ -120,7 +130,7 @@ class IngestServer:
             return
         self._tenant_connections[tenant] += 1
         try:
-            await self._stream(ws, q, stream_id, tenant, self._authorizer(token, tenant))
+            await self._stream(ws, q, stream_id, tenant, authorizer)
         finally:
             self._tenant_connections[tenant] -= 1
             if self._tenant_connections[tenant] <= 0:
@@ -140,6 +150,15 @@ class IngestServer:
 
         return check
 
+    def _ticket_authorizer(self, stored: str, tenant: str):
+        """As ``_authorizer``, for a stream opened with a ticket: the token it was issued under."""
+
+        def check() -> None:
+            if self.access.tenant_of_hash(stored) != tenant:
+                raise AudioError("unauthorized", "the token this recording was opened under was revoked")
+
+        return check
+
     async def _stream(self, ws: ServerConnection, q: dict, stream_id: str, tenant: str, authorized) -> None:
         """One stream's door checks and its publishing; whatever goes wrong, the client hears why."""
         try:
@@ -152,13 +171,17 @@ class IngestServer:
                 check_hotwords(q.get("hotwords"))
             except ValueError as e:
                 raise AudioError("bad_hotwords", str(e)) from None
+            try:
+                metadata = speakers_metadata(q.get("speakers"))
+            except ValueError as e:
+                raise AudioError("bad_parameter", str(e)) from None
             self.ingest.admission.check(tenant)  # on the loop: a refusal waits for no worker thread
             await asyncio.to_thread(self.ingest.check_new_stream, stream_id)
             fmt = q.get("format", "pcm_s16le")
             if fmt == "pcm_s16le":
-                summary = await LiveStream(self.ingest, ws, q, stream_id, tenant, authorized).run()
+                summary = await LiveStream(self.ingest, ws, q, stream_id, tenant, authorized, metadata).run()
             elif fmt == "file":
-                summary = await self._file_upload(ws, q, stream_id, tenant, authorized)
+                summary = await self._file_upload(ws, q, stream_id, tenant, authorized, metadata)
             else:
                 raise AudioError("unsupported_format", f"unknown format {fmt!r} (pcm_s16le or file)")
             if summary is not None:
@@ -180,7 +203,7 @@ class IngestServer:
             log.exception("could not dead-letter a refusal", extra=kv(stream_id=stream_id))
         await _error(ws, err, code)
 
-    async def _file_upload(self, ws, q, stream_id, tenant, authorized) -> StreamSummary | None:
+    async def _file_upload(self, ws, q, stream_id, tenant, authorized, metadata) -> StreamSummary | None:
         """An encoded file, spooled to disk as it arrives, then decoded and published on the uploads'
         own threads. It counts in admission from its first byte, like a live stream."""
         self.ingest.admission.admit(tenant)
@@ -205,6 +228,7 @@ class IngestServer:
                     tenant=tenant,
                     language=q.get("language", AUTO),
                     hotwords=q.get("hotwords"),
+                    metadata=metadata,
                     max_seconds=self.settings.max_upload_seconds,
                     admitted=True,
                 )
@@ -250,8 +274,7 @@ class IngestServer:
         sweeper = asyncio.create_task(self._retention()) if max(keep) > 0 else None
         # a web page in a local browser must not publish to a loopback endpoint it found: only
         # the origins allowed, and clients that send none (not a browser)
-        allowed = [Origin(o.strip()) for o in self.settings.ingest_allowed_origins.split(",") if o.strip()]
-        origins: list[Origin | None] = [None, *allowed]
+        origins: list[Origin | None] = [None, *map(Origin, allowed_origins(self.settings))]
         # what tenants' own Kafka producers publish, through the same doors (kafka_source.py)
         self.kafka_source = KafkaSource(self.ingest, self.metrics)
         self.kafka_source.start()
@@ -301,15 +324,45 @@ async def _done(ws, stream_id: str, summary: StreamSummary) -> None:
     await ws.send(json.dumps(done))
 
 
+def allowed_origins(settings: Settings) -> list[str]:
+    """The browser origins that may open streams: the captions page's own (its port on the
+    loopback names and on its allowed host names), where its Record button runs, and those named
+    in ``ingest_allowed_origins`` (a proxy's https origin). Any other page that finds a loopback
+    ingest is refused (403)."""
+    named = [o.strip() for o in settings.ingest_allowed_origins.split(",") if o.strip()]
+    if not settings.captions_port:
+        return named
+    names = ["localhost", "127.0.0.1", "[::1]"]
+    names += [h.strip().lower() for h in settings.captions_allowed_hosts.split(",") if h.strip()]
+    own = [f"{scheme}://{n}:{settings.captions_port}" for n in names for scheme in ("http", "https")]
+    return [*own, *named]
+
+
 def _renice(nice: int) -> None:
     os.nice(max(0, nice - os.nice(0)))  # per thread on Linux: the process keeps its own
 
 
 async def _error(ws, err: AudioError, code: int = 1008) -> None:
+    """Tell the client why, and close. What the client sent meanwhile is read and dropped until
+    its close frame: a connection whose reading was paused (a paced or flooding client) would
+    otherwise never complete the closing handshake, and its socket, closed with data unread,
+    would be reset, which loses the error message at the client before it reads it."""
     try:
         await ws.send(json.dumps({"type": "error", "error": err.kind, "reason": err.reason}))
-        await ws.close(code, err.kind[:100])
+        drain = asyncio.create_task(_discard(ws))
+        try:
+            await ws.close(code, err.kind[:100])
+        finally:
+            drain.cancel()
     except ConnectionClosed:
+        pass
+
+
+async def _discard(ws) -> None:
+    try:
+        while True:
+            await ws.recv()
+    except (ConnectionClosed, ConcurrencyError):
         pass
 
 
