@@ -67,6 +67,13 @@ def speech_onset_ms(settings: Settings, sid: str) -> float:
     return float(loud[0] * 20)
 
 
+_SHOWN_WORDS = (
+    "[...document.querySelectorAll('#captions .seg')]"
+    ".map(s => [...s.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent).join(' '))"
+    ".join(' ').split(/\\s+/).filter(Boolean).length"
+)
+
+
 def record_on_page(page, base: str, seconds: float, shot: Path | None = None, **options) -> dict:
     """Open the page, set the options, press Record, let the microphone play ``seconds`` of speech
     (and its lead-in), press Stop and wait for the finished transcript. ``shot``: a screenshot of
@@ -86,7 +93,10 @@ def record_on_page(page, base: str, seconds: float, shot: Path | None = None, **
         page.wait_for_selector("#captions .seg", timeout=20000)
         time.sleep(max(0.0, started + LEAD_S + 0.6 * seconds - time.time()))
         page.screenshot(path=str(shot))
-    time.sleep(max(0.0, started + LEAD_S + seconds + 0.5 - time.time()))
+    shown = []  # words on the live captions every half second: text replaced, never blanked
+    while time.time() < started + LEAD_S + seconds + 0.5:
+        shown.append(page.evaluate(_SHOWN_WORDS))
+        time.sleep(0.5)
     seen = {
         "url": page.url,
         "elapsed": page.inner_text("#elapsed"),
@@ -98,6 +108,7 @@ def record_on_page(page, base: str, seconds: float, shot: Path | None = None, **
     return {
         **seen,
         "stream_id": sid,
+        "shown_words": shown,
         "stop_to_transcript_s": round(time.monotonic() - stopped, 2),
         "first_audio_ms": page.evaluate("window.harkRecorder.firstAudioMs"),
         "events": page.evaluate("window.harkEvents"),

@@ -16,7 +16,7 @@ from hark.config import Settings
 from hark.keys import Keyring
 from hark.runtime import DeadLetters, Metrics, key_of
 
-from .index import TranscriptIndex, majority_speaker
+from .index import TranscriptIndex, majority_speaker, word_times
 
 log = logging.getLogger("hark.captions")
 
@@ -42,6 +42,9 @@ def caption_event(r: dict) -> dict:
         "language": r.get("language"),
         "emitted_at_ms": r["emitted_at_ms"],
         **({"turns": r["turns"]} if str(r["kind"]) == "SPEAKERS" else {}),
+        **(
+            {"words": word_times(r.get("words") or [])} if str(r["kind"]) == "FINAL" and r["source"] == "online" else {}
+        ),
     }
 
 

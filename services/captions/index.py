@@ -272,6 +272,7 @@ class TranscriptIndex:
                 "end_ms": r["end_ms"],
                 "text": r["text"],
                 "speaker": majority_speaker(json.loads(r["words"])),
+                **({"words": word_times(json.loads(r["words"]))} if r["pass"] == "online" else {}),
             }
             for r in rows
         ]
@@ -283,6 +284,12 @@ def _key(stream_id: str, pass_: str, index: int, rank: int) -> str:
 
 def _bytes(value):
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def word_times(words: list[dict]) -> list[list]:
+    """[word, start_ms, end_ms] per word: what the page needs to keep an online final's words that
+    a later pass's range does not cover."""
+    return [[w["word"], w["start_ms"], w["end_ms"]] for w in words]
 
 
 def majority_speaker(words: list[dict]) -> str | None:
