@@ -111,6 +111,7 @@ def record_on_page(page, base: str, seconds: float, shot: Path | None = None, **
         "shown_words": shown,
         "stop_to_transcript_s": round(time.monotonic() - stopped, 2),
         "first_audio_ms": page.evaluate("window.harkRecorder.firstAudioMs"),
+        "status": page.inner_text("#status"),
         "events": page.evaluate("window.harkEvents"),
         "words": page.evaluate("[...document.querySelectorAll('#transcript .word')].map(e => e.textContent)"),
     }
@@ -157,7 +158,8 @@ def main(argv=None) -> None:
                     s = score(refs[name], " ".join(seen["words"]))
                     rows.append({"file": name, "seconds": round(seconds, 2), "wer": round(s.wer, 4),
                                  "errors": s.errors, "ref_words": s.ref_words, "first_partial_ms": round(partial),
-                                 "onset_ms": round(onset), "stop_to_transcript_s": seen["stop_to_transcript_s"]})  # fmt: skip
+                                 "onset_ms": round(onset), "stop_to_transcript_s": seen["stop_to_transcript_s"],
+                                 "hypothesis": " ".join(seen["words"]), "status": seen["status"]})  # fmt: skip
                     r = rows[-1]
                     print(f"{name:48s} {r['seconds']:6.1f} s  WER {100 * r['wer']:5.1f}%  first partial "
                           f"{r['first_partial_ms']:5d} ms  Stop -> transcript {r['stop_to_transcript_s']:5.1f} s", flush=True)  # fmt: skip

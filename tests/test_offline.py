@@ -402,6 +402,21 @@ def test_nbest_gives_distinct_scored_hypotheses(decoder, speech_dir):
     assert "forward" in hyps[0][0].lower() and all(s <= 0 for _, s in hyps)
 
 
+@pytest.mark.parametrize("name", ["cards_001.wav", "sense_and_sensibility_01_austen_64kb-0890.wav"])
+def test_silence_around_a_short_clip_does_not_repeat_its_words(decoder, speech_dir, references, name):
+    """As a person leaves it around a few words spoken into the captions page: 2 s of a quiet
+    room before, 1 s after. With it, Whisper on the 2 s padded input read the clip twice
+    ("10 of clubs 10 of clubs"); the silence at a window's edges is cut before decoding."""
+    pcm = read_pcm_file(speech_dir / name)
+    room = np.random.default_rng(7).normal(0, 20, 48000).astype(np.int16)  # about -64 dBFS
+    padded = np.concatenate([room[:32000], pcm, room[32000:]])
+    d = decoder.decode(padded, 5000)
+    assert score(references[name], d.text).wer <= 0.15, d.text
+    assert d.words[0]["start_ms"] >= 5000 + 1400 and d.words[-1]["end_ms"] <= 5000 + 2000 + len(pcm) // 16 + 300, (
+        d.words
+    )
+
+
 def test_encoder_frames_are_the_window_and_its_padding_even_and_at_most_30_s():
     assert encoder_frames(16000 * 10, 2.0) == 1200
     assert encoder_frames(16000 + 80, 1.0) == 202  # 2.005 s: 201 frames, made even

@@ -11,6 +11,10 @@ grows with the frames it is given (0.12 s for 10 s of audio, 0.80 s padded to 30
 each padding's cost and WER; the default is 2 s (docs/measurements.md). Decoding is beam search
 only, so a window gives the same text every time it is decoded (after a restart, in a replay).
 
+Silence at a window's edges is cut off before decoding (``edges``), half a second of it kept each
+side: a 1.1 s clip after 2 s of silence, as a person leaves it before speaking into the captions
+page, came out "10 of clubs 10 of clubs" with its silence and "10 of clubs" without (bench.record).
+
 A trimmed input can set off a repetition loop that Whisper's 30 s input does not (whisper
 tiny.en read the 2.8 s "go forward ten meters" about 45 times (179 words) on one CPU, and once on another): a
 decode whose text compresses like a loop is done again on the full 30 s, which is deterministic
@@ -32,6 +36,7 @@ import numpy as np
 
 from hark import models
 from hark.languages import AUTO
+from hark.vad import speech_span
 
 MAX_WINDOW_S = 30.0  # Whisper's receptive field
 FRAMES_PER_S = 100  # Whisper's mel frames
@@ -110,6 +115,11 @@ LOOP_RATIO = 2.4
 # (tiny.en on a 2.8 s clip read it twice on one CPU). Speech repeats a sentence word for word
 # rarely, and then the 30 s decode, which is kept, repeats it too.
 LOOP_SENTENCE_WORDS = 3
+
+
+def edges(pcm: np.ndarray) -> tuple[int, int]:
+    """The window without the silence at its edges (hark.vad.speech_span), as sample indices."""
+    return speech_span(pcm.astype("<i2", copy=False).tobytes())
 
 
 def looping(text: str) -> bool:
@@ -211,6 +221,7 @@ class WhisperDecoder:
         """The language spoken in ``pcm`` (Whisper's code) and its probability."""
         if self.english_only:
             return "en", 1.0
+        pcm = pcm[slice(*edges(pcm))]
         # on the decode's input, so the decode reuses the encoding (bench.languages: the same
         # answers as on Whisper's 30 s input, and a short window's detection cost a 30 s encoding)
         self.model.frames = self.frames(len(pcm), None) if self.detect_trimmed else 0
@@ -233,6 +244,8 @@ class WhisperDecoder:
         hotwords: tuple[str, ...] = (),
     ) -> Decoded:
         t0 = time.perf_counter()
+        a, b = edges(pcm)
+        pcm, offset_ms = pcm[a:b], offset_ms + a // 16
         audio = pcm.astype(np.float32) / 32768.0
         frames = self.frames(len(pcm), prompt or hotwords)
         text, words, lang = self._transcribe(audio, frames, offset_ms, prompt, language, hotwords)
@@ -288,6 +301,9 @@ class WhisperDecoder:
         beam_size = beam_size or self.beam_size
         if not pcms:  # every due stretch held no speech
             return []
+        spans = [edges(p) for p in pcms]
+        pcms = [p[a:b] for p, (a, b) in zip(pcms, spans)]
+        offsets_ms = [o + a // 16 for o, (a, _) in zip(offsets_ms, spans)]
         if len(pcms) == 1 and beam_size == self.beam_size:
             return [self.decode(pcms[0], offsets_ms[0], language=language)]
         t0 = time.perf_counter()
@@ -333,6 +349,7 @@ class WhisperDecoder:
         self, pcm: np.ndarray, n: int, *, prompt: str | None = None, language: str = "en"
     ) -> list[tuple[str, float]]:
         """Up to ``n`` distinct whole-window hypotheses, best first, with length-normalised log-prob scores."""
+        pcm = pcm[slice(*edges(pcm))]  # as decode gave it
         # the frames set here, not left from the last decode (whose window may have been shorter)
         frames = FULL_FRAMES if _digest(pcm) in self.looped else self.frames(len(pcm), prompt)
         out = self._nbest(pcm, n, prompt, language, frames)
