@@ -23,8 +23,22 @@ log = logging.getLogger(__name__)
 ONLINE_GROUP = "hark-online-asr"
 
 
+# librdkafka's own log lines ("%3|...|FAIL|... Connect to ... failed") go through Python's logging,
+# not straight to stderr: a service writes them into its log as JSON like its own lines, and the
+# CLI keeps them off the terminal unless asked (``hark -v``), where a broker stopping at the end of
+# a run made them appear in the middle of transcripts.
+CLIENT_LOG = logging.getLogger("hark.kafka.client")
+
+
+def client_log(verbose: bool) -> None:
+    """For a command line: the client library's lines shown (``verbose``) or dropped."""
+    CLIENT_LOG.setLevel(logging.DEBUG if verbose else logging.CRITICAL + 1)
+    if verbose and not logging.getLogger().handlers:
+        logging.basicConfig(format="%(name)s %(levelname)s %(message)s")
+
+
 def _base(settings: Settings) -> dict:
-    conf = {"bootstrap.servers": settings.bootstrap, "client.id": "hark"}
+    conf = {"bootstrap.servers": settings.bootstrap, "client.id": "hark", "logger": CLIENT_LOG}
     conf.update(settings.kafka_extra)
     return conf
 
@@ -39,7 +53,9 @@ class ReportingProducer(Producer):
         self.failures = 0
         # when a connection to the brokers was last lost (monotonic; None: never), as poll() reports it
         self.broker_lost_at: float | None = None
-        self._error_cb = conf.pop("error_cb", None) or (lambda err: log.warning("kafka: %s", err))
+        # the client's error reports are the client library's lines too (most are transient: a
+        # broker restarting, one going away at the end of a run); errors that matter raise
+        self._error_cb = conf.pop("error_cb", None) or (lambda err: CLIENT_LOG.warning("kafka: %s", err))
         super().__init__({**conf, "on_delivery": self._delivered, "error_cb": self._error})
 
     def _error(self, err: KafkaError) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hark.audio import TARGET_RATE
@@ -77,3 +79,32 @@ class Display:
         if self.tty:
             self.out.write("\r\x1b[2K")
             self.out.flush()
+
+
+def report_runs(results: list[dict], json_path: str | None) -> int:
+    """Each run's transcript and latency on stdout (a failure's reason on stderr), and every run
+    as a JSON line in ``json_path``; returns how many failed."""
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(json_path, "w") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    failed = 0
+    for r in results:
+        if r["status"] == "FAILED":
+            failed += 1
+            print(f"hark: {r['source']}: {r['error']}", file=sys.stderr)
+            continue
+        lat = r["latency"]
+        print(f"== {r['source']} ({r['stream_id']}, {r['duration_s']:.1f} s, {r['status']})")
+        lines = speaker_lines([{"word": w["word"], "speaker": w["speaker"]} for w in r["words"]])
+        print("\n".join(lines) if lines else (r["final_text"] or "(no speech recognised)"))
+        print(
+            f"   partial latency p50 {lat['partial_p50_ms']} ms, p95 {lat['partial_p95_ms']} ms; accurate text "
+            f"p50 {lat['accurate_p50_ms']} ms, p95 {lat['accurate_p95_ms']} ms; final {lat['final_after_close_ms']} ms "
+            "after close"
+        )
+        if r["status"] not in ("COMPLETE",):
+            failed += 1
+            print(f"hark: {r['source']}: stream ended {r['status']}", file=sys.stderr)
+    return failed

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
-from pathlib import Path
 
 from hark import kafka, stack
 from hark.audio import AudioError
@@ -15,7 +15,7 @@ from hark.config import ConfigError
 
 from . import clients, transcripts, voices
 from .common import add_bootstrap, connect, settings_of
-from .display import Display, caption_line, speaker_lines
+from .display import Display, caption_line, report_runs
 
 
 # ---- stack -------------------------------------------------------------------------------------
@@ -174,30 +174,11 @@ def _run_session(a, make_runs) -> int:
             ingest.producer.close()
         if started:
             stack.stop(started)
-    results = [r.summary() for r in runs]
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.json, "w") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
-    failed = 0
-    for r in results:
-        if r["status"] == "FAILED":
-            failed += 1
-            print(f"hark: {r['source']}: {r['error']}", file=sys.stderr)
-            continue
-        lat = r["latency"]
-        print(f"== {r['source']} ({r['stream_id']}, {r['duration_s']:.1f} s, {r['status']})")
-        lines = speaker_lines([{"word": w["word"], "speaker": w["speaker"]} for w in r["words"]])
-        print("\n".join(lines) if lines else (r["final_text"] or "(no speech recognised)"))
-        print(
-            f"   partial latency p50 {lat['partial_p50_ms']} ms, p95 {lat['partial_p95_ms']} ms; accurate text "
-            f"p50 {lat['accurate_p50_ms']} ms, p95 {lat['accurate_p95_ms']} ms; final {lat['final_after_close_ms']} ms "
-            "after close"
-        )
-        if r["status"] not in ("COMPLETE",):
-            failed += 1
-            print(f"hark: {r['source']}: stream ended {r['status']}", file=sys.stderr)
+    failed = report_runs([r.summary() for r in runs], a.json)
+    if started and a.verbose:
+        print(f"the run's stack, its logs included, is kept in {started}", file=sys.stderr)
+    elif started:  # the run's own stack goes with it
+        shutil.rmtree(started, ignore_errors=True)
     return 1 if failed else 0
 
 
@@ -307,6 +288,7 @@ def _stream_commands(sub) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="hark", description="Kafka-native speech recognition")
     p.add_argument("--data-dir", help="data folder (default $HARK_DATA_DIR or ~/.local/share/hark)")
+    p.add_argument("-v", "--verbose", action="store_true", help="the Kafka client's own log lines; keep a run's stack")
     sub = p.add_subparsers(dest="cmd", required=True)
     _stack_commands(sub)
     _stream_commands(sub)
@@ -314,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     clients.add_parsers(sub)
     voices.add_parser(sub)
     a = p.parse_args(argv)
+    kafka.client_log(verbose=a.verbose)
     if a.cmd != "models":  # what hark writes is the user's alone; model weights are the installation's
         os.umask(0o077)  # inherited by every process it starts (the stack's supervisor, broker, services)
     try:
