@@ -14,7 +14,16 @@ from hark.audio import read_pcm_file
 from hark.config import Settings
 from hark.runtime import Chunk, StreamInfo
 from hark.wer import WerScore, score
-from services.offline_asr.decoder import FULL_FRAMES, Decoded, WhisperDecoder, choose_device, encoder_frames, looping
+from services.offline_asr.decoder import (
+    FULL_FRAMES,
+    Decoded,
+    WhisperDecoder,
+    apart,
+    apart_words,
+    choose_device,
+    encoder_frames,
+    looping,
+)
 from services.offline_asr.lane import Lane
 from services.offline_asr.service import OfflineProcessors
 from services.offline_asr.windows import StreamWindows
@@ -449,6 +458,17 @@ def test_the_encoder_is_given_the_window_not_30_s(speech_dir, monkeypatch):
     assert set(seen) == {3000}, seen
 
 
+def test_spoken_numbers_run_together_are_written_apart_and_written_numbers_stay():
+    assert apart("The time is 11,27, room 57") == "The time is 11 27, room 57"
+    assert apart("Call me at 11.27.57. Please.") == "Call me at 11 27 57. Please."
+    assert (
+        apart("1,751 people paid 3.50 for 1,000,000.5 units, v2.1")
+        == "1,751 people paid 3.50 for 1,000,000.5 units, v2.1"
+    )
+    words = apart_words([{"word": "11,27,", "start_ms": 1000, "end_ms": 1600, "confidence": 0.9, "speaker": None}])
+    assert [(w["word"], w["start_ms"], w["end_ms"]) for w in words] == [("11", 1000, 1300), ("27,", 1300, 1600)]
+
+
 def test_a_repetition_loop_is_told_from_speech(references):
     """Whisper's own loop test (zlib ratio > 2.4), and a sentence read again at once: the loops
     tiny.en produced on a 2.8 s clip (45 readings on one CPU, two on another) are; no reference
@@ -458,6 +478,9 @@ def test_a_repetition_loop_is_told_from_speech(references):
     assert not looping("Yes. Yes.") and not looping("Go forward. Go back. Go forward.")
     assert not any(looping(text) for text in references.values())
     assert not looping("") and not looping("Go forward 10 meters.")
+    # read again across punctuation that split it otherwise (whisper-base, synthetic speech)
+    assert looping("Call me at 11.27.57. Please. Call me at 11.27.57. Please.") and looping("10 of clubs 10 of clubs")
+    assert not looping("I think I think so, very very much.") and not looping("ten of clubs and ten of spades")
 
 
 def test_a_decode_that_loops_is_done_again_on_whisper_s_30_s_input(speech_dir, monkeypatch):

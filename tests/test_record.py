@@ -347,6 +347,7 @@ def _unb64(text: str) -> bytes:
     return unb64(text)
 
 
+@pytest.mark.e2e
 def test_the_page_allows_scripts_by_hash_and_connects_only_to_itself_and_ingest(live_stack):
     import urllib.request
 

@@ -98,6 +98,34 @@ def join_words(pieces: list[tuple[str, int, int, float]]) -> list[dict]:
     return out
 
 
+# Numbers Whisper ran together: "eleven twenty seven fifty seven" (a time and a number) came out
+# "11,27,57" and "11.27.57", which a reader, a search for "27" and a number-aware scorer all take
+# as one number. A run of digit groups joined by commas or points that is not one written number
+# (thousands in threes, or one decimal point) is written apart: "11 27 57".
+_RUN = re.compile(r"(?<![\w.,])(\d+(?:[.,]\d+)+)(?=[.,;:!?]?(?:\s|$))")
+_ONE_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+")
+
+
+def apart(text: str) -> str:
+    """``text`` with number runs that are not one number written apart (see _RUN)."""
+    return _RUN.sub(lambda m: m[1] if _ONE_NUMBER.fullmatch(m[1]) else re.sub(r"[.,]", " ", m[1]), text)
+
+
+def apart_words(words: list[dict]) -> list[dict]:
+    """The words, each number run written apart made several words sharing its time evenly."""
+    out = []
+    for w in words:
+        parts = apart(w["word"]).split()
+        if len(parts) == 1:
+            out.append(w)
+            continue
+        step = (w["end_ms"] - w["start_ms"]) / len(parts)
+        for i, part in enumerate(parts):
+            start, end = w["start_ms"] + round(i * step), w["start_ms"] + round((i + 1) * step)
+            out.append({**w, "word": part, "start_ms": start, "end_ms": end})
+    return out
+
+
 # Whisper's temperatures: beam search only. faster-whisper's default falls back to sampling at
 # 0.2, 0.4, ... when a decode looks unsure (log-prob < -1, compression ratio > 2.4), and sampling
 # makes a window's text differ from one decode to the next: a window re-decoded after a restart
@@ -115,6 +143,9 @@ LOOP_RATIO = 2.4
 # (tiny.en on a 2.8 s clip read it twice on one CPU). Speech repeats a sentence word for word
 # rarely, and then the 30 s decode, which is kept, repeats it too.
 LOOP_SENTENCE_WORDS = 3
+# The same across any punctuation: this many words or more read again at once. People repeat a
+# word or two ("very very", "I think I think"), hardly ever three in a row twice.
+LOOP_SPAN_WORDS = 3
 
 
 def edges(pcm: np.ndarray) -> tuple[int, int]:
@@ -127,7 +158,16 @@ def looping(text: str) -> bool:
     if raw and len(raw) / len(zlib.compress(raw)) > LOOP_RATIO:
         return True
     sentences = [" ".join(re.findall(r"[\w']+", s.lower())) for s in re.split(r"(?<=[.!?])\s+", text)]
-    return any(a == b and len(a.split()) >= LOOP_SENTENCE_WORDS for a, b in zip(sentences, sentences[1:]))
+    if any(a == b and len(a.split()) >= LOOP_SENTENCE_WORDS for a, b in zip(sentences, sentences[1:])):
+        return True
+    # a stretch of words read again at once, wherever the punctuation fell ("Call me at 11.27.57.
+    # Please. Call me at 11.27.57. Please.", "10 of clubs 10 of clubs")
+    words = re.findall(r"[\w']+", text.lower())
+    return any(
+        words[i : i + k] == words[i + k : i + 2 * k]
+        for k in range(LOOP_SPAN_WORDS, len(words) // 2 + 1)
+        for i in range(len(words) - 2 * k + 1)
+    )
 
 
 # Encoder outputs kept for reuse: a window's language detection, its decode and its n-best (run
@@ -282,7 +322,7 @@ class WhisperDecoder:
                 [(w.word, offset_ms + int(round(w.start * 1000)), offset_ms + int(round(w.end * 1000)), w.probability)
                  for w in seg.words or []]
             )  # fmt: skip
-        return " ".join(t for t in texts if t), words, info.language
+        return apart(" ".join(t for t in texts if t)), apart_words(words), info.language
 
     def decode_batch(
         self, pcms: list[np.ndarray], offsets_ms: list[int], *, language: str = "en", beam_size: int = 0
@@ -342,7 +382,7 @@ class WhisperDecoder:
                 continue
             words = join_words([(w["word"], shift + int(round(w["start"] * 1000)), shift + int(round(w["end"] * 1000)),
                                  w["probability"]) for s in segments for w in s.get("words") or []])  # fmt: skip
-            out.append(Decoded(text, words, lang or "en", took))
+            out.append(Decoded(apart(text), apart_words(words), lang or "en", took))
         return out
 
     def nbest(
