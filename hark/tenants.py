@@ -73,6 +73,7 @@ class Access:
         self._seen = seen
         self._checked = time.monotonic()
         self._lock = threading.Lock()
+        self._key_ids: tuple[dict, dict[str, str]] | None = None  # (the hashes, key id -> hash)
 
     @classmethod
     def load(cls, settings: Settings) -> Access:
@@ -117,12 +118,13 @@ class Access:
         raise AccessDenied("unauthorized", "unknown token")
 
     def hash_with_key_id(self, kid: str, key_id) -> str | None:
-        """The stored token hash whose ``key_id(hash)`` is ``kid`` (tickets.py), or None."""
+        """The stored token hash whose ``key_id(hash)`` is ``kid`` (tickets.py), or None. The ids
+        are worked out once per version of the file: anyone may present a ticket."""
         self._reload_if_changed()
-        for known in self._hashes or {}:
-            if hmac.compare_digest(key_id(known).encode(), str(kid).encode()):
-                return known
-        return None
+        hashes = self._hashes or {}
+        if self._key_ids is None or self._key_ids[0] is not hashes:
+            self._key_ids = (hashes, {key_id(h): h for h in hashes})
+        return self._key_ids[1].get(str(kid))
 
     def tenant_of_hash(self, stored: str) -> str | None:
         """The tenant of a token by its stored hash; None once the token is gone."""

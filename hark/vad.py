@@ -58,18 +58,21 @@ class SpeechGate:
         return None, [], 0
 
 
-def speech_span(pcm: bytes, margin_ms: int = 500, below_peak_db: float = 35.0) -> tuple[int, int]:
+def speech_span(pcm: bytes, margin_ms: int = 500, below_db: float = 35.0) -> tuple[int, int]:
     """The part of ``pcm`` (16 kHz s16le) from its first to its last loud 20 ms, widened by
-    ``margin_ms`` each side, as sample indices; the whole of it when nothing is loud. Loud: within
-    ``below_peak_db`` of the loudest 20 ms and above -60 dBFS. By level, not the VAD: the WebRTC
-    VAD, which adapts to what it hears, took a quiet room's hiss (-64 dBFS) for speech."""
+    ``margin_ms`` each side, as sample indices; the whole of it when it is quiet throughout or
+    nothing stands out. Loud: within ``below_db`` of the level that the loudest 5% of the 20 ms
+    frames reach (one click cannot set it), and above -60 dBFS. A recording whose loud frames sit
+    below -40 dBFS is left whole (quiet speech near the floor loses no edge words). By level, not
+    the VAD: the WebRTC VAD, which adapts to what it hears, took a quiet room's hiss for speech."""
     x = np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
     n = SAMPLE_RATE // 50
     if len(x) < n:
         return 0, len(x)
     rms = np.sqrt((x[: len(x) // n * n].reshape(-1, n) ** 2).mean(axis=1))
-    loud = np.flatnonzero(rms > max(float(rms.max()) * 10 ** (-below_peak_db / 20), 1e-3))
-    if not loud.size:
+    level = float(np.percentile(rms, 95))
+    if level < 10 ** (-40 / 20):
         return 0, len(x)
+    loud = np.flatnonzero(rms > max(level * 10 ** (-below_db / 20), 1e-3))
     margin = margin_ms * SAMPLE_RATE // 1000
     return max(0, int(loud[0]) * n - margin), min(len(x), (int(loud[-1]) + 1) * n + margin)

@@ -174,11 +174,13 @@ def _run_session(a, make_runs) -> int:
             ingest.producer.close()
         if started:
             stack.stop(started)
+            if a.verbose:
+                print(f"the run's stack, its logs included, is kept in {started}", file=sys.stderr)
+            else:  # the run's own stack goes with it, interrupted or not
+                shutil.rmtree(started, ignore_errors=True)
     failed = report_runs([r.summary() for r in runs], a.json)
-    if started and a.verbose:
-        print(f"the run's stack, its logs included, is kept in {started}", file=sys.stderr)
-    elif started:  # the run's own stack goes with it
-        shutil.rmtree(started, ignore_errors=True)
+    if failed and started and not a.verbose:
+        print("(`hark -v run ...` keeps the run's stack and its services' logs)", file=sys.stderr)
     return 1 if failed else 0
 
 

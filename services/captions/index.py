@@ -259,8 +259,10 @@ class TranscriptIndex:
     def captions(self, stream_id: str) -> list[dict]:
         """The 1-best captions indexed so far, in time order: the page's history for a stream."""
         rows = self.db.execute(
-            "SELECT pass, start_ms, end_ms, text, words, key FROM hyps WHERE stream_id = ? "
-            "AND rank = 0 ORDER BY start_ms",
+            "SELECT pass, start_ms, end_ms, text, words, key FROM hyps WHERE stream_id = ? AND rank = 0 "
+            # online before the passes that replace it, when they start together: the page trims
+            # online text by the later pass's range as it arrives
+            "ORDER BY start_ms, CASE pass WHEN 'online' THEN 0 WHEN 'provisional' THEN 1 ELSE 2 END",
             (stream_id,),
         )
         return [

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import time
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -37,6 +35,8 @@ import numpy as np
 from hark import models
 from hark.languages import AUTO
 from hark.vad import speech_span
+
+from .text import apart, apart_words, join_words, looping
 
 MAX_WINDOW_S = 30.0  # Whisper's receptive field
 FRAMES_PER_S = 100  # Whisper's mel frames
@@ -74,58 +74,6 @@ def whisper_language(tag: str | None) -> str:
     return (tag or "en").split("-")[0].lower() or "en"
 
 
-def join_words(pieces: list[tuple[str, int, int, float]]) -> list[dict]:
-    """Words as written, from Whisper's word pieces (text, start ms, end ms, probability).
-
-    The tokenizer marks where a word begins with a leading space; a piece without one continues
-    the word before it ("ill" + "-disposed", "don" + "'t", "well" + "-" + "known"). Whisper
-    returns such continuations as pieces of their own, and joining every piece with a space
-    wrote "ill -disposed". The first piece of a segment always begins a word."""
-    out: list[dict] = []
-    for text, start, end, prob in pieces:
-        token = text.strip()
-        if not token:
-            continue
-        if out and not text[:1].isspace():
-            w = out[-1]
-            w["word"] += token
-            w["end_ms"] = max(w["end_ms"], end)
-            w["confidence"] = min(w["confidence"], round(float(prob), 4))  # a word is as sure as its least sure piece
-            continue
-        out.append(
-            {"word": token, "start_ms": start, "end_ms": end, "confidence": round(float(prob), 4), "speaker": None}
-        )
-    return out
-
-
-# Numbers Whisper ran together: "eleven twenty seven fifty seven" (a time and a number) came out
-# "11,27,57" and "11.27.57", which a reader, a search for "27" and a number-aware scorer all take
-# as one number. A run of digit groups joined by commas or points that is not one written number
-# (thousands in threes, or one decimal point) is written apart: "11 27 57".
-_RUN = re.compile(r"(?<![\w.,])(\d+(?:[.,]\d+)+)(?=[.,;:!?]?(?:\s|$))")
-_ONE_NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+")
-
-
-def apart(text: str) -> str:
-    """``text`` with number runs that are not one number written apart (see _RUN)."""
-    return _RUN.sub(lambda m: m[1] if _ONE_NUMBER.fullmatch(m[1]) else re.sub(r"[.,]", " ", m[1]), text)
-
-
-def apart_words(words: list[dict]) -> list[dict]:
-    """The words, each number run written apart made several words sharing its time evenly."""
-    out = []
-    for w in words:
-        parts = apart(w["word"]).split()
-        if len(parts) == 1:
-            out.append(w)
-            continue
-        step = (w["end_ms"] - w["start_ms"]) / len(parts)
-        for i, part in enumerate(parts):
-            start, end = w["start_ms"] + round(i * step), w["start_ms"] + round((i + 1) * step)
-            out.append({**w, "word": part, "start_ms": start, "end_ms": end})
-    return out
-
-
 # Whisper's temperatures: beam search only. faster-whisper's default falls back to sampling at
 # 0.2, 0.4, ... when a decode looks unsure (log-prob < -1, compression ratio > 2.4), and sampling
 # makes a window's text differ from one decode to the next: a window re-decoded after a restart
@@ -135,39 +83,10 @@ def apart_words(words: list[dict]) -> list[dict]:
 DETERMINISTIC = (0.0,)
 FALLBACK = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # faster-whisper's default
 
-# Whisper's own test of a repetition loop (its temperature fallback uses it): a text that zlib
-# compresses more than 2.4 times. Speech without loops stays under 2 on this repo's recordings
-# (tests/test_offline.py); a short text compresses less than 1.
-LOOP_RATIO = 2.4
-# A loop too short for the ratio: a sentence of at least this many words read again at once
-# (tiny.en on a 2.8 s clip read it twice on one CPU). Speech repeats a sentence word for word
-# rarely, and then the 30 s decode, which is kept, repeats it too.
-LOOP_SENTENCE_WORDS = 3
-# The same across any punctuation: this many words or more read again at once. People repeat a
-# word or two ("very very", "I think I think"), hardly ever three in a row twice.
-LOOP_SPAN_WORDS = 3
-
 
 def edges(pcm: np.ndarray) -> tuple[int, int]:
     """The window without the silence at its edges (hark.vad.speech_span), as sample indices."""
     return speech_span(pcm.astype("<i2", copy=False).tobytes())
-
-
-def looping(text: str) -> bool:
-    raw = text.encode()
-    if raw and len(raw) / len(zlib.compress(raw)) > LOOP_RATIO:
-        return True
-    sentences = [" ".join(re.findall(r"[\w']+", s.lower())) for s in re.split(r"(?<=[.!?])\s+", text)]
-    if any(a == b and len(a.split()) >= LOOP_SENTENCE_WORDS for a, b in zip(sentences, sentences[1:])):
-        return True
-    # a stretch of words read again at once, wherever the punctuation fell ("Call me at 11.27.57.
-    # Please. Call me at 11.27.57. Please.", "10 of clubs 10 of clubs")
-    words = re.findall(r"[\w']+", text.lower())
-    return any(
-        words[i : i + k] == words[i + k : i + 2 * k]
-        for k in range(LOOP_SPAN_WORDS, len(words) // 2 + 1)
-        for i in range(len(words) - 2 * k + 1)
-    )
 
 
 # Encoder outputs kept for reuse: a window's language detection, its decode and its n-best (run
@@ -322,7 +241,8 @@ class WhisperDecoder:
                 [(w.word, offset_ms + int(round(w.start * 1000)), offset_ms + int(round(w.end * 1000)), w.probability)
                  for w in seg.words or []]
             )  # fmt: skip
-        return apart(" ".join(t for t in texts if t)), apart_words(words), info.language
+        lang = info.language
+        return apart(" ".join(t for t in texts if t), lang), apart_words(words, lang), lang
 
     def decode_batch(
         self, pcms: list[np.ndarray], offsets_ms: list[int], *, language: str = "en", beam_size: int = 0
@@ -382,7 +302,7 @@ class WhisperDecoder:
                 continue
             words = join_words([(w["word"], shift + int(round(w["start"] * 1000)), shift + int(round(w["end"] * 1000)),
                                  w["probability"]) for s in segments for w in s.get("words") or []])  # fmt: skip
-            out.append(Decoded(apart(text), apart_words(words), lang or "en", took))
+            out.append(Decoded(apart(text, lang or "en"), apart_words(words, lang or "en"), lang or "en", took))
         return out
 
     def nbest(
@@ -422,7 +342,7 @@ class WhisperDecoder:
         )[0]
         out: dict[str, float] = {}
         for ids, score in zip(result.sequences_ids, result.scores):
-            text = tok.decode([i for i in ids if i < tok.eot]).strip()
+            text = apart(tok.decode([i for i in ids if i < tok.eot]).strip(), language)  # as the decode's
             if text and text not in out:
                 out[text] = float(score)
         return list(out.items())
