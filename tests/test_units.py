@@ -279,7 +279,7 @@ def test_producer_keeps_its_first_delivery_failure():
 
     from hark import kafka
 
-    p = kafka.ReportingProducer({"bootstrap.servers": "127.0.0.1:9"})
+    p = kafka.ReportingProducer({"bootstrap.servers": "127.0.0.1:9", "logger": kafka.CLIENT_LOG})  # no broker there
     p._delivered(None, object())
     assert (p.failures, p.delivery_error) == (0, None)
     p._delivered(KafkaError(KafkaError._MSG_TIMED_OUT), object())
