@@ -106,14 +106,6 @@ def check_installed() -> Path:
     return home()
 
 
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch() -> Path:
     """The tarball in the local Maven repository, fetched when absent and checked against its .sha1."""
     tar = tarball()
@@ -130,7 +122,9 @@ def fetch() -> Path:
             detail = " ".join((out.stdout + out.stderr).split())[-500:]  # one line
             raise RegistryUnavailable(f"`{' '.join(cmd)}` failed: {detail}")
     want = Path(f"{tar}.sha1").read_text().split()[0].lower()
-    if _sha1(tar) != want:
+    with open(tar, "rb") as f:
+        got = hashlib.file_digest(f, "sha1").hexdigest()
+    if got != want:
         raise RegistryUnavailable(f"{tar} does not match its SHA-1 {want}: delete it and run `make setup` again")
     return tar
 

@@ -29,7 +29,7 @@ from hark.config import Settings
 from hark.keys import open_archive
 from hark.storage import archived_meta
 from hark.tenants import Access, AccessDenied, create_token, revoke_tokens
-from hark.tickets import Redeemer, issue
+from hark.tickets import Redeemer, _b64, _unb64, issue
 from hark.wer import score
 
 from .conftest import ROOT
@@ -333,18 +333,6 @@ def test_tickets_expire_and_die_with_their_token(tmp_path):
     access._checked = 0.0  # reload now rather than in half a second
     with pytest.raises(AccessDenied, match="revoked"):
         redeem(pending, "s5", now=now)
-
-
-def _b64(data: bytes) -> str:
-    from hark.tickets import _b64 as b64
-
-    return b64(data)
-
-
-def _unb64(text: str) -> bytes:
-    from hark.tickets import _unb64 as unb64
-
-    return unb64(text)
 
 
 @pytest.mark.e2e
