@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config_limits import CHOICES, RANGES
+from .languages import WHISPER
 
 
 class ConfigError(ValueError):
@@ -139,6 +140,8 @@ class Settings:
     offline_cpu_threads: int = 0  # 0: all cores
     offline_beam_size: int = 5  # Whisper beam width
     offline_nbest: int = 5  # 0: no n-best pass
+    # the language a stream of language=auto is decoded in while detection is unsure; such a stream is "und"
+    offline_language_fallback: str = "en"
     # Characters of the stream's previous offline text given to Whisper as its prompt. 0 (off): on
     # the real-speech set it changed nothing, on repetitive speech it set off repetition loops
     # (2x decode time, 2x WER), docs/decisions/stack-choices.md.
@@ -308,6 +311,10 @@ class Settings:
         for name, options in CHOICES.items():
             if getattr(self, name) not in options:
                 raise ConfigError(f"HARK_{name.upper()}={getattr(self, name)!r} is not one of {', '.join(options)}")
+        if self.offline_language_fallback not in WHISPER:
+            raise ConfigError(
+                f"HARK_OFFLINE_LANGUAGE_FALLBACK={self.offline_language_fallback!r} is not a Whisper language code"
+            )
         waits = [p.strip() for p in self.results_wait_for.split(",") if p.strip()]
         if not waits or not set(waits) <= set(PASSES):
             raise ConfigError(f"HARK_RESULTS_WAIT_FOR={self.results_wait_for!r}: a comma list of {', '.join(PASSES)}")

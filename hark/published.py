@@ -40,6 +40,7 @@ from collections.abc import Callable
 
 from . import kafka, serde
 from .config import Settings
+from .languages import UNDETERMINED
 
 log = logging.getLogger("hark.published")
 
@@ -66,7 +67,8 @@ def record(result: dict) -> dict | None:
         ],
         "turns": list(result["turns"]) if complete else [],
         "status": result.get("status") if complete else None,
-        "language": result.get("language"),
+        # the contract's language is one detected or given: "und" (no speech, an unsure guess) is null
+        "language": None if result.get("language") == UNDETERMINED else result.get("language"),
         "final_source": result.get("final_source") if complete else result.get("source"),
         "model_name": result["model_name"],
         "model_version": result["model_version"],

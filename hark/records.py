@@ -45,6 +45,7 @@ def result_record(rec: dict, kind: str, source: str, index: int, **fields) -> di
         "status": None,
         "final_source": None,
         "language": rec.get("language"),
+        "language_probability": rec.get("language_probability"),
         "truncated": False,
         "audio_published_at_ms": rec["audio_published_at_ms"],
         "emitted_at_ms": now_ms(),

@@ -81,6 +81,17 @@ class Display:
             self.out.flush()
 
 
+def language(r: dict) -> str:
+    """The language as the heading shows it: detected ones with their probability, an unsure
+    detection said so (its text is decoded in the fallback language)."""
+    lang, p = r.get("language"), r.get("language_probability")
+    if p is None:
+        return f"{lang}, " if lang and lang != "und" else ""
+    if lang == "und":
+        return f"language not determined (p {p:.2f}, decoded in the fallback language), "
+    return f"{lang} detected (p {p:.2f}), "
+
+
 def report_runs(results: list[dict], json_path: str | None) -> int:
     """Each run's transcript and latency on stdout (a failure's reason on stderr), and every run
     as a JSON line in ``json_path``; returns how many failed."""
@@ -96,7 +107,7 @@ def report_runs(results: list[dict], json_path: str | None) -> int:
             print(f"hark: {r['source']}: {r['error']}", file=sys.stderr)
             continue
         lat = r["latency"]
-        print(f"== {r['source']} ({r['stream_id']}, {r['duration_s']:.1f} s, {r['status']})")
+        print(f"== {r['source']} ({r['stream_id']}, {r['duration_s']:.1f} s, {language(r)}{r['status']})")
         lines = speaker_lines([{"word": w["word"], "speaker": w["speaker"]} for w in r["words"]])
         print("\n".join(lines) if lines else (r["final_text"] or "(no speech recognised)"))
         print(

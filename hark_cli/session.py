@@ -166,6 +166,9 @@ class StreamRun:
             **out,
             "status": c.get("status", "INCOMPLETE") if c else "INCOMPLETE",
             "language": c.get("language") if c else None,
+            "language_probability": None
+            if c.get("language_probability") is None
+            else round(c["language_probability"], 3),
             "duration_s": round(self.samples_published / TARGET_RATE, 3),
             "online_text": online_text or "",
             "final_text": c.get("text", online_text or ""),

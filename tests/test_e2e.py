@@ -22,6 +22,7 @@ from hark import kafka, serde, stack
 from hark.audio import read_pcm_file
 from hark.records import now_ms
 from hark.wer import WerScore, score
+from services.offline_asr.stream import DETECT_SURE
 
 from .conftest import run_hark
 from .helpers import collect, complete_record, completed
@@ -524,12 +525,19 @@ def test_languages_are_detected_and_transcribed_in_their_language(live_stack, tm
     for voice, sentence in LANGUAGES.items():
         files.append(tmp_path / f"{voice}.wav")
         files[-1].write_bytes(wav_bytes(say(sentence, voice)))
+    unsure = tmp_path / "unsure.wav"  # French that Whisper base guesses at p 0.3 (as Hebrew)
+    unsure.write_bytes(wav_bytes(say("Pouvez-vous m'indiquer le chemin de la gare, s'il vous plaît ?", "fr")))
     out = tmp_path / "auto.jsonl"  # no language given: the offline pass detects it
-    proc = run_hark("run", *map(str, files), "--fast", "--quiet", "--json", str(out), "--bootstrap", settings.bootstrap)
+    proc = run_hark("run", *map(str, files + [unsure]), "--fast", "--quiet", "--json", str(out), "--bootstrap", settings.bootstrap)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    for row in map(json.loads, out.read_text().splitlines()):
-        voice = os.path.basename(row["source"])[:-4]
+    assert "language not determined (p 0." in proc.stdout and "fr detected (p " in proc.stdout, proc.stdout
+    rows = {os.path.basename(r["source"])[:-4]: r for r in map(json.loads, out.read_text().splitlines())}
+    # too unsure to name: "und" with its probability, decoded in the fallback language (English)
+    und = rows.pop("unsure")
+    assert und["language"] == "und" and und["final_text"] and und["language_probability"] < DETECT_SURE, und
+    for voice, row in rows.items():
         assert row["language"] == voice and row["final_source"] == "offline", row
+        assert row["language_probability"] >= DETECT_SURE, row
         # in its language: robotic voices cost words (French ~50% WER), an English rendering ~100%
         assert score(LANGUAGES[voice], row["final_text"]).wer <= 0.6, (voice, row["final_text"])
     # declared: the online pass, English only, stays silent instead of writing nonsense

@@ -73,6 +73,7 @@ SAMPLES = {
         "words": [WORD],
         "nbest": [],
         "language": "en",
+        "language_probability": 0.5,
         "decode_ms": 900,
         "end_status": None,
         "audio_published_at_ms": 5,
@@ -110,6 +111,7 @@ SAMPLES = {
         "turns": [{"speaker": "A", "start_ms": 0, "end_ms": 300}],
         "status": "COMPLETE",
         "language": "en",
+        "language_probability": 0.5,
         "final_source": "online",
         "truncated": False,
         "audio_published_at_ms": 5,
@@ -190,14 +192,17 @@ def test_encoding_a_bad_record_raises_serde_error():
 
 
 def test_records_written_with_an_older_schema_version_still_decode():
-    """A record already in the log, written before OfflineTranscript gained ``variant``."""
+    """A record already in the log, written before OfflineTranscript gained ``variant`` (v2) and
+    ``language_probability`` (v3)."""
     versions = serde.registry().versions("OfflineTranscript")
     old, current = versions[0], versions[-1]
-    assert (old.version, current.version) == (1, 2) and old.id != current.id
-    record = {k: v for k, v in SAMPLES["OfflineTranscript"].items() if k != "variant"}
+    assert (old.version, current.version) == (1, 3) and old.id != current.id
+    new_fields = ("variant", "language_probability")
+    record = {k: v for k, v in SAMPLES["OfflineTranscript"].items() if k not in new_fields}
     buf = io.BytesIO()
     buf.write(struct.pack(">bI", 0, old.id))
     fastavro.schemaless_writer(buf, old.parsed, record)
     rtype, decoded = serde.decode(buf.getvalue())
     assert rtype == "OfflineTranscript"
-    assert decoded == {**record, "variant": "primary", "schema_version": 1}  # the new field's default
+    # the new fields' defaults
+    assert decoded == {**record, "variant": "primary", "language_probability": None, "schema_version": 1}

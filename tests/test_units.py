@@ -158,6 +158,26 @@ def test_merger_stops_online_captions_once_the_offline_pass_found_another_langua
     assert [r["kind"] for r in m.on_online(_online("FINAL", 0, "go", ["go"]))] == ["FINAL"]
 
 
+def test_an_unsure_language_reaches_the_transcript_as_und_with_its_probability():
+    """Detection unsure: the offline records say "und" and the probability; the transcript
+    neither takes the decode's fallback language as the stream's nor drops the probability,
+    and the online (English) captions go on, since the fallback is English."""
+    m = ResultsMerger(wait_for=("online", "offline"))
+    unsure = {"language": "und", "language_probability": 0.32}
+    (caption,) = m.on_offline({**_offline("SEGMENT", 0, "Bume mou.", 0, 2800, ["Bume", "mou."]), **unsure})
+    assert caption["language"] == "und" and caption["language_probability"] == 0.32
+    assert [r["kind"] for r in m.on_online(_online("FINAL", 0, "boo moo", ["boo", "moo"]))] == ["FINAL"]
+    m.on_online(_online("STREAM_END", 1, "", end_status="COMPLETE"))
+    (done,) = m.on_offline({**_offline("STREAM_END", 1, "", 2800, 2800), **unsure})
+    assert done["language"] == "und" and done["language_probability"] == 0.32
+    # detected, then: the language and its probability
+    m = ResultsMerger(wait_for=("online", "offline"))
+    m.on_offline({**_offline("SEGMENT", 0, "Hola.", 0, 500, ["Hola."]), "language": "es", "language_probability": 0.97})
+    m.on_online(_online("STREAM_END", 0, "", end_status="COMPLETE"))
+    (done,) = m.on_offline({**_offline("STREAM_END", 1, "", 500, 500), "language": "es", "language_probability": 0.97})
+    assert (done["language"], done["language_probability"]) == ("es", 0.97)
+
+
 def test_merger_falls_back_to_online_text_when_offline_is_overdue():
     m = ResultsMerger(wait_for=("online", "offline"), offline_timeout_s=0.0)
     m.on_online(_online("FINAL", 0, "go forward", ["go", "forward"]))

@@ -40,6 +40,7 @@ def caption_event(r: dict) -> dict:
         "status": r.get("status"),
         "final_source": r.get("final_source"),
         "language": r.get("language"),
+        "language_probability": r.get("language_probability"),
         "emitted_at_ms": r["emitted_at_ms"],
         **({"turns": r["turns"]} if str(r["kind"]) == "SPEAKERS" else {}),
         **(

@@ -43,6 +43,7 @@ from collections import deque
 
 from hark.config import Settings
 from hark.keys import open_archive
+from hark.languages import UNDETERMINED
 from hark.records import now_ms
 from hark.runtime import NOTICES, Output, StreamInfo, StreamRunner, kv, main_for
 from hark.storage import archived_meta, archived_pcm
@@ -131,7 +132,7 @@ class OfflineProcessors:
             meta = archived_meta(self.store, stream.stream_id)
         except KeyError:
             log.warning("stream ended with no audio seen and none archived", extra=kv(stream_id=stream.stream_id))
-            return [self.record(stream, "STREAM_END", 0, 0, 0, "", [], [], "en", 0, 0, end_status=status)]
+            return [self.record(stream, "STREAM_END", 0, 0, 0, "", [], [], UNDETERMINED, 0, 0, end_status=status)]
         proc = self.open(
             StreamInfo(
                 stream.stream_id,
@@ -250,6 +251,7 @@ class OfflineProcessors:
         published_at: int,
         end_status: str | None = None,
         decoder: WhisperDecoder | None = None,
+        language_p: float | None = None,
     ) -> Output:
         """An OfflineTranscript record (schemas/hark.OfflineTranscript.avsc)."""
         decoder = decoder or self.decoder
@@ -267,6 +269,7 @@ class OfflineProcessors:
                 "words": words,
                 "nbest": nbest,
                 "language": language,
+                "language_probability": language_p,
                 "decode_ms": decode_ms,
                 "end_status": end_status,
                 "audio_published_at_ms": published_at,

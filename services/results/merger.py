@@ -89,7 +89,8 @@ class StreamTranscript:
     online_ended_at: float | None = None  # monotonic, for the offline timeout
     turns: list[dict] = field(default_factory=list)  # incremental speaker turns so far
     full_turns: list[dict] | None = None  # the diarizer's FULL turns once it ended
-    language: str | None = None  # the offline text's (given, or detected by the offline pass)
+    language: str | None = None  # the stream's (given, or detected by the offline pass)
+    language_p: float | None = None  # the detection's probability (None: given)
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -223,6 +224,8 @@ class ResultsMerger:
         p.model = (rec["model_name"], rec["model_version"])
         if rec.get("language") and rec["language"] != UNDETERMINED:
             st.language = rec["language"]
+        if rec.get("language_probability") is not None:
+            st.language_p = rec["language_probability"]
         if kind == "SEGMENT":
             if not p.add(rec["segment_index"], rec, self.max_words):
                 return []
@@ -295,6 +298,7 @@ class ResultsMerger:
                 "status": status if not reason else f"{status} ({reason})",
                 "final_source": source,
                 "language": st.language or UNDETERMINED,
+                "language_probability": st.language_p,
                 "truncated": final.truncated,
                 "audio_published_at_ms": st.last_published_at_ms,
                 "emitted_at_ms": now_ms(),
