@@ -80,6 +80,7 @@ bench: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m bench.captions
 	$(BIN)/python -m bench.record
 	$(BIN)/python -m bench.diarization
+	$(BIN)/python -m bench.diarization --hall
 	$(BIN)/python -m bench.online_search
 	$(BIN)/python -m bench.decode_cost
 	$(BIN)/python -m bench.redecode

@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from hark import models
+from hark.audio import read_pcm_file
 from services.diarizer.pipeline import Diarizer, Turn
 from services.diarizer.scoring import der, read_rttm
 from services.diarizer.stream import StreamDiarizer, merge_turns
@@ -62,6 +63,47 @@ def test_one_reader_stays_one_speaker_live_and_in_the_full_pass(diarizer, speech
     LibriVox readings joined with pauses (28.7 s, one reader): one label live and in the full pass."""
     live, full, _sd = run_stream(diarizer, speech_dir / "austen_passage.flac")
     assert {t.speaker for t in live} == {t.speaker for t in full} == {"SPEAKER_00"}, (live, full)
+
+
+def one_voice(spans: list[tuple[float, float]]) -> np.ndarray:
+    """The real sample's stretches (seconds) where only one of its two speakers talks, joined."""
+    pcm, _ = sf.read(sample()[0], dtype="int16")
+    gap = np.zeros(4000, np.int16)
+    return np.concatenate([np.concatenate([pcm[int(a * 16000) : int(b * 16000)], gap]) for a, b in spans])
+
+
+@pytest.mark.parametrize(
+    "voice, seed, rt60_s, snr_db",
+    [
+        ("reader", 21, 1.2, 10),
+        ("reader", 22, 0.9, 15),
+        ("sample 91", 21, 1.2, 10),
+        ("sample 91", 22, 0.9, 15),
+        ("sample 90", 22, 0.9, 15),
+    ],
+)
+def test_one_voice_in_a_noisy_hall_is_one_speaker(diarizer, speech_dir, voice, seed, rt60_s, snr_db):
+    """The finding: one man speaking in a large hall over a crowd got a second speaker for a
+    second of his speech in the full pass. Here: real voices (the LibriVox reader, and each of the
+    real sample's two speakers alone) put in a synthetic hall over a ten-talker babble
+    (tests/rooms.py); two to four speakers before. None of these voices, seeds or rooms was
+    looked at while the change was made (docs/measurements.md)."""
+    from .rooms import in_a_hall
+
+    if voice == "reader":
+        names = ["sense_and_sensibility_01_austen_64kb-0930.wav", "sense_and_sensibility_01_austen_64kb-0880.wav"]
+        pcm = np.concatenate([np.concatenate([read_pcm_file(speech_dir / n), np.zeros(4000, np.int16)]) for n in names])
+    else:
+        spans = {"sample 90": [(11.1, 14.4), (18.6, 21.4), (28.6, 30.0)], "sample 91": [(14.8, 17.8), (21.9, 27.8)]}
+        pcm = one_voice(spans[voice])
+    sd = StreamDiarizer(diarizer)
+    mixed = in_a_hall(pcm, seed, rt60_s, snr_db)
+    for i in range(0, len(mixed), 1600):
+        sd.push(mixed[i : i + 1600])
+    sd.flush()
+    full = sd.full_turns()
+    assert sum(t.end_ms - t.start_ms for t in full) > 0.5 * len(pcm) / 16, full  # the voice was heard
+    assert {t.speaker for t in full} == {"SPEAKER_00"}, full
 
 
 def test_incremental_labels_are_published_once_in_time_order(diarizer):

@@ -67,9 +67,10 @@ def _spoken(text: str, voice: str, rate_wpm: int) -> bytes:
         input=text.encode(),
         capture_output=True,
         cwd=root,
-        check=True,
         timeout=120,
     )
+    if child.returncode:
+        raise ValueError(child.stderr.decode(errors="replace").strip().splitlines()[-1])
     return child.stdout
 
 
