@@ -2,7 +2,7 @@
 
 One stack with two online_asr replicas. First a fault-free run of three recordings (each a few
 real utterances joined with pauses) gives the reference output. Then N streams (``HARK_CHAOS_STREAMS``,
-6 in CI, 20 under ``make chaos``) replay those recordings concurrently in real time while every
+4 in ``make test``, 20 under ``make chaos``) replay those recordings concurrently in real time while every
 service is killed in turn: one online_asr replica, then the other during the rebalance its
 restart starts, then offline_asr, diarizer, results, captions and ingest. The supervisor restarts
 each. Every stream must end with exactly one STREAM_COMPLETE, exactly one final per utterance
@@ -236,7 +236,7 @@ def chaos_stack(tmp_path_factory, speech_dir):
 
 
 def test_every_service_killed_mid_stream_loses_and_duplicates_nothing(chaos_stack):
-    n_streams = int(os.environ.get("HARK_CHAOS_STREAMS", "6"))
+    n_streams = int(os.environ.get("HARK_CHAOS_STREAMS", "4"))
     settings, sdir, audio, reference = chaos_stack
     killed = []
 

@@ -204,146 +204,146 @@ def test_every_service_exposes_prometheus_metrics(live_stack, speech_dir):
     assert seen == set(stack.SERVICES)
 
 
-# ---- local scale-out -------------------------------------------------------------------------
-@pytest.mark.e2e
-def test_replicas_split_partitions_and_no_stream_is_lost_when_one_dies(tmp_path, speech_dir):
-    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "8", "HARK_IDLE_TIMEOUT_S": "10"}
+# ---- local scale-out and model rollout, on one stack ----------------------------------------------
+@pytest.fixture(scope="module")
+def scaled_stack(tmp_path_factory):
+    """Two online_asr and two offline_asr replicas over 8 partitions, and an A/B of the offline
+    pass (tiny.en decoding half the streams beside base): one stack for both tests, since a
+    stack's start is a minute of the suite."""
+    env = {
+        "HARK_DATA_DIR": str(tmp_path_factory.mktemp("scaled") / "d"),
+        "HARK_PARTITIONS": "8",
+        "HARK_IDLE_TIMEOUT_S": "10",
+        "HARK_OFFLINE_CANDIDATE_MODEL": "tiny.en",
+        "HARK_OFFLINE_CANDIDATE_FRACTION": "0.5",
+    }
     up = run_hark("up", "--replicas", "online_asr=2,offline_asr=2", env_extra=env, timeout=180)
     assert up.returncode == 0, up.stderr
     try:
         state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
-        settings = Settings.load(environ={**os.environ, **env})
-        settings = stack.client_settings(settings, state)
-        for name in ("online_asr", "offline_asr"):
-            replicas = [s for s in state["services"] if s["name"] == name]
-            owned = [s["partitions_assigned"] for s in replicas]
-            assert len(replicas) == 2 and all(n >= 1 for n in owned) and sum(owned) == 8, (name, owned)
-
-        # Streams published in real time through one ingest; one online_asr replica dies mid-stream.
-        import threading
-
-        from services.ingest.core import Ingest
-
-        files = ["austen_passage.flac"] + ["goforward.wav", "forever_input_2_16k.wav"] * 2
-        ids = [f"replica-{i}-{time.time_ns()}" for i in range(len(files))]
-        errors: list[BaseException] = []
-        ingest, placed = Ingest(settings), {}
-
-        def publish(f, sid):
-            try:
-                ingest.publish_file(
-                    speech_dir / f,
-                    stream_id=sid,
-                    realtime=True,
-                    on_start=lambda pub: placed.update({sid: pub.partition}),
-                )
-            except BaseException as e:  # surfaced below
-                errors.append(e)
-
-        threads = [threading.Thread(target=publish, args=(f, sid)) for f, sid in zip(files, ids)]
-        for t in threads:
-            t.start()
-        # ingest places them by the online group's assignment: 3 and 2 on the two replicas, however
-        # the assignor split the 8 partitions (in turn over partitions alone: 4 and 1 from half the
-        # starts when each replica holds a contiguous half)
-        deadline = time.monotonic() + 30
-        while len(placed) < len(ids) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        owners = kafka.group_assignment(kafka.admin(settings), kafka.ONLINE_GROUP, settings.audio_topic, 10)
-        assert sorted(sum(placed.get(sid) in m for sid in ids) for m in owners) == [2, 3], (owners, placed)
-        victim = next(s for s in state["services"] if s["name"] == "online_asr")
-        deadline = time.monotonic() + 30  # killed mid-stream: once it decodes streams of its own
-        while value(scrape(victim["health_port"]).get("hark_open_streams", [])) < 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        os.kill(victim["pid"], signal.SIGKILL)
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
-        for f, sid in zip(files, ids):
-            rec = complete_record(settings, sid, timeout=120)
-            assert rec["status"] == "COMPLETE" and rec["final_source"] == "offline", (f, rec["status"])
-            assert rec["online_text"] and rec["text"], f
-            if f == "goforward.wav":
-                assert "forward" in rec["text"].lower(), rec["text"]
-        assert "Dashwood" in complete_record(settings, ids[0])["text"]
-
-        # Every stream ended: each group's holds are released, so its lag drains to 0 (the
-        # committed offsets catch up with the ends of the partitions it read).
-        deadline, lag = time.monotonic() + 60, {}
-        while time.monotonic() < deadline:
-            lag = json.loads(run_hark("status", "--json", env_extra=env).stdout)["lag"]
-            if all(lag[g].get("partitions") and lag[g]["lag"] == 0 for g in stack.GROUPS):
-                break
-            time.sleep(1)
-        assert all(lag[g]["partitions"] and lag[g]["lag"] == 0 for g in stack.GROUPS), lag
-        audio = [r for r in lag["hark-online-asr"]["partitions"] if r["topic"] == settings.audio_topic]
-        assert audio and all(r["end"] > 0 and r["committed"] == r["end"] for r in audio), audio
-        text = run_hark("status", env_extra=env).stdout
-        assert "group hark-online-asr: lag 0 records" in text, text
+        settings = stack.client_settings(Settings.load(environ={**os.environ, **env}), state)
+        yield env, state, settings
     finally:
         run_hark("down", env_extra=env)
 
 
+@pytest.mark.e2e
+def test_replicas_split_partitions_and_no_stream_is_lost_when_one_dies(scaled_stack, speech_dir):
+    env, state, settings = scaled_stack
+    for name in ("online_asr", "offline_asr"):
+        replicas = [s for s in state["services"] if s["name"] == name]
+        owned = [s["partitions_assigned"] for s in replicas]
+        assert len(replicas) == 2 and all(n >= 1 for n in owned) and sum(owned) == 8, (name, owned)
+
+    # Streams published in real time through one ingest; one online_asr replica dies mid-stream.
+    import threading
+
+    from services.ingest.core import Ingest
+
+    files = ["austen_passage.flac"] + ["goforward.wav", "forever_input_2_16k.wav"] * 2
+    ids = [f"replica-{i}-{time.time_ns()}" for i in range(len(files))]
+    errors: list[BaseException] = []
+    ingest, placed = Ingest(settings), {}
+
+    def publish(f, sid):
+        try:
+            ingest.publish_file(
+                speech_dir / f,
+                stream_id=sid,
+                realtime=True,
+                on_start=lambda pub: placed.update({sid: pub.partition}),
+            )
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=publish, args=(f, sid)) for f, sid in zip(files, ids)]
+    for t in threads:
+        t.start()
+    # ingest places them by the online group's assignment: 3 and 2 on the two replicas, however
+    # the assignor split the 8 partitions (in turn over partitions alone: 4 and 1 from half the
+    # starts when each replica holds a contiguous half)
+    deadline = time.monotonic() + 30
+    while len(placed) < len(ids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    owners = kafka.group_assignment(kafka.admin(settings), kafka.ONLINE_GROUP, settings.audio_topic, 10)
+    assert sorted(sum(placed.get(sid) in m for sid in ids) for m in owners) == [2, 3], (owners, placed)
+    victim = next(s for s in state["services"] if s["name"] == "online_asr")
+    deadline = time.monotonic() + 30  # killed mid-stream: once it decodes streams of its own
+    while value(scrape(victim["health_port"]).get("hark_open_streams", [])) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(victim["pid"], signal.SIGKILL)
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for f, sid in zip(files, ids):
+        rec = complete_record(settings, sid, timeout=120)
+        assert rec["status"] == "COMPLETE" and rec["final_source"] == "offline", (f, rec["status"])
+        assert rec["online_text"] and rec["text"], f
+        if f == "goforward.wav":
+            assert "forward" in rec["text"].lower(), rec["text"]
+    assert "Dashwood" in complete_record(settings, ids[0])["text"]
+
+    # Every stream ended: each group's holds are released, so its lag drains to 0 (the
+    # committed offsets catch up with the ends of the partitions it read).
+    deadline, lag = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        lag = json.loads(run_hark("status", "--json", env_extra=env).stdout)["lag"]
+        if all(lag[g].get("partitions") and lag[g]["lag"] == 0 for g in stack.GROUPS):
+            break
+        time.sleep(1)
+    assert all(lag[g]["partitions"] and lag[g]["lag"] == 0 for g in stack.GROUPS), lag
+    audio = [r for r in lag["hark-online-asr"]["partitions"] if r["topic"] == settings.audio_topic]
+    assert audio and all(r["end"] > 0 and r["committed"] == r["end"] for r in audio), audio
+    text = run_hark("status", env_extra=env).stdout
+    assert "group hark-online-asr: lag 0 records" in text, text
+
+
 # ---- model rollout: A/B in the offline pass, and `hark compare` ----------------------------------
 @pytest.mark.e2e
-def test_ab_candidate_model_and_compare_on_archived_streams(tmp_path, speech_dir):
+def test_ab_candidate_model_and_compare_on_archived_streams(scaled_stack, speech_dir, tmp_path):
     from hark import serde
     from services.offline_asr.service import routed_to_candidate
 
     from .helpers import collect
 
-    env = {
-        "HARK_DATA_DIR": str(tmp_path / "d"),
-        "HARK_PARTITIONS": "2",
-        "HARK_OFFLINE_CANDIDATE_MODEL": "tiny.en",
-        "HARK_OFFLINE_CANDIDATE_FRACTION": "0.5",
-    }
-    # an A/B of the offline pass: speakers and the captions server play no part in it
-    up = run_hark("up", "--replicas", "diarizer=0,captions=0", env_extra=env, timeout=180)
-    assert up.returncode == 0, up.stderr
-    try:
-        state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
-        settings = Settings.load(environ={**os.environ, **env})
-        settings = stack.client_settings(settings, state)
-        from services.ingest.core import Ingest
+    env, _state, settings = scaled_stack
+    from services.ingest.core import Ingest
 
-        files = [
-            "sense_and_sensibility_01_austen_64kb-0880.wav",
-            "goforward.wav",
-            "sense_and_sensibility_01_austen_64kb-0890.wav",
-            "forever_input_2_16k.wav",
-        ]
-        ids = [f"ab-{i}" for i in range(len(files))]  # ab-2 and ab-3 hash into the candidate's half
-        routed = {sid: routed_to_candidate(sid, 0.5) for sid in ids}
-        assert sorted(routed.values()) == [False, False, True, True]
-        ingest = Ingest(settings)
-        for f, sid in zip(files, ids):
-            ingest.publish_file(speech_dir / f, stream_id=sid)
-        finals = {sid: complete_record(settings, sid, timeout=120) for sid in ids}
-        for rec in finals.values():  # results serve the primary model only
-            assert rec["final_source"] == "offline" and rec["model_name"] == "whisper-base"
+    files = [
+        "sense_and_sensibility_01_austen_64kb-0880.wav",
+        "goforward.wav",
+        "sense_and_sensibility_01_austen_64kb-0890.wav",
+        "forever_input_2_16k.wav",
+    ]
+    ids = [f"ab-{i}" for i in range(len(files))]  # ab-2 and ab-3 hash into the candidate's half
+    routed = {sid: routed_to_candidate(sid, 0.5) for sid in ids}
+    assert sorted(routed.values()) == [False, False, True, True]
+    ingest = Ingest(settings)
+    for f, sid in zip(files, ids):
+        ingest.publish_file(speech_dir / f, stream_id=sid)
+    finals = {sid: complete_record(settings, sid, timeout=120) for sid in ids}
+    for rec in finals.values():  # results serve the primary model only
+        assert rec["final_source"] == "offline" and rec["model_name"] == "whisper-base"
 
-        def both_ended(recs):
-            ends = {(r["stream_id"], r["variant"]) for t, r in recs if r["kind"] == "STREAM_END"}
-            return all((sid, "candidate" if routed[sid] else "primary") in ends for sid in ids)
+    def both_ended(recs):
+        ends = {(r["stream_id"], r["variant"]) for t, r in recs if r["kind"] == "STREAM_END"}
+        return all((sid, "candidate" if routed[sid] else "primary") in ends for sid in ids)
 
-        offline = [r for t, r in collect(settings, settings.offline_topic, both_ended, 60)]
-        for sid in ids:
-            segments = [r for r in offline if r["stream_id"] == sid and r["kind"] == "SEGMENT"]
-            by_variant = {v: [r for r in segments if r["variant"] == v] for v in ("primary", "candidate")}
-            assert {r["model_name"] for r in by_variant["primary"]} == {"whisper-base"}
-            if routed[sid]:  # same windows, same indices, the candidate's model and version
-                assert {r["model_name"] for r in by_variant["candidate"]} == {"whisper-tiny.en"}
-                assert [(r["segment_index"], r["start_ms"], r["end_ms"]) for r in by_variant["candidate"]] == [
-                    (r["segment_index"], r["start_ms"], r["end_ms"]) for r in by_variant["primary"]
-                ]
-            else:
-                assert by_variant["candidate"] == []
-        assert all(serde.registry().by_name("OfflineTranscript").version == r["schema_version"] for r in offline)
-    finally:
-        run_hark("down", env_extra=env)
+    offline = [r for t, r in collect(settings, settings.offline_topic, both_ended, 60)]
+    for sid in ids:
+        segments = [r for r in offline if r["stream_id"] == sid and r["kind"] == "SEGMENT"]
+        by_variant = {v: [r for r in segments if r["variant"] == v] for v in ("primary", "candidate")}
+        assert {r["model_name"] for r in by_variant["primary"]} == {"whisper-base"}
+        if routed[sid]:  # same windows, same indices, the candidate's model and version
+            assert {r["model_name"] for r in by_variant["candidate"]} == {"whisper-tiny.en"}
+            assert [(r["segment_index"], r["start_ms"], r["end_ms"]) for r in by_variant["candidate"]] == [
+                (r["segment_index"], r["start_ms"], r["end_ms"]) for r in by_variant["primary"]
+            ]
+        else:
+            assert by_variant["candidate"] == []
+    assert all(serde.registry().by_name("OfflineTranscript").version == r["schema_version"] for r in offline)
 
-    # The stack is down: compare reads the archive only.
+    # compare reads the archive only, and decodes in its own process
     out = tmp_path / "compare.json"
     cmp = run_hark(
         "compare",

@@ -382,32 +382,6 @@ def test_a_killed_service_is_restarted_and_streams_still_complete(live_stack, sp
     assert "forward" in complete_record(settings, summary.stream_id, timeout=60)["text"]
 
 
-def test_up_status_down(tmp_path):
-    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "3"}
-    up = run_hark("up", env_extra=env, timeout=120)
-    assert up.returncode == 0, up.stderr
-    try:
-        st = run_hark("status", "--json", env_extra=env)
-        assert st.returncode == 0, st.stderr
-        state = json.loads(st.stdout)
-        assert state["status"] == "ready" and state["broker"]["alive"]
-        assert {s["name"] for s in state["services"]} == set(stack.SERVICES)
-        for s in state["services"]:
-            assert s["alive"] and s["health"] == "ok" and s["pid"] > 0
-        assert state["topics"] == {
-            f"hark.{t}": 3
-            for t in ("audio", "transcripts.online", "transcripts.offline", "speakers", "results", "deadletter")
-        }
-        text = run_hark("status", env_extra=env).stdout
-        assert "online_asr" in text and "partitions" in text
-        pids = [s["pid"] for s in state["services"]] + [state["broker"]["pid"], state["supervisor_pid"]]
-    finally:
-        down = run_hark("down", env_extra=env)
-    assert down.returncode == 0 and "stopped" in down.stdout
-    assert not any(stack.pid_alive(p) for p in pids)
-    assert run_hark("status", env_extra=env).returncode == 1
-
-
 def test_publish_and_tail_clis(live_stack, speech_dir):
     settings, _ = live_stack
     sid = f"cli-{time.time_ns()}"
@@ -568,14 +542,28 @@ def test_websocket_file_upload(live_stack, speech_dir, references):
     assert "forward" in complete_record(settings, sid)["text"]
 
 
-def test_online_only_stack(tmp_path, speech_dir):
-    """`hark up --replicas offline_asr=0`: results completes streams on the online pass alone."""
+def test_up_status_down_and_an_online_only_stack(tmp_path, speech_dir):
+    """`hark up --replicas offline_asr=0`: `hark status` tells what runs, results completes streams
+    on the online pass alone, and `hark down` leaves no process behind."""
     env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "2", "HARK_MAX_STREAMS": "1"}
     up = run_hark("up", "--replicas", "offline_asr=0", env_extra=env, timeout=120)
     assert up.returncode == 0, up.stderr
+    pids = []
     try:
-        state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
+        st = run_hark("status", "--json", env_extra=env)
+        assert st.returncode == 0, st.stderr
+        state = json.loads(st.stdout)
+        assert state["status"] == "ready" and state["broker"]["alive"]
         assert {s["name"] for s in state["services"]} == set(stack.SERVICES) - {"offline_asr"}
+        for s in state["services"]:
+            assert s["alive"] and s["health"] == "ok" and s["pid"] > 0
+        assert state["topics"] == {
+            f"hark.{t}": 2
+            for t in ("audio", "transcripts.online", "transcripts.offline", "speakers", "results", "deadletter")
+        }
+        text = run_hark("status", env_extra=env).stdout
+        assert "online_asr" in text and "partitions" in text
+        pids = [s["pid"] for s in state["services"]] + [state["broker"]["pid"], state["supervisor_pid"]]
         out = tmp_path / "o.jsonl"
         run = run_hark(
             "run",
@@ -609,7 +597,10 @@ def test_online_only_stack(tmp_path, speech_dir):
             assert re.fullmatch(r"DEGRADED \((online|diarizer)( and diarizer)? refused the stream: at capacity\)", st)
         assert two.returncode == 1 and "stream ended DEGRADED" in two.stderr
     finally:
-        run_hark("down", env_extra=env)
+        down = run_hark("down", env_extra=env)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert pids and not any(stack.pid_alive(p) for p in pids)
+    assert run_hark("status", env_extra=env).returncode == 1
 
 
 def test_a_stalled_archive_write_holds_up_only_its_own_connection(live_stack, speech_dir):
