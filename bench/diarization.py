@@ -40,7 +40,8 @@ def recordings(folder: Path | None = None) -> list[tuple[str, Path, Path]]:
 
 def run(d: Diarizer, audio: Path | np.ndarray, one_voice_blocks: bool = True, **hints) -> dict:
     pcm = sf.read(audio, dtype="int16")[0] if isinstance(audio, Path) else audio
-    sd = StreamDiarizer(d, one_voice_blocks=one_voice_blocks, **hints)
+    sd = StreamDiarizer(d, **hints)
+    sd.one_voice_blocks = one_voice_blocks
     inc, lat = [], []
     t0 = time.perf_counter()
     for i in range(0, len(pcm), 1600):
