@@ -87,10 +87,22 @@ def check_installed() -> Path:
     return libs
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports. The sockets stay bound until all are chosen: one at a
+    time, the OS handed the same port out twice (a broker's client and controller listeners on
+    one port, refused by Kafka's format)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def port_free(port: int) -> bool:
@@ -296,11 +308,11 @@ def single_node(
         node = None
     if node is not None and (node.log_dir / "meta.properties").exists():
         if not (port_free(node.port) and port_free(node.controller_port)):
-            node.port, node.controller_port = free_port(), free_port()  # static voters: a new port is fine
+            node.port, node.controller_port = free_ports(2)  # static voters: a new port is fine
             node.voters = f"{node.node_id}@127.0.0.1:{node.controller_port}"
         node.partitions, node.heap_mb, node.extra = partitions, heap_mb, extra
         return node
-    port, cport = free_port(), free_port()
+    port, cport = free_ports(2)
     return Node(
         directory, 1, port, cport, f"1@127.0.0.1:{cport}", new_cluster_id(), partitions, 1, heap_mb, extra, security
     )
@@ -315,7 +327,8 @@ def cluster(
     security: dict[str, str] | None = None,
 ) -> list[Node]:
     """``size`` nodes, each broker and controller, replication factor min(3, size)."""
-    ports = [(free_port(), free_port()) for _ in range(size)]
+    flat = free_ports(2 * size)
+    ports = list(zip(flat[::2], flat[1::2]))
     voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports))
     cid = new_cluster_id()
     return [

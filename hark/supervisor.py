@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import broker, kafka, registry, security, serde
-from .broker import free_port
+from .broker import free_port, free_ports
 from .config import Settings
 from .stack import SERVICES, health, parse_replicas, pid_alive
 
@@ -171,7 +171,8 @@ class Supervisor:
         base_env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         # each side knows the other's port: the captions page's Record button opens ingest's
         # WebSocket, and ingest admits that page's origin (and no other page's)
-        base_env["HARK_INGEST_PORT"], base_env["HARK_CAPTIONS_PORT"] = str(free_port()), str(free_port())
+        ingest_port, captions_port = free_ports(2)
+        base_env["HARK_INGEST_PORT"], base_env["HARK_CAPTIONS_PORT"] = str(ingest_port), str(captions_port)
         logs = self.dir / "logs"
         for name, (module, _topic) in SERVICES.items():
             for i in range(self.replicas.get(name, 1)):

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from hark.broker import free_ports
+
 ACCESS_KEY, SECRET_KEY = "hark", "hark-secret-key"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def start(d: Path, buckets: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:

@@ -39,7 +39,7 @@ def secured(live_stack, tmp_path_factory):
     d = tmp_path_factory.mktemp("secured")
     tokens = d / "tokens"
     acme, globex = create_token(tokens, "acme"), create_token(tokens, "globex")
-    ingest_port, captions_port = broker.free_port(), broker.free_port()
+    ingest_port, captions_port = broker.free_ports(2)
     env = {
         **os.environ,
         "HARK_TOKENS_FILE": str(tokens),

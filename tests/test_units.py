@@ -912,3 +912,13 @@ def test_replicas_are_counted_strictly():
     for bad in ("online_asr=²", "online_asr=0", "online_asr=-1", "online_asr=", "nope=1", f"ingest={'9' * 4301}"):
         with pytest.raises(SystemExit, match="bad --replicas entry"):
             parse_replicas(bad)
+
+
+def test_ports_chosen_together_are_distinct():
+    """The finding: a broker's client and controller listeners got the same port (each chosen
+    with its socket closed before the next was asked for), and Kafka refused to format the log."""
+    from hark.broker import free_ports
+
+    for _ in range(20):
+        ports = free_ports(8)
+        assert len(set(ports)) == 8 and all(1024 <= p <= 65535 for p in ports)
