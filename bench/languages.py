@@ -62,9 +62,9 @@ SENTENCES = {
 GRID = [round(0.05 * i, 2) for i in range(1, 20)]
 
 
-def chosen_threshold(rows: list[dict]) -> float:
-    """The lowest threshold on GRID at which no row's guess at or above it is wrong."""
-    return next(t for t in GRID if all(r["guess"] == r["truth"] for r in rows if r["p"] >= t))
+def chosen_threshold(rows: list[dict]) -> float | None:
+    """The lowest threshold on GRID at which no row's guess at or above it is wrong (None: none)."""
+    return next((t for t in GRID if all(r["guess"] == r["truth"] for r in rows if r["p"] >= t)), None)
 
 
 def outcome(rows: list[dict], threshold: float) -> dict[str, int]:

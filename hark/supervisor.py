@@ -171,19 +171,21 @@ class Supervisor:
         base_env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         # each side knows the other's port: the captions page's Record button opens ingest's
         # WebSocket, and ingest admits that page's origin (and no other page's)
-        ingest_port, captions_port = free_ports(2)
-        base_env["HARK_INGEST_PORT"], base_env["HARK_CAPTIONS_PORT"] = str(ingest_port), str(captions_port)
+        # every port of the launch chosen at once, so none is handed out twice (broker.free_ports)
+        children = sum(self.replicas.get(name, 1) for name in SERVICES)
+        ports = iter(free_ports(2 + 2 * children))
+        base_env["HARK_INGEST_PORT"], base_env["HARK_CAPTIONS_PORT"] = str(next(ports)), str(next(ports))
         logs = self.dir / "logs"
         for name, (module, _topic) in SERVICES.items():
             for i in range(self.replicas.get(name, 1)):
-                hp = free_port()
+                hp = next(ports)
                 env = {**base_env, "HARK_HEALTH_PORT": str(hp), "HARK_INSTANCE_ID": f"{name}-{i}"}
                 if self.credentials:
                     env.update(self.credentials.env(name))
                 if name == "ingest" and i > 0:  # the page records through the first
-                    env["HARK_INGEST_PORT"] = str(free_port())
+                    env["HARK_INGEST_PORT"] = str(next(ports))
                 if name == "captions" and i > 0:  # each its own port; the first is the page's
-                    env["HARK_CAPTIONS_PORT"] = str(free_port())
+                    env["HARK_CAPTIONS_PORT"] = str(next(ports))
                 child = Child(
                     name, i, [sys.executable, "-m", module.rsplit(".", 1)[0]], env, logs / f"{name}-{i}.log", hp
                 )
@@ -235,7 +237,13 @@ class Supervisor:
             if child.health_port:
                 # a port picked free at start can be taken since (an outgoing connection's
                 # ephemeral port): a new one, so a child that died of it does not die again
-                child.health_port = free_port()
+                taken = {c.health_port for c in self.children} | {
+                    int(c.env[k])
+                    for c in self.children
+                    for k in ("HARK_INGEST_PORT", "HARK_CAPTIONS_PORT")
+                    if k in c.env
+                }
+                child.health_port = next(p for p in iter(free_port, None) if p not in taken)
                 child.env["HARK_HEALTH_PORT"] = str(child.health_port)
             child.start()
             self.write_state()

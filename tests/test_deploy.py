@@ -15,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from hark import kafka, stack
+from hark import kafka, serde, stack
 from hark.config import Settings
 
 from .conftest import ROOT, run_hark
@@ -230,6 +230,7 @@ def scaled_stack(tmp_path_factory):
 @pytest.mark.e2e
 def test_replicas_split_partitions_and_no_stream_is_lost_when_one_dies(scaled_stack, speech_dir):
     env, state, settings = scaled_stack
+    serde.configure(settings, eager=False)  # this stack's registry, whatever a test before talked to
     for name in ("online_asr", "offline_asr"):
         replicas = [s for s in state["services"] if s["name"] == name]
         owned = [s["partitions_assigned"] for s in replicas]
@@ -301,12 +302,12 @@ def test_replicas_split_partitions_and_no_stream_is_lost_when_one_dies(scaled_st
 # ---- model rollout: A/B in the offline pass, and `hark compare` ----------------------------------
 @pytest.mark.e2e
 def test_ab_candidate_model_and_compare_on_archived_streams(scaled_stack, speech_dir, tmp_path):
-    from hark import serde
     from services.offline_asr.service import routed_to_candidate
 
     from .helpers import collect
 
     env, _state, settings = scaled_stack
+    serde.configure(settings, eager=False)  # this stack's registry, whatever a test before talked to
     from services.ingest.core import Ingest
 
     files = [

@@ -139,11 +139,19 @@ class WindowEcho:
         return Decoded(f"{start_ms}+{len(pcm)} {hash(pcm.tobytes()) % 10**6} {language}", language=language or "en")
 
 
-def offline_run(settings, info, pcm: bytes, chunk: int, resume_at: int | None = None):
+class UnsureEcho(WindowEcho):
+    """Never sure of the language: the stream becomes "und" after its third window."""
+
+    def detect(self, pcm):
+        self.asked += 1
+        return ("fr", 0.3)
+
+
+def offline_run(settings, info, pcm: bytes, chunk: int, resume_at: int | None = None, echo=WindowEcho):
     """Records of an offline stream fed ``pcm``; with ``resume_at``, the processor is replaced at
     its snapshot after that many windows by one resumed from it (JSON round trip, as the commit
     metadata carries it), fed again from the snapshot's chunk. Returns (records, snapshots taken)."""
-    procs = OfflineProcessors(settings, decoder=cast(WhisperDecoder, WindowEcho()))
+    procs = OfflineProcessors(settings, decoder=cast(WhisperDecoder, echo()))
     proc, records, snapshots, i = procs.open(info), [], 0, 0
     while i < len(pcm):
         records += [o.record for o in proc.feed(Chunk(i // chunk + 1, pcm[i : i + chunk], i // 2, 0))]
@@ -152,13 +160,14 @@ def offline_run(settings, info, pcm: bytes, chunk: int, resume_at: int | None = 
             snapshots += 1
             if resume_at is not None and sum(r["kind"] == "SEGMENT" for r in records) == resume_at:
                 resume_at = None
-                fresh = OfflineProcessors(settings, decoder=cast(WhisperDecoder, WindowEcho()))
+                fresh = OfflineProcessors(settings, decoder=cast(WhisperDecoder, echo()))
                 proc = fresh.resume(StreamInfo(info.stream_id, info.tenant), json.loads(json.dumps(state)))
                 continue  # this chunk again
         i += chunk
     records += [o.record for o in proc.close("COMPLETE", i // chunk + 1)]
     return [
-        (r["kind"], r["segment_index"], r["start_ms"], r["end_ms"], r["text"], r["language"]) for r in records
+        (r["kind"], r["segment_index"], r["start_ms"], r["end_ms"], r["text"], r["language"], r["language_probability"])
+        for r in records
     ], snapshots
 
 
@@ -171,6 +180,12 @@ def test_a_resumed_offline_stream_publishes_what_an_uninterrupted_one_does(passa
     assert snapshots >= 6 and len({r[5] for r in whole[1:]}) == 1  # detected from the second window on
     resumed, _ = offline_run(settings, info, pcm, 6400, resume_at=3)
     assert resumed == whole
+    # never sure: "und" from the third window on, decoded in the fallback, and so after a resume
+    unsure, _ = offline_run(settings, info, pcm, 6400, echo=UnsureEcho)
+    assert {r[5:] for r in unsure[2:]} == {("und", 0.3)} and all(
+        r[4].endswith(" en") for r in unsure if r[0] == "SEGMENT"
+    )
+    assert offline_run(settings, info, pcm, 6400, resume_at=4, echo=UnsureEcho)[0] == unsure
     with_hotwords = StreamInfo("s2", "t1", "auto", hotwords=("Dashwood",))
     assert offline_run(settings, with_hotwords, pcm, 6400)[1] == 0  # their words stay out of commit metadata
 

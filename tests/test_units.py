@@ -170,6 +170,10 @@ def test_an_unsure_language_reaches_the_transcript_as_und_with_its_probability()
     m.on_online(_online("STREAM_END", 1, "", end_status="COMPLETE"))
     (done,) = m.on_offline({**_offline("STREAM_END", 1, "", 2800, 2800), **unsure})
     assert done["language"] == "und" and done["language_probability"] == 0.32
+    # with another fallback language the unsure stream's text is in that language: no English captions
+    m = ResultsMerger(wait_for=("online", "offline"), fallback_language="de")
+    m.on_offline({**_offline("SEGMENT", 0, "Guten Tag.", 0, 2800, ["Guten", "Tag."]), **unsure})
+    assert m.on_online(_online("FINAL", 0, "good tag", ["good", "tag"])) == []
     # detected, then: the language and its probability
     m = ResultsMerger(wait_for=("online", "offline"))
     m.on_offline({**_offline("SEGMENT", 0, "Hola.", 0, 500, ["Hola."]), "language": "es", "language_probability": 0.97})

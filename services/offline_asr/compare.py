@@ -16,10 +16,12 @@ from pathlib import Path
 
 from hark.config import Settings
 from hark.keys import open_archive
+from hark.languages import AUTO, UNDETERMINED
 from hark.storage import ObjectStore, archived_meta, archived_pcm
 from hark.wer import WerScore, score
 
 from .decoder import MAX_WINDOW_S, WhisperDecoder, whisper_language
+from .stream import choose_language
 from .windows import StreamWindows
 
 
@@ -52,16 +54,23 @@ class VersionReport:
 def transcribe_archived(
     store: ObjectStore, stream_id: str, decoder: WhisperDecoder, settings: Settings, language: str = "en"
 ) -> tuple[str, float, float]:
-    """(text, audio seconds, decode seconds) of an archived stream, in bounded windows."""
+    """(text, audio seconds, decode seconds) of an archived stream, in bounded windows; a stream of
+    language "auto" gets the offline pass's rule (stream.choose_language): its sure guess, else the
+    fallback language."""
     windows = StreamWindows(
         0, int(settings.offline_min_window_s * 1000), int(min(settings.offline_max_window_s, MAX_WINDOW_S) * 1000)
     )
     texts, audio_s, decode_s = [], 0.0, 0.0
+    chosen, detections = (None if language == AUTO else language), 0
 
     def run(ws):
-        nonlocal audio_s, decode_s
+        nonlocal audio_s, decode_s, chosen, detections
         for w in ws:
-            d = decoder.decode(w.pcm, w.start_ms, language=language)
+            if chosen is None:
+                detections += 1
+                chosen = choose_language(decoder, w.pcm, detections)[0]
+            use = settings.offline_language_fallback if chosen in (None, UNDETERMINED) else chosen
+            d = decoder.decode(w.pcm, w.start_ms, language=use)
             audio_s += len(w.pcm) / 16000
             decode_s += d.decode_s
             if d.text:

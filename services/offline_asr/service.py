@@ -20,7 +20,7 @@ the open one only at stream end; it is the fallback for a stream whose audio thi
 never saw (StreamEnd without state), read in bounded windows.
 
 Resume point: the last window cut at a pause (windows.py), where the state is the cut's time,
-the next window's index and the stream's language (~110 bytes); a restart re-reads the stream from
+the next window's index and the stream's language and its detection (~150 bytes); a restart re-reads the stream from
 the chunk of that cut, not from its start. Chunks fed again with ``replay`` (their output was
 committed before the crash) are only cut, not decoded. Window cuts depend only on the audio, so
 the windows and their indices come out as in an uninterrupted run, and every window takes an
@@ -145,11 +145,21 @@ class OfflineProcessors:
         self.archive_fallbacks += 1
         return out + proc.close(status, seq)
 
-    def queue_nbest(self, info: StreamInfo, index: int, w: Window, prompt: str | None, language: str | None) -> None:
+    def queue_nbest(
+        self,
+        info: StreamInfo,
+        index: int,
+        w: Window,
+        prompt: str | None,
+        language: str | None,
+        label: tuple[str, float | None] | None = None,
+    ) -> None:
+        """``language``: the one to decode in; ``label``: the stream's language and detection
+        probability as its records say them (default: ``language``, given)."""
         if len(self.nbest_jobs) >= NBEST_QUEUE:
             self.nbest_jobs.popleft()
             self.nbest_dropped += 1
-        self.nbest_jobs.append((info, index, w, prompt, language))
+        self.nbest_jobs.append((info, index, w, prompt, language, label or (language, None)))
 
     def step(self) -> list[Output]:
         """Drafts, on every pass of the loop: the lane's finished job is published and the next
@@ -205,7 +215,7 @@ class OfflineProcessors:
     def _nbest(self) -> list[Output]:
         if not self.nbest_jobs:
             return []
-        info, index, w, prompt, language = self.nbest_jobs.popleft()
+        info, index, w, prompt, language, (said, language_p) = self.nbest_jobs.popleft()
         t0 = time.perf_counter()
         hyps = self.decoder.nbest(w.pcm, self.settings.offline_nbest, prompt=prompt, language=language)
         return [
@@ -218,9 +228,10 @@ class OfflineProcessors:
                 hyps[0][0] if hyps else "",
                 [],
                 [{"text": t, "score": sc} for t, sc in hyps],
-                language,
+                said,
                 int((time.perf_counter() - t0) * 1000),
                 0,
+                language_p=language_p,
             )
         ]
 

@@ -27,6 +27,17 @@ DETECT_SURE = 0.85
 DETECT_WINDOWS = 3  # windows with speech asked before the stream settles on "und"
 
 
+def choose_language(decoder: WhisperDecoder, pcm, detections: int) -> tuple[str | None, float]:
+    """One step of detection for a stream of language "auto", on its ``detections``-th window
+    with speech: (Whisper's guess if its probability is >= DETECT_SURE, "und" once
+    DETECT_WINDOWS windows were unsure, else None: ask the next window; the probability)."""
+    lang, prob = decoder.detect(pcm)
+    p = round(prob, 3)  # decided on as published: "und" is exactly p < DETECT_SURE
+    if p >= DETECT_SURE:
+        return lang, p
+    return (UNDETERMINED if detections >= DETECT_WINDOWS else None), p
+
+
 def routed_to_candidate(stream_id: str, fraction: float) -> bool:
     """The same answer for a stream id in every replica, restart and replay."""
     return fraction > 0 and zlib.crc32(stream_id.encode()) / 2**32 < fraction
@@ -68,7 +79,9 @@ class OfflineStream:
             return None
         return cut | {
             "segments": self.segments,
-            "language": self.language,
+            # "und" stays out of "language": a replica from before it knew "und" would hand it to Whisper
+            "language": None if self.language == UNDETERMINED else self.language,
+            "undetermined": self.language == UNDETERMINED,
             "language_p": self.language_p,
             "detections": self.detections,
             "declared": self.info.language,
@@ -77,6 +90,7 @@ class OfflineStream:
     def restore(self, state: dict) -> None:
         self.windows = self.owner.new_windows(state["start_ms"], resume=state)
         self.segments, self.language, self.detections = state["segments"], state["language"], state["detections"]
+        self.language = UNDETERMINED if state.get("undetermined") else self.language
         self.language_p = state.get("language_p")
 
     def discard(self) -> None:
@@ -127,7 +141,7 @@ class OfflineStream:
             return out
         out.append(self._segment(index, w, d, o.decoder))
         if s.offline_nbest > 1:
-            o.queue_nbest(info, index, w, prompt, language)
+            o.queue_nbest(info, index, w, prompt, language, (self.language or UNDETERMINED, self.language_p))
         if s.offline_prompt_chars:
             self.prompt = (self.prompt + " " + d.text)[-s.offline_prompt_chars :]
         return out
@@ -139,16 +153,13 @@ class OfflineStream:
         DETECT_WINDOWS unsure windows the stream is "und", decoded in the fallback language: an
         unsure guess is never presented as the stream's language."""
         if self.language is None:
-            lang, prob = self.owner.decoder.detect(w.pcm)
             self.detections += 1
-            self.language_p = round(prob, 3)
-            if prob >= DETECT_SURE:
-                self.language = lang
-            elif self.detections >= DETECT_WINDOWS:
-                self.language = UNDETERMINED
+            self.language, self.language_p = choose_language(self.owner.decoder, w.pcm, self.detections)
             log.info(
-                "language detected" if self.language != UNDETERMINED else "language undetermined",
-                extra=kv(stream_id=self.info.stream_id, guess=lang, p=self.language_p, windows=self.detections),
+                "language detection",
+                extra=kv(
+                    stream_id=self.info.stream_id, language=self.language, p=self.language_p, windows=self.detections
+                ),
             )
         return self.decode_language()
 

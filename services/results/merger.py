@@ -91,6 +91,7 @@ class StreamTranscript:
     full_turns: list[dict] | None = None  # the diarizer's FULL turns once it ended
     language: str | None = None  # the stream's (given, or detected by the offline pass)
     language_p: float | None = None  # the detection's probability (None: given)
+    unsure: bool = False  # the offline pass said "und" with a probability: it decodes in its fallback language
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -128,11 +129,13 @@ class ResultsMerger:
         offline_timeout_s: float = 600.0,
         abandon_after_s: float = 4 * 3600.0,
         parts: Parts | None = None,
+        fallback_language: str = "en",
     ):
         unknown = set(wait_for) - set(PASSES)
         if unknown or "online" not in wait_for:
             raise ValueError(f"wait_for must include 'online' and only name {PASSES}, got {wait_for}")
         self.max_words, self.wait_for, self.offline_timeout_s = max_words, tuple(wait_for), offline_timeout_s
+        self.fallback_language = fallback_language  # what the offline pass decodes a stream it is unsure of in
         # a live stream may pause for as long as it may last (no record comes while it is silent)
         self.abandon_after_s = max(offline_timeout_s, abandon_after_s)
         self.streams: dict[str, StreamTranscript] = {}
@@ -173,7 +176,7 @@ class ResultsMerger:
         if kind == "FINAL":
             if not p.add(rec["utterance_id"], rec, self.max_words):
                 return []
-            if not english(st.language):  # the offline pass found another language: English-only
+            if not english(st.language or (self.fallback_language if st.unsure else None)):  # English-only
                 return []  # online text of it is noise; captions come with the offline pass
             return [self._labelled(rec, result_record(rec, "FINAL", "online", rec["utterance_id"]))]
         if kind == "STREAM_END":
@@ -226,6 +229,7 @@ class ResultsMerger:
             st.language = rec["language"]
         if rec.get("language_probability") is not None:
             st.language_p = rec["language_probability"]
+            st.unsure = rec.get("language") == UNDETERMINED
         if kind == "SEGMENT":
             if not p.add(rec["segment_index"], rec, self.max_words):
                 return []

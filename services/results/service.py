@@ -34,7 +34,12 @@ class Results(ConsumerService):
         wait_for = tuple(p.strip() for p in settings.results_wait_for.split(",") if p.strip())
         parts = DiskParts(settings.data_dir / "spill", self._seal, self._unseal)
         self.merger = ResultsMerger(
-            settings.max_transcript_words, wait_for, settings.offline_timeout_s, settings.max_stream_seconds, parts
+            settings.max_transcript_words,
+            wait_for,
+            settings.offline_timeout_s,
+            settings.max_stream_seconds,
+            parts,
+            settings.offline_language_fallback,
         )
         self.partitions_of: dict[str, set[tuple[str, int]]] = {}
         self.publisher = published.Publisher(settings) if published.enabled(settings) else None
