@@ -16,12 +16,12 @@ from pathlib import Path
 
 from hark.config import Settings
 from hark.keys import open_archive
-from hark.languages import AUTO, UNDETERMINED
+from hark.languages import AUTO
 from hark.storage import ObjectStore, archived_meta, archived_pcm
 from hark.wer import WerScore, score
 
 from .decoder import MAX_WINDOW_S, WhisperDecoder, whisper_language
-from .stream import choose_language
+from .stream import choose_language, decoded_in
 from .windows import StreamWindows
 
 
@@ -69,8 +69,7 @@ def transcribe_archived(
             if chosen is None:
                 detections += 1
                 chosen = choose_language(decoder, w.pcm, detections)[0]
-            use = settings.offline_language_fallback if chosen in (None, UNDETERMINED) else chosen
-            d = decoder.decode(w.pcm, w.start_ms, language=use)
+            d = decoder.decode(w.pcm, w.start_ms, language=decoded_in(chosen, settings.offline_language_fallback))
             audio_s += len(w.pcm) / 16000
             decode_s += d.decode_s
             if d.text:

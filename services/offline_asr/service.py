@@ -152,14 +152,14 @@ class OfflineProcessors:
         w: Window,
         prompt: str | None,
         language: str | None,
-        label: tuple[str, float | None] | None = None,
+        label: tuple[str, float | None],
     ) -> None:
         """``language``: the one to decode in; ``label``: the stream's language and detection
-        probability as its records say them (default: ``language``, given)."""
+        probability as its records say them."""
         if len(self.nbest_jobs) >= NBEST_QUEUE:
             self.nbest_jobs.popleft()
             self.nbest_dropped += 1
-        self.nbest_jobs.append((info, index, w, prompt, language, label or (language, None)))
+        self.nbest_jobs.append((info, index, w, prompt, language, label))
 
     def step(self) -> list[Output]:
         """Drafts, on every pass of the loop: the lane's finished job is published and the next

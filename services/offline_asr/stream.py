@@ -38,6 +38,12 @@ def choose_language(decoder: WhisperDecoder, pcm, detections: int) -> tuple[str 
     return (UNDETERMINED if detections >= DETECT_WINDOWS else None), p
 
 
+def decoded_in(language: str | None, fallback: str) -> str:
+    """The language a window is decoded in: the stream's, or the fallback while it has none or
+    it is "und"."""
+    return fallback if language in (None, UNDETERMINED) else language
+
+
 def routed_to_candidate(stream_id: str, fraction: float) -> bool:
     """The same answer for a stream id in every replica, restart and replay."""
     return fraction > 0 and zlib.crc32(stream_id.encode()) / 2**32 < fraction
@@ -165,9 +171,7 @@ class OfflineStream:
 
     def decode_language(self) -> str:
         """The settled language, or the fallback while there is none (or it is "und")."""
-        if self.language is None or self.language == UNDETERMINED:
-            return self.owner.settings.offline_language_fallback
-        return self.language
+        return decoded_in(self.language, self.owner.settings.offline_language_fallback)
 
     def _segment(self, index: int, w: Window, d, decoder: WhisperDecoder) -> Output:
         return self.owner.record(
