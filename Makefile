@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo check unit test bench chaos load soak up down status clean
+.PHONY: setup demo check unit test bench faust-probe chaos load soak up down status clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt constraints.txt pyproject.toml broker/pom.xml
 	@command -v java >/dev/null || { echo "hark needs Java 17+ for its Kafka broker (apt-get install openjdk-17-jre-headless)"; exit 1; }
@@ -69,7 +69,7 @@ check: $(STAMP)
 
 # The tests without a broker or models (seconds).
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not e2e" tests/test_units.py tests/test_serde.py tests/test_keys.py tests/test_fuzz.py tests/test_results_parts.py tests/test_pacing.py tests/test_published_parts.py tests/test_record.py
+	$(BIN)/python -m pytest -q -m "not e2e" tests/test_units.py tests/test_serde.py tests/test_keys.py tests/test_fuzz.py tests/test_results_parts.py tests/test_pacing.py tests/test_published_parts.py tests/test_record.py tests/test_docs.py tests/test_runtime.py
 
 # In random order (pytest-randomly prints its seed; `pytest --randomly-seed=N` repeats an order).
 test: $(STAMP) $(CHROMIUM_STAMP) $(CONNECT_STAMP) check
@@ -95,6 +95,18 @@ bench: $(STAMP) $(CHROMIUM_STAMP)
 	$(BIN)/python -m bench.languages
 	$(BIN)/python -m bench.admission
 	$(BIN)/python -m bench.flood
+	# the figures behind defaults and decisions (docs/measurements.md, docs/decisions/stack-choices.md)
+	$(BIN)/python -m bench.prompt_hints
+	$(BIN)/python -m bench.encoder_pad --pads 30,2 --temperatures both
+	$(BIN)/python -m bench.voices
+
+# docs/decisions/0003: faust-streaming's exactly_once against hark's broker. faust-streaming is no
+# hark dependency, so the probe runs in a virtual environment of its own, with hark's Kafka jars.
+FAUST_VENV := .hark/faust-venv
+faust-probe: $(STAMP)
+	test -x $(FAUST_VENV)/bin/python || $(PYTHON) -m venv $(FAUST_VENV)
+	$(FAUST_VENV)/bin/pip install -q faust-streaming==0.15.3 aiokafka==0.14.0 confluent-kafka==2.16.1
+	HARK_KAFKA_LIBS=$(CURDIR)/$(VENV)/kafka/libs PYTHONPATH=$(CURDIR) $(FAUST_VENV)/bin/python -m bench.faust_probe
 
 # Fault injection at a larger scale than CI's: every service killed mid-stream, the embedded broker
 # killed, the audio leader of a three-broker cluster killed.

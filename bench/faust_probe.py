@@ -1,8 +1,8 @@
 """Does faust-streaming's exactly_once work against hark's Kafka broker? (docs/decisions/0003)
 
-Not a hark dependency: run it in an environment with faust-streaming, e.g.
-  python -m venv /tmp/fv && /tmp/fv/bin/pip install faust-streaming==0.15.3 confluent-kafka==2.16.1
-  PYTHONPATH=. /tmp/fv/bin/python -m bench.faust_probe   (needs the Kafka jars: make setup)
+faust-streaming is no hark dependency: `make faust-probe` runs this in a virtual environment of its
+own (.hark/faust-venv: faust-streaming 0.15.3, aiokafka 0.14.0, confluent-kafka 2.16.1), with
+HARK_KAFKA_LIBS pointing at the Kafka jars `make setup` put in .venv/kafka/libs.
 
 Starts a fresh embedded broker, writes 100 keyed records, runs a faust worker whose agent counts
 records per key in a changelog-backed Table and sends each count to an output topic with
@@ -81,6 +81,7 @@ def main() -> None:
             for i in range(100):
                 p.produce("probe-in", key=f"k{i % 5}".encode(), value=b"x")
             p.flush()
+            del p  # a client alive when the broker stops logs each retry to reach it
             (Path(tmp) / "probe_app.py").write_text(APP)
             worker = subprocess.Popen(
                 [sys.executable, "-m", "faust", "-A", "probe_app", "worker", "-l", "warn"],
@@ -96,6 +97,7 @@ def main() -> None:
 
             n_out, ends_out = read_all(node.bootstrap, "probe-out")
             changelog = next(t for t in adm.list_topics(timeout=10).topics if t.endswith("changelog"))
+            del adm
             n_log, ends_log = read_all(node.bootstrap, changelog)
             markers_out = sum(e[1] for e in ends_out) - n_out  # offsets taken by transaction markers
             markers_log = sum(e[1] for e in ends_log) - n_log

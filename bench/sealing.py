@@ -21,7 +21,7 @@ from pathlib import Path
 from hark import serde
 from hark.keys import Keyring, SealedStore
 from hark.pcm import BYTES_PER_SECOND
-from hark.records import result_record
+from hark.records import AudioChunk, Result, Word, result_record
 from hark.storage import FilesystemStore
 
 CHUNK_MS = 200
@@ -41,24 +41,24 @@ def per_call(fn, seconds: float, repeats: int = 7) -> float:
     return best
 
 
-def records() -> dict[str, dict]:
+def records() -> dict[str, AudioChunk | Result]:
     pcm = os.urandom(BYTES_PER_SECOND * CHUNK_MS // 1000)
-    words: list[dict] = [
-        {"word": w, "start_ms": i * 300, "end_ms": i * 300 + 250, "confidence": 0.9, "speaker": "SPEAKER_00"}
+    words: list[Word] = [
+        Word(word=w, start_ms=i * 300, end_ms=i * 300 + 250, confidence=0.9, speaker="SPEAKER_00")
         for i, w in enumerate(
             ["it", "is", "a", "truth", "universally", "acknowledged", "that", "a", "single", "man", "in", "possession"]
         )
     ]
     return {
-        "AudioChunk": {
-            "stream_id": "bench-stream",
-            "tenant": "acme",
-            "seq": 7,
-            "offset_samples": 16000,
-            "sample_rate": 16000,
-            "pcm": pcm,
-            "published_at_ms": 1,
-        },
+        "AudioChunk": AudioChunk(
+            stream_id="bench-stream",
+            tenant="acme",
+            seq=7,
+            offset_samples=16000,
+            sample_rate=16000,
+            pcm=pcm,
+            published_at_ms=1,
+        ),
         "Result": result_record(
             {
                 "stream_id": "bench-stream",

@@ -32,9 +32,10 @@ import torch
 from hark import models
 from hark.config import Settings
 from hark.voices import VoiceError
+from services.diarizer.matching import match
 from services.diarizer.pipeline import Diarizer
 from services.diarizer.scoring import read_rttm
-from services.diarizer.voices import match, speakers_of, voiceprint
+from services.diarizer.voices import speakers_of, voiceprint
 from tests.tts import say
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -120,15 +120,15 @@ def _announce(settings: Settings, producer, stream_id: str, meta: dict) -> None:
     """The ERASED end, unsealed (the key is gone; it says only that the stream ended), on the
     stream's audio partition, after its last chunk (-1: the key's hash, as ingest placed it); on
     every partition when that is unknown."""
-    record = {
-        "stream_id": stream_id,
-        "tenant": meta.get("tenant") or "",
-        "seq": 0,
-        "total_samples": 0,
-        "status": "ERASED",
-        "reason": "erased",
-        "ended_at_ms": records.now_ms(),
-    }
+    record = records.StreamEnd(
+        stream_id=stream_id,
+        tenant=meta.get("tenant") or "",
+        seq=0,
+        total_samples=0,
+        status="ERASED",
+        reason="erased",
+        ended_at_ms=records.now_ms(),
+    )
     value = serde.encode("StreamEnd", record)
     if "audio_partition" not in meta:
         md = producer.list_topics(settings.audio_topic, timeout=10).topics.get(settings.audio_topic)

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from . import kafka, serde
 from .config import Settings
@@ -48,7 +49,7 @@ SUBJECT = "hark.published.Transcript"
 FINAL_HEADER = "hark.final"
 
 
-def record(result: dict) -> dict | None:
+def record(result: Mapping[str, Any]) -> dict | None:
     """The published record of a Result; None for the kinds that are not published."""
     kind = {"FINAL": "FINAL", "STREAM_COMPLETE": "COMPLETE"}.get(str(result["kind"]))
     if kind is None:
@@ -106,7 +107,7 @@ class Publisher:
         self._topics: frozenset[str] = frozenset()
         self._listed_at = -self.TOPICS_S
 
-    def message(self, result: dict) -> tuple[str, bytes, bytes, list[tuple[str, bytes]]] | None:
+    def message(self, result: Mapping[str, Any]) -> tuple[str, bytes, bytes, list[tuple[str, bytes]]] | None:
         """(topic, key, value, headers) of a Result's published record; None for a kind that is
         not published or a tenant without a published topic."""
         rec = record(result)

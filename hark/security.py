@@ -22,14 +22,14 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import declaration
 from .config import Settings
-from .kafka import ONLINE_GROUP
 
 MECHANISM = "SCRAM-SHA-512"
 ITERATIONS = 8192
 ADMIN = "admin"
 CONTROLLER = "controller"
-# ingest's consumer group on the tenants' produce topics
+# ingest's consumer group on the tenants' produce topics (services/ingest/spec.py declares it)
 INGEST_IN_GROUP = "hark-ingest-in"
 
 
@@ -48,44 +48,28 @@ class Grant:
     create_prefixes: tuple[str, ...] = ()  # it may create such topics (no service does today)
 
 
-def grants(s: Settings) -> dict[str, Grant]:
-    """Every service principal of the stack and its grant (the topic names come from settings)."""
-    dead = s.deadletter_topic
-    # every tenant's topics of a kind share the prefix a tenant name completes (Settings.*_topic)
-    published, produce = s.published_topic(""), s.produce_topic("")
-    return {
-        # ingest also writes results: the tombstones of its retention sweep, which go to the
-        # stream's tenant's published and produce topics too (hark/erasure.py); it places new
-        # streams by online_asr's assignment, so it may describe that group (not join or read
-        # it); it reads what tenants' own producers publish, in its own group
-        "ingest": Grant(
-            writes=(s.audio_topic, s.results_topic, dead),
-            groups=(INGEST_IN_GROUP,),
-            watches=(ONLINE_GROUP,),
-            read_prefixes=(produce,),
-            write_prefixes=(published, produce),
-        ),
-        "online_asr": Grant(
-            (s.audio_topic,), (s.online_topic, s.results_topic, dead), (ONLINE_GROUP,), ONLINE_GROUP + "-"
-        ),
-        "offline_asr": Grant((s.audio_topic,), (s.offline_topic, dead), ("hark-offline-asr",), "hark-offline-asr-"),
-        "diarizer": Grant((s.audio_topic,), (s.speakers_topic, dead), ("hark-diarizer",), "hark-diarizer-"),
-        "results": Grant(
-            (s.online_topic, s.offline_topic, s.speakers_topic),
-            (s.results_topic, dead),
-            ("hark-results",),
-            "hark-results-",
-            # each tenant's published tier (made by `hark clients create`), and the empty-keyed
-            # nudge that lets compaction reach a quiet partition of a tenant's published or
-            # produce topic (hark/published.py: Nudges)
-            write_prefixes=(published, produce),
-        ),
-        # captions reads every results partition itself (assigned, no group commits)
-        "captions": Grant((s.results_topic,), (dead,), ("hark-tail-",)),
-    }
+def grants(s: Settings, extra: tuple[str, ...] = ()) -> dict[str, Grant]:
+    """Every service principal of the stack and its grant, from the services' declarations
+    (hark/declaration.py): the default services, and the opt-in ones named in ``extra``. The
+    topic names come from settings."""
+    return {spec.name: grant(s, spec) for spec in declaration.selected(extra)}
 
 
-def acl_bindings(s: Settings) -> list:
+def grant(s: Settings, spec: declaration.ServiceSpec) -> Grant:
+    """What a service's declaration asks of the broker: read its topics in its groups, write its
+    topics in its transactions, and the extras it names (prefixes, watched groups)."""
+    return Grant(
+        reads=tuple(declaration.topic(s, t) for t in spec.reads),
+        writes=tuple(declaration.topic(s, t) for t in spec.writes),
+        groups=spec.all_groups,
+        transactional=spec.transactional,
+        watches=spec.watches,
+        read_prefixes=tuple(declaration.topic(s, t) for t in spec.read_prefixes),
+        write_prefixes=tuple(declaration.topic(s, t) for t in spec.write_prefixes),
+    )
+
+
+def acl_bindings(s: Settings, extra: tuple[str, ...] = ()) -> list:
     """The ACLs that give each principal its grant, and no more (the authorizer denies the rest)."""
     from confluent_kafka.admin import AclBinding, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
 
@@ -94,7 +78,7 @@ def acl_bindings(s: Settings) -> list:
 
     out = []
     lit, pre = ResourcePatternType.LITERAL, ResourcePatternType.PREFIXED
-    for principal, g in grants(s).items():
+    for principal, g in grants(s, extra).items():
         out += [allow(ResourceType.TOPIC, t, lit, principal, AclOperation.READ) for t in g.reads]
         out += [allow(ResourceType.TOPIC, t, lit, principal, AclOperation.WRITE) for t in g.writes]
         # READ and WRITE imply DESCRIBE (the authorizer's IMPLIES_DESCRIBE), so no ACL says it
@@ -151,22 +135,24 @@ class Credentials:
         return {"HARK_KAFKA_" + k.upper().replace(".", "_"): v for k, v in self.client(principal).items()}
 
 
-def stack_principals(s: Settings) -> list[str]:
-    return [ADMIN, CONTROLLER, *grants(s)]
+def stack_principals(s: Settings, extra: tuple[str, ...] = ()) -> list[str]:
+    return [ADMIN, CONTROLLER, *grants(s, extra)]
 
 
-def install(admin_settings: Settings, passwords: dict[str, str]) -> None:
-    """Create (or update) every service principal's SCRAM credential and its ACLs, as admin."""
+def install(admin_settings: Settings, passwords: dict[str, str], extra: tuple[str, ...] = ()) -> None:
+    """Create (or update) every service principal's SCRAM credential and its ACLs, as admin
+    (the default services', and those of the opt-in ones named in ``extra``)."""
     from confluent_kafka.admin import ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
 
     from . import kafka
 
     adm = kafka.admin(admin_settings)
     info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, ITERATIONS)
-    upserts: list = [UserScramCredentialUpsertion(p, info, passwords[p].encode()) for p in grants(admin_settings)]
+    principals = grants(admin_settings, extra)
+    upserts: list = [UserScramCredentialUpsertion(p, info, passwords[p].encode()) for p in principals]
     for fut in adm.alter_user_scram_credentials(upserts, request_timeout=30).values():
         fut.result()
-    for fut in adm.create_acls(acl_bindings(admin_settings), request_timeout=30).values():
+    for fut in adm.create_acls(acl_bindings(admin_settings, extra), request_timeout=30).values():
         fut.result()
 
 

@@ -38,9 +38,10 @@ import json
 import struct
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import fastavro
 from fastavro.schema import load_schema, parse_schema, to_parsing_canonical_form
@@ -312,7 +313,7 @@ def registry() -> LocalSchemaRegistry:
 
 def encode(
     name: str,
-    record: dict,
+    record: Mapping[str, Any],
     reg: LocalSchemaRegistry | None = None,
     *,
     keys: Keyring | None = None,

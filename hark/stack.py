@@ -26,25 +26,21 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import broker, kafka, registry, security, serde
+from . import broker, declaration, kafka, registry, security, serde
 from .config import Settings
 from .params import parse_count
 
-SERVICES = {  # name -> (module with main(argv), the topic whose partitions its replicas split)
-    "ingest": ("services.ingest.server", None),
-    "online_asr": ("services.online_asr.service", "audio_topic"),
-    "offline_asr": ("services.offline_asr.service", "audio_topic"),
-    "diarizer": ("services.diarizer.service", "audio_topic"),
-    "results": ("services.results.service", "online_topic"),
-    "captions": ("services.captions.app", None),  # reads every results partition itself, no group
-}
+# the services a stack runs by default, from their declarations (hark/declaration.py), in start
+# order: name -> (module with main(argv), the topic whose partitions its replicas split); the
+# opt-in ones (`hark up --with NAME`) are in declaration.specs() only
+SERVICES = {s.name: (s.main, s.splits) for s in declaration.defaults()}
 
 
 # replicas of one service at most: a consumer group splits at most 1024 partitions (HARK_PARTITIONS)
 MAX_REPLICAS = 1024
 
-# the consumer groups whose lag `hark status` shows (each service's class names its own)
-GROUPS = [kafka.ONLINE_GROUP, "hark-offline-asr", "hark-diarizer", "hark-results"]
+# the consumer groups whose lag `hark status` shows (a stack with opt-in services keeps its own in its state)
+GROUPS = [s.group for s in declaration.defaults() if s.group]
 
 
 def stack_dir(settings: Settings, name: str = "default") -> Path:
@@ -87,18 +83,28 @@ def health(port: int, timeout: float = 1.0) -> dict | None:
 
 def parse_replicas(spec: str) -> dict[str, int]:
     out: dict[str, int] = {}
+    specs = declaration.by_name()
     for part in filter(None, (s.strip() for s in spec.split(","))):
         name, _, n = part.partition("=")
-        lo = 0 if name in ("offline_asr", "diarizer", "captions") else 1
         try:
-            if name not in SERVICES:
+            if name not in specs:
                 raise ValueError(f"no service {name!r}")
-            out[name] = parse_count(n, name, 1, lo, MAX_REPLICAS)
+            out[name] = parse_count(n, name, 1, specs[name].min_replicas, MAX_REPLICAS)
         except ValueError as e:
+            optional = ", ".join(f"{s}=0" for s, d in specs.items() if d.default and d.min_replicas == 0)
             raise SystemExit(
-                f"bad --replicas entry {part!r}: {e} (e.g. online_asr=2, offline_asr=0, diarizer=0 or "
-                f"captions=0; services: {', '.join(SERVICES)})"
+                f"bad --replicas entry {part!r}: {e} (e.g. online_asr=2, {optional}; services: {', '.join(specs)})"
             ) from None
+    return out
+
+
+def parse_with(names: str) -> tuple[str, ...]:
+    """``hark up --with a,b``: opt-in services to run beside the default ones."""
+    out = tuple(filter(None, (n.strip() for n in names.split(","))))
+    try:
+        declaration.selected(out)
+    except ValueError as e:
+        raise SystemExit(f"bad --with {names!r}: {e}") from None
     return out
 
 
@@ -127,9 +133,12 @@ def launch(
     ephemeral: bool = False,
     external_broker: bool = False,
     timeout: float = 180.0,
+    extra: str = "",
 ) -> dict:
     """Start a supervisor in the background and wait until its stack is ready. ``external_broker``:
-    the services use ``settings.bootstrap`` (a cluster of the caller's) instead of their own broker."""
+    the services use ``settings.bootstrap`` (a cluster of the caller's) instead of their own broker.
+    ``extra``: opt-in services to run too, comma-separated (``hark up --with``)."""
+    parse_with(extra)  # one clear line now, not a supervisor log to read
     if not external_broker:
         broker.check_installed()  # one clear line now, not a supervisor log to read
     if not settings.schema_registry_url:
@@ -150,6 +159,8 @@ def launch(
         cmd.append("--ephemeral")
     if external_broker:
         cmd.append("--external-broker")
+    if extra:
+        cmd += ["--with", extra]
     env = {**os.environ, **settings.to_env()}
     with open(d / "supervisor.log", "ab") as logf:
         proc = subprocess.Popen(
@@ -202,7 +213,7 @@ def status(directory: Path) -> dict | None:
         try:
             settings = client_settings(Settings.load(), state)
             state["topics"] = kafka.topic_partitions(settings)
-            state["lag"] = kafka.group_lag(settings, GROUPS)
+            state["lag"] = kafka.group_lag(settings, state.get("groups") or GROUPS)
         except Exception as e:
             state["topics_error"] = str(e)
     return state

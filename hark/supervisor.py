@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import broker, kafka, registry, security, serde
+from . import broker, declaration, kafka, registry, security, serde
 from .broker import free_port, free_ports
 from .config import Settings
-from .stack import SERVICES, health, parse_replicas, pid_alive
+from .stack import health, parse_replicas, parse_with, pid_alive
 
 # the key of the registry writer's password in the stack's credentials file (not a Kafka principal)
 REGISTRY_WRITER = "schema-registry"
@@ -67,8 +67,11 @@ class Supervisor:
         parent_pid: int | None = None,
         ephemeral: bool = False,
         external_broker: bool = False,
+        extra: tuple[str, ...] = (),
     ):
         self.settings, self.dir, self.replicas = settings, directory, replicas
+        # the default services and the opt-in ones asked for, each as it declares itself
+        self.extra, self.specs = extra, declaration.selected(extra)
         self.parent_pid, self.ephemeral, self.external_broker = parent_pid, ephemeral, external_broker
         self.node: broker.Node | None = None
         self.credentials: security.Credentials | None = None
@@ -94,6 +97,7 @@ class Supervisor:
             "registry": self.registry.info() if self.registry else None,
             "schema_registry_url": self.settings.schema_registry_url or None,
             "services": [c.info() for c in self.children],
+            "groups": [s.group for s in self.specs if s.group],  # whose lag `hark status` shows
             **self.timings,
             **extra,
         }
@@ -116,8 +120,10 @@ class Supervisor:
             self._start_broker()
         kafka.wait_for_broker(self.settings, timeout=90)
         kafka.ensure_topics(self.settings)
+        own = [t for s in self.specs for t in s.own_topics(self.settings)]  # a service's own topics
+        kafka._create(self.settings, own, lambda t: kafka.topic_config(self.settings, t), 30.0)
         if self.credentials:  # every service logs in as itself, with ACLs for its own topics only
-            security.install(self.settings, self.credentials.passwords)
+            security.install(self.settings, self.credentials.passwords, self.extra)
         self.timings["broker_start_s"] = round(time.monotonic() - t0, 2)
         self.write_state()
         self._registry_ready(t0)
@@ -125,7 +131,9 @@ class Supervisor:
         self.write_state()
 
     def _start_broker(self) -> None:
-        creds = security.Credentials.load(self.dir / "credentials.json", security.stack_principals(self.settings))
+        creds = security.Credentials.load(
+            self.dir / "credentials.json", security.stack_principals(self.settings, self.extra)
+        )
         secrets = {p: creds.passwords[p] for p in (security.ADMIN, security.CONTROLLER)}
         self.node = broker.single_node(self.dir / "kafka", partitions=self.settings.partitions, security=secrets)
         self.node.format()
@@ -164,19 +172,18 @@ class Supervisor:
     def _start_services(self) -> None:
         # results must not wait for a pass nobody runs
         passes = [p for p in self.settings.results_wait_for.split(",") if p.strip()]
-        absent = {"offline": "offline_asr", "diarizer": "diarizer"}
-        self.settings.results_wait_for = ",".join(
-            p for p in passes if p not in absent or self.replicas.get(absent[p], 1) > 0
-        )
+        running = {s.pass_name for s in self.specs if s.pass_name and self.replicas.get(s.name, 1) > 0}
+        self.settings.results_wait_for = ",".join(p for p in passes if p.strip() in running)
         base_env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         # each side knows the other's port: the captions page's Record button opens ingest's
         # WebSocket, and ingest admits that page's origin (and no other page's)
         # every port of the launch chosen at once, so none is handed out twice (broker.free_ports)
-        children = sum(self.replicas.get(name, 1) for name in SERVICES)
+        children = sum(self.replicas.get(s.name, 1) for s in self.specs)
         ports = iter(free_ports(2 + 2 * children))
         base_env["HARK_INGEST_PORT"], base_env["HARK_CAPTIONS_PORT"] = str(next(ports)), str(next(ports))
         logs = self.dir / "logs"
-        for name, (module, _topic) in SERVICES.items():
+        for spec in self.specs:
+            name = spec.name
             for i in range(self.replicas.get(name, 1)):
                 hp = next(ports)
                 env = {**base_env, "HARK_HEALTH_PORT": str(hp), "HARK_INSTANCE_ID": f"{name}-{i}"}
@@ -186,9 +193,7 @@ class Supervisor:
                     env["HARK_INGEST_PORT"] = str(next(ports))
                 if name == "captions" and i > 0:  # each its own port; the first is the page's
                     env["HARK_CAPTIONS_PORT"] = str(next(ports))
-                child = Child(
-                    name, i, [sys.executable, "-m", module.rsplit(".", 1)[0]], env, logs / f"{name}-{i}.log", hp
-                )
+                child = Child(name, i, [sys.executable, "-m", spec.package], env, logs / f"{name}-{i}.log", hp)
                 child.start()
                 self.children.append(child)
 
@@ -202,10 +207,10 @@ class Supervisor:
             if not h or h.get("status") != "ok":
                 return False
             assigned.setdefault(c.name, []).append(h.get("partitions", 0))
-        for n, (_, topic) in SERVICES.items():
-            if not topic or self.replicas.get(n, 1) == 0:
+        for spec in self.specs:
+            if not spec.splits or self.replicas.get(spec.name, 1) == 0:
                 continue
-            held, partitions = assigned.get(n, [0]), self.settings.partitions
+            held, partitions = assigned.get(spec.name, [0]), self.settings.partitions
             if sum(held) < partitions or (len(held) <= partitions and min(held) == 0):
                 return False
         return True
@@ -306,9 +311,18 @@ def main(argv: list[str] | None = None) -> None:
         help="delete the broker's log and the registry's database when the stack stops",
     )
     p.add_argument("--external-broker", action="store_true", help="use HARK_BOOTSTRAP's cluster, start no broker")
+    p.add_argument("--with", dest="extra", default="", help="opt-in services to run too, e.g. activity")
     a = p.parse_args(argv)
     settings = Settings.load()
-    sup = Supervisor(settings, Path(a.dir), parse_replicas(a.replicas), a.parent_pid, a.ephemeral, a.external_broker)
+    sup = Supervisor(
+        settings,
+        Path(a.dir),
+        parse_replicas(a.replicas),
+        a.parent_pid,
+        a.ephemeral,
+        a.external_broker,
+        parse_with(a.extra),
+    )
     signal.signal(signal.SIGTERM, sup.stop)
     signal.signal(signal.SIGINT, sup.stop)
     try:

@@ -1,4 +1,5 @@
-"""What ``hark run`` / ``hark listen`` show on a terminal: caption lines and a live status line."""
+"""What ``hark run`` / ``hark replay`` / ``hark tail`` show on a terminal: caption lines and a live
+status line."""
 
 from __future__ import annotations
 
@@ -6,13 +7,30 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from hark.audio import TARGET_RATE
 
-if TYPE_CHECKING:
-    from .session import StreamRun
+
+class RunProgress(Protocol):
+    """What the status line reads of a run (``session.StreamRun``)."""
+
+    @property
+    def stream_id(self) -> str: ...
+
+    @property
+    def samples_published(self) -> int: ...
+
+    @property
+    def expected_seconds(self) -> float | None: ...
+
+    @property
+    def partial_text(self) -> str: ...
+
+    @property
+    def done(self) -> bool: ...
 
 
 def caption_line(rec: dict) -> str | None:
@@ -54,7 +72,7 @@ class Display:
         self.out.write(("\r\x1b[2K" if self.tty else "") + line + "\n")
         self.out.flush()
 
-    def status(self, runs: list[StreamRun], force: bool = False, waiting: str | None = None) -> None:
+    def status(self, runs: Sequence[RunProgress], force: bool = False, waiting: str | None = None) -> None:
         if not self.tty or (time.monotonic() - self._last < 0.1 and not force):
             return
         self._last = time.monotonic()

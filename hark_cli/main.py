@@ -23,7 +23,7 @@ def cmd_up(a) -> int:
     s = settings_of(a)
     if a.bootstrap:
         s.bootstrap = a.bootstrap
-    state = stack.launch(s, replicas=a.replicas, external_broker=bool(a.bootstrap))
+    state = stack.launch(s, replicas=a.replicas, external_broker=bool(a.bootstrap), extra=a.extra)
     print(f"hark stack up: broker {state['bootstrap']}, ingest {state.get('ingest_url')}, archive {state['archive']}")
     if state.get("captions_url"):
         print(f"captions page (press Record to caption your voice), search, exports: {state['captions_url']}")
@@ -248,6 +248,9 @@ def _session_opts(sp) -> None:
 def _stack_commands(sub) -> None:
     up = sub.add_parser("up", help="start the embedded stack (broker, archive, services) in the background")
     up.add_argument("--replicas", default="", help="e.g. online_asr=2")
+    up.add_argument(
+        "--with", dest="extra", default="", metavar="NAMES", help="opt-in services to run too, e.g. activity"
+    )
     up.add_argument("--partitions", type=int, help="partitions per topic (default 8)")
     up.add_argument("--bootstrap", help="run the services against this Kafka cluster instead of an embedded broker")
     up.set_defaults(fn=cmd_up)

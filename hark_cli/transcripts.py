@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from hark import kafka, stack
+from hark import declaration, kafka
 
 from .common import add_bootstrap, connect, settings_of
 
@@ -224,7 +224,7 @@ def cmd_token(a) -> int:
 def cmd_service(a) -> int:
     import importlib
 
-    importlib.import_module(stack.SERVICES[a.name][0]).main(a.args)
+    importlib.import_module(declaration.by_name()[a.name].main).main(a.args)
     return 0
 
 
@@ -233,7 +233,7 @@ def add_parsers(sub) -> None:
     _transcript_parsers(sub)
     _admin_parsers(sub)
     sv = sub.add_parser("service", help="run one service in the foreground (docker-compose)")
-    sv.add_argument("name", choices=list(stack.SERVICES))
+    sv.add_argument("name", choices=list(declaration.by_name()))  # opt-in services too
     sv.add_argument("args", nargs=argparse.REMAINDER)
     sv.set_defaults(fn=cmd_service)
 

@@ -19,7 +19,7 @@ from typing import cast
 import av
 import numpy as np
 
-from hark import serde
+from hark import records, serde
 from hark.records import now_ms
 
 ACCEPTED = "accepted"
@@ -160,15 +160,15 @@ def too_large(max_bytes: int) -> Case:
 def bad_records(settings, sid: str) -> list[tuple[str, bytes, str]]:
     """(topic, value, expected dead-letter error_type): malformed and unknown-version records for
     every topic a service consumes."""
-    chunk = {
-        "stream_id": sid,
-        "tenant": "t",
-        "seq": 1,
-        "offset_samples": 0,
-        "sample_rate": 16000,
-        "pcm": b"\x00\x00" * 1600,
-        "published_at_ms": now_ms(),
-    }
+    chunk = records.AudioChunk(
+        stream_id=sid,
+        tenant="t",
+        seq=1,
+        offset_samples=0,
+        sample_rate=16000,
+        pcm=b"\x00\x00" * 1600,
+        published_at_ms=now_ms(),
+    )
     good = serde.encode("AudioChunk", chunk)
     unknown_version = good[:1] + struct.pack(">I", 999_999) + good[5:]  # a schema id nobody registered
     out = []

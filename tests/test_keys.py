@@ -9,20 +9,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from hark import serde
+from hark import records, serde
 from hark.config import ConfigError, Settings
 from hark.keys import KeyMissing, Keyring, SealedStore, SealError, StreamErased, master_key
 from hark.storage import FilesystemStore
 
-END = {
-    "stream_id": "s1",
-    "tenant": "acme",
-    "seq": 3,
-    "total_samples": 48000,
-    "status": "COMPLETE",
-    "reason": None,
-    "ended_at_ms": 1,
-}
+END = records.StreamEnd(
+    stream_id="s1",
+    tenant="acme",
+    seq=3,
+    total_samples=48000,
+    status="COMPLETE",
+    reason=None,
+    ended_at_ms=1,
+)
 
 
 MASTER = os.urandom(32)

@@ -1,124 +1,36 @@
 """A new consumer of the audio topic is a Processors and nothing else.
 
-The one here is a voice-activity detector (speech where a 20 ms frame's energy is within 35 dB of
-the stream's loudest frame so far), written against the processor contract only. The
-StreamRunner runs it on the session stack's real broker, in its own consumer group, beside the
-real services: it gets the stream, its records land on its own topic in transactions, once.
+The one here is services/activity, a voice-activity detector (speech where a 20 ms frame's energy
+is within 35 dB of the stream's loudest frame so far), written against the processor contract
+only. The StreamRunner runs it on the session stack's real broker, in its own consumer group,
+beside the real services: it gets the stream, its records land on its own topic in transactions,
+once. Declared (services/activity/spec.py) and registered by one entry point, it also runs under
+`hark up --with activity`, logged in as itself and held to its own topics.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
+from pathlib import Path
 
-import numpy as np
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
-from hark import kafka
-from hark.pcm import SAMPLES_PER_MS
-from hark.records import now_ms
-from hark.runtime import Chunk, Output, StreamInfo, StreamRunner
+from hark import kafka, security, stack
+from hark.config import Settings
+from hark.runtime import StreamRunner
+from services.activity.service import ActivityProcessors
 from services.diarizer.scoring import read_rttm
 from services.ingest.core import Ingest
 
-from .conftest import ROOT
+from .conftest import ROOT, run_hark
 from .helpers import collect
 
-FRAME_MS = 20
-RANGE_DB = 35.0
-HANGOVER_FRAMES = 15  # 300 ms of quiet ends a speech turn
-
-
-class ActivityStream:
-    def __init__(self, owner: ActivityProcessors, info: StreamInfo):
-        self.owner, self.info = owner, info
-        self.peak_db = -120.0
-        self.frame_ms = info.start_ms
-        self.tail = np.zeros(0, dtype=np.int16)
-        self.turn_start: int | None = None
-        self.quiet = 0
-        self.turns: list[dict] = []
-
-    def feed(self, chunk: Chunk, replay: bool = False) -> list[Output]:
-        pcm = np.concatenate([self.tail, np.frombuffer(chunk.pcm, dtype="<i2")])
-        step = FRAME_MS * SAMPLES_PER_MS
-        whole = len(pcm) - len(pcm) % step
-        self.tail = pcm[whole:]
-        closed = []
-        for frame in pcm[:whole].reshape(-1, step).astype(np.float64):
-            db = 10 * np.log10(np.mean(frame**2) + 1.0)
-            self.peak_db = max(self.peak_db, db)
-            if db > self.peak_db - RANGE_DB:
-                self.turn_start = self.frame_ms if self.turn_start is None else self.turn_start
-                self.quiet = 0
-            elif self.turn_start is not None:
-                self.quiet += 1
-                if self.quiet >= HANGOVER_FRAMES:
-                    closed.append(self._end_turn(self.frame_ms - (self.quiet - 1) * FRAME_MS))
-            self.frame_ms += FRAME_MS
-        return [self.owner.record(self.info, "INCREMENTAL", closed)] if closed else []
-
-    def _end_turn(self, end_ms: int) -> dict:
-        turn = {"speaker": "SPEECH", "start_ms": self.turn_start, "end_ms": end_ms}
-        self.turns.append(turn)
-        self.turn_start, self.quiet = None, 0
-        return turn
-
-    def snapshot(self) -> dict | None:
-        return None
-
-    def close(self, status: str, seq: int, replay: bool = False) -> list[Output]:
-        if self.turn_start is not None:
-            self._end_turn(self.frame_ms - self.quiet * FRAME_MS)
-        return [self.owner.record(self.info, "FULL", self.turns, status)]
-
-    def discard(self) -> None:
-        pass
-
-
-class ActivityProcessors:
-    name = "activity"
-
-    def __init__(self, topic: str, group: str):
-        self.topic, self.group = topic, group
-
-    def open(self, stream: StreamInfo) -> ActivityStream:
-        return ActivityStream(self, stream)
-
-    def resume(self, stream: StreamInfo, state: dict) -> ActivityStream:
-        raise AssertionError("no snapshots")
-
-    def end_unseen(self, stream: StreamInfo, status: str, seq: int) -> list[Output]:
-        return [self.record(stream, "FULL", [], status)]
-
-    def step(self) -> list[Output]:
-        return []
-
-    def idle(self) -> list[Output]:
-        return []
-
-    def stats(self) -> dict[str, float]:
-        return {}
-
-    def record(self, info: StreamInfo, kind: str, turns: list[dict], status: str | None = None) -> Output:
-        return Output(
-            self.topic,
-            "SpeakerTurns",
-            {
-                "stream_id": info.stream_id,
-                "tenant": info.tenant,
-                "kind": kind,
-                "turns": turns,
-                "covered_until_ms": max((t["end_ms"] for t in turns), default=0),
-                "num_speakers": 1 if turns else 0,
-                "end_status": status,
-                "compute_ms": 0,
-                "audio_published_at_ms": 0,
-                "emitted_at_ms": now_ms(),
-                "model_name": "energy-vad",
-                "model_version": "test",
-            },
-        )
+pytestmark = pytest.mark.e2e
 
 
 def speech_ms(turns) -> int:
@@ -158,3 +70,60 @@ def test_a_processor_is_all_a_new_audio_consumer_needs(live_stack):
     # most of the reference's speech is found, and most of what is found is speech
     assert overlap_ms(turns, reference) >= 0.8 * speech_ms(reference), (turns, reference)
     assert overlap_ms(turns, reference) >= 0.7 * speech_ms(turns), (turns, reference)
+
+
+def _read(bootstrap: str, login: dict[str, str], topic: str, group: str) -> int:
+    """Records ``login`` reads from ``topic`` in a few seconds (none when refused)."""
+    conf = {"bootstrap.servers": bootstrap, **login, "group.id": group, "enable.auto.commit": False, "log_level": 0}
+    c = Consumer(conf)
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(8)])
+    read, deadline = 0, time.monotonic() + 5
+    try:
+        while time.monotonic() < deadline:
+            read += sum(1 for m in c.consume(100, 0.3) if not m.error())
+        return read
+    finally:
+        c.close()
+
+
+def test_an_opt_in_service_runs_under_hark_up_as_its_own_principal(tmp_path, speech_dir):
+    env = {"HARK_DATA_DIR": str(tmp_path / "d"), "HARK_PARTITIONS": "2", "HARK_IDLE_TIMEOUT_S": "10"}
+    # the passes it does not need off: every stack start costs the tests' CPU
+    proc = run_hark(
+        "up", "--with", "activity", "--replicas", "offline_asr=0,diarizer=0,captions=0", env_extra=env, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr
+    try:
+        state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
+        settings = stack.client_settings(Settings.load(environ={**os.environ, **env}), state)
+        assert [s["name"] for s in state["services"]].count("activity") == 1
+        assert "hark-activity" in state["groups"] and "hark-activity" in state["lag"]
+        topic = settings.topic("activity")  # its own topic, made by the stack
+        sid = Ingest(settings).publish_file(speech_dir / "goforward.wav").stream_id
+        recs = collect(
+            settings, topic, lambda rs: any(r["stream_id"] == sid and r["kind"] == "FULL" for _, r in rs), timeout=90
+        )
+        full = [r for t, r in recs if t == "SpeakerTurns" and r["stream_id"] == sid and r["kind"] == "FULL"]
+        assert len(full) == 1 and full[0]["end_status"] == "COMPLETE", full
+        assert full[0]["turns"] and all(t["speaker"] == "SPEECH" for t in full[0]["turns"])
+        # logged in as itself: it reads its input and nothing it was not granted
+        creds = security.Credentials.load(Path(state["credentials"]))
+        login = creds.client("activity")
+        grant = security.grants(settings, ("activity",))["activity"]
+        assert grant.reads == (settings.audio_topic,) and topic in grant.writes
+        # it sees only its own topics, not even the names of the others
+        as_activity = Settings(bootstrap=settings.bootstrap, kafka_extra=login)
+        visible = {t for t in kafka.admin(as_activity).list_topics(timeout=10).topics if not t.startswith("__")}
+        assert visible == {settings.audio_topic, topic, settings.deadletter_topic}, visible
+        # a record on a topic it was not granted (a tombstone, which every service skips): the
+        # owner reads it, activity does not
+        p = kafka.producer(settings)
+        for other in (settings.results_topic, settings.online_topic):
+            p.produce(other, key=b"acl-probe", value=None, partition=0)
+        assert p.flush(10) == 0 and p.delivery_error is None
+        for other in (settings.results_topic, settings.online_topic):
+            assert _read(settings.bootstrap, settings.kafka_extra, other, "hark-tail-probe") > 0, other
+            assert _read(settings.bootstrap, login, other, "hark-activity") == 0, other
+        assert _read(settings.bootstrap, login, settings.audio_topic, "hark-activity") > 0  # its input it reads
+    finally:
+        assert run_hark("down", env_extra=env).returncode == 0

@@ -21,7 +21,7 @@ import soundfile as sf
 from confluent_kafka import KafkaException, Producer
 from websockets.asyncio.client import connect
 
-from hark import kafka, serde
+from hark import kafka, records, serde
 from hark.runtime import Metrics
 from hark.storage import archived_meta
 from hark.wer import score
@@ -73,21 +73,21 @@ def _wait_assigned(settings, topic: str, timeout: float = 90.0, stable_s: float 
 def _records(sid: str, pcm: bytes, end: bool = True, rate: int = 16000):
     """A stream as a third-party producer writes it; its tenant field names another tenant."""
     now, other = int(time.time() * 1000), "someone-else"
-    yield "StreamStart", {
-        "stream_id": sid, "tenant": other, "seq": 0, "language": "en", "source_format": "raw/pcm_s16le",
-        "source_name": "a producer", "sample_rate": rate, "source_sample_rate": rate, "source_channels": 1,
-        "archive_prefix": None, "started_at_ms": now, "metadata": {}, "hotwords": [],
-    }  # fmt: skip
+    yield "StreamStart", records.StreamStart(
+        stream_id=sid, tenant=other, seq=0, language="en", source_format="raw/pcm_s16le",
+        source_name="a producer", sample_rate=rate, source_sample_rate=rate, source_channels=1,
+        archive_prefix=None, started_at_ms=now, metadata={}, hotwords=[],
+    )  # fmt: skip
     for i, at in enumerate(range(0, len(pcm), CHUNK_BYTES)):
-        yield "AudioChunk", {
-            "stream_id": sid, "tenant": other, "seq": i + 1, "offset_samples": at // 2, "sample_rate": rate,
-            "pcm": pcm[at : at + CHUNK_BYTES], "published_at_ms": now,
-        }  # fmt: skip
+        yield "AudioChunk", records.AudioChunk(
+            stream_id=sid, tenant=other, seq=i + 1, offset_samples=at // 2, sample_rate=rate,
+            pcm=pcm[at : at + CHUNK_BYTES], published_at_ms=now,
+        )  # fmt: skip
     if end:
-        yield "StreamEnd", {
-            "stream_id": sid, "tenant": other, "seq": len(pcm) // CHUNK_BYTES + 2, "total_samples": len(pcm) // 2,
-            "status": "COMPLETE", "reason": None, "ended_at_ms": now,
-        }  # fmt: skip
+        yield "StreamEnd", records.StreamEnd(
+            stream_id=sid, tenant=other, seq=len(pcm) // CHUNK_BYTES + 2, total_samples=len(pcm) // 2,
+            status="COMPLETE", reason=None, ended_at_ms=now,
+        )  # fmt: skip
 
 
 def _produce(producer: Producer, topic: str, sid: str, records) -> None:
@@ -242,7 +242,7 @@ def test_a_producers_records_meet_the_websocket_doors(private):
         [_Record(acme, 7, b"huge", b"\x00" * (private.max_ws_message_bytes + 8192))],
         _fed(acme, [("StreamStart", {**start, "stream_id": n}) for n in (other, third)], 8),  # 1 stream a tenant here
     ]
-    for m in (m for records in feed for m in records):
+    for m in (m for batch in feed for m in batch):
         replica._record(m)
     assert replica.refused == [
         *("unknown_stream", "stream_exists", "bad_sample_rate", "stream_ended", "bad_key", "too_large", "tenant_limit")

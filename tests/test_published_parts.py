@@ -9,10 +9,10 @@ import json
 import fastavro
 
 from hark import published, serde
-from hark.records import result_record
+from hark.records import Result, result_record
 
 
-def transcript(kind: str = "FINAL") -> dict:
+def transcript(kind: str = "FINAL") -> Result:
     rec = {
         "stream_id": "s-1", "tenant": "acme", "text": "hello there", "start_ms": 0, "end_ms": 900,
         "words": [{"word": "hello", "start_ms": 0, "end_ms": 400, "confidence": 0.5, "speaker": None}],

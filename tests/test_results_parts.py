@@ -8,6 +8,7 @@ import pytest
 
 from hark import serde
 from hark.keys import Keyring
+from hark.records import Result
 from hark.storage import FilesystemStore
 from services.results.merger import ResultsMerger
 from services.results.parts import DiskParts, MemoryParts
@@ -43,7 +44,7 @@ def _end(sid: str, i: int) -> dict:
     return {**_final(sid, i, ""), "kind": "STREAM_END", "end_status": "COMPLETE"}
 
 
-def _run(merger: ResultsMerger) -> dict[str, dict]:
+def _run(merger: ResultsMerger) -> dict[str, Result]:
     """Two interleaved streams, parts out of order and one repeated: their STREAM_COMPLETEs."""
     for i in (2, 0, 1, 1, 3):
         merger.on_online(_final("a", i, " ".join(WORDS[i : i + 3])))

@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -352,10 +353,12 @@ def test_erasing_a_live_stream_stops_it_and_leaves_nothing_readable_anywhere(liv
     while sid not in get(f"{base}/api/streams", token)[1] and time.monotonic() < deadline:
         time.sleep(0.2)
     page: dict = {}
+    page_open = threading.Event()
 
     def watch():  # an open page of the stream
         req = urllib.request.Request(f"{base}/api/streams/{sid}/events", headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(req, timeout=60) as r:
+            page_open.set()  # the server subscribes the page to the stream before it answers
             for line in r:
                 if line.startswith(b"data:") and json.loads(line[5:])["kind"] == "ERASED":
                     page["told"] = True
@@ -363,7 +366,8 @@ def test_erasing_a_live_stream_stops_it_and_leaves_nothing_readable_anywhere(liv
 
     watcher = ThreadPoolExecutor(1).submit(watch)
     assert _index_mentions(secured["index"], sid) > 1
-    time.sleep(1)
+    while not page_open.wait(0.2):  # the page is open before the erase, or the watcher says why not
+        assert not watcher.done(), watcher.exception()
     assert not client.done(), "the stream ended before it could be erased live"
 
     erased_at = time.time() * 1000
@@ -382,7 +386,10 @@ def test_erasing_a_live_stream_stops_it_and_leaves_nothing_readable_anywhere(liv
     watcher.result(timeout=30)
     assert page.get("told"), "an open page of the stream was not told"
 
-    time.sleep(3)  # whatever was in flight lands
+    # A fixed wait, on purpose: what it stands for is "no record of the stream is still on its way",
+    # an absence no reader can observe; the check below then finds any record written later than
+    # 3 s after the erase took effect.
+    time.sleep(3)
     # read as a process that never saw the key would (this one cached it while the stream was live)
     keys = Keyring(open_key_store(settings), master_key(settings))
     sealed, readable = _records_of(settings, sid, keys)

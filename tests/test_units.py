@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from hark import records
 from hark.config import Settings
 from hark.wer import normalise, score
 from services.results.merger import ResultsMerger
@@ -46,24 +47,24 @@ def test_wer_normalisation_and_score():
 
 
 def _online(kind, utt, text, words=(), sid="s", end_status=None):
-    return {
-        "stream_id": sid,
-        "tenant": "t",
-        "kind": kind,
-        "utterance_id": utt,
-        "text": text,
-        "start_ms": 0,
-        "end_ms": 10,
-        "words": [{"word": w, "start_ms": 0, "end_ms": 1, "confidence": 1.0, "speaker": None} for w in words],
-        "nbest": [],
-        "lattice_key": None,
-        "end_status": end_status,
-        "audio_seq": 1,
-        "audio_published_at_ms": 1,
-        "emitted_at_ms": 2,
-        "model_name": "m",
-        "model_version": "1",
-    }
+    return records.OnlineTranscript(
+        stream_id=sid,
+        tenant="t",
+        kind=kind,
+        utterance_id=utt,
+        text=text,
+        start_ms=0,
+        end_ms=10,
+        words=[{"word": w, "start_ms": 0, "end_ms": 1, "confidence": 1.0, "speaker": None} for w in words],
+        nbest=[],
+        lattice_key=None,
+        end_status=end_status,
+        audio_seq=1,
+        audio_published_at_ms=1,
+        emitted_at_ms=2,
+        model_name="m",
+        model_version="1",
+    )
 
 
 def test_merger_turns_online_output_into_captions_and_a_transcript():
@@ -88,24 +89,24 @@ def test_merger_memory_is_capped_per_stream():
 
 
 def _offline(kind, index, text, start, end, words=(), sid="s"):
-    return {
-        "stream_id": sid,
-        "tenant": "t",
-        "kind": kind,
-        "segment_index": index,
-        "start_ms": start,
-        "end_ms": end,
-        "text": text,
-        "words": [{"word": w, "start_ms": start, "end_ms": end, "confidence": 0.9, "speaker": None} for w in words],
-        "nbest": [{"text": text, "score": -0.1}] if kind == "NBEST" else [],
-        "language": "en",
-        "decode_ms": 5,
-        "end_status": "COMPLETE" if kind == "STREAM_END" else None,
-        "audio_published_at_ms": 1,
-        "emitted_at_ms": 2,
-        "model_name": "whisper-base",
-        "model_version": "v",
-    }
+    return records.OfflineTranscript(
+        stream_id=sid,
+        tenant="t",
+        kind=kind,
+        segment_index=index,
+        start_ms=start,
+        end_ms=end,
+        text=text,
+        words=[{"word": w, "start_ms": start, "end_ms": end, "confidence": 0.9, "speaker": None} for w in words],
+        nbest=[{"text": text, "score": -0.1}] if kind == "NBEST" else [],
+        language="en",
+        decode_ms=5,
+        end_status="COMPLETE" if kind == "STREAM_END" else None,
+        audio_published_at_ms=1,
+        emitted_at_ms=2,
+        model_name="whisper-base",
+        model_version="v",
+    )
 
 
 def test_merger_waits_for_both_passes_and_prefers_offline_text():
@@ -192,20 +193,20 @@ def test_merger_falls_back_to_online_text_when_offline_is_overdue():
 
 
 def _speakers(kind, turns, covered, sid="s"):
-    return {
-        "stream_id": sid,
-        "tenant": "t",
-        "kind": kind,
-        "turns": [{"speaker": spk, "start_ms": a, "end_ms": b} for spk, a, b in turns],
-        "covered_until_ms": covered,
-        "num_speakers": len({t[0] for t in turns}),
-        "end_status": "COMPLETE" if kind == "FULL" else None,
-        "compute_ms": 3,
-        "audio_published_at_ms": 1,
-        "emitted_at_ms": 2,
-        "model_name": "d",
-        "model_version": "v",
-    }
+    return records.SpeakerTurns(
+        stream_id=sid,
+        tenant="t",
+        kind=kind,
+        turns=[{"speaker": spk, "start_ms": a, "end_ms": b} for spk, a, b in turns],
+        covered_until_ms=covered,
+        num_speakers=len({t[0] for t in turns}),
+        end_status="COMPLETE" if kind == "FULL" else None,
+        compute_ms=3,
+        audio_published_at_ms=1,
+        emitted_at_ms=2,
+        model_name="d",
+        model_version="v",
+    )
 
 
 def test_merger_labels_words_with_speakers_and_waits_for_the_diarizer():
@@ -422,7 +423,7 @@ def test_assignment_view_asks_at_most_once_per_ttl_and_falls_back_when_it_cannot
 
 def test_configuration_reference_is_current():
     """docs/configuration.md's settings table is generated from Settings: regenerate it with
-    `python -m hark.config` when a setting changes."""
+    `python -m hark.config_table` when a setting changes."""
     from pathlib import Path
 
     from hark.config_table import reference_markdown
@@ -926,3 +927,121 @@ def test_ports_chosen_together_are_distinct():
     for _ in range(20):
         ports = free_ports(8)
         assert len(set(ports)) == 8 and all(1024 <= p <= 65535 for p in ports)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of hark, hark_cli and services it imports, anywhere in its body (in a
+    function or under TYPE_CHECKING too), relative imports resolved."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    mods = {}
+    for top in ("hark", "hark_cli", "services"):
+        for p in (root / top).rglob("*.py"):
+            name = ".".join(p.relative_to(root).with_suffix("").parts)
+            mods[name.removesuffix(".__init__")] = p
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.Import):
+                targets = [a.name for a in n.names]
+            elif isinstance(n, ast.ImportFrom):
+                if n.level:
+                    parts = pkg.split(".")
+                    base = ".".join(parts[: len(parts) - (n.level - 1)] + ([n.module] if n.module else []))
+                else:
+                    base = n.module or ""
+                targets = [base] + [f"{base}.{a.name}" for a in n.names]
+            else:
+                continue
+            graph[m].update(t for t in targets if t in mods and t != m)
+    return graph
+
+
+def test_no_import_cycles():
+    """No module of hark, hark_cli or services imports itself back through others, not even from
+    inside a function: a shared piece belongs in a module below both."""
+    graph = _import_graph()
+    cycles = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                cycles.append(" -> ".join([*path[path.index(t) :], t]))
+            elif t not in state:
+                visit(t)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_no_function_over_60_lines():
+    """Every function and method of hark, hark_cli and services fits in 60 lines."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    long = []
+    for top in ("hark", "hark_cli", "services"):
+        for p in sorted((root / top).rglob("*.py")):
+            for n in ast.walk(ast.parse(p.read_text())):
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno is not None:
+                    lines = n.end_lineno - n.lineno + 1
+                    if lines > 60:
+                        long.append(f"{p.relative_to(root)}:{n.lineno} {n.name}: {lines} lines")
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)
+
+
+def test_compose_and_the_deployment_doc_follow_the_services_declarations():
+    """Each service declares itself once (hark/declaration.py); docker-compose.yml deploys exactly
+    the default ones, each run by its declared module, logged in as itself, with the settings it
+    declares it needs, and docs/deployment.md names the same services."""
+    import yaml
+
+    from hark import declaration, security, serde, stack
+
+    root = Path(__file__).resolve().parent.parent
+    specs = declaration.defaults()
+    names = [s.name for s in specs]
+    assert len(set(names)) == len(names) and {s.name for s in declaration.specs()} >= set(names)
+    assert list(stack.SERVICES) == names and {s.name: (s.main, s.splits) for s in specs} == stack.SERVICES
+    assert list(security.grants(Settings())) == names
+    assert [s.group for s in specs if s.group] == stack.GROUPS
+    assert set(declaration.passes()) == {"online", "offline", "diarizer"}  # what the merger joins
+    for s in declaration.specs():
+        # the module the supervisor (python -m PACKAGE) and `hark service NAME` run, read not imported
+        module = root / Path(*s.main.split("."))
+        assert re.search(r"^def main\(", module.with_suffix(".py").read_text(), re.M), s.main
+        main = (module.parent / "__main__.py").read_text()
+        assert f"from .{module.name} import main" in main, s.name
+        assert s.transactional in (None, f"{s.group}-"), s.name  # the runtime's ids are <group>-<instance>
+        assert set(s.produces) <= set(serde.RECORD_TYPES), s.name
+        assert s.splits is None or s.splits in s.reads, s.name
+        assert all(hasattr(Settings, r) for r in s.read_prefixes + s.write_prefixes), s.name
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    setup = compose["services"]["kafka-setup"]["environment"]
+    deployed = {n: svc for n, svc in compose["services"].items() if svc.get("command") == [n]}
+    assert list(deployed) == names  # in start order too
+    for s in specs:
+        env = deployed[s.name]["environment"]
+        assert env["HARK_KAFKA_SASL_USERNAME"] == s.name
+        password = env["HARK_KAFKA_SASL_PASSWORD"].split(":?")[0]
+        assert password == f"${{HARK_{s.name.upper()}_KAFKA_PASSWORD"
+        assert setup[f"HARK_PASSWORD_{s.name.upper()}"].split(":?")[0] == password
+        assert set(s.deploy_env) <= set(env), (s.name, sorted(set(s.deploy_env) - set(env)))
+        if s.splits:  # scaled by its group: no fixed host port
+            assert "ports" not in deployed[s.name], s.name
+    assert {k.removeprefix("HARK_PASSWORD_").lower() for k in setup if k.startswith("HARK_PASSWORD_")} == set(names)
+    doc = " ".join((root / "docs" / "deployment.md").read_text().split())
+    listed = re.search(r"a one-shot `mc` container, and ((?:\w+, )+\w+ and \w+), each", doc)
+    assert listed and re.split(r", | and ", listed.group(1)) == names, listed
+    braces = re.search(r"HARK_\{([A-Z_,]+)\}_KAFKA_PASSWORD", doc)
+    assert braces and braces.group(1).split(",") == [n.upper() for n in names]

@@ -1,7 +1,9 @@
-"""What every hark service process shares: the consumer loop with its transactions, the stream
-runner and its processor contract, dead letters, logging, metrics and health."""
+"""What every hark service process shares: the consumer loop with its transactions and
+checkpoints, the stream runner and its processor contract, dead letters, logging, metrics and
+health. ``hark.runtime.testing`` runs them without a broker (tests only)."""
 
-from .consumer import ConsumerService, key_of
+from .checkpoints import Checkpoints
+from .consumer import Clients, ConsumerService, KafkaClients, key_of
 from .deadletters import DeadLetters, InputError, check_chunk
 from .entry import main_for, service_settings
 from .observe import HealthServer, JsonFormatter, Metrics, kv, setup_logging
@@ -12,12 +14,15 @@ __all__ = [
     "ERASED",
     "NOTICES",
     "REFUSED",
+    "Checkpoints",
     "Chunk",
+    "Clients",
     "ConsumerService",
     "DeadLetters",
     "HealthServer",
     "InputError",
     "JsonFormatter",
+    "KafkaClients",
     "Metrics",
     "Output",
     "Processors",

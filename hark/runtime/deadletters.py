@@ -10,7 +10,7 @@ from .. import serde
 from ..config import Settings
 from ..keys import KeyMissing, Keyring, StreamErased
 from ..pcm import BYTES_PER_SAMPLE, BYTES_PER_SECOND, SAMPLE_RATE
-from ..records import now_ms
+from ..records import DeadLetter, now_ms
 from .observe import Metrics, kv
 
 log = logging.getLogger("hark")
@@ -50,20 +50,20 @@ class DeadLetters:
             payload = msg.value()
         size = payload_size if payload_size is not None else (len(payload) if payload else 0)
         key = msg.key() if msg is not None else (stream_id.encode() if stream_id else None)
-        record = {
-            "service": self.service,
-            "error_type": error_type,
-            "reason": reason[:2000],
-            "stream_id": stream_id,
-            "tenant": tenant,
-            "source_topic": msg.topic() if msg is not None else None,
-            "source_partition": msg.partition() if msg is not None else None,
-            "source_offset": msg.offset() if msg is not None else None,
-            "key": key,
-            "payload": payload[:DEADLETTER_PAYLOAD_CAP] if payload else None,
-            "payload_size": size,
-            "failed_at_ms": now_ms(),
-        }
+        record = DeadLetter(
+            service=self.service,
+            error_type=error_type,
+            reason=reason[:2000],
+            stream_id=stream_id,
+            tenant=tenant,
+            source_topic=msg.topic() if msg is not None else None,
+            source_partition=msg.partition() if msg is not None else None,
+            source_offset=msg.offset() if msg is not None else None,
+            key=key,
+            payload=payload[:DEADLETTER_PAYLOAD_CAP] if payload else None,
+            payload_size=size,
+            failed_at_ms=now_ms(),
+        )
         sid = stream_id or (key.decode("utf-8", "replace") if key else None)
         try:  # sealed with the stream's key like the stream's other records: erasing it covers these too
             value = serde.encode("DeadLetter", record, keys=self.keys, stream_id=sid)

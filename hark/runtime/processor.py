@@ -3,7 +3,8 @@
 A processor sees one stream: it is opened at the stream's start, fed its chunks in order, and
 closed at its end; each call returns the records to publish. It knows nothing of Kafka, offsets,
 transactions, metrics or other streams: the StreamRunner (streams.py) owns all of that, so a new
-consumer of the audio topic (a translator, a redactor) is a ``Processors`` and nothing else.
+consumer of the audio topic (a translator, a redactor) writes a ``Processors`` subclass and a
+declaration of its topics (docs/architecture.md shows one).
 
 Resuming after a crash: the runner re-reads a stream from the last point its processor could be
 rebuilt from. By default that is the stream's start (the runner replays every chunk with
@@ -15,8 +16,9 @@ chunk fed again.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any
 
 from ..pcm import duration_s
 
@@ -58,33 +60,42 @@ class Output:
 
     topic: str
     rtype: str
-    record: dict
+    record: Mapping[str, Any]  # one of hark.records' classes
 
     @property
     def key(self) -> str:
         return self.record["stream_id"]
 
 
-class StreamProcessor(Protocol):
-    def feed(self, chunk: Chunk, replay: bool = False) -> list[Output]: ...
+class StreamProcessor:
+    """One stream's processor. ``feed`` and ``close`` are its work; the rest have defaults."""
+
+    def feed(self, chunk: Chunk, replay: bool = False) -> list[Output]:
+        """A chunk of the stream, in order. ``replay``: the chunk's output was committed before
+        (a resume rebuilding state): the runner drops what this returns, so work that only
+        serves output may be skipped."""
+        raise NotImplementedError
 
     def close(self, status: str, seq: int, replay: bool = False) -> list[Output]:
         """The stream ended (``status`` from its StreamEnd, or IDLE_TIMEOUT; ``seq`` its last
         chunk's number + 1): flush, publish the end, free what the stream held."""
-        ...
+        raise NotImplementedError
 
     def snapshot(self) -> dict | None:
         """After a feed: state to resume from by feeding that chunk again, or None (the last
-        resume point still holds)."""
-        ...
+        resume point still holds). Default: never, so a resume re-reads the stream from its start."""
+        return None
 
     def discard(self) -> None:
-        """Another process owns the stream now: free what it held, publish nothing."""
-        ...
+        """Another process owns the stream now, or it was erased: free what it held, publish nothing."""
 
 
-class Processors(Protocol):
-    """One service's processors: what they share (models, pools) and how one is made."""
+class Processors:
+    """One service's processors: what they share (models, pools) and how one is made.
+
+    ``open`` is required; every other hook has a default that does nothing. The runner passes
+    the open streams (stream id -> processor) to the hooks that work across streams, so a
+    service keeps no registry of its own."""
 
     name: str  # service name: logs, metrics, client ids
     group: str  # its consumer group on the audio topic
@@ -92,26 +103,26 @@ class Processors(Protocol):
     def open(self, stream: StreamInfo) -> StreamProcessor:
         """A processor for a new stream; raises runtime.InputError to refuse it (the reason goes
         to the dead-letter topic)."""
-        ...
+        raise NotImplementedError
 
     def resume(self, stream: StreamInfo, state: dict) -> StreamProcessor:
-        """A processor continuing from one's ``snapshot()``."""
-        ...
+        """A processor continuing from one's ``snapshot()`` (only called with a snapshot)."""
+        raise NotImplementedError(f"{type(self).__name__} makes snapshots but cannot resume from them")
 
     def end_unseen(self, stream: StreamInfo, status: str, seq: int) -> list[Output]:
         """A stream ended whose audio this process never saw (it may be archived; with a status
-        in NOTICES, it is not to be read)."""
-        ...
+        in NOTICES, it is not to be read). Default: publish nothing."""
+        return []
 
-    def step(self) -> list[Output]:
-        """Called on every pass of the loop, busy or not: work done beside the streams' records
-        (e.g. collecting and starting background jobs); it must return at once."""
-        ...
+    def every_pass(self, streams: Mapping[str, StreamProcessor]) -> list[Output]:
+        """On every pass of the loop, busy or not: work beside the streams' records (e.g.
+        collecting and starting background jobs); it must return at once."""
+        return []
 
-    def idle(self) -> list[Output]:
-        """Called when nothing waits to be read: deferrable work (e.g. n-best lists)."""
-        ...
+    def when_caught_up(self, streams: Mapping[str, StreamProcessor]) -> list[Output]:
+        """When a poll found nothing waiting to be read: deferrable work (e.g. n-best lists)."""
+        return []
 
     def stats(self) -> dict[str, float]:
         """Gauges for /metrics (``*_total`` names are monotonic counts)."""
-        ...
+        return {}

@@ -21,7 +21,7 @@ from .. import kafka
 from ..config import Settings
 from ..pcm import SAMPLES_PER_MS
 from ..records import now_ms
-from .consumer import ConsumerService
+from .consumer import Clients, ConsumerService
 from .deadletters import InputError, check_chunk
 from .observe import Metrics, kv
 from .processor import ERASED, REFUSED, Chunk, Output, Processors, StreamInfo, StreamProcessor
@@ -81,9 +81,8 @@ class StreamRunner(ConsumerService):
     ENDED_REMEMBERED = 10_000  # stream ids (~1 MB)
     STATS_PERIOD_S = 1.0
 
-    def __init__(self, settings: Settings, processors: Processors):
-        self.name, self.group = processors.name, processors.group
-        super().__init__(settings)
+    def __init__(self, settings: Settings, processors: Processors, clients: Clients | None = None):
+        super().__init__(settings, name=processors.name, group=processors.group, clients=clients)
         self.processors = processors
         self.streams: dict[str, OpenStream] = {}
         # A partition is re-read from its oldest hold after a restart, so streams that ended
@@ -222,8 +221,11 @@ class StreamRunner(ConsumerService):
                 self.metrics.inc("outputs_total", rtype=out.rtype, kind=out.record.get("kind", ""))
 
     # -- housekeeping ---------------------------------------------------------------------------
+    def open_processors(self) -> dict[str, StreamProcessor]:
+        return {sid: st.processor for sid, st in self.streams.items()}
+
     def tick(self) -> None:
-        self.publish(self.processors.step())
+        self.publish(self.processors.every_pass(self.open_processors()))
         if not self.sweep_due(self.STATS_PERIOD_S):
             return
         for sid in self.idle_streams(self.streams):
@@ -238,7 +240,7 @@ class StreamRunner(ConsumerService):
 
     def idle(self) -> None:
         self.metrics.set("audio_delay_seconds", 0.0)  # everything read: not behind (the last chunk's age would stick)
-        self.publish(self.processors.idle())
+        self.publish(self.processors.when_caught_up(self.open_processors()))
 
     def partitions_revoked(self, partitions: list[tuple[str, int]]) -> None:
         gone = {p for _, p in partitions}

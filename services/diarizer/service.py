@@ -17,18 +17,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
+from hark import records
 from hark.config import Settings
 from hark.params import MAX_SPEAKERS
-from hark.records import now_ms
-from hark.runtime import Chunk, InputError, Output, StreamInfo, StreamRunner, kv, main_for
+from hark.records import SpeakerTurns, now_ms
+from hark.runtime import Chunk, InputError, Output, Processors, StreamInfo, StreamProcessor, StreamRunner, kv, main_for
 from hark.voices import TenantVoices, VoiceStore
 
 from .pipeline import MODEL_NAME, Diarizer, Turn
+from .spec import SPEC
 from .stream import StreamDiarizer
 
 log = logging.getLogger("hark.diarizer")
@@ -51,8 +53,8 @@ def speaker_hints(metadata: dict | None) -> dict[str, int]:
     return out
 
 
-class DiarizedStream:
-    """One stream's diarizer: a StreamProcessor."""
+class DiarizedStream(StreamProcessor):
+    """One stream's diarizer."""
 
     def __init__(self, owner: DiarizerProcessors, info: StreamInfo, diarizer: StreamDiarizer):
         self.owner, self.info, self.diarizer = owner, info, diarizer
@@ -62,12 +64,6 @@ class DiarizedStream:
         self.published_at_ms = chunk.published_at_ms
         block = self._diarize(lambda: self.diarizer.push(np.frombuffer(chunk.pcm, dtype="<i2")))
         return [] if block is None else [self._record("INCREMENTAL", *block)]
-
-    def snapshot(self) -> dict | None:
-        return None
-
-    def discard(self) -> None:
-        pass
 
     def close(self, status: str, seq: int, replay: bool = False) -> list[Output]:
         d, out = self.diarizer, []
@@ -80,13 +76,13 @@ class DiarizedStream:
         out.append(
             self.owner.record(
                 self.info,
-                "FULL",
-                full,
-                d.emitted_ms,
-                speakers,
-                int((time.perf_counter() - t0) * 1000),
-                self.published_at_ms,
-                status,
+                kind="FULL",
+                turns=full,
+                covered_until_ms=d.emitted_ms,
+                num_speakers=speakers,
+                compute_ms=int((time.perf_counter() - t0) * 1000),
+                audio_published_at_ms=self.published_at_ms,
+                end_status=status,
             )
         )
         log.info(
@@ -111,13 +107,19 @@ class DiarizedStream:
     def _record(self, kind: str, turns: list[Turn], secs: float) -> Output:
         d = self.diarizer
         return self.owner.record(
-            self.info, kind, turns, d.emitted_ms, d.speakers, int(secs * 1000), self.published_at_ms
+            self.info,
+            kind=kind,
+            turns=turns,
+            covered_until_ms=d.emitted_ms,
+            num_speakers=d.speakers,
+            compute_ms=int(secs * 1000),
+            audio_published_at_ms=self.published_at_ms,
         )
 
 
-class DiarizerProcessors:
-    name = "diarizer"
-    group = "hark-diarizer"
+class DiarizerProcessors(Processors):
+    name = SPEC.name
+    group = SPEC.consumer_group
 
     def __init__(self, settings: Settings, diarizer: Diarizer | None = None):
         self.settings = settings
@@ -156,52 +158,38 @@ class DiarizerProcessors:
             log.warning("enrolled voices unreadable", extra=kv(tenant=tenant, error=str(e)))
             return []
 
-    def resume(self, stream: StreamInfo, state: dict) -> DiarizedStream:
-        raise AssertionError("the diarizer takes no snapshots")
-
     def end_unseen(self, stream: StreamInfo, status: str, seq: int) -> list[Output]:
         log.warning("stream ended with no audio seen", extra=kv(stream_id=stream.stream_id))
-        return [self.record(stream, "FULL", [], 0, 0, 0, 0, status)]
-
-    def step(self) -> list[Output]:
-        return []
-
-    def idle(self) -> list[Output]:
-        return []
-
-    def stats(self) -> dict[str, float]:
-        return {}
+        return [self.record(stream, kind="FULL", end_status=status)]
 
     def record(
         self,
         info: StreamInfo,
+        *,
         kind: str,
-        turns: list[Turn],
-        covered: int,
-        speakers: int,
-        compute_ms: int,
-        published_at: int,
-        status: str | None = None,
+        turns: Sequence[Turn] = (),
+        covered_until_ms: int = 0,
+        num_speakers: int = 0,
+        compute_ms: int = 0,
+        audio_published_at_ms: int = 0,
+        end_status: str | None = None,
     ) -> Output:
-        return Output(
-            self.settings.speakers_topic,
-            "SpeakerTurns",
-            {
-                "stream_id": info.stream_id,
-                "tenant": info.tenant,
-                "kind": kind,
-                "turns": [{"speaker": t.speaker, "start_ms": t.start_ms, "end_ms": t.end_ms} for t in turns],
-                "covered_until_ms": covered,
-                "num_speakers": speakers,
-                "end_status": status,
-                "compute_ms": compute_ms,
-                "audio_published_at_ms": published_at,
-                "emitted_at_ms": now_ms(),
-                "model_name": MODEL_NAME,
-                "model_version": self.diarizer.model_version,
-            },
+        rec = SpeakerTurns(
+            stream_id=info.stream_id,
+            tenant=info.tenant,
+            kind=kind,
+            turns=[records.Turn(speaker=t.speaker, start_ms=t.start_ms, end_ms=t.end_ms) for t in turns],
+            covered_until_ms=covered_until_ms,
+            num_speakers=num_speakers,
+            end_status=end_status,
+            compute_ms=compute_ms,
+            audio_published_at_ms=audio_published_at_ms,
+            emitted_at_ms=now_ms(),
+            model_name=MODEL_NAME,
+            model_version=self.diarizer.model_version,
         )
+        return Output(self.settings.speakers_topic, "SpeakerTurns", rec)
 
 
 def main(argv: list[str] | None = None) -> None:
-    main_for(lambda s: StreamRunner(s, DiarizerProcessors(s)), DiarizerProcessors.name, argv)
+    main_for(lambda s: StreamRunner(s, DiarizerProcessors(s)), SPEC.name, argv)

@@ -13,7 +13,7 @@ kept for it: memory is the context, one block, and one centroid per cluster per 
 per hour; capped at ``max_blocks``).
 
 Names: with a tenant's enrolled voices, a speaker is named in the full pass, and in live turns
-once it has ``live_name_min_s`` of speech, when it matches a voice (``voices.match``).
+once it has ``live_name_min_s`` of speech, when it matches a voice (``matching.match``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.optimize import linear_sum_assignment
 
+from .matching import match
 from .pipeline import Turn
-from .voices import match
 
 MIN_SPEECH_MS = 500  # a local speaker with less speech than this cannot found a new global speaker
 # Identity is decided per ~0.5 s piece of speech (finer pieces put the label change nearer the
@@ -278,7 +278,7 @@ class StreamDiarizer:
 
     def _name_live(self) -> None:
         """Live turns carry a speaker's enrolled name once the speaker has ``live_name_min_s`` of
-        speech and matches one voice clearly (see ``voices.match``); a name once given stays."""
+        speech and matches one voice clearly (see ``matching.match``); a name once given stays."""
         if not self.voices:
             return
         ready = [

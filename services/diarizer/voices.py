@@ -1,5 +1,6 @@
-"""Named voices on the diarizer's side: enrolling a voiceprint from recordings, and matching a
-stream's speakers to a tenant's enrolled voices. No Kafka, no store (``hark.voices`` keeps them).
+"""Named voices on the diarizer's side: enrolling a voiceprint from recordings (matching a
+stream's speakers to the enrolled voices is ``matching``'s). No Kafka, no store (``hark.voices``
+keeps them).
 
 A voiceprint is what the full pass computes for a speaker: the speech-weighted mean of the unit
 CAM++ centroids of that speaker's clusters in every block. Enrollment runs the same StreamDiarizer
@@ -11,35 +12,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from hark.voices import VoiceError
+
+from .stream import StreamDiarizer
 
 MIN_ENROLL_S = 5.0  # less speech than this gives a voiceprint too noisy to name anyone by
 OTHER_VOICE_SHARE = 0.2  # a second speaker with more of a recording's speech than this: refused
 
 
-def similarities(speakers: np.ndarray, voices: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
-    """(speakers, voices) cosine similarities; ``speakers`` rows are unit vectors."""
-    vecs = np.stack([v for _, v in voices]).astype(np.float64)
-    vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
-    return np.asarray(speakers, dtype=np.float64) @ vecs.T
-
-
-def match(speakers: np.ndarray, voices: Sequence[tuple[str, np.ndarray]], threshold: float) -> dict[int, str]:
-    """Speaker row -> enrolled name: one name per speaker and one speaker per name (Hungarian
-    assignment on cosine similarity), only where the similarity reaches ``threshold``."""
-    if not len(voices) or not len(speakers):
-        return {}
-    sim = similarities(speakers, voices)
-    rows, cols = linear_sum_assignment(-sim)
-    return {int(r): voices[c][0] for r, c in zip(rows, cols) if sim[r, c] >= threshold}
-
-
 def speakers_of(diarizer, pcm: np.ndarray, **kw) -> tuple[dict[str, tuple[np.ndarray, float]], list]:
     """The full pass over a recording: its speakers, label -> (unit centroid, speech ms), and turns."""
-    from .stream import StreamDiarizer
-
     sd = StreamDiarizer(diarizer, **kw)
     for i in range(0, len(pcm), 16000):
         sd.push(pcm[i : i + 16000])

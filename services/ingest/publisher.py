@@ -11,24 +11,40 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from hark import serde
 from hark.audio import BYTES_PER_SAMPLE, TARGET_RATE, AudioError, Chunker, SourceInfo
-from hark.keys import StreamErased, StreamExists
+from hark.config import Settings
+from hark.keys import Keyring, SealedStore, StreamErased, StreamExists
 from hark.languages import check_hotwords, check_language
-from hark.records import STREAM_ID_RE, now_ms
+from hark.records import STREAM_ID_RE, AudioChunk, StreamAlive, StreamEnd, StreamStart, now_ms
 from hark.runtime import kv
 from hark.storage import archive_prefix
 
+from .admission import Admission
 from .archive import SegmentWriter
-
-if TYPE_CHECKING:
-    from .core import Ingest
+from .placement import Owners, PartitionPlacer
 
 log = logging.getLogger("hark.ingest")
+
+
+class PublishContext(Protocol):
+    """What a StreamPublisher uses of the process that owns it (``core.Ingest``): its settings,
+    producer, keyring, sealed archive, admission and partition placement."""
+
+    settings: Settings
+    producer: Any
+    keys: Keyring
+    store: SealedStore
+    admission: Admission
+
+    def placer(self) -> PartitionPlacer: ...
+
+    def online_owners(self) -> Owners | None: ...
+
 
 ChunkCallback = Callable[[int, int, int, int], None]  # seq, offset_samples, n_samples, published_at_ms
 
@@ -59,7 +75,7 @@ class StreamPublisher:
 
     def __init__(
         self,
-        ingest: Ingest,
+        ingest: PublishContext,
         stream_id: str,
         tenant: str,
         info: SourceInfo,
@@ -157,22 +173,22 @@ class StreamPublisher:
                 self.ingest.admission.release(self.tenant)
             raise
 
-    def _start_record(self) -> dict:
-        return {
-            "stream_id": self.stream_id,
-            "tenant": self.tenant,
-            "seq": 0,
-            "language": self.language,
-            "source_format": self.info.format,
-            "source_name": self.source_name,
-            "sample_rate": TARGET_RATE,
-            "source_sample_rate": self.info.sample_rate,
-            "source_channels": self.info.channels,
-            "archive_prefix": self.prefix,
-            "started_at_ms": now_ms(),
-            "metadata": {k: str(v) for k, v in self.metadata.items()},
-            "hotwords": list(self.hotwords),
-        }
+    def _start_record(self) -> StreamStart:
+        return StreamStart(
+            stream_id=self.stream_id,
+            tenant=self.tenant,
+            seq=0,
+            language=self.language,
+            source_format=self.info.format,
+            source_name=self.source_name,
+            sample_rate=TARGET_RATE,
+            source_sample_rate=self.info.sample_rate,
+            source_channels=self.info.channels,
+            archive_prefix=self.prefix,
+            started_at_ms=now_ms(),
+            metadata={k: str(v) for k, v in self.metadata.items()},
+            hotwords=list(self.hotwords),
+        )
 
     def push(self, pcm: bytes) -> None:
         self._check_open()
@@ -188,13 +204,13 @@ class StreamPublisher:
         self._check_open(force=True)
         self._produce(
             "StreamAlive",
-            {
-                "stream_id": self.stream_id,
-                "tenant": self.tenant,
-                "seq": self.seq + 1,
-                "silent_ms": int((time.monotonic() - self._last_audio) * 1000),
-                "published_at_ms": now_ms(),
-            },
+            StreamAlive(
+                stream_id=self.stream_id,
+                tenant=self.tenant,
+                seq=self.seq + 1,
+                silent_ms=int((time.monotonic() - self._last_audio) * 1000),
+                published_at_ms=now_ms(),
+            ),
         )
 
     def _check_open(self, force: bool = False) -> None:
@@ -228,15 +244,15 @@ class StreamPublisher:
         published = now_ms()
         self._produce(
             "AudioChunk",
-            {
-                "stream_id": self.stream_id,
-                "tenant": self.tenant,
-                "seq": self.seq,
-                "offset_samples": offset,
-                "sample_rate": TARGET_RATE,
-                "pcm": chunk,
-                "published_at_ms": published,
-            },
+            AudioChunk(
+                stream_id=self.stream_id,
+                tenant=self.tenant,
+                seq=self.seq,
+                offset_samples=offset,
+                sample_rate=TARGET_RATE,
+                pcm=chunk,
+                published_at_ms=published,
+            ),
         )
         self.pcm_archive.write(chunk)
         n = len(chunk) // BYTES_PER_SAMPLE
@@ -269,15 +285,15 @@ class StreamPublisher:
         self.summary.status, self.summary.reason = status, reason
         self._produce(
             "StreamEnd",
-            {
-                "stream_id": self.stream_id,
-                "tenant": self.tenant,
-                "seq": self.seq + 1,
-                "total_samples": self.summary.samples,
-                "status": status,
-                "reason": reason,
-                "ended_at_ms": now_ms(),
-            },
+            StreamEnd(
+                stream_id=self.stream_id,
+                tenant=self.tenant,
+                seq=self.seq + 1,
+                total_samples=self.summary.samples,
+                status=status,
+                reason=reason,
+                ended_at_ms=now_ms(),
+            ),
         )
         unacknowledged = self.ingest.producer.flush(30)
         if unacknowledged or self.ingest.producer.failures > self._failures_before:
@@ -302,13 +318,13 @@ class StreamPublisher:
         )
         return self.summary
 
-    def _seal(self, rtype: str, record: dict) -> bytes:
+    def _seal(self, rtype: str, record: Mapping[str, Any]) -> bytes:
         try:
             return serde.encode(rtype, record, keys=self.ingest.keys, stream_id=self.stream_id)
         except StreamErased:
             raise self._erased_now() from None
 
-    def _produce(self, rtype: str, record: dict) -> None:
+    def _produce(self, rtype: str, record: Mapping[str, Any]) -> None:
         p = self.ingest.producer
         while True:
             try:

@@ -39,29 +39,28 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
+from collections.abc import Mapping
 
 from hark.config import Settings
 from hark.keys import open_archive
 from hark.languages import UNDETERMINED
-from hark.records import now_ms
-from hark.runtime import NOTICES, Output, StreamInfo, StreamRunner, kv, main_for
+from hark.records import Hypothesis
+from hark.runtime import NOTICES, Output, Processors, StreamInfo, StreamProcessor, StreamRunner, kv, main_for
 from hark.storage import archived_meta, archived_pcm
 
-from .decoder import MAX_WINDOW_S, WhisperDecoder
+from .context import OfflineContext
+from .decoder import WhisperDecoder
 from .drafts import Stretch
 from .lane import Lane
+from .spec import SPEC
 from .stream import OfflineStream, routed_to_candidate
-from .windows import StreamWindows, Window
 
 log = logging.getLogger("hark.offline_asr")
 
-NBEST_QUEUE = 8  # windows (<= 30 s of PCM, ~1 MB each) waiting for their n-best; the oldest is dropped beyond
 
-
-class OfflineProcessors:
-    name = "offline_asr"
-    group = "hark-offline-asr"
+class OfflineProcessors(Processors):
+    name = SPEC.name
+    group = SPEC.consumer_group
 
     def __init__(
         self, settings: Settings, decoder: WhisperDecoder | None = None, draft_decoder: WhisperDecoder | None = None
@@ -69,17 +68,14 @@ class OfflineProcessors:
         self.settings = s = settings
         if s.offline_nice:
             os.nice(s.offline_nice)
-        self.decoder = decoder or self._whisper(s.offline_model)
-        self.candidate: WhisperDecoder | None = None
+        candidate = None
         if s.offline_candidate_model and s.offline_candidate_fraction > 0:
-            self.candidate = self._whisper(s.offline_candidate_model)
+            candidate = self._whisper(s.offline_candidate_model)
+        self.context = OfflineContext(s, decoder or self._whisper(s.offline_model), candidate)
         # drafts decode on a model of their own (Whisper base: ~270 MB more peak RSS), never the windows'
         self.lane: Lane[WhisperDecoder] | None = None
         if s.offline_provisional_s > 0:
             self.lane = Lane(lambda: draft_decoder or decoder or self._whisper(s.offline_model), s.offline_draft_nice)
-        self.nbest_jobs: deque = deque()
-        self.nbest_dropped = 0
-        self.live: dict[str, OfflineStream] = {}  # open streams (removed at close or discard), for drafts
         self.drafts = 0
         self.draft_batches = 0  # decode_batch calls for drafts (each of 1 to offline_draft_batch streams)
         self.archive_fallbacks = 0
@@ -95,6 +91,14 @@ class OfflineProcessors:
             ),
         )
 
+    @property
+    def decoder(self) -> WhisperDecoder:  # the streams' (OfflineContext): one place to change it
+        return self.context.decoder
+
+    @property
+    def candidate(self) -> WhisperDecoder | None:
+        return self.context.candidate
+
     def _whisper(self, model: str) -> WhisperDecoder:
         s = self.settings
         return WhisperDecoder(
@@ -106,17 +110,11 @@ class OfflineProcessors:
             s.offline_encode_pad_s,
         )
 
-    def new_windows(self, start_ms: int, resume: dict | None = None) -> StreamWindows:
-        s = self.settings
-        bounds = int(s.offline_min_window_s * 1000), int(min(s.offline_max_window_s, MAX_WINDOW_S) * 1000)
-        return StreamWindows.resumed(resume, *bounds) if resume else StreamWindows(start_ms, *bounds)
-
     def open(self, stream: StreamInfo) -> OfflineStream:
         routed = self.candidate is not None and routed_to_candidate(
             stream.stream_id, self.settings.offline_candidate_fraction
         )
-        self.live[stream.stream_id] = st = OfflineStream(self, stream, routed)
-        return st
+        return OfflineStream(self.context, stream, routed)
 
     def resume(self, stream: StreamInfo, state: dict) -> OfflineStream:
         proc = self.open(StreamInfo(stream.stream_id, stream.tenant, state["declared"], start_ms=state["start_ms"]))
@@ -132,7 +130,11 @@ class OfflineProcessors:
             meta = archived_meta(self.store, stream.stream_id)
         except KeyError:
             log.warning("stream ended with no audio seen and none archived", extra=kv(stream_id=stream.stream_id))
-            return [self.record(stream, "STREAM_END", 0, 0, 0, "", [], [], UNDETERMINED, 0, 0, end_status=status)]
+            return [
+                self.context.record(
+                    stream, kind="STREAM_END", segment_index=0, language=UNDETERMINED, end_status=status
+                )
+            ]
         proc = self.open(
             StreamInfo(
                 stream.stream_id,
@@ -145,49 +147,34 @@ class OfflineProcessors:
         self.archive_fallbacks += 1
         return out + proc.close(status, seq)
 
-    def queue_nbest(
-        self,
-        info: StreamInfo,
-        index: int,
-        w: Window,
-        prompt: str | None,
-        language: str | None,
-        label: tuple[str, float | None],
-    ) -> None:
-        """``language``: the one to decode in; ``label``: the stream's language and detection
-        probability as its records say them."""
-        if len(self.nbest_jobs) >= NBEST_QUEUE:
-            self.nbest_jobs.popleft()
-            self.nbest_dropped += 1
-        self.nbest_jobs.append((info, index, w, prompt, language, label))
-
-    def step(self) -> list[Output]:
+    def every_pass(self, streams: Mapping[str, StreamProcessor]) -> list[Output]:
         """Drafts, on every pass of the loop: the lane's finished job is published and the next
         started, for the streams with the most undrafted audio (while few streams are open:
         ``offline_draft_max_streams``). A draft whose window was decoded meanwhile, or whose
         stream ended, is dropped: the window's own text is there."""
         if self.lane is None:
             return []
-        out = self._drafted(self.lane)
-        if not self.lane.busy and len(self.live) <= self.settings.offline_draft_max_streams:
-            self._start_drafts(self.lane)
+        live = {sid: st for sid, st in streams.items() if isinstance(st, OfflineStream)}
+        out = self._drafted(self.lane, live)
+        if not self.lane.busy and len(streams) <= self.settings.offline_draft_max_streams:
+            self._start_drafts(self.lane, live)
         return out
 
-    def _drafted(self, lane: Lane) -> list[Output]:
+    def _drafted(self, lane: Lane, live: dict[str, OfflineStream]) -> list[Output]:
         finished = lane.done()
         if finished is None:
             return []
         taken: list[tuple[OfflineStream, int, Stretch]] = finished[0]
         out: list[Output] = []
         for (st, index, stretch), d in zip(taken, finished[1]):
-            if self.live.get(st.info.stream_id) is not st or st.segments != index:
+            if live.get(st.info.stream_id) is not st or st.segments != index:
                 self.drafts_dropped += 1
                 continue
             out += st.drafted(stretch, d)
         return out
 
-    def _start_drafts(self, lane: Lane) -> None:
-        pending = sorted(((st.undrafted_ms(), st) for st in self.live.values()), key=lambda x: -x[0])
+    def _start_drafts(self, lane: Lane, live: dict[str, OfflineStream]) -> None:
+        pending = sorted(((st.undrafted_ms(), st) for st in live.values()), key=lambda x: -x[0])
         due = [st for undrafted, st in pending if undrafted]
         if not due:
             return
@@ -205,7 +192,7 @@ class OfflineProcessors:
         pcms, starts = [x.window.pcm for _, _, x in taken], [x.window.start_ms for _, _, x in taken]
         lane.submit(taken, lambda decoder: decoder.decode_batch(pcms, starts, language=key))
 
-    def idle(self) -> list[Output]:
+    def when_caught_up(self, streams: Mapping[str, StreamProcessor]) -> list[Output]:
         """One window's n-best list when a poll found no audio to read, and the drafts' lane is
         not decoding: n-best lists are shed under load, and the real windows keep their pace."""
         if self.lane is not None and self.lane.busy:
@@ -213,31 +200,30 @@ class OfflineProcessors:
         return self._nbest()
 
     def _nbest(self) -> list[Output]:
-        if not self.nbest_jobs:
+        jobs = self.context.nbest_jobs
+        if not jobs:
             return []
-        info, index, w, prompt, language, (said, language_p) = self.nbest_jobs.popleft()
+        info, index, w, prompt, language, (said, language_p) = jobs.popleft()
         t0 = time.perf_counter()
         hyps = self.decoder.nbest(w.pcm, self.settings.offline_nbest, prompt=prompt, language=language)
         return [
-            self.record(
+            self.context.record(
                 info,
-                "NBEST",
-                index,
-                w.start_ms,
-                w.end_ms,
-                hyps[0][0] if hyps else "",
-                [],
-                [{"text": t, "score": sc} for t, sc in hyps],
-                said,
-                int((time.perf_counter() - t0) * 1000),
-                0,
-                language_p=language_p,
+                kind="NBEST",
+                segment_index=index,
+                start_ms=w.start_ms,
+                end_ms=w.end_ms,
+                text=hyps[0][0] if hyps else "",
+                nbest=[Hypothesis(text=t, score=sc) for t, sc in hyps],
+                language=said,
+                language_probability=language_p,
+                decode_ms=int((time.perf_counter() - t0) * 1000),
             )
         ]
 
     def stats(self) -> dict[str, float]:
         return {
-            "nbest_dropped_total": self.nbest_dropped,
+            "nbest_dropped_total": self.context.nbest_dropped,
             "archive_fallbacks_total": self.archive_fallbacks,
             "encoder_reuses_total": self.decoder.model.encoded_hits,
             "decode_loops_redone_total": self.decoder.loops,  # Whisper repetition loops, decoded again on 30 s
@@ -247,50 +233,6 @@ class OfflineProcessors:
             "draft_failures_total": self.lane.failures if self.lane else 0,
         }
 
-    def record(
-        self,
-        info: StreamInfo,
-        kind: str,
-        index: int,
-        start_ms: int,
-        end_ms: int,
-        text: str,
-        words: list,
-        nbest: list,
-        language: str | None,
-        decode_ms: int,
-        published_at: int,
-        end_status: str | None = None,
-        decoder: WhisperDecoder | None = None,
-        language_p: float | None = None,
-    ) -> Output:
-        """An OfflineTranscript record (schemas/hark.OfflineTranscript.avsc)."""
-        decoder = decoder or self.decoder
-        return Output(
-            self.settings.offline_topic,
-            "OfflineTranscript",
-            {
-                "stream_id": info.stream_id,
-                "tenant": info.tenant,
-                "kind": kind,
-                "segment_index": index,
-                "start_ms": start_ms,
-                "end_ms": end_ms,
-                "text": text,
-                "words": words,
-                "nbest": nbest,
-                "language": language,
-                "language_probability": language_p,
-                "decode_ms": decode_ms,
-                "end_status": end_status,
-                "audio_published_at_ms": published_at,
-                "emitted_at_ms": now_ms(),
-                "model_name": decoder.model_name,
-                "model_version": decoder.model_version,
-                "variant": "primary" if decoder is self.decoder else "candidate",
-            },
-        )
-
 
 def main(argv: list[str] | None = None) -> None:
-    main_for(lambda s: StreamRunner(s, OfflineProcessors(s)), OfflineProcessors.name, argv)
+    main_for(lambda s: StreamRunner(s, OfflineProcessors(s)), SPEC.name, argv)

@@ -5,17 +5,14 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from hark.languages import AUTO, UNDETERMINED
-from hark.runtime import Chunk, Output, StreamInfo, kv
+from hark.runtime import Chunk, Output, StreamInfo, StreamProcessor, kv
 
+from .context import OfflineContext
 from .decoder import MAX_WINDOW_S, Decoded, WhisperDecoder, whisper_language
 from .drafts import Drafter, Stretch
 from .windows import Window
-
-if TYPE_CHECKING:
-    from .service import OfflineProcessors
 
 log = logging.getLogger("hark.offline_asr")
 
@@ -49,10 +46,10 @@ def routed_to_candidate(stream_id: str, fraction: float) -> bool:
     return fraction > 0 and zlib.crc32(stream_id.encode()) / 2**32 < fraction
 
 
-class OfflineStream:
-    """One stream's windows and decoding: a StreamProcessor."""
+class OfflineStream(StreamProcessor):
+    """One stream's windows and decoding."""
 
-    def __init__(self, owner: OfflineProcessors, info: StreamInfo, candidate: bool):
+    def __init__(self, owner: OfflineContext, info: StreamInfo, candidate: bool):
         self.owner, self.info, self.candidate = owner, info, candidate
         # "auto": detected on the first window with speech (hark/languages.py), then kept; "und"
         # when no window's guess was sure enough
@@ -75,10 +72,6 @@ class OfflineStream:
     def undrafted_ms(self) -> int:
         return self.drafts.undrafted_ms(self.windows)
 
-    def _gone(self) -> None:
-        if self.owner.live.get(self.info.stream_id) is self:  # not a later stream of the same id
-            del self.owner.live[self.info.stream_id]
-
     def snapshot(self) -> dict | None:
         cut = self.windows.boundary  # set by a feed whose last cut fell at a pause in its chunk
         if cut is None or self.info.hotwords or self.owner.settings.offline_prompt_chars:
@@ -99,11 +92,7 @@ class OfflineStream:
         self.language = UNDETERMINED if state.get("undetermined") else self.language
         self.language_p = state.get("language_p")
 
-    def discard(self) -> None:
-        self._gone()
-
     def close(self, status: str, seq: int, replay: bool = False) -> list[Output]:
-        self._gone()
         out = [o for w in self.windows.flush() for o in self._decode(w, replay)]
         end = self.windows.end_ms
         decoders = [self.owner.decoder] + ([self.owner.candidate] if self.candidate and self.owner.candidate else [])
@@ -111,19 +100,15 @@ class OfflineStream:
             out.append(
                 self.owner.record(
                     self.info,
-                    "STREAM_END",
-                    self.segments,
-                    end,
-                    end,
-                    "",
-                    [],
-                    [],
-                    self.language or UNDETERMINED,
-                    0,
-                    self.published_at_ms,
+                    kind="STREAM_END",
+                    segment_index=self.segments,
+                    start_ms=end,
+                    end_ms=end,
+                    language=self.language or UNDETERMINED,
+                    language_probability=self.language_p,
+                    audio_published_at_ms=self.published_at_ms,
                     end_status=status,
                     decoder=decoder,
-                    language_p=self.language_p,
                 )
             )
         log.info("stream decoded", extra=kv(stream_id=self.info.stream_id, status=status, segments=self.segments))
@@ -173,21 +158,21 @@ class OfflineStream:
         """The settled language, or the fallback while there is none (or it is "und")."""
         return decoded_in(self.language, self.owner.settings.offline_language_fallback)
 
-    def _segment(self, index: int, w: Window, d, decoder: WhisperDecoder) -> Output:
+    def _segment(self, index: int, w: Window, d, decoder: WhisperDecoder, variant: str | None = None) -> Output:
         return self.owner.record(
             self.info,
-            "SEGMENT",
-            index,
-            w.start_ms,
-            w.end_ms,
-            d.text,
-            d.words,
-            [],
-            self.language or UNDETERMINED,  # the stream's, not the decode's: an unsure one is "und"
-            int(d.decode_s * 1000),
-            self.published_at_ms,
+            kind="SEGMENT",
+            segment_index=index,
+            start_ms=w.start_ms,
+            end_ms=w.end_ms,
+            text=d.text,
+            words=d.words,
+            language=self.language or UNDETERMINED,  # the stream's, not the decode's: an unsure one is "und"
+            language_probability=self.language_p,
+            decode_ms=int(d.decode_s * 1000),
+            audio_published_at_ms=self.published_at_ms,
             decoder=decoder,
-            language_p=self.language_p,
+            variant=variant,
         )
 
     def batch_key(self) -> str | None:
@@ -226,9 +211,7 @@ class OfflineStream:
             return []
         if not stretch.at_pause:
             d.text, d.words = " ".join(x["word"] for x in kept), kept
-        rec = self._segment(self.segments, stretch.window, d, self.owner.decoder)
-        rec.record["variant"] = "provisional"
-        return [rec]
+        return [self._segment(self.segments, stretch.window, d, self.owner.decoder, variant="provisional")]
 
     def _prompt(self) -> str | None:
         chars = self.owner.settings.offline_prompt_chars

@@ -22,6 +22,7 @@ from importlib.metadata import version
 
 from pocketsphinx import Decoder
 
+from hark import records
 from hark.vad import SpeechGate
 
 SAMPLE_RATE = 16000
@@ -42,14 +43,14 @@ class Word:
     end_ms: int
     confidence: float
 
-    def as_record(self) -> dict:
-        return {
-            "word": self.word,
-            "start_ms": self.start_ms,
-            "end_ms": self.end_ms,
-            "confidence": round(float(self.confidence), 4),
-            "speaker": None,
-        }
+    def as_record(self) -> records.Word:
+        return records.Word(
+            word=self.word,
+            start_ms=self.start_ms,
+            end_ms=self.end_ms,
+            confidence=round(float(self.confidence), 4),
+            speaker=None,
+        )
 
 
 @dataclass

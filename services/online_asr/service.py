@@ -13,53 +13,55 @@ same text as an uninterrupted run (tests/test_recognizer.py checks this).
 
 from __future__ import annotations
 
-from hark import kafka
 from hark.config import Settings
 from hark.keys import open_archive
 from hark.languages import AUTO
-from hark.records import now_ms, result_record
-from hark.runtime import Chunk, InputError, Output, StreamInfo, StreamRunner, main_for
+from hark.records import Hypothesis, OnlineTranscript, Word, now_ms, result_record
+from hark.runtime import Chunk, InputError, Output, Processors, StreamInfo, StreamProcessor, StreamRunner, main_for
 
 from .recognizer import MODEL_NAME, MODEL_VERSION, CapacityError, DecoderPool, Event, StreamRecognizer
+from .spec import SPEC
 
 
 def transcript_record(
-    sid: str,
+    *,
+    stream_id: str,
     tenant: str,
     kind: str,
-    utt: int,
-    text: str,
-    start_ms: int,
-    end_ms: int,
-    seq: int,
-    published_at: int,
-    **fields,
-) -> dict:
-    """An OnlineTranscript record (schemas/hark.OnlineTranscript.avsc)."""
-    rec = {
-        "stream_id": sid,
-        "tenant": tenant,
-        "kind": kind,
-        "utterance_id": utt,
-        "text": text,
-        "start_ms": start_ms,
-        "end_ms": end_ms,
-        "words": [],
-        "nbest": [],
-        "lattice_key": None,
-        "end_status": None,
-        "audio_seq": seq,
-        "audio_published_at_ms": published_at,
-        "emitted_at_ms": now_ms(),
-        "model_name": MODEL_NAME,
-        "model_version": MODEL_VERSION,
-    }
-    rec.update(fields)
-    return rec
+    utterance_id: int,
+    audio_seq: int,
+    text: str = "",
+    start_ms: int = 0,
+    end_ms: int = 0,
+    audio_published_at_ms: int = 0,
+    words: list[Word] | None = None,
+    nbest: list[Hypothesis] | None = None,
+    lattice_key: str | None = None,
+    end_status: str | None = None,
+) -> OnlineTranscript:
+    """An OnlineTranscript record of this model; a STREAM_END gives only its ids, seq and status."""
+    return OnlineTranscript(
+        stream_id=stream_id,
+        tenant=tenant,
+        kind=kind,
+        utterance_id=utterance_id,
+        text=text,
+        start_ms=start_ms,
+        end_ms=end_ms,
+        words=words or [],
+        nbest=nbest or [],
+        lattice_key=lattice_key,
+        end_status=end_status,
+        audio_seq=audio_seq,
+        audio_published_at_ms=audio_published_at_ms,
+        emitted_at_ms=now_ms(),
+        model_name=MODEL_NAME,
+        model_version=MODEL_VERSION,
+    )
 
 
-class OnlineStream:
-    """One stream's recognizer: a StreamProcessor."""
+class OnlineStream(StreamProcessor):
+    """One stream's recognizer."""
 
     def __init__(self, owner: OnlineProcessors, info: StreamInfo, recognizer: StreamRecognizer):
         self.owner, self.info, self.recognizer = owner, info, recognizer
@@ -77,15 +79,13 @@ class OnlineStream:
         self.discard()
         r = self.recognizer
         end = transcript_record(
-            self.info.stream_id,
-            self.info.tenant,
-            "STREAM_END",
-            r.utterance_id,
-            "",
-            r.position_ms,
-            r.position_ms,
-            seq,
-            0,
+            stream_id=self.info.stream_id,
+            tenant=self.info.tenant,
+            kind="STREAM_END",
+            utterance_id=r.utterance_id,
+            start_ms=r.position_ms,
+            end_ms=r.position_ms,
+            audio_seq=seq,
             end_status=status,
         )
         return [*out, Output(self.owner.settings.online_topic, "OnlineTranscript", end)]
@@ -102,17 +102,17 @@ class OnlineStream:
                 if not replay:
                     self.owner.store.put(lattice_key, ev.lattice)
             rec = transcript_record(
-                self.info.stream_id,
-                self.info.tenant,
-                ev.kind,
-                ev.utterance_id,
-                ev.text,
-                ev.start_ms,
-                ev.end_ms,
-                seq,
-                self.published_at_ms,
+                stream_id=self.info.stream_id,
+                tenant=self.info.tenant,
+                kind=ev.kind,
+                utterance_id=ev.utterance_id,
+                text=ev.text,
+                start_ms=ev.start_ms,
+                end_ms=ev.end_ms,
+                audio_seq=seq,
+                audio_published_at_ms=self.published_at_ms,
                 words=[w.as_record() for w in ev.words],
-                nbest=[{"text": t, "score": sc} for t, sc in ev.nbest],
+                nbest=[Hypothesis(text=t, score=sc) for t, sc in ev.nbest],
                 lattice_key=lattice_key,
             )
             if ev.kind == "PARTIAL":
@@ -123,7 +123,7 @@ class OnlineStream:
         return out
 
 
-class OtherLanguage:
+class OtherLanguage(StreamProcessor):
     """A stream in a language the online model (English) does not know: no live text, which would
     be English-looking nonsense; captions come with the offline pass. Its end still tells results
     that this pass is done. A stream with no language given ("auto") is decoded as English."""
@@ -137,16 +137,10 @@ class OtherLanguage:
     def close(self, status: str, seq: int, replay: bool = False) -> list[Output]:
         return self.owner.end_unseen(self.info, status, seq)
 
-    def snapshot(self) -> dict | None:
-        return None
 
-    def discard(self) -> None:
-        pass
-
-
-class OnlineProcessors:
-    name = "online_asr"
-    group = kafka.ONLINE_GROUP
+class OnlineProcessors(Processors):
+    name = SPEC.name
+    group = SPEC.consumer_group
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -180,18 +174,19 @@ class OnlineProcessors:
         return proc
 
     def end_unseen(self, stream: StreamInfo, status: str, seq: int) -> list[Output]:
-        rec = transcript_record(stream.stream_id, stream.tenant, "STREAM_END", 0, "", 0, 0, seq, 0, end_status=status)
+        rec = transcript_record(
+            stream_id=stream.stream_id,
+            tenant=stream.tenant,
+            kind="STREAM_END",
+            utterance_id=0,
+            audio_seq=seq,
+            end_status=status,
+        )
         return [Output(self.settings.online_topic, "OnlineTranscript", rec)]
-
-    def step(self) -> list[Output]:
-        return []
-
-    def idle(self) -> list[Output]:
-        return []
 
     def stats(self) -> dict[str, float]:
         return {"decoders_pooled": self.pool.size}
 
 
 def main(argv: list[str] | None = None) -> None:
-    main_for(lambda s: StreamRunner(s, OnlineProcessors(s)), OnlineProcessors.name, argv)
+    main_for(lambda s: StreamRunner(s, OnlineProcessors(s)), SPEC.name, argv)

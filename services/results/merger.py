@@ -31,13 +31,14 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
+from hark.declaration import passes
 from hark.languages import UNDETERMINED
-from hark.records import now_ms, result_record
+from hark.records import Result, Turn, Word, now_ms, result_record
 from hark.runtime import REFUSED, RecentIds
 
 from .parts import MemoryParts, Parts
 
-PASSES = ("online", "offline", "diarizer")
+PASSES = passes()  # the services' declarations say which passes there are (hark/declaration.py)
 MAX_TURNS = 20000  # incremental turns kept per stream to label words (~16 h of conversation)
 MAX_COMPLETED = 100_000  # stream ids remembered after completion (~5 MB)
 KEPT = ("text", "words", "start_ms", "end_ms")  # of each FINAL/SEGMENT, for STREAM_COMPLETE
@@ -87,8 +88,8 @@ class StreamTranscript:
     passes: dict[str, PassState]
     last_published_at_ms: int = 0
     online_ended_at: float | None = None  # monotonic, for the offline timeout
-    turns: list[dict] = field(default_factory=list)  # incremental speaker turns so far
-    full_turns: list[dict] | None = None  # the diarizer's FULL turns once it ended
+    turns: list[Turn] = field(default_factory=list)  # incremental speaker turns so far
+    full_turns: list[Turn] | None = None  # the diarizer's FULL turns once it ended
     language: str | None = None  # the stream's (given, or detected by the offline pass)
     language_p: float | None = None  # the detection's probability (None: given)
     unsure: bool = False  # the offline pass said "und" with a probability: it decodes in its fallback language
@@ -101,7 +102,7 @@ def english(language: str | None) -> bool:
     return not language or language == UNDETERMINED or language.split("-")[0].lower() == "en"
 
 
-def assign_speakers(words: list[dict], turns: list[dict], reach_ms: int = 1000) -> list[dict]:
+def assign_speakers(words: list[Word], turns: list[Turn], reach_ms: int = 1000) -> list[Word]:
     """Each word gets the speaker whose turn overlaps it most (else the nearest within reach_ms)."""
     if not turns:
         return words
@@ -117,7 +118,7 @@ def assign_speakers(words: list[dict], turns: list[dict], reach_ms: int = 1000) 
             if best_score is None or score > best_score:
                 best, best_score = t, score
         speaker = best["speaker"] if best is not None and best_score is not None and best_score > -reach_ms else None
-        out.append({**w, "speaker": speaker})
+        out.append(Word(**{**w, "speaker": speaker}))
     return out
 
 
@@ -165,7 +166,7 @@ class ResultsMerger:
         st.last_seen = time.monotonic()
         return st
 
-    def on_online(self, rec: dict) -> list[dict]:
+    def on_online(self, rec: dict) -> list[Result]:
         if self.late(rec):
             return []
         kind, st = str(rec["kind"]), self._state(rec)
@@ -185,7 +186,7 @@ class ResultsMerger:
             return self._maybe_complete(rec["stream_id"], rec)
         raise ValueError(f"unknown online transcript kind {kind}")
 
-    def on_speakers(self, rec: dict) -> list[dict]:
+    def on_speakers(self, rec: dict) -> list[Result]:
         if self.late(rec):
             return []
         kind, st = str(rec["kind"]), self._state(rec)
@@ -205,13 +206,13 @@ class ResultsMerger:
             return self._maybe_complete(rec["stream_id"], rec)
         raise ValueError(f"unknown speaker turns kind {kind}")
 
-    def _labelled(self, rec: dict, result: dict) -> dict:
+    def _labelled(self, rec: dict, result: Result) -> Result:
         st = self.streams.get(rec["stream_id"])
         if st is not None and st.turns and result["words"]:
             result["words"] = assign_speakers(result["words"], st.turns)
         return result
 
-    def on_offline(self, rec: dict) -> list[dict]:
+    def on_offline(self, rec: dict) -> list[Result]:
         variant = rec.get("variant", "primary")
         if variant == "provisional":
             return self._provisional(rec)
@@ -239,7 +240,7 @@ class ResultsMerger:
             return self._maybe_complete(rec["stream_id"], rec)
         raise ValueError(f"unknown offline transcript kind {kind}")
 
-    def _provisional(self, rec: dict) -> list[dict]:
+    def _provisional(self, rec: dict) -> list[Result]:
         if self.late(rec) or str(rec["kind"]) != "SEGMENT":
             return []
         st = self._state(rec)
@@ -248,7 +249,7 @@ class ResultsMerger:
             return []  # the window's own text is out: it must not be overwritten by a draft of it
         return [self._labelled(rec, result_record(rec, "FINAL", "provisional", rec["segment_index"]))]
 
-    def expire(self, now: float | None = None) -> list[dict]:
+    def expire(self, now: float | None = None) -> list[Result]:
         """Complete streams whose offline pass is overdue, with the online text (``now``: a
         monotonic time, default the present)."""
         now, out = time.monotonic() if now is None else now, []
@@ -263,13 +264,13 @@ class ResultsMerger:
                 self.abandoned += 1
         return out
 
-    def _maybe_complete(self, sid: str, rec: dict) -> list[dict]:
+    def _maybe_complete(self, sid: str, rec: dict) -> list[Result]:
         st = self.streams[sid]
         if all(st.passes[p].ended for p in self.wait_for):
             return self._complete(sid)
         return []
 
-    def _complete(self, sid: str, reason: str | None = None) -> list[dict]:
+    def _complete(self, sid: str, reason: str | None = None) -> list[Result]:
         st = self.streams.pop(sid)
         self.completed.add(sid)
         online, offline = st.passes["online"], st.passes["offline"]
@@ -286,27 +287,27 @@ class ResultsMerger:
         turns = st.full_turns if st.full_turns is not None else st.turns
         words = assign_speakers([w for part in ordered for w in part["words"]], turns)
         return [
-            {
-                "stream_id": sid,
-                "tenant": st.tenant,
-                "kind": "STREAM_COMPLETE",
-                "source": source,
-                "utterance_id": -1,
-                "text": final_text,
-                "start_ms": ordered[0]["start_ms"] if ordered else 0,
-                "end_ms": ordered[-1]["end_ms"] if ordered else 0,
-                "words": words,
-                "nbest": [],
-                "online_text": online_text,
-                "turns": turns,
-                "status": status if not reason else f"{status} ({reason})",
-                "final_source": source,
-                "language": st.language or UNDETERMINED,
-                "language_probability": st.language_p,
-                "truncated": final.truncated,
-                "audio_published_at_ms": st.last_published_at_ms,
-                "emitted_at_ms": now_ms(),
-                "model_name": name,
-                "model_version": version,
-            }
+            Result(
+                stream_id=sid,
+                tenant=st.tenant,
+                kind="STREAM_COMPLETE",
+                source=source,
+                utterance_id=-1,
+                text=final_text,
+                start_ms=ordered[0]["start_ms"] if ordered else 0,
+                end_ms=ordered[-1]["end_ms"] if ordered else 0,
+                words=words,
+                nbest=[],
+                online_text=online_text,
+                turns=turns,
+                status=status if not reason else f"{status} ({reason})",
+                final_source=source,
+                language=st.language or UNDETERMINED,
+                language_probability=st.language_p,
+                truncated=final.truncated,
+                audio_published_at_ms=st.last_published_at_ms,
+                emitted_at_ms=now_ms(),
+                model_name=name,
+                model_version=version,
+            )
         ]

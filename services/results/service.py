@@ -17,17 +17,19 @@ from confluent_kafka import Message
 from hark import kafka, published, serde
 from hark.config import Settings
 from hark.keys import KeyMissing, StreamErased
+from hark.records import Result
 from hark.runtime import ERASED, ConsumerService, InputError, main_for
 
 from .merger import ResultsMerger
 from .parts import DiskParts
+from .spec import SPEC
 
 log = logging.getLogger("hark.results")
 
 
 class Results(ConsumerService):
-    name = "results"
-    group = "hark-results"
+    name = SPEC.name
+    group = SPEC.consumer_group
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
@@ -91,7 +93,7 @@ class Results(ConsumerService):
         except StreamErased:
             raise serde.Erased(sid) from None
 
-    def _publish(self, results: list[dict]) -> None:
+    def _publish(self, results: list[Result]) -> None:
         for result in results:
             # made first: what fails in it fails before the sealed Result is sent (both or neither)
             plain = self.publisher.message(result) if self.publisher and not self.replaying else None
@@ -160,4 +162,4 @@ class Results(ConsumerService):
 
 
 def main(argv: list[str] | None = None) -> None:
-    main_for(Results, Results.name, argv)
+    main_for(Results, SPEC.name, argv)
