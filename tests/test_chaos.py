@@ -316,7 +316,7 @@ def test_embedded_broker_killed_mid_stream_loses_and_duplicates_nothing(chaos_st
     before = stack.read_state(sdir)["broker"]
 
     def kill_broker():
-        time.sleep(5)
+        wait_for_resume_state(settings, "chaos-broker-")  # mid-stream: the streams are past an utterance
         os.kill(before["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 30
         while stack.read_state(sdir)["broker"]["pid"] == before["pid"] and time.monotonic() < deadline:
@@ -378,7 +378,7 @@ def test_audio_leader_killed_in_a_three_broker_cluster_loses_and_duplicates_noth
             victim: list[int] = []
 
             def kill_audio_leader():
-                time.sleep(4)
+                wait_for_resume_state(settings, "chaos-leader-")  # mid-stream: the streams are past an utterance
                 md = kafka.admin(settings).list_topics(settings.audio_topic, timeout=10).topics[settings.audio_topic]
                 leaders = [p.leader for p in md.partitions.values()]
                 victim.append(max(set(leaders), key=leaders.count))

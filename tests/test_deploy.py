@@ -15,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from hark import kafka, serde, stack
+from hark import kafka, published, serde, stack
 from hark.config import Settings
 
 from .conftest import ROOT, run_hark
@@ -205,10 +205,14 @@ def test_every_service_exposes_prometheus_metrics(live_stack, speech_dir):
 
 
 # ---- local scale-out and model rollout, on one stack ----------------------------------------------
+TENANT_MADE_AT: dict[str, float] = {}  # tenant -> when the scaled stack's `hark clients create` made it
+
+
 @pytest.fixture(scope="module")
 def scaled_stack(tmp_path_factory):
-    """Two online_asr and two offline_asr replicas over 8 partitions, and an A/B of the offline
-    pass (tiny.en decoding half the streams beside base): one stack for both tests, since a
+    """Two online_asr and two offline_asr replicas over 8 partitions, an A/B of the offline
+    pass (tiny.en decoding half the streams beside base), and the published tier at a 10 s
+    compaction lag with tenant `gone`'s login and topics: one stack for the three tests, since a
     stack's start is a minute of the suite."""
     env = {
         "HARK_DATA_DIR": str(tmp_path_factory.mktemp("scaled") / "d"),
@@ -216,12 +220,18 @@ def scaled_stack(tmp_path_factory):
         "HARK_IDLE_TIMEOUT_S": "10",
         "HARK_OFFLINE_CANDIDATE_MODEL": "tiny.en",
         "HARK_OFFLINE_CANDIDATE_FRACTION": "0.5",
+        "HARK_PUBLISHED_COMPACTION_LAG_S": "10",
     }
     up = run_hark("up", "--replicas", "online_asr=2,offline_asr=2", env_extra=env, timeout=180)
     assert up.returncode == 0, up.stderr
     try:
         state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
         settings = stack.client_settings(Settings.load(environ={**os.environ, **env}), state)
+        # the erasure test's tenant, made with the stack: results lists the published topics every
+        # Publisher.TOPICS_S, so it has seen this one by then unless that test runs first
+        login = run_hark("clients", "create", "sink", "--tenant", "gone", "--consume", env_extra=env)
+        assert login.returncode == 0, login.stderr
+        TENANT_MADE_AT["gone"] = time.monotonic()
         yield env, state, settings
     finally:
         run_hark("down", env_extra=env)
@@ -371,3 +381,36 @@ def test_ab_candidate_model_and_compare_on_archived_streams(scaled_stack, speech
         assert row["versions"][0]["text"] == finals[row["stream_id"]]["text"]
     bad = run_hark("compare", "--replay", "no-such-stream", env_extra=env)
     assert bad.returncode == 1 and "no archived stream 'no-such-stream'" in bad.stderr
+
+
+# ---- erasure from the published tier, on the same stack ----------------------------------------------
+@pytest.mark.e2e
+def test_an_erased_streams_plain_records_leave_the_brokers_disk(scaled_stack, speech_dir):
+    """At a 10 s compaction lag (the scaled stack's): after `hark erase`, the tombstone and the
+    results service's nudge of the then quiet partition let Kafka's cleaner remove the stream's
+    published records from the segment files, as Kafka's own DumpLogSegments reads them."""
+    from .helpers import segments_holding
+    from .test_published import read_published
+
+    env, state, settings = scaled_stack
+    serde.configure(settings, eager=False)  # this stack's registry, whatever a test before talked to
+    sid, log_root = f"gone-{time.time_ns()}", Path(state["data_dir"]) / "stacks" / "default" / "kafka"
+    topic = settings.published_topic("gone")  # made with the stack (scaled_stack)
+    # results sees the tenant's new topic: Publisher.TOPICS_S after it was made
+    time.sleep(max(0.0, TENANT_MADE_AT["gone"] + published.Publisher.TOPICS_S + 1 - time.monotonic()))
+    pub = run_hark(
+        "publish", str(speech_dir / "goforward.wav"), "--stream-id", sid, "--tenant", "gone",
+        "--bootstrap", state["bootstrap"], env_extra=env,
+    )  # fmt: skip
+    assert pub.returncode == 0, pub.stderr
+    # the stream's records on its tenant's topic, read until its COMPLETE record (after the finals)
+    records = read_published(settings, topic, sid, lambda out: any(v and v["kind"] == "COMPLETE" for v, _ in out))
+    assert any(v and v["kind"] == "COMPLETE" for v, _ in records), "nothing of the stream reached its tenant's topic"
+    assert segments_holding(log_root, topic, sid) > 0  # the key is in every record's dump line
+    assert segments_holding(log_root, topic, "forward") > 0
+    erased = run_hark("erase", sid, "--bootstrap", state["bootstrap"], env_extra=env)
+    assert erased.returncode == 0, erased.stderr
+    t0 = time.monotonic()
+    while segments_holding(log_root, topic, "forward") > 0:
+        assert time.monotonic() - t0 < 150, "the erased stream's text is still in the segment files"
+        time.sleep(2)

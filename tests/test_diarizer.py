@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,13 +196,19 @@ def test_speakers_reach_the_final_transcript(live_stack):
     settings, _ = live_stack
     from services.ingest.core import Ingest
 
+    from .helpers import wav_bytes
+
     sid = f"conv-{time.time_ns()}"
-    Ingest(settings).publish_file(
-        CONVERSATIONS / "conv_3spk_overlap.flac", stream_id=sid, metadata={"num_speakers": "3"}
-    )
+    # the conversation's first 30.7 s: its first nine turns, three of each speaker, overlaps
+    # included, cut in the pause before the tenth (the rest repeats them at twice the decoding)
+    pcm, _ = sf.read(CONVERSATIONS / "conv_3spk_overlap.flac", dtype="int16")
+    opening = io.BytesIO(wav_bytes(pcm[: 30_700 * 16]))
+    Ingest(settings).publish_file(opening, stream_id=sid, metadata={"num_speakers": "3"})
     final = complete_record(settings, sid, timeout=180)
     turns = [Turn(t["speaker"], t["start_ms"], t["end_ms"]) for t in final["turns"]]
-    score = der(read_rttm(CONVERSATIONS / "conv_3spk_overlap.rttm"), turns)
+    ref = [t for t in read_rttm(CONVERSATIONS / "conv_3spk_overlap.rttm") if t.start_ms < 30_700]
+    assert len(ref) == 9 and all(sum(t.speaker == s for t in ref) == 3 for s in {t.speaker for t in ref})
+    score = der(ref, turns)
     assert score["hyp_speakers"] == 3 and score["der"] <= 0.15, score
     assert final["words"] and all(w["speaker"] in {t.speaker for t in turns} for w in final["words"])
     records = [r for t, r in collect(settings, settings.results_topic, completed(sid), 30) if r["stream_id"] == sid]
