@@ -77,6 +77,9 @@ class Settings:
     published_compaction_lag_s: float = setting(600.0,
         "the published tier (plain Avro per tenant, hark/published.py): max.compaction.lag.ms of each tenant's topic, "
         "so an erased stream's records are compacted away within about this")
+    published_topics_s: float = setting(10.0,
+        "how often the results service lists the tenants' published topics: a tenant's new topic (`hark clients "
+        "create`) gets its copies within about this")
     produce_compaction_lag_s: float = setting(3600.0,
         "each tenant's produce topic (<prefix>audio-in.<tenant>, plain audio from its own producers): records younger "
         "than this are never compacted (ingest must read them within it), older ones are, so an erased stream's plain "

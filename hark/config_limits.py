@@ -9,6 +9,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "topic_retention_hours": (0.01, 87600),
     "audio_retention_mb": (0, 10_000_000),
     "published_compaction_lag_s": (1, 30 * 86400),
+    "published_topics_s": (0.5, 3600),
     "produce_compaction_lag_s": (60, 30 * 86400),
     "archive_retention_days": (0, 36500),
     "chunk_ms": (20, 2000),

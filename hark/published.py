@@ -84,9 +84,7 @@ class Publisher:
     made by ``hark clients create`` (a tenant with no login has no reader), so no producer that
     names a tenant in open access makes a topic, and tenant names that Kafka would take for the
     same topic (``a.b``, ``a_b``) fail there, at the command, not here. A topic made now is found
-    within TOPICS_S."""
-
-    TOPICS_S = 10.0
+    within ``published_topics_s``."""
 
     def __init__(self, settings: Settings, clock=time.monotonic):
         from confluent_kafka.schema_registry import record_subject_name_strategy
@@ -105,7 +103,7 @@ class Publisher:
         # the registry's id now, at the service's start, not in the middle of a transaction
         self._serialize(_SAMPLE, self._context(settings.published_topic("-")))
         self._topics: frozenset[str] = frozenset()
-        self._listed_at = -self.TOPICS_S
+        self._listed_at = -settings.published_topics_s
 
     def message(self, result: Mapping[str, Any]) -> tuple[str, bytes, bytes, list[tuple[str, bytes]]] | None:
         """(topic, key, value, headers) of a Result's published record; None for a kind that is
@@ -122,9 +120,9 @@ class Publisher:
         return topic, rec["stream_id"].encode(), value, headers
 
     def topics(self) -> frozenset[str]:
-        """The published topics that exist (listed at most every TOPICS_S; a broker that does not
+        """The published topics that exist (listed at most every ``published_topics_s``; a broker that does not
         answer keeps the last list)."""
-        if self._clock() - self._listed_at >= self.TOPICS_S:
+        if self._clock() - self._listed_at >= self.settings.published_topics_s:
             self._listed_at = self._clock()
             prefix = self.settings.topic("published.")
             try:

@@ -28,11 +28,21 @@ def speech_dir() -> Path:
     return SPEECH
 
 
+# results lists the tenants' published topics this often in the test stacks (10 s by default): a
+# test that makes a tenant's topic waits this long (+1 s) before its copies are due
+TOPICS_S = 2.0
+
+
 @pytest.fixture(scope="session")
 def stack_env(tmp_path_factory) -> dict[str, str]:
     """Environment of the session stack: its own data folder, a short idle timeout to test it."""
     data = tmp_path_factory.mktemp("hark-data")
-    return {"HARK_DATA_DIR": str(data), "HARK_IDLE_TIMEOUT_S": "4", "HARK_PARTITIONS": "4"}
+    return {
+        "HARK_DATA_DIR": str(data),
+        "HARK_IDLE_TIMEOUT_S": "4",
+        "HARK_PARTITIONS": "4",
+        "HARK_PUBLISHED_TOPICS_S": str(TOPICS_S),
+    }
 
 
 @pytest.fixture(scope="session")

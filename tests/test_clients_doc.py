@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from hark import published
 from hark.wer import score
 
 from . import connect_helpers as ch
 from . import doc_snippets
-from .conftest import ROOT, run_hark
+from .conftest import ROOT, TOPICS_S, run_hark
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +72,7 @@ def test_the_clients_page_runs_as_written(live_stack, speech_dir, references, tm
     tenant, sid = f"doc{time.time_ns() % 10**8}", f"doc-{time.time_ns()}"
     login = create(state, f"app{time.time_ns() % 10**8}", tenant, "--consume", "--produce")
     assert login["produce_topic"] == settings.produce_topic(tenant)
-    time.sleep(published.Publisher.TOPICS_S + 1)  # the results service finds the tenant's new topic
+    time.sleep(TOPICS_S + 1)  # the results service finds the tenant's new topic
     (tmp_path / "login.json").write_text(json.dumps(login))
     consume = snippet(tmp_path, "# consume.py", "consume.py")
     produce = snippet(tmp_path, "# produce.py", "produce.py")
@@ -124,7 +123,7 @@ def test_the_java_producer_is_transcribed(live_stack, speech_dir, references, tm
     settings, state = live_stack
     tenant, sid = f"docj{time.time_ns() % 10**8}", f"docj-{time.time_ns()}"
     login = create(state, f"japp{time.time_ns() % 10**8}", tenant, "--consume", "--produce")
-    time.sleep(published.Publisher.TOPICS_S + 1)  # the results service finds the tenant's new topic
+    time.sleep(TOPICS_S + 1)  # the results service finds the tenant's new topic
     (tmp_path / "login.json").write_text(json.dumps(login))
     consume = snippet(tmp_path, "# consume.py", "consume.py")
     wav = speech_dir / "forever_input_2_16k.wav"

@@ -15,10 +15,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from hark import kafka, published, serde, stack
+from hark import kafka, serde, stack
 from hark.config import Settings
 
-from .conftest import ROOT, run_hark
+from .conftest import ROOT, TOPICS_S, run_hark
 from .helpers import complete_record
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -221,6 +221,7 @@ def scaled_stack(tmp_path_factory):
         "HARK_OFFLINE_CANDIDATE_MODEL": "tiny.en",
         "HARK_OFFLINE_CANDIDATE_FRACTION": "0.5",
         "HARK_PUBLISHED_COMPACTION_LAG_S": "10",
+        "HARK_PUBLISHED_TOPICS_S": str(TOPICS_S),
     }
     up = run_hark("up", "--replicas", "online_asr=2,offline_asr=2", env_extra=env, timeout=180)
     assert up.returncode == 0, up.stderr
@@ -228,7 +229,7 @@ def scaled_stack(tmp_path_factory):
         state = json.loads(run_hark("status", "--json", env_extra=env).stdout)
         settings = stack.client_settings(Settings.load(environ={**os.environ, **env}), state)
         # the erasure test's tenant, made with the stack: results lists the published topics every
-        # Publisher.TOPICS_S, so it has seen this one by then unless that test runs first
+        # TOPICS_S, so it has seen this one by then unless that test runs first
         login = run_hark("clients", "create", "sink", "--tenant", "gone", "--consume", env_extra=env)
         assert login.returncode == 0, login.stderr
         TENANT_MADE_AT["gone"] = time.monotonic()
@@ -396,8 +397,8 @@ def test_an_erased_streams_plain_records_leave_the_brokers_disk(scaled_stack, sp
     serde.configure(settings, eager=False)  # this stack's registry, whatever a test before talked to
     sid, log_root = f"gone-{time.time_ns()}", Path(state["data_dir"]) / "stacks" / "default" / "kafka"
     topic = settings.published_topic("gone")  # made with the stack (scaled_stack)
-    # results sees the tenant's new topic: Publisher.TOPICS_S after it was made
-    time.sleep(max(0.0, TENANT_MADE_AT["gone"] + published.Publisher.TOPICS_S + 1 - time.monotonic()))
+    # results sees the tenant's new topic: TOPICS_S after it was made
+    time.sleep(max(0.0, TENANT_MADE_AT["gone"] + TOPICS_S + 1 - time.monotonic()))
     pub = run_hark(
         "publish", str(speech_dir / "goforward.wav"), "--stream-id", sid, "--tenant", "gone",
         "--bootstrap", state["bootstrap"], env_extra=env,

@@ -23,7 +23,7 @@ from hark import kafka, published, records, registry, serde
 from hark.supervisor import REGISTRY_WRITER
 from hark.wer import score
 
-from .conftest import run_hark
+from .conftest import TOPICS_S, run_hark
 from .helpers import complete_record
 
 pytestmark = pytest.mark.e2e
@@ -124,7 +124,7 @@ def test_a_recording_reaches_the_published_tier_and_erasure_tombstones_it(live_s
     settings, _ = live_stack
     sid = f"published-{time.time_ns()}"
     kafka.ensure_tenant_topics(settings, "pubtenant", produce=False)  # what `hark clients create` makes
-    time.sleep(published.Publisher.TOPICS_S + 1)  # results sees it
+    time.sleep(TOPICS_S + 1)  # results sees it
     pub = run_hark(
         "publish", str(speech_dir / "austen_passage.flac"), "--stream-id", sid, "--tenant", "pubtenant",
         "--bootstrap", settings.bootstrap,
