@@ -104,7 +104,7 @@ def transcribe(settings: Settings, sid: str) -> tuple[list, list]:
     for r in readers:
         r.start()
     kafka.ensure_tenant_topics(settings, TENANT, produce=False)  # what `hark clients create` makes
-    time.sleep(published.Publisher.TOPICS_S + 1)  # results sees it
+    time.sleep(settings.published_topics_s + 1)  # results sees it
     ingest = Ingest(settings)
     ingest.publish_file(SPEECH / "austen_passage.flac", stream_id=sid, tenant=TENANT, realtime=True)
     deadline = time.monotonic() + 180
