@@ -19,24 +19,54 @@ from services.ingest.server import IngestServer
 
 
 def collect(settings, topic: str, until, timeout: float = 60.0) -> list[tuple[str, dict]]:
-    """Read ``topic`` from the beginning until ``until(records)`` is true."""
+    """Read ``topic`` from the beginning until ``until(records)`` is true. A timeout says what the
+    reader saw: its errors, and each partition's last stable offset against its high watermark
+    (an open transaction holds read_committed readers at the first)."""
     c = kafka.tail_consumer(settings, topic, from_beginning=True)
     keys = Keyring.for_settings(settings)
     out: list[tuple[str, dict]] = []
+    errors: list[str] = []
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             for m in c.consume(500, 0.1):
-                if not m.error():
-                    try:
-                        out.append(serde.decode_message(m, keys))
-                    except serde.SerdeError:  # bad records other tests put on the topic, tombstones
-                        continue
+                if m.error():
+                    errors.append(str(m.error()))
+                    continue
+                try:
+                    out.append(serde.decode_message(m, keys))
+                except serde.SerdeError:  # bad records other tests put on the topic, tombstones
+                    continue
             if until(out):
                 return out
+        positions = {tp.partition: tp.offset for tp in c.position(c.assignment())}
     finally:
         c.close()
-    raise AssertionError(f"timed out on {topic}; got {len(out)} records")
+    raise AssertionError(
+        f"timed out on {topic}; got {len(out)} records; reader errors {errors[-5:]}; "
+        f"positions {positions}; {stable_offsets(settings, topic)}"
+    )
+
+
+def stable_offsets(settings, topic: str) -> str:
+    """Each partition's last stable offset and high watermark, where they differ."""
+    from confluent_kafka import IsolationLevel, TopicPartition
+    from confluent_kafka.admin import OffsetSpec
+
+    adm = kafka.admin(settings)
+    parts = adm.list_topics(topic, timeout=10).topics[topic].partitions
+    ends = {}
+    for level in (IsolationLevel.READ_COMMITTED, IsolationLevel.READ_UNCOMMITTED):
+        futures = adm.list_offsets(
+            {TopicPartition(topic, p): OffsetSpec.latest() for p in parts}, isolation_level=level, request_timeout=10
+        )
+        ends[level] = {tp.partition: f.result().offset for tp, f in futures.items()}
+    held = {
+        p: (ends[IsolationLevel.READ_COMMITTED][p], ends[IsolationLevel.READ_UNCOMMITTED][p])
+        for p in parts
+        if ends[IsolationLevel.READ_COMMITTED][p] != ends[IsolationLevel.READ_UNCOMMITTED][p]
+    }
+    return f"partitions held by an open transaction (stable, high): {held}" if held else "no open transaction"
 
 
 def completed(stream_id):
