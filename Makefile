@@ -69,7 +69,7 @@ check: $(STAMP)
 
 # The tests without a broker or models (seconds).
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not e2e" tests/test_units.py tests/test_serde.py tests/test_keys.py tests/test_fuzz.py tests/test_results_parts.py tests/test_pacing.py tests/test_published_parts.py tests/test_record.py tests/test_docs.py tests/test_runtime.py
+	$(BIN)/python -m pytest -q -m "not e2e" tests/test_units.py tests/test_serde.py tests/test_keys.py tests/test_fuzz.py tests/test_results_parts.py tests/test_pacing.py tests/test_published_parts.py tests/test_record.py tests/test_docs.py tests/test_runtime.py tests/test_caption_timeline.py
 
 # In random order (pytest-randomly prints its seed; `pytest --randomly-seed=N` repeats an order).
 test: $(STAMP) $(CHROMIUM_STAMP) $(CONNECT_STAMP) check

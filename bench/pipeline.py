@@ -29,6 +29,7 @@ import psutil
 
 from hark import stack
 from hark.audio import read_pcm_file
+from hark.caption_timeline import DELAYS_MS
 from hark.config import Settings
 from hark.wer import WerScore, load_references, score
 from hark_cli.display import Display
@@ -39,6 +40,7 @@ from services.online_asr.recognizer import MAX_HMM_PER_FRAME, DecoderPool, Strea
 ROOT = Path(__file__).resolve().parent.parent
 SPEECH = ROOT / "data" / "speech"
 OUT = ROOT / "bench" / "out"
+REFERENCES = load_references(SPEECH / "references.tsv")
 
 
 class Sampler:
@@ -165,6 +167,8 @@ def run_streams(settings, ingest, files: list[str], realtime: bool, stagger_ms: 
             "_accurate": r.accurate_latency_ms(),
             "_settled": r.accurate_latency_ms(settled=True),
             "_first_text": r.first_text(),
+            "_caption": r.caption_scores(),
+            "_caption_human": r.caption_scores(ref) if (ref := REFERENCES.get(Path(r.source).name)) else None,
         }
         for r in runs
     ]
@@ -194,8 +198,32 @@ def latency_stats(rows: list[dict]) -> dict:
         "final_after_close_p50_ms": round(float(np.median(fac)), 1) if fac else None,
         "offline_after_close_p50_ms": after_close_p50("offline_after_close_ms"),
         "speakers_after_close_p50_ms": after_close_p50("speakers_after_close_ms"),
+        **caption_stats(rows),
         **latency_breakdown(rows),
     }
+
+
+def caption_stats(rows: list[dict]) -> dict:
+    """What a viewer reads 1, 2 and 4 s after each word: caption WER over all streams, against the
+    final transcript and against the human reference (hark/caption_timeline.py)."""
+    out: dict = {}
+    for key, name in (("_caption", "caption_wer"), ("_caption_human", "caption_wer_human")):
+        scored = [r[key] for r in rows if r.get(key)]
+        for d in DELAYS_MS:
+            total = sum((x[d] for x in scored), WerScore(0, 0))
+            out[f"{name}_{d // 1000}s"] = round(total.wer, 4) if total.ref_words else None
+    return out
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def caption_line(x: dict) -> str:
+    return "caption WER at +1/+2/+4 s: " + " / ".join(
+        f"{pct(x.get(f'caption_wer_{d}s'))} vs final, {pct(x.get(f'caption_wer_human_{d}s'))} vs human"
+        for d in (1, 2, 4)
+    )
 
 
 def latency_breakdown(rows: list[dict]) -> dict:
@@ -295,10 +323,10 @@ def soak(settings, procs, sampler, ingest, tmp: Path, utterances, minutes: float
     return out
 
 
-def realtime(settings, procs, sampler, ingest, counts) -> dict:
-    """Partial latency and CPU with n concurrent real-time streams of the passage, every service running."""
+def realtime(settings, procs, sampler, ingest, counts, passage: Path = SPEECH / "austen_passage.flac") -> dict:
+    """Partial latency and CPU with n concurrent real-time streams of the passage (or another
+    file: a choice is tuned on one file and reported on another), every service running."""
     out: dict = {}
-    passage = SPEECH / "austen_passage.flac"
     for i, n in enumerate(counts):
         key = f"realtime_{n}" if f"realtime_{n}" not in out else f"realtime_{n}_{i}"
         print(f"{n} concurrent real-time stream(s) of {passage.name}, offline pass running too ...", flush=True)
@@ -312,8 +340,10 @@ def realtime(settings, procs, sampler, ingest, counts) -> dict:
         out[key]["diarizer_rtf"] = round(out[key]["services"]["diarizer"]["cpu_s"] / audio, 4)
         out[key]["audio_s"] = round(audio, 1)
         refs = load_references(SPEECH / "references.tsv")
-        out[key]["offline_wer"] = round(wer_of(rows, refs, "final_text").wer, 4)
-        out[key]["first_text_wer"] = round(wer_of(rows, refs, "_first_text").wer, 4)  # before windows settle
+        known = passage.name in refs
+        out[key]["offline_wer"] = round(wer_of(rows, refs, "final_text").wer, 4) if known else None
+        # before windows settle
+        out[key]["first_text_wer"] = round(wer_of(rows, refs, "_first_text").wer, 4) if known else None
     return out
 
 
@@ -321,7 +351,7 @@ def realtime_only(a, tmp: Path) -> None:
     settings, procs, sampler, ingest = start_stack(tmp, "bench", "")
     try:
         run_streams(settings, ingest, [str(SPEECH / "goforward.wav")], realtime=False)  # warm the pools
-        result = realtime(settings, procs, sampler, ingest, [a.concurrency] * a.repeats)
+        result = realtime(settings, procs, sampler, ingest, [a.concurrency] * a.repeats, Path(a.file))
     finally:
         stop_stack(settings, sampler, ingest, "bench")
     for key, x in result.items():
@@ -329,11 +359,12 @@ def realtime_only(a, tmp: Path) -> None:
             f"{key}: partial latency p50 {x['partial_p50_ms']} ms, p95 {x['partial_p95_ms']} ms "
             f"(max {x['partial_max_ms']} ms); accurate text p50 {x['accurate_p50_ms']} ms, "
             f"p95 {x['accurate_p95_ms']} ms (settled p50 {x['settled_p50_ms']} ms, p95 {x['settled_p95_ms']} ms; "
-            f"WER of the first text {x['first_text_wer']:.1%}); finals {x['final_after_close_p50_ms']} ms after close (p50; the last "
+            f"WER of the first text {pct(x['first_text_wer'])}); finals {x['final_after_close_p50_ms']} ms after close (p50; the last "
             f"offline text {x['offline_after_close_p50_ms']} ms, speakers {x['speakers_after_close_p50_ms']} ms); "
-            f"offline WER {x['offline_wer']:.1%}; CPU % of one core: "
+            f"offline WER {pct(x['offline_wer'])}; CPU % of one core: "
             + ", ".join(f"{n} {v['cpu_pct_of_one_core']:.0f}" for n, v in x["services"].items())
         )
+        print(f"  {caption_line(x)}")
 
 
 def batch(settings, procs, sampler, ingest, files: list[str]) -> tuple[dict, list[dict]]:
@@ -404,6 +435,9 @@ def main(argv=None) -> None:
         "--realtime-only", action="store_true", help="only --concurrency real-time streams, --repeats times"
     )
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--file", default=str(SPEECH / "austen_passage.flac"), help="the real-time streams' audio (--realtime-only)"
+    )
     ap.add_argument("--batch-only", action="store_true", help="only the short files published at once")
     a = ap.parse_args(argv)
 
@@ -551,6 +585,7 @@ def print_report(r: dict) -> None:
             f"online_asr RTF {x['online_asr_rtf']}; diarizer CPU per audio second {x['diarizer_rtf']}; "
             f"complete {x['all_complete']}"
         )
+        print(f"  {caption_line(x)}")
     for key in ("short", "long"):
         for x in r.get(key, []):
             print(

@@ -158,9 +158,17 @@ class Settings:
         "decode once this much audio is pending and a pause is reached; shorter brings accurate text sooner at a cost "
         "in WER (bench.windows)")
     offline_max_window_s: float = setting(30.0, "never a longer window (Whisper's field)")
-    offline_provisional_s: float = setting(3.0,
-        "draft the audio of a window still growing once this much is undrafted, as provisional text its own replaces; "
-        "0: off")
+    offline_provisional_s: float = setting(1.0,
+        "draft the audio of a window still growing once this much is undrafted (and as much, at most 1 s, came since "
+        "the last try), as provisional text its own replaces; 0: off")
+    offline_draft_agree: bool = setting(True,
+        "a draft cut inside speech keeps the words it and the draft before it agree on (LocalAgreement-2) and shows "
+        "the rest as tentative (provisional PARTIAL); off: it keeps the words ending 0.5 s before the cut")
+    offline_draft_context_s: float = setting(30.0,
+        "a draft decodes from this much before the words it has not kept yet (within their window), keeping only "
+        "those: Whisper hears them in context, at the cost of a longer decode; 0: from the cut")
+    offline_draft_model: str = setting("",
+        "the Whisper model of the drafts (e.g. tiny.en); empty: offline_model's")
     offline_draft_batch: int = setting(4,
         "drafts of this many streams are decoded in one batched Whisper call (bench.draft_batch)")
     offline_draft_max_streams: int = setting(4,

@@ -49,6 +49,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "offline_provisional_s": (0, 30),
     "offline_draft_max_streams": (0, 1000),
     "offline_draft_batch": (1, 64),
+    "offline_draft_context_s": (0, 30),
     "offline_encode_pad_s": (0, 30),
     "offline_nice": (0, 19),
     "offline_draft_nice": (0, 19),

@@ -130,8 +130,9 @@ def cmd_tail(a) -> int:
                 if a.stream and rec["stream_id"] != a.stream:
                     continue
                 kind, prefix = str(rec["kind"]), "" if a.stream else f"[{rec['stream_id']}] "
-                if kind == "PARTIAL" and display.tty:
-                    sys.stdout.write(f"\r\x1b[2K{prefix}{rec['text']}")
+                if kind == "PARTIAL" and display.tty:  # a draft's words that may still change: dimmed
+                    text = f"\x1b[2m{rec['text']}\x1b[0m" if rec["source"] == "provisional" else rec["text"]
+                    sys.stdout.write(f"\r\x1b[2K{prefix}{text}")
                     sys.stdout.flush()
                 elif kind == "FINAL":
                     display.commit(f"{prefix}{caption_line(rec)}")

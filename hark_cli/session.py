@@ -8,6 +8,9 @@ Two latencies, for every word, from the moment ingest published the chunk holdin
   emit time; one clock on one machine);
 - settled: until the offline FINAL of its window, the final transcript's own text, did.
 
+And what a viewer reads: caption WER 1, 2 and 4 s after each word's audio was published, the
+captions as the page composes them from the records this client received (hark/caption_timeline.py).
+
 The client waits while the pipeline moves, not for a fixed time: records on the results topic (any
 stream's) and commits of the consumer groups it waits for count as progress; a stream fails only
 when nothing moved for ``stall_timeout_s``, and the error names the stage that stalled.
@@ -25,9 +28,11 @@ import numpy as np
 
 from hark import kafka, serde
 from hark.audio import TARGET_RATE, AudioError
+from hark.caption_timeline import DELAYS_MS, caption_scores, tier
 from hark.config import Settings
 from hark.keys import Keyring
 from hark.records import now_ms
+from hark.wer import WerScore
 
 from .display import Display, caption_line
 
@@ -58,6 +63,8 @@ class StreamRun:
     provisional_ranges: list[tuple[int, int, int]] = field(default_factory=list)  # the same, of provisional FINALs
     provisional_texts: list[tuple[int, str]] = field(default_factory=list)  # their start and text
     last_received_ms: dict[str, int] = field(default_factory=dict)  # "offline" / "speakers": the last one's arrival
+    # the caption records as received, for caption WER (bounded: beyond, it is not measured)
+    caption_events: list[tuple[int, dict]] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -70,6 +77,8 @@ class StreamRun:
     def on_result(self, rec: dict, received_ms: int) -> str | None:
         """Track one Result; return the line to commit to the screen for a FINAL."""
         kind = str(rec["kind"])
+        if tier(rec) is not None and len(self.caption_events) < MAX_CAPTION_EVENTS:
+            self.caption_events.append((received_ms, _caption(rec)))
         if kind == "STREAM_COMPLETE":
             self.complete, self.complete_received_ms = rec, received_ms
             return None
@@ -139,6 +148,16 @@ class StreamRun:
                 out.append(min(covering) - self.chunk_published_at_ms[idx])
         return out
 
+    def caption_scores(self, reference: str | None = None) -> dict[int, WerScore] | None:
+        """Caption errors at 1, 2 and 4 s, against the final transcript or ``reference`` (None: no
+        final words, or too many records to keep)."""
+        words = (self.complete or {}).get("words", [])
+        if not words or not self.chunk_published_at_ms or len(self.caption_events) >= MAX_CAPTION_EVENTS:
+            return None
+        last = len(self.chunk_published_at_ms) - 1
+        ended = [self.chunk_published_at_ms[min(max(w["end_ms"] - 1, 0) // self.chunk_ms, last)] for w in words]
+        return caption_scores(self.caption_events, words, ended, DELAYS_MS, reference)
+
     def first_text(self) -> str:
         """The text Whisper first gave each stretch: provisional text where a draft came, the final
         transcript's words elsewhere (what captions showed before each window settled)."""
@@ -161,6 +180,7 @@ class StreamRun:
         c = self.complete or {}
         lat = np.array(self.word_latency_ms) if self.word_latency_ms else None
         accurate, settled = self.accurate_latency_ms(), self.accurate_latency_ms(settled=True)
+        caption = {d: x.wer for d, x in (self.caption_scores() or {}).items()}
         online_text = c.get("online_text") if c else " ".join(self.online_finals[k] for k in sorted(self.online_finals))
         return {
             **out,
@@ -198,11 +218,27 @@ class StreamRun:
                 "accurate_words_measured": len(accurate),
                 "settled_p50_ms": round(float(np.percentile(settled, 50)), 1) if settled else None,
                 "settled_p95_ms": round(float(np.percentile(settled, 95)), 1) if settled else None,
+                **{f"caption_wer_{d // 1000}s": _round(caption.get(d)) for d in DELAYS_MS},
                 "final_after_close_ms": self.after_close(self.complete_received_ms),  # and what it waited for:
                 "offline_after_close_ms": self.after_close(self.last_received_ms.get("offline")),
                 "speakers_after_close_ms": self.after_close(self.last_received_ms.get("speakers")),
             },
         }
+
+
+MAX_CAPTION_EVENTS = 100_000  # about an hour and a half of speech's partials
+
+
+def _caption(rec: dict) -> dict:
+    """What the caption board needs of a record."""
+    keep = ("kind", "source", "utterance_id", "start_ms", "end_ms")
+    return {k: rec[k] for k in keep} | {
+        "words": [{"word": w["word"], "start_ms": w["start_ms"], "end_ms": w["end_ms"]} for w in rec["words"]]
+    }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def read_results(consumer, timeout: float, keys: Keyring):

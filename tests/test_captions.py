@@ -189,6 +189,8 @@ def test_captions_page_in_headless_chromium(live_stack, speech_dir, passage):
             page.wait_for_selector("#captions .seg.partial", timeout=20000)  # provisional text while speaking
             page.wait_for_selector("#captions .seg.final", timeout=20000)  # committed online text
             page.screenshot(path=str(ARTIFACTS / "captions-online.png"))
+            # a draft's words that may still change, dimmed, then the words two drafts agreed on
+            page.wait_for_selector("#captions .seg.tentative", timeout=30000)
             page.wait_for_selector("#captions .seg.provisional", timeout=30000)  # Whisper on a window growing
             page.wait_for_selector("#captions .seg.offline", timeout=60000)  # offline text replaced online text
             page.screenshot(path=str(ARTIFACTS / "captions-live.png"))  # offline, online and provisional text
@@ -200,6 +202,7 @@ def test_captions_page_in_headless_chromium(live_stack, speech_dir, passage):
             assert "Dashwood" in text and "amiable" in text
             assert page.locator("#captions .seg.partial").count() == 0 and page.is_hidden("#captions")
             assert page.locator("#captions .seg.provisional").count() == 0  # each replaced by its window's text
+            assert page.locator("#captions .seg.tentative").count() == 0
             events = page.evaluate("window.harkEvents")
             finals = [e for e in events if e["kind"] == "FINAL"]
             drafts = [e for e in finals if e["source"] == "provisional"]

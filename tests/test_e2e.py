@@ -64,6 +64,7 @@ def test_hark_run_transcribes_real_speech_and_reports_a_bad_file(tmp_path, speec
     rows = {r["source"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert rows[str(garbage)]["status"] == "FAILED"
     online, offline = WerScore(0, 0), WerScore(0, 0)
+    shown_early = shown_late = 0.0
     for f in files:
         r = rows[f]
         assert r["status"] == "COMPLETE" and r["final_source"] == "offline", r
@@ -78,9 +79,14 @@ def test_hark_run_transcribes_real_speech_and_reports_a_bad_file(tmp_path, speec
         lat = r["latency"]  # time to accurate text: offline text covering each word, after its audio
         assert lat["accurate_words_measured"] == len(r["words"]) > 0, (f, lat)
         assert 0 < lat["accurate_p50_ms"] <= lat["accurate_p95_ms"] < 600_000, (f, lat)
+        caption = [lat[f"caption_wer_{d}s"] for d in (1, 2, 4)]  # what a viewer read 1, 2 and 4 s after each word
+        assert all(0 <= x <= 1.5 for x in caption), (f, lat)
+        shown_late += caption[2]
+        shown_early += caption[0]
         online += score(references[os.path.basename(f)], r["online_text"])
         offline += score(references[os.path.basename(f)], r["final_text"])
     assert offline.ref_words > 100
+    assert shown_late <= shown_early, (shown_early, shown_late)  # Whisper's text has come by +4 s
     # words as written (the finding: "ill -sposed"): a hyphenated word is one word everywhere
     # (Whisper hears "ill-disposed", or "ill-sposed" with 2 s of encoder padding: one word either way)
     ill = rows[str(speech_dir / "sense_and_sensibility_01_austen_64kb-0880.wav")]

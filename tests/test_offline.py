@@ -222,7 +222,14 @@ def test_drafts_cover_a_growing_window_and_stop_where_its_text_comes(passage, tm
     speech keeps only the words ending 0.5 s before the cut. With no time given to the lane, or
     with more streams open than drafts are allowed for, there are none, and the real windows are
     the same."""
-    settings = Settings(data_dir=tmp_path, offline_nice=0, offline_nbest=0, offline_provisional_s=3.0)
+    settings = Settings(
+        data_dir=tmp_path,
+        offline_nice=0,
+        offline_nbest=0,
+        offline_provisional_s=3.0,
+        offline_draft_agree=False,
+        offline_draft_context_s=0,
+    )
     pcm, info = np.concatenate([passage] * 2).tobytes(), StreamInfo("s1", "t1", "en")
 
     def run(spare: bool, most: int = 2):
@@ -265,12 +272,44 @@ def test_drafts_cover_a_growing_window_and_stop_where_its_text_comes(passage, tm
     assert procs.drafts == 0 and primary(crowded) == primary(busy)
 
 
+def test_agreeing_drafts_keep_only_words_two_drafts_read_alike(passage, tmp_path):
+    """With offline_draft_agree, a draft cut inside speech keeps the words it and the draft before
+    it read alike, and sends the rest as a "tentative" SEGMENT: each kept word was first sent as
+    tentative, every tentative range starts where the kept text before it ended, and the real
+    windows are the same as without drafts."""
+    settings = Settings(
+        data_dir=tmp_path, offline_nice=0, offline_nbest=0, offline_provisional_s=1.0, offline_draft_agree=True
+    )
+    procs = OfflineProcessors(settings, decoder=cast(WhisperDecoder, WordEcho()))
+    info, pcm = StreamInfo("s1", "t1", "en"), passage.tobytes()
+    proc, records = procs.open(info), []
+    for n, i in enumerate(range(0, len(pcm), 6400)):
+        records += [o.record for o in proc.feed(Chunk(n + 1, pcm[i : i + 6400], i // 2, 0))]
+        records += drafting(procs, {"s1": proc})
+    kept = [r for r in records if r["variant"] == "provisional"]
+    tentative = [r for r in records if r["variant"] == "tentative"]
+    assert len(kept) >= 4 and len(tentative) >= 4
+    for r in kept:
+        if r["end_ms"] == r["words"][-1]["end_ms"]:  # cut inside speech: agreed on
+            before = [t for t in tentative if records.index(t) < records.index(r)]
+            assert all(any(w["word"] in t["text"].split() for t in before) for w in r["words"]), r
+    for t in tentative:
+        first = t["words"][0]["start_ms"] + t["words"][0]["end_ms"]  # its range holds its words' middles
+        assert t["start_ms"] * 2 <= first and t["text"] == " ".join(w["word"] for w in t["words"])
+
+
 def test_drafts_of_several_streams_share_one_decoder_call(passage, tmp_path):
     """Streams drafted together go to the decoder as one batch (up to
     offline_draft_batch); each still gets its own drafts, in order and without overlap. A stream
     with hotwords is prompted differently and is drafted alone."""
     settings = Settings(
-        data_dir=tmp_path, offline_nice=0, offline_nbest=0, offline_provisional_s=3.0, offline_draft_max_streams=4
+        data_dir=tmp_path,
+        offline_nice=0,
+        offline_nbest=0,
+        offline_provisional_s=3.0,
+        offline_draft_max_streams=4,
+        offline_draft_agree=False,
+        offline_draft_context_s=0,
     )
     echo = WordEcho()
     procs = OfflineProcessors(dataclasses.replace(settings, offline_draft_batch=2), decoder=cast(WhisperDecoder, echo))

@@ -133,9 +133,12 @@ def test_merger_shows_provisional_text_until_its_window_s_own_and_never_keeps_it
     draft = {**_offline("SEGMENT", 0, "Go forward ten.", 0, 1500, ["Go", "forward", "ten."]), "variant": "provisional"}
     (caption,) = m.on_offline(draft)
     assert caption["kind"] == "FINAL" and caption["source"] == "provisional" and caption["utterance_id"] == 0
+    tentative = {**_offline("SEGMENT", 0, "meat", 1500, 2800, ["meat"]), "variant": "tentative"}
+    (still,) = m.on_offline(tentative)  # a draft's words that may still change: a PARTIAL
+    assert still["kind"] == "PARTIAL" and still["source"] == "provisional" and still["text"] == "meat"
     assert m.on_offline({**_offline("SEGMENT", 0, "x", 0, 1500, ["x"]), "variant": "candidate"}) == []
     m.on_offline(_offline("SEGMENT", 0, "Go forward ten meters.", 0, 2800, ["Go", "forward", "ten", "meters."]))
-    assert m.on_offline(draft) == []  # after its window's text (a late idle decode): dropped
+    assert m.on_offline(draft) == [] and m.on_offline(tentative) == []  # after its window's text: dropped
     m.on_online(_online("STREAM_END", 1, "", end_status="COMPLETE"))
     (done,) = m.on_offline(_offline("STREAM_END", 1, "", 2800, 2800))
     assert done["text"] == "Go forward ten meters." and len(done["words"]) == 4  # the draft is not in it

@@ -156,7 +156,7 @@ class ResultsFollower(threading.Thread):
     def _live(self, rec: dict) -> None:
         sid, kind = rec["stream_id"], str(rec["kind"])
         event = caption_event(rec)
-        if kind == "PARTIAL":
+        if kind == "PARTIAL" and rec["source"] == "online":  # a draft's tentative words are only shown live
             self.partials[sid] = event
             self.partials.move_to_end(sid)
             while len(self.partials) > MAX_LIVE_PARTIALS:

@@ -75,7 +75,8 @@ class OfflineProcessors(Processors):
         # drafts decode on a model of their own (Whisper base: ~270 MB more peak RSS), never the windows'
         self.lane: Lane[WhisperDecoder] | None = None
         if s.offline_provisional_s > 0:
-            self.lane = Lane(lambda: draft_decoder or decoder or self._whisper(s.offline_model), s.offline_draft_nice)
+            model = s.offline_draft_model or s.offline_model
+            self.lane = Lane(lambda: draft_decoder or decoder or self._whisper(model), s.offline_draft_nice)
         self.drafts = 0
         self.draft_batches = 0  # decode_batch calls for drafts (each of 1 to offline_draft_batch streams)
         self.archive_fallbacks = 0
@@ -170,7 +171,7 @@ class OfflineProcessors(Processors):
             if live.get(st.info.stream_id) is not st or st.segments != index:
                 self.drafts_dropped += 1
                 continue
-            out += st.drafted(stretch, d)
+            out += st.drafted(stretch, d, lane.decoder)
         return out
 
     def _start_drafts(self, lane: Lane, live: dict[str, OfflineStream]) -> None:

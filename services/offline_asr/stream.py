@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zlib
 from collections.abc import Callable
@@ -60,7 +61,12 @@ class OfflineStream(StreamProcessor):
         self.prompt = ""
         self.segments = 0
         self.published_at_ms = 0
-        self.drafts = Drafter(int(owner.settings.offline_provisional_s * 1000), info.start_ms)
+        self.drafts = Drafter(
+            int(owner.settings.offline_provisional_s * 1000),
+            info.start_ms,
+            agree=owner.settings.offline_draft_agree,
+            context_ms=int(owner.settings.offline_draft_context_s * 1000),
+        )
 
     def feed(self, chunk: Chunk, replay: bool = False) -> list[Output]:
         self.published_at_ms = chunk.published_at_ms
@@ -127,10 +133,10 @@ class OfflineStream(StreamProcessor):
         if self.candidate and o.candidate:  # after the primary (whose text users wait for); same window, same index
             c = o.candidate.decode(w.pcm, w.start_ms, prompt=prompt, language=language, hotwords=self.info.hotwords)
             if c.text:
-                out.append(self._segment(index, w, c, o.candidate))
+                out.append(self._segment(index, w.start_ms, w.end_ms, c, o.candidate))
         if not d.text:
             return out
-        out.append(self._segment(index, w, d, o.decoder))
+        out.append(self._segment(index, w.start_ms, w.end_ms, d, o.decoder))
         if s.offline_nbest > 1:
             o.queue_nbest(info, index, w, prompt, language, (self.language or UNDETERMINED, self.language_p))
         if s.offline_prompt_chars:
@@ -158,13 +164,15 @@ class OfflineStream(StreamProcessor):
         """The settled language, or the fallback while there is none (or it is "und")."""
         return decoded_in(self.language, self.owner.settings.offline_language_fallback)
 
-    def _segment(self, index: int, w: Window, d, decoder: WhisperDecoder, variant: str | None = None) -> Output:
+    def _segment(
+        self, index: int, start_ms: int, end_ms: int, d, decoder: WhisperDecoder, variant: str | None = None
+    ) -> Output:
         return self.owner.record(
             self.info,
             kind="SEGMENT",
             segment_index=index,
-            start_ms=w.start_ms,
-            end_ms=w.end_ms,
+            start_ms=start_ms,
+            end_ms=end_ms,
             text=d.text,
             words=d.words,
             language=self.language or UNDETERMINED,  # the stream's, not the decode's: an unsure one is "und"
@@ -202,16 +210,31 @@ class OfflineStream(StreamProcessor):
         """The next stretch to draft (None: none with speech)."""
         return self.drafts.stretch(self.windows, int(MAX_WINDOW_S * 1000))
 
-    def drafted(self, stretch: Stretch, d: Decoded | None) -> list[Output]:
-        """The provisional SEGMENT for a decoded stretch, with the words its draft keeps."""
+    def drafted(self, stretch: Stretch, d: Decoded | None, decoder: WhisperDecoder | None = None) -> list[Output]:
+        """The provisional SEGMENT for a decoded stretch, with the words its draft keeps, and the
+        tentative one with the words after them (drafts.py)."""
         if d is None:
             return []
-        kept = self.drafts.keep(stretch, d.words)
-        if not kept:
-            return []
-        if not stretch.at_pause:
-            d.text, d.words = " ".join(x["word"] for x in kept), kept
-        return [self._segment(self.segments, stretch.window, d, self.owner.decoder, variant="provisional")]
+        end = stretch.window.end_ms
+        kept, tentative = self.drafts.keep(stretch, d.words)
+        out = []
+        if kept:
+            whole = stretch.at_pause and stretch.from_ms == stretch.window.start_ms  # every word decoded kept
+            text = d.text if whole else " ".join(x["word"] for x in kept)
+            # its range holds the middles of its words (the first may begin before the cut)
+            out.append(self._draft(stretch.from_ms, stretch.window.end_ms, text, kept, d, "provisional", decoder))
+        if tentative:  # up to the cut: Whisper's reading of all the audio it heard
+            start = kept[-1]["end_ms"] if kept else stretch.from_ms
+            text = " ".join(x["word"] for x in tentative)
+            out.append(self._draft(start, end, text, tentative, d, "tentative", decoder))
+        return out
+
+    def _draft(
+        self, start_ms: int, end_ms: int, text: str, words: list[dict], d: Decoded, variant: str, decoder
+    ) -> Output:
+        """A draft's record, of the model that drafted it (the drafts' lane's)."""
+        d = dataclasses.replace(d, text=text, words=words)
+        return self._segment(self.segments, start_ms, end_ms, d, decoder or self.owner.decoder, variant=variant)
 
     def _prompt(self) -> str | None:
         chars = self.owner.settings.offline_prompt_chars

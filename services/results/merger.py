@@ -15,7 +15,10 @@
 - An offline SEGMENT with ``variant`` "provisional" (Whisper on the stretch of a window still
   growing) becomes a FINAL with source "provisional": captions show it in place of the online text
   of its range until the offline FINAL of the window holding it arrives. It is not kept for
-  STREAM_COMPLETE, and one arriving after its window's text is dropped.
+  STREAM_COMPLETE, and one arriving after its window's text is dropped. One with ``variant``
+  "tentative" (the draft's words after those it kept, which the next draft may read otherwise)
+  becomes a PARTIAL with source "provisional": captions show the newest in place of the online
+  text of its range, marked as still changing.
 - Offline records of an A/B candidate model (``variant`` "candidate") are not served: they stay on
   the offline topic for comparison.
 
@@ -214,8 +217,8 @@ class ResultsMerger:
 
     def on_offline(self, rec: dict) -> list[Result]:
         variant = rec.get("variant", "primary")
-        if variant == "provisional":
-            return self._provisional(rec)
+        if variant in ("provisional", "tentative"):
+            return self._provisional(rec, "FINAL" if variant == "provisional" else "PARTIAL")
         if variant != "primary":
             return []  # an A/B candidate's output: kept on the offline topic, not served
         kind = str(rec["kind"])
@@ -240,14 +243,14 @@ class ResultsMerger:
             return self._maybe_complete(rec["stream_id"], rec)
         raise ValueError(f"unknown offline transcript kind {kind}")
 
-    def _provisional(self, rec: dict) -> list[Result]:
+    def _provisional(self, rec: dict, kind: str) -> list[Result]:
         if self.late(rec) or str(rec["kind"]) != "SEGMENT":
             return []
         st = self._state(rec)
         p = st.passes["offline"]
         if p.ended or p.has(rec["segment_index"]):
             return []  # the window's own text is out: it must not be overwritten by a draft of it
-        return [self._labelled(rec, result_record(rec, "FINAL", "provisional", rec["segment_index"]))]
+        return [self._labelled(rec, result_record(rec, kind, "provisional", rec["segment_index"]))]
 
     def expire(self, now: float | None = None) -> list[Result]:
         """Complete streams whose offline pass is overdue, with the online text (``now``: a
