@@ -8,8 +8,9 @@ up to ``offline_draft_batch`` of them in one CTranslate2 call. Each batch size h
 same windows, in groups of that size, and is scored on CPU seconds per audio second, wall time,
 and WER (the batch pads each window's encoder input to the longest one's, so a text may change).
 
-Each window of the sets below is cut as a draft is: at pauses, each stretch at least
-``offline_provisional_s`` long (3 s: a sentence or two), and a case's stretches, joined, are scored.
+Each window of the sets below is cut at pauses, each stretch at least ``STRETCH_S`` long (3 s: a
+sentence or two, the drafts' length when this was measured), and a case's stretches, joined, are
+scored.
 Beam widths: the service's 5, and 1 (greedy: far less search per token).
 - **Dev set (chooses):** bench.encoder_pad's synthetic windows (six espeak-ng voices). The rule,
   fixed before any run: of the settings whose dev WER is within 0.5 points of one by one with
@@ -34,6 +35,8 @@ from hark.audio import read_pcm_file
 from hark.config import Settings
 from hark.wer import WerScore, score
 from services.offline_asr.decoder import WhisperDecoder
+
+STRETCH_S = 3.0
 
 SIZES = (1, 2, 4)
 BEAMS = (5, 1)
@@ -99,7 +102,7 @@ def main() -> None:
         return shape(dec)
 
     def stretches(cases: list[Case]) -> list[Case]:
-        return [(ref, [w.pcm for p in parts for w in cut(p, s.offline_provisional_s)]) for ref, parts in cases]
+        return [(ref, [w.pcm for p in parts for w in cut(p, STRETCH_S)]) for ref, parts in cases]
 
     sets = {"dev": stretches(dev_windows()), "held_out": stretches(held_out_windows(s.offline_min_window_s))}
     dec.decode(sets["dev"][0][1][0], 0)  # warm

@@ -67,10 +67,10 @@ def speech_onset_ms(settings: Settings, sid: str) -> float:
     return float(loud[0] * 20)
 
 
-_SHOWN_WORDS = (
-    "[...document.querySelectorAll('#captions .seg')]"
-    ".map(s => [...s.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent).join(' '))"
-    ".join(' ').split(/\\s+/).filter(Boolean).length"
+_SHOWN = (  # the audio each caption with text covers, and its words
+    "[...document.querySelectorAll('#captions .seg')].map(s => [+s.dataset.start, +s.dataset.end,"
+    " [...s.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent).join(' ').trim()])"
+    ".filter(s => s[2])"
 )
 
 
@@ -93,9 +93,9 @@ def record_on_page(page, base: str, seconds: float, shot: Path | None = None, **
         page.wait_for_selector("#captions .seg", timeout=20000)
         time.sleep(max(0.0, started + LEAD_S + 0.6 * seconds - time.time()))
         page.screenshot(path=str(shot))
-    shown = []  # words on the live captions every half second: text replaced, never blanked
+    shown = []  # the live captions every half second: text replaced, never blanked
     while time.time() < started + LEAD_S + seconds + 0.5:
-        shown.append(page.evaluate(_SHOWN_WORDS))
+        shown.append(page.evaluate(_SHOWN))
         time.sleep(0.5)
     seen = {
         "url": page.url,
@@ -108,7 +108,7 @@ def record_on_page(page, base: str, seconds: float, shot: Path | None = None, **
     return {
         **seen,
         "stream_id": sid,
-        "shown_words": shown,
+        "shown": shown,
         "stop_to_transcript_s": round(time.monotonic() - stopped, 2),
         "first_audio_ms": page.evaluate("window.harkRecorder.firstAudioMs"),
         "status": page.inner_text("#status"),

@@ -207,7 +207,7 @@ def test_decode_bombs_are_capped_and_a_live_stream_is_served_beside_them(doors, 
     bomb = _silent_flac(tmp_path / "bomb.flac", 3600).read_bytes()  # an hour of silence
     assert len(bomb) < 1 << 20
 
-    async def scenario() -> tuple[list[float], list[dict], int]:
+    async def scenario() -> tuple[list[float], list[dict], list[int]]:
         async def upload(i: int) -> dict:
             async with connect(f"{url}?format=file&tenant=bomber{i}", max_size=None) as ws:
                 assert json.loads(await ws.recv())["type"] == "ready"
@@ -218,19 +218,20 @@ def test_decode_bombs_are_capped_and_a_live_stream_is_served_beside_them(doors, 
         bombs = [asyncio.create_task(upload(i)) for i in range(3)]
         while server.ingest.admission.used("bomber0") < 60:  # they are publishing
             await asyncio.sleep(0.05)
-        waits = []
+        waits, in_flight = [], []
         for _ in range(3):
             t0 = time.monotonic()
             async with connect(f"{url}?tenant=listener") as ws:
                 assert json.loads(await ws.recv())["type"] == "ready"
                 waits.append(time.monotonic() - t0)
+                in_flight.append(sum(not b.done() for b in bombs))  # bombs still decoding when it was served
                 await ws.send(json.dumps({"type": "end"}))
                 assert json.loads(await ws.recv())["type"] == "done"
-        in_flight = sum(not b.done() for b in bombs)
         return waits, await asyncio.gather(*bombs), in_flight
 
     waits, replies, in_flight = asyncio.run(scenario())
-    assert in_flight, "the bombs finished before the live stream was measured: nothing was shown"
+    # at least one live stream was served while bombs decoded (a fast machine ends them sooner)
+    assert in_flight[0], "the bombs finished before the live stream was measured: nothing was shown"
     assert max(waits) < 1.0, waits  # was 53-61 s behind six bombs on asyncio's default pool
     for r in replies:
         assert r["type"] == "error" and r["error"] == "too_long" and "300 s" in r["reason"], r

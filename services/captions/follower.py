@@ -43,9 +43,8 @@ def caption_event(r: dict) -> dict:
         "language_probability": r.get("language_probability"),
         "emitted_at_ms": r["emitted_at_ms"],
         **({"turns": r["turns"]} if str(r["kind"]) == "SPEAKERS" else {}),
-        **(
-            {"words": word_times(r.get("words") or [])} if str(r["kind"]) == "FINAL" and r["source"] == "online" else {}
-        ),
+        # every caption's word times: text replaced by a later pass keeps its words outside that range
+        **({"words": word_times(r.get("words") or [])} if str(r["kind"]) in ("PARTIAL", "FINAL") else {}),
     }
 
 
