@@ -339,11 +339,10 @@ def realtime(settings, procs, sampler, ingest, counts, passage: Path = SPEECH / 
         out[key]["online_asr_rtf"] = round(out[key]["services"]["online_asr"]["cpu_s"] / audio, 4)
         out[key]["diarizer_rtf"] = round(out[key]["services"]["diarizer"]["cpu_s"] / audio, 4)
         out[key]["audio_s"] = round(audio, 1)
-        refs = load_references(SPEECH / "references.tsv")
-        known = passage.name in refs
-        out[key]["offline_wer"] = round(wer_of(rows, refs, "final_text").wer, 4) if known else None
+        known = passage.name in REFERENCES
+        out[key]["offline_wer"] = round(wer_of(rows, REFERENCES, "final_text").wer, 4) if known else None
         # before windows settle
-        out[key]["first_text_wer"] = round(wer_of(rows, refs, "_first_text").wer, 4) if known else None
+        out[key]["first_text_wer"] = round(wer_of(rows, REFERENCES, "_first_text").wer, 4) if known else None
     return out
 
 
@@ -441,7 +440,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-only", action="store_true", help="only the short files published at once")
     a = ap.parse_args(argv)
 
-    refs = load_references(SPEECH / "references.tsv")
+    refs = REFERENCES
     utterances = [SPEECH / n for n in refs if n != "austen_passage.flac"]
     files = [str(f) for f in utterances]
     report: dict = {

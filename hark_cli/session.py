@@ -144,9 +144,13 @@ class StreamRun:
         for w in c.get("words", []):
             covering = [em for s, e, em in ranges if s < w["end_ms"] <= e]
             if covering:
-                idx = min(max(w["end_ms"] - 1, 0) // self.chunk_ms, len(self.chunk_published_at_ms) - 1)
-                out.append(min(covering) - self.chunk_published_at_ms[idx])
+                out.append(min(covering) - self.published_ms(w["end_ms"]))
         return out
+
+    def published_ms(self, end_ms: int) -> int:
+        """When the chunk holding the audio just before ``end_ms`` was published."""
+        idx = min(max(end_ms - 1, 0) // self.chunk_ms, len(self.chunk_published_at_ms) - 1)
+        return self.chunk_published_at_ms[idx]
 
     def caption_scores(self, reference: str | None = None) -> dict[int, WerScore] | None:
         """Caption errors at 1, 2 and 4 s, against the final transcript or ``reference`` (None: no
@@ -154,8 +158,7 @@ class StreamRun:
         words = (self.complete or {}).get("words", [])
         if not words or not self.chunk_published_at_ms or len(self.caption_events) >= MAX_CAPTION_EVENTS:
             return None
-        last = len(self.chunk_published_at_ms) - 1
-        ended = [self.chunk_published_at_ms[min(max(w["end_ms"] - 1, 0) // self.chunk_ms, last)] for w in words]
+        ended = [self.published_ms(w["end_ms"]) for w in words]
         return caption_scores(self.caption_events, words, ended, DELAYS_MS, reference)
 
     def first_text(self) -> str:

@@ -75,13 +75,10 @@ class Drafter:
         tentative: list[dict] = []
         if s.from_ms > s.window.start_ms:  # decoded with the kept words' audio before it, as context
             words = unsaid([w for w in words if w["start_ms"] + w["end_ms"] >= 2 * s.from_ms], self.said)
-        if s.at_pause:
-            pass
-        elif self.agree:
-            before = [w for w in self.heard if w["end_ms"] > s.window.start_ms]
-            n = agreed(before, words)
+        if not s.at_pause and self.agree:
+            n = agreed([w for w in self.heard if w["end_ms"] > s.from_ms], words)
             words, tentative = words[:n], words[n:]
-        else:
+        elif not s.at_pause:
             words = [w for w in words if w["end_ms"] <= s.window.end_ms - DRAFT_TAIL_MS]
         self.heard = tentative
         self.said = (self.said + [_plain(w["word"]) for w in words])[-MAX_NGRAM:]

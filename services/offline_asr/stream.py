@@ -221,7 +221,6 @@ class OfflineStream(StreamProcessor):
         if kept:
             whole = stretch.at_pause and stretch.from_ms == stretch.window.start_ms  # every word decoded kept
             text = d.text if whole else " ".join(x["word"] for x in kept)
-            # its range holds the middles of its words (the first may begin before the cut)
             out.append(self._draft(stretch.from_ms, stretch.window.end_ms, text, kept, d, "provisional", decoder))
         if tentative:  # up to the cut: Whisper's reading of all the audio it heard
             start = kept[-1]["end_ms"] if kept else stretch.from_ms
@@ -230,7 +229,14 @@ class OfflineStream(StreamProcessor):
         return out
 
     def _draft(
-        self, start_ms: int, end_ms: int, text: str, words: list[dict], d: Decoded, variant: str, decoder
+        self,
+        start_ms: int,
+        end_ms: int,
+        text: str,
+        words: list[dict],
+        d: Decoded,
+        variant: str,
+        decoder: WhisperDecoder | None,
     ) -> Output:
         """A draft's record, of the model that drafted it (the drafts' lane's)."""
         d = dataclasses.replace(d, text=text, words=words)
